@@ -1,0 +1,5 @@
+import sys
+
+from softar.cli import main
+
+sys.exit(main())

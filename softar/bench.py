@@ -1,0 +1,117 @@
+"""`softar bench`: training throughput as a fraction of a matmul peak measured in the same process, and
+generation speed with and without the KV cache. Figures are medians over repeated timings."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from softar.config import Config, resolve
+from softar.data.dataset import WindowSampler, load_meta, load_split
+from softar.device import autocast, pick_device, set_threads
+from softar.generate import generate
+from softar.losses import lm_loss
+from softar.model import GPT
+from softar.train import make_optimizer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 10) -> dict:
+    """Best median FLOP/s of square matmuls over a few sizes: the peak this device reaches right now."""
+    sizes = (512, 1024, 2048) if device.type == "cpu" else (4096, 8192)
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm up
+        flops = 2 * n**3 / _median_time(lambda a=a, b=b: a @ b, device, repeats)
+        if flops > best.get("flops", 0):
+            best = {"flops": flops, "n": n}
+    return best
+
+
+def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
+    meta = load_meta(cfg.data.dir)
+    cfg = resolve(cfg, meta["vocab_size"])
+    m, t = cfg.model, cfg.train
+    device = pick_device(t.device)
+    set_threads(t.threads)
+    torch.manual_seed(t.seed)
+    model = GPT(m).to(device)
+    opt = make_optimizer(model, t, device)
+    fwd = torch.compile(model) if t.compile else model
+    amp = autocast(device, t.dtype)
+    sampler = WindowSampler(load_split(cfg.data.dir, "train"), m.block_size, t.batch_size, t.seed)
+    batches = [tuple(v.to(device) for v in sampler.next_batch()) for _ in range(t.grad_accum)]
+
+    def step() -> None:
+        for x, y in batches:
+            with amp:
+                loss = lm_loss(fwd(x), y) / t.grad_accum
+            loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    peak_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+    # alternate peak and step timings so both see the same machine load; report medians
+    peaks, step_times = [], []
+    for _ in range(3):
+        peaks.append(matmul_peak(device, peak_dtype)["flops"])
+        step_times.append(_median_time(step, device, max(1, steps // 3)))
+    peak, step_s = statistics.median(peaks), statistics.median(step_times)
+    tokens = t.batch_size * t.grad_accum * m.block_size
+    tok_s = tokens / step_s
+    flops = tok_s * model.flops_per_token()
+    return {
+        "bench": "train",
+        "device": str(device),
+        "dtype": t.dtype,
+        "threads": torch.get_num_threads(),
+        "params": model.num_params(),
+        "flops_per_token": model.flops_per_token(),
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": tok_s,
+        "achieved_flops": flops,
+        "matmul_peak_flops": peak,
+        "fraction_of_peak": flops / peak,
+    }
+
+
+def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 3) -> dict:
+    """Batch-1 greedy generation from a randomly initialised model of the config's shape."""
+    vocab = load_meta(cfg.data.dir)["vocab_size"] if cfg.model.vocab_size == 0 else cfg.model.vocab_size
+    cfg = resolve(cfg, vocab)
+    device = pick_device(cfg.train.device)
+    set_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    result = {"bench": "sample", "device": str(device), "batch_size": 1, "new_tokens": new_tokens,
+              "block_size": cfg.model.block_size}
+    for name, cached in (("kv_cache", True), ("no_cache", False)):
+        generate(model, prompt, 20, temperature=0, use_cache=cached)  # warm up
+        s = _median_time(lambda c=cached: generate(model, prompt, new_tokens, temperature=0, use_cache=c),
+                         device, repeats)
+        result[f"tokens_per_s_{name}"] = new_tokens / s
+    result["cache_speedup"] = result["tokens_per_s_kv_cache"] / result["tokens_per_s_no_cache"]
+    return result

@@ -1,0 +1,192 @@
+"""The `softar` command. Every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from softar import SoftarError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        print(f"softar: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def _emit(result: dict, path: Path | None) -> None:
+    """Print a result as one JSON object on the last line of stdout, and save it."""
+    if path is not None:
+        from softar.checkpoint import write_text_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(result, indent=2))
+    print(json.dumps(result), flush=True)
+
+
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from softar.data.prepare import prepare
+
+    meta = prepare(a.corpus, a.out, a.tokenizer, a.vocab_size, force=a.force)
+    _emit({"data_dir": str(a.out), **meta}, None)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from softar import config
+    from softar.train import train
+
+    cfg = config.load(a.config, a.overrides)
+    out = Path(a.out) if a.out else Path("runs") / Path(a.config).stem
+    _emit(train(cfg, out, resume=a.resume, quiet=a.quiet), None)  # train writes result.json itself
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from softar.data.dataset import load_meta, load_split
+    from softar.device import autocast, pick_device
+    from softar.evaluate import evaluate_split
+    from softar.rundir import load_run
+
+    device = pick_device(a.device)
+    run = load_run(a.run_dir, device, a.data)
+    data_dir = a.data or run.cfg.data.dir
+    chars = load_meta(data_dir)["characters"][a.split]
+    metrics = evaluate_split(run.model, load_split(data_dir, a.split), run.cfg.model.block_size, device,
+                             autocast(device, run.cfg.train.dtype), chars)
+    result = {"run_dir": str(a.run_dir), "step": run.step, "split": a.split, **metrics}
+    _emit(result, Path(a.run_dir) / f"eval_{a.split}.json")
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    import torch
+
+    from softar.device import pick_device
+    from softar.generate import generate
+    from softar.rundir import load_run
+
+    device = pick_device(a.device)
+    run = load_run(a.run_dir, device)
+    ids = run.tokenizer.encode(a.prompt)
+    if not ids:
+        raise SoftarError("--prompt encodes to no tokens; give at least one character")
+    gen = torch.Generator(device).manual_seed(a.seed)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    for i in range(a.num_samples):
+        y = generate(run.model, x, a.max_new_tokens, a.temperature, a.top_k or None, gen)
+        if i:
+            print("-" * 40)
+        print(run.tokenizer.decode(y[0].tolist()), flush=True)
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from softar import config
+    from softar.bench import bench_sample, bench_train
+
+    cfg = config.load(a.config, a.overrides)
+    result = bench_train(cfg, steps=a.steps) if a.kind == "train" else bench_sample(cfg, a.new_tokens)
+    _emit(result, Path(a.out) / f"bench_{a.kind}.json")
+
+
+def cmd_quickstart(a: argparse.Namespace) -> None:
+    from softar.quickstart import quickstart
+
+    quickstart(Path(a.out), Path(a.data), a.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="softar", description="Autoregressive language models that think in soft tokens.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("prepare", help="convert and tokenize a corpus into train.bin/val.bin")
+    s.add_argument("--corpus", default="shakespeare", help="'shakespeare' (bundled), a text file or a folder")
+    s.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
+    s.add_argument("--vocab-size", type=_positive_int, default=1024, help="BPE vocabulary size")
+    s.add_argument("--out", required=True, help="dataset folder to write")
+    s.add_argument("--force", action="store_true", help="replace a different dataset already in --out")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a model from a TOML config")
+    s.add_argument("config", help="TOML config file")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    s.add_argument("--out", help="run directory (default: runs/<config name>)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="loss and bits over a whole split")
+    s.add_argument("run_dir")
+    s.add_argument("--split", choices=["val", "train"], default="val")
+    s.add_argument("--data", help="dataset folder (default: the run's data.dir)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("sample", help="generate text from a trained run")
+    s.add_argument("run_dir")
+    s.add_argument("--prompt", default="\n")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=500)
+    s.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 is greedy")
+    s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
+    s.add_argument("--seed", type=_nonneg_int, default=1337)
+    s.add_argument("--num-samples", type=_positive_int, default=1)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("bench", help="measure training throughput or sampling speed")
+    s.add_argument("kind", choices=["train", "sample"])
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--steps", type=_positive_int, default=30, help="timed training steps")
+    s.add_argument("--new-tokens", type=_positive_int, default=500, help="tokens generated per timing")
+    s.add_argument("--out", default="runs/bench", help="folder for bench_<kind>.json")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("quickstart", help="prepare Shakespeare, train, evaluate and sample, on CPU")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides of the quickstart config")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--data", default="data/shakespeare_char")
+    s.set_defaults(fn=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except SoftarError as e:
+        print(f"softar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("softar: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Typed run configuration: TOML files and `section.key=value` overrides mapped onto dataclasses.
+
+Every key is checked: an unknown key, a wrong type or an out-of-range value is a `ConfigError` naming the key.
+Nothing here imports or evaluates code from the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from softar import SoftarError
+
+
+class ConfigError(SoftarError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_embed: int = 0  # m, the embedding space soft tokens live in; 0 means d_model
+    block_size: int = 64  # slots in the context window
+    vocab_size: int = 0  # 0: taken from the data's meta.json
+    dropout: float = 0.0
+    bias: bool = False
+    pos_emb: Literal["learned", "rope"] = "learned"
+    rope_base: float = 10000.0
+
+    @property
+    def m(self) -> int:
+        return self.d_embed or self.d_model
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/shakespeare_char"  # the output of `softar prepare`
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 2000
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0: max_iters (resolved when the config is loaded)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 means autocast
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    eval_interval: int = 250
+    eval_iters: int = 20  # sampled batches per split for periodic evals
+    log_interval: int = 10
+    ckpt_interval: int = 0  # 0: eval_interval
+    keep_last: int = 3  # checkpoints kept on disk
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    if not ok:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, checking every section, key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a table of sections")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r} (known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a table, got {type(values).__name__}")
+        cls = sections[name].default_factory  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {name}.{key}")
+            kwargs[key] = _check_type(f"{name}.{key}", value, hints[key])
+        built[name] = cls(**kwargs)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003). Values use TOML syntax; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML (or resolved JSON) config, apply overrides, resolve defaults and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+            raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a valid config file: {e}") from None
+    for ov in overrides:
+        (section, key), value = parse_override(ov)
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a table")
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw)
+
+
+def resolve(cfg: Config, vocab_size: int) -> Config:
+    """Fill the values that depend on the data or on other keys, so the saved config is complete."""
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model),
+        train=dataclasses.replace(cfg.train),
+    )
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab_size
+    elif cfg.model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary ({vocab_size})"
+        )
+    if cfg.model.d_embed == 0:
+        cfg.model.d_embed = cfg.model.d_model
+    if cfg.train.lr_decay_iters == 0:
+        cfg.train.lr_decay_iters = cfg.train.max_iters
+    if cfg.train.ckpt_interval == 0:
+        cfg.train.ckpt_interval = cfg.train.eval_interval
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    for key in ("n_layer", "n_head", "d_model", "block_size"):
+        need(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    need(m.d_model % m.n_head == 0, "model.n_head", f"{m.n_head} does not divide model.d_model={m.d_model}")
+    need(m.d_embed >= 0, "model.d_embed", "must be >= 0 (0 means d_model)")
+    need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 means from the data)")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    need(m.rope_base > 0, "model.rope_base", "must be positive")
+    if m.pos_emb == "rope":
+        need((m.d_model // m.n_head) % 2 == 0, "model.pos_emb", "rope needs an even head dimension")
+    need(bool(cfg.data.dir), "data.dir", "must not be empty")
+    for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                "keep_last"):
+        need(getattr(t, key) > 0, f"train.{key}", "must be positive")
+    for key in ("warmup_iters", "lr_decay_iters", "ckpt_interval", "threads", "seed"):
+        need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
+    need(t.lr > 0, "train.lr", "must be positive")
+    need(0 <= t.min_lr <= t.lr, "train.min_lr", "must be in [0, train.lr]")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
+    need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s][k]]

@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, memmap datasets and samplers."""

@@ -1,0 +1,98 @@
+"""Token datasets as nanoGPT-layout memmaps (`train.bin`, `val.bin`, flat uint16/uint32), plus `meta.json`,
+and the samplers that cut them into training windows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softar import SoftarError
+
+META_FILE = "meta.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise SoftarError(f"no prepared data in {data_dir} (expected {path}; run `softar prepare`)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_split(data_dir: str | Path, split: str) -> np.memmap:
+    meta = load_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise SoftarError(f"missing split file {path}")
+    data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(data) != meta["tokens"][split]:
+        raise SoftarError(f"{path} holds {len(data)} tokens but meta.json says {meta['tokens'][split]}")
+    return data
+
+
+@dataclass
+class WindowSampler:
+    """Random windows of `block_size + 1` tokens (inputs and shifted targets), as in nanoGPT.
+
+    Its only state is a torch.Generator, so it checkpoints as one uint8 tensor and resumes exactly.
+    """
+
+    data: np.ndarray
+    block_size: int
+    batch_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if len(self.data) <= self.block_size:
+            raise SoftarError(
+                f"split has {len(self.data)} tokens, fewer than one window of {self.block_size + 1}"
+            )
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.gen)
+        win = np.stack([self.data[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
+        win = torch.from_numpy(win)
+        return win[:, :-1], win[:, 1:]  # [B, T] inputs, [B, T] targets
+
+    def state(self) -> torch.Tensor:
+        return self.gen.get_state()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.gen.set_state(state)
+
+
+def sequential_windows(data: np.ndarray, block_size: int, batch_size: int):
+    """Every token of a split exactly once as a target: consecutive non-overlapping windows.
+
+    Yields ([B, T] inputs, [B, T] targets) with the last window shorter; used for whole-split evaluation.
+    """
+    n = len(data) - 1
+    starts = list(range(0, n, block_size))
+    for i in range(0, len(starts), batch_size):
+        group = starts[i : i + batch_size]
+        lens = [min(block_size, n - s) for s in group]
+        for length in sorted(set(lens)):  # windows of one length share a batch
+            ss = [s for s, n_ in zip(group, lens, strict=True) if n_ == length]
+            win = torch.from_numpy(np.stack([data[s : s + length + 1] for s in ss]).astype(np.int64))
+            yield win[:, :-1], win[:, 1:]

@@ -1,0 +1,73 @@
+"""`softar prepare`: corpus -> tokenizer + train.bin / val.bin memmaps + meta.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from softar import SoftarError
+from softar.data.corpus import read_corpus
+from softar.data.dataset import META_FILE, sha256_bytes, token_dtype
+from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer
+
+VAL_FRACTION = 0.1
+
+
+def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: int = 1024,
+            force: bool = False) -> dict:
+    """Convert, tokenize and write a dataset folder; returns its meta. Writes into a temp folder first so
+    a failure leaves nothing half-written, and refuses to replace a different dataset unless `force`."""
+    out = Path(out)
+    if tokenizer not in ("char", "bpe"):
+        raise SoftarError(f"--tokenizer: expected 'char' or 'bpe', got {tokenizer!r}")
+    text, source = read_corpus(corpus)
+    text_sha = sha256_bytes(text.encode("utf-8"))
+    if (out / META_FILE).is_file() and not force:
+        old = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+        same = old.get("text_sha256") == text_sha and old.get("tokenizer") == tokenizer and (
+            tokenizer == "char" or old.get("vocab_size") == vocab_size)
+        if same:
+            return old  # already prepared: nothing to do
+        raise SoftarError(f"{out} already holds a different dataset; choose another --out or pass --force")
+    if out.exists() and not (out / META_FILE).is_file() and any(out.iterdir()):
+        raise SoftarError(f"{out} exists and is not a softar dataset; choose another --out")
+
+    split = int(len(text) * (1 - VAL_FRACTION))  # by position: first 90% train, last 10% val
+    train_text, val_text = text[:split], text[split:]
+    if tokenizer == "char":
+        tok = CharTokenizer.train(text)  # the whole text's alphabet, as nanoGPT does
+    else:
+        tok = BPETokenizer.train(train_text, vocab_size)  # BPE merges are learned on train only
+    dtype = token_dtype(tok.vocab_size)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
+    try:
+        counts = {}
+        for name, part in (("train", train_text), ("val", val_text)):
+            ids = tok.encode_array(part)
+            ids.astype(dtype).tofile(tmp / f"{name}.bin")
+            counts[name] = len(ids)
+        tok.save(tmp / TOKENIZER_FILE)
+        meta = {
+            "source": source,
+            "tokenizer": tokenizer,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "tokens": counts,
+            "characters": {"train": len(train_text), "val": len(val_text)},
+            "text_sha256": text_sha,
+            "val_fraction": VAL_FRACTION,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

@@ -1,0 +1,106 @@
+"""Tokenizers: character-level, and byte-level BPE through HF `tokenizers`. Both save to `tokenizer.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from softar import SoftarError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise SoftarError(f"character {e.args[0]!r} is not in the tokenizer's vocabulary") from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Fast path for whole corpora: a lookup table over code points."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        table = np.full(max(map(ord, self.chars)) + 1, -1, dtype=np.int64)
+        table[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
+        ids = table[np.minimum(codes, len(table) - 1)]
+        bad = (ids < 0) | (codes >= len(table))
+        if bad.any():
+            raise SoftarError(f"character {chr(codes[bad.argmax()])!r} is not in the tokenizer's vocabulary")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"type": "char", "chars": self.chars}), encoding="utf-8")
+
+
+class BPETokenizer:
+    kind = "bpe"
+
+    def __init__(self, tok):  # tok: tokenizers.Tokenizer
+        self.tok = tok
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet):
+            raise SoftarError(f"--vocab-size {vocab_size} is below the 256 byte symbols byte-level BPE needs")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+        # train on lines so one huge string does not become one "sentence"
+        tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        lines = text.splitlines(keepends=True)
+        ids = [e.ids for e in self.tok.encode_batch(lines)]
+        return np.fromiter((i for line in ids for i in line), dtype=np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def save(self, path: Path) -> None:
+        self.tok.save(str(path))
+
+
+Tokenizer = CharTokenizer | BPETokenizer
+
+
+def load_tokenizer(data_dir: str | Path) -> Tokenizer:
+    path = Path(data_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise SoftarError(f"no tokenizer in {data_dir} (expected {path}; run `softar prepare`)")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if raw.get("type") == "char":
+        return CharTokenizer(raw["chars"])
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return BPETokenizer(HFTokenizer.from_file(str(path)))

@@ -1,0 +1,184 @@
+"""A GPT over vectors: pre-LayerNorm transformer blocks that read slot vectors [B, T, m] plus positions.
+
+The hard-token model is a thin wrapper: ids -> E[ids] -> backbone -> tied LM head. Soft tokens and summary slots
+enter through `GPT.hidden`, which takes any vectors in R^m.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softar.config import ModelConfig
+from softar.model.embedding import TokenEmbedding
+from softar.model.heads import LMHead
+
+
+class KVCache:
+    """Preallocated keys and values for all layers: [n_layer, B, H, max_len, head_dim] each."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        hd = cfg.d_model // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.len = 0  # filled positions
+        self.max_len = max_len
+
+    def reset(self) -> None:
+        self.len = 0
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] or [B, T] -> cos, sin broadcastable to [B, H, T, head_dim // 2]."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # [..., T, hd/2]
+    if angles.dim() == 3:
+        angles = angles[:, None]  # [B, 1, T, hd/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # rotate each (even, odd) pair by its angle
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head, self.layer = cfg.n_head, layer
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # [B,H,T,hd]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            start = cache.len
+            cache.k[self.layer, :, :, start : start + T] = k
+            cache.v[self.layer, :, :, start : start + T] = v
+            k, v = cache.k[self.layer, :, :, : start + T], cache.v[self.layer, :, :, : start + T]
+            mask = None
+            if T > 1:  # new queries see the whole cache plus the new keys up to themselves
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, d)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), rope, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class Backbone(nn.Module):
+    """Transformer over vectors: [B, T, m] + positions -> hidden [B, T, d]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.m, cfg.d_model, bias=False) if cfg.m != cfg.d_model else nn.Identity()
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        T = x.shape[1]
+        if positions is None:
+            start = cache.len if cache is not None else 0
+            positions = torch.arange(start, start + T, device=x.device)  # [T]
+        h = self.in_proj(x)
+        rope = None
+        if self.wpe is not None:
+            h = h + self.wpe(positions)
+        else:
+            rope = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
+        h = self.drop(h)
+        for block in self.blocks:
+            h = block(h, rope, cache)
+        if cache is not None:
+            cache.len += T
+        return self.ln_f(h)
+
+
+class GPT(nn.Module):
+    """Embedding space E [V, m] + backbone + tied LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be resolved from the data before building a model")
+        self.cfg = cfg
+        self.embed = TokenEmbedding(cfg.vocab_size, cfg.m)
+        self.backbone = Backbone(cfg)
+        self.lm_head = LMHead(cfg.d_model, cfg.m)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """The vector path: slot vectors [B, T, m] -> hidden states [B, T, d]."""
+        return self.backbone(x, positions, cache)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h, self.embed.weight)  # [B, T, V]
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """The hard-token path: ids [B, T] -> logits [B, T, V]."""
+        return self.logits(self.hidden(self.embed(ids), positions, cache))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel() + (self.backbone.wpe.weight.numel() if self.backbone.wpe else 0)
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, as nanoGPT and PaLM count them: 6N for the matmuls (position embeddings
+        excluded, the tied LM head included) plus 12 * L * d * T for attention over a full window."""
+        c = self.cfg
+        n = self.num_params() - (self.backbone.wpe.weight.numel() if self.backbone.wpe else 0)
+        return 6 * n + 12 * c.n_layer * c.d_model * c.block_size

@@ -1,0 +1,58 @@
+"""`softar quickstart`: prepare the bundled Shakespeare, train nanoGPT's CPU recipe, evaluate, sample."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from softar import config
+from softar.data.dataset import load_meta, load_split
+from softar.data.prepare import prepare
+from softar.device import autocast, pick_device
+from softar.evaluate import evaluate_split
+from softar.generate import generate
+from softar.rundir import CONFIG_FILE, load_run
+from softar.train import train
+
+QUICKSTART_CONFIG = "shakespeare_char.toml"
+
+
+def config_path(name: str) -> Path:
+    """A preset shipped in softar/configs (also reachable as configs/ in a checkout)."""
+    return Path(str(resources.files("softar") / "configs" / name))
+
+
+def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
+    print(f"[1/4] preparing character-level Shakespeare in {data}", flush=True)
+    meta = prepare("shakespeare", data, "char")
+    print(f"      {meta['characters']['train'] + meta['characters']['val']:,} characters, "
+          f"{meta['vocab_size']} symbols", flush=True)
+
+    cfg = config.load(config_path(QUICKSTART_CONFIG), [f"data.dir={json.dumps(str(data))}", *overrides])
+    resume = (out / CONFIG_FILE).is_file()  # a second quickstart continues (or just re-reports) the first
+    print(f"[2/4] training {QUICKSTART_CONFIG} into {out}" + (" (resuming)" if resume else ""), flush=True)
+    result = train(cfg, out, resume=resume)
+
+    print("[3/4] evaluating on the whole val split", flush=True)
+    device = pick_device(cfg.train.device)
+    run = load_run(out, device)
+    ev = evaluate_split(run.model, load_split(data, "val"), run.cfg.model.block_size, device,
+                        autocast(device, run.cfg.train.dtype), load_meta(data)["characters"]["val"])
+
+    print("[4/4] sampling 300 characters", flush=True)
+    gen = torch.Generator(device).manual_seed(cfg.train.seed)
+    prompt = torch.tensor([run.tokenizer.encode("\n")], device=device)
+    text = run.tokenizer.decode(generate(run.model, prompt, 300, 0.8, 200, gen)[0].tolist())
+    print("-" * 60 + text + "\n" + "-" * 60)
+    print(f"val loss {ev['loss']:.4f} ({ev['bits_per_char']:.3f} bits/char) after {result['step']} steps, "
+          f"{result['train_wall_s']:.0f} s, {result['tokens_per_s']:,.0f} tokens/s")
+    print(f"data:        {data}\nrun:         {out}\nconfig:      {out / CONFIG_FILE}\n"
+          f"metrics:     {out / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {out / 'tb'})\n"
+          f"checkpoints: {out / 'checkpoints'}\n"
+          f"next:        softar sample {out} --prompt 'ROMEO:'   |   softar eval {out}")
+    summary = {"run_dir": str(out), "data_dir": str(data), **result, "full_val": ev}
+    print(json.dumps(summary))
+    return summary
