@@ -130,10 +130,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     for fname, digest in manifest["sha256"].items():
         if sha256_file(path / fname) != digest:
             raise SoftarError(f"checkpoint {path}: sha256 mismatch for {fname} (corrupt or modified)")
-    tensors = {
-        p.name.removesuffix(".safetensors"): load_file(str(p), device=str(map_location))
-        for p in sorted(path.glob("*.safetensors"))
-    }
+    tensors = {}
+    for p in sorted(path.glob("*.safetensors")):
+        try:
+            tensors[p.name.removesuffix(".safetensors")] = load_file(str(p), device=str(map_location))
+        except Exception as e:  # safetensors parses a header and raw bytes only: anything else is refused
+            raise SoftarError(f"checkpoint {path}: {p.name} is not a valid safetensors file ({e})") from None
     meta = json.loads((path / TRAINER_JSON).read_text(encoding="utf-8"))
     return Checkpoint(path, tensors, meta)
 
@@ -156,4 +158,7 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     for key, v in list(tensors.items()) + list(plain["scalars"].items()):
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+    # JSON turned tuples (AdamW's betas) into lists: turn them back so the state_dict is what was saved
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in plain["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})

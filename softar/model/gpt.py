@@ -18,13 +18,11 @@ from softar.model.heads import LMHead
 
 
 class KVCache:
-    """Preallocated keys and values for all layers: [n_layer, B, H, max_len, head_dim] each."""
+    """Preallocated keys and values for all layers: kv [n_layer, 2, B, H, max_len, head_dim]."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         hd = cfg.d_model // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros(cfg.n_layer, 2, batch_size, cfg.n_head, max_len, hd, device=device, dtype=dtype)
         self.len = 0  # filled positions
         self.max_len = max_len
 
@@ -53,7 +51,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
         B, T, d = x.shape
@@ -64,16 +61,15 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
-            start = cache.len
-            cache.k[self.layer, :, :, start : start + T] = k
-            cache.v[self.layer, :, :, start : start + T] = v
-            k, v = cache.k[self.layer, :, :, : start + T], cache.v[self.layer, :, :, : start + T]
+            start, end = cache.len, cache.len + T
+            kv = cache.kv[self.layer]  # [2, B, H, max_len, hd]
+            kv[:, :, :, start:end] = torch.stack((k, v))
             mask = None
             if T > 1:  # new queries see the whole cache plus the new keys up to themselves
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, d)
-        return self.resid_drop(self.proj(y))
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask, dropout_p=p)
+        y = self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
 
 class MLP(nn.Module):
@@ -81,10 +77,11 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        y = self.proj(F.gelu(self.fc(x)))
+        return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
 
 class Block(nn.Module):
@@ -108,7 +105,7 @@ class Backbone(nn.Module):
         self.cfg = cfg
         self.in_proj = nn.Linear(cfg.m, cfg.d_model, bias=False) if cfg.m != cfg.d_model else nn.Identity()
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
 
@@ -124,7 +121,8 @@ class Backbone(nn.Module):
             h = h + self.wpe(positions)
         else:
             rope = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
-        h = self.drop(h)
+        if self.dropout:
+            h = F.dropout(h, self.dropout, self.training)
         for block in self.blocks:
             h = block(h, rope, cache)
         if cache is not None:

@@ -1,0 +1,50 @@
+"""Shared fixtures: a small prepared dataset and tiny model configs, so the suite runs in a few minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from softar import config
+from softar.data.prepare import prepare
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def tiny_overrides(data_dir: Path, **extra) -> list[str]:
+    """A 2-layer, d=32 model with short windows: seconds per run on 2 cores."""
+    values = {
+        "data.dir": f'"{data_dir}"',
+        "model.n_layer": 2, "model.n_head": 2, "model.d_model": 32, "model.block_size": 16,
+        "train.batch_size": 4, "train.max_iters": 8, "train.warmup_iters": 2, "train.lr_decay_iters": 8,
+        "train.eval_interval": 4, "train.eval_iters": 2, "train.log_interval": 1, "train.threads": 1,
+        "train.device": '"cpu"',
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """About 40k characters of Shakespeare, the start of the real bundled corpus."""
+    from softar.data.corpus import shakespeare_text
+
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(shakespeare_text()[:40_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, small_corpus) -> Path:
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare(str(small_corpus), out, "char")
+    return out
+
+
+@pytest.fixture
+def tiny_cfg(char_data):
+    def make(**extra):
+        return config.load(None, tiny_overrides(char_data, **extra))
+
+    return make

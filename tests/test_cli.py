@@ -1,0 +1,108 @@
+"""The `softar` command end to end, as real subprocesses: results as JSON on the last line, and bad input as
+one line on stderr with exit code 2 and nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import tiny_overrides
+
+
+def softar(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "softar", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("softar: error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def tree(path) -> dict:
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = softar("train", "configs/shakespeare_char.toml", *tiny_overrides(char_data), "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 8 and result == json.loads((out / "result.json").read_text())
+    return out
+
+
+def test_eval_and_sample(trained_run):
+    proc = softar("eval", trained_run, "--split", "val")
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ev["split"] == "val" and ev["step"] == 8 and ev["loss"] > 0 and "bits_per_char" in ev
+    assert json.loads((trained_run / "eval_val.json").read_text()) == ev
+    a = softar("sample", trained_run, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 7)
+    b = softar("sample", trained_run, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 7)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:") and len(a.stdout) >= 46
+
+
+def test_bench(char_data, tmp_path):
+    for kind in ("train", "sample"):
+        proc = softar("bench", kind, "configs/shakespeare_char.toml", *tiny_overrides(char_data), "--steps", 3,
+                      "--new-tokens", 20, "--out", tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result == json.loads((tmp_path / f"bench_{kind}.json").read_text())
+    train_r = json.loads((tmp_path / "bench_train.json").read_text())
+    assert train_r["tokens_per_s"] > 0 and 0 < train_r["fraction_of_peak"]
+    assert train_r["achieved_flops"] == pytest.approx(train_r["tokens_per_s"] * train_r["flops_per_token"])
+    assert json.loads((tmp_path / "bench_sample.json").read_text())["tokens_per_s_kv_cache"] > 0
+
+
+def test_prepare_bad_corpora(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    cases = [("missing.txt", "corpus not found"), ("empty.txt", "is empty"), ("latin1.txt", "not UTF-8")]
+    for name, message in cases:
+        proc = softar("prepare", "--corpus", tmp_path / name, "--out", tmp_path / "out")
+        assert_one_line_error(proc, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_bad_input_writes_nothing(char_data, tmp_path, trained_run):
+    out = tmp_path / "run"
+    base = ["train", "configs/shakespeare_char.toml", *tiny_overrides(char_data), "--quiet", "--out"]
+    assert_one_line_error(softar(*base, out, "model.n_heads=4"), "unknown config key model.n_heads")
+    assert_one_line_error(softar(*base, out, "train.lr=fast"), "train.lr: expected float")
+    assert_one_line_error(softar(*base, out, "model.n_head=3"), "does not divide")
+    assert_one_line_error(softar("train", tmp_path / "nope.toml", "--out", out), "config file not found")
+    assert_one_line_error(softar(*base, out, "data.dir=nowhere"), "no prepared data in nowhere")
+    assert not out.exists()
+    before = tree(trained_run)
+    assert_one_line_error(softar(*base, trained_run), "already holds a run")
+    assert_one_line_error(softar(*base, trained_run, "model.d_model=64", "--resume"), "differs in model.d_model")
+    assert tree(trained_run) == before
+
+
+def test_corrupt_checkpoint_is_refused(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    ckpt = run / "checkpoints" / (run / "checkpoints/latest").read_text().strip()
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    assert_one_line_error(softar("eval", run), "sha256 mismatch for model.safetensors")
+    assert_one_line_error(softar("sample", run), "sha256 mismatch")
+
+
+def test_bad_flags(trained_run):
+    assert_one_line_error(softar("sample", trained_run, "--temperature", "-1"), "--temperature")
+    assert_one_line_error(softar("sample", trained_run, "--max-new-tokens", "0"), "--max-new-tokens")
+    assert_one_line_error(softar("eval", trained_run, "--split", "test"), "--split")
+    assert_one_line_error(softar("eval", trained_run.parent / "missing"), "is not a softar run")
+    assert_one_line_error(softar("prepare", "--tokenizer", "bpe", "--vocab-size", "100", "--out", "x"), "256")

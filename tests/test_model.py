@@ -1,0 +1,104 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softar.config import ModelConfig
+from softar.generate import generate
+from softar.model import GPT, KVCache
+
+
+def make(pos_emb="learned", d_embed=0, bias=False, block_size=16, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, d_embed=d_embed or 32, block_size=block_size,
+                      vocab_size=23, bias=bias, pos_emb=pos_emb)
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+@pytest.mark.parametrize("d_embed", [32, 12])
+def test_hard_path_is_the_vector_path_on_embeddings(pos_emb, d_embed):
+    model = make(pos_emb, d_embed)
+    ids = torch.randint(0, 23, (3, 10))
+    vectors = model.embed.weight[ids]  # [B, T, m]
+    assert vectors.shape == (3, 10, d_embed)
+    torch.testing.assert_close(model(ids), model.logits(model.hidden(vectors)), rtol=0, atol=0)
+
+
+def test_causality():
+    model = make()
+    ids = torch.randint(0, 23, (1, 12))
+    changed = ids.clone()
+    changed[0, 8] = (changed[0, 8] + 1) % 23
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_param_count_and_flops_match_nanogpt_formula():
+    model = make(bias=True)
+    c = model.cfg
+    d, L, V, T = c.d_model, c.n_layer, c.vocab_size, c.block_size
+    per_block = (4 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    expected = V * d + T * d + L * per_block + 2 * d
+    assert model.num_params() == expected
+    assert model.flops_per_token() == 6 * (expected - T * d) + 12 * L * d * T
+
+
+def test_rope_attention_depends_on_relative_positions_only():
+    model = make("rope")
+    x = model.embed.weight[torch.randint(0, 23, (1, 8))]
+    a = model.hidden(x, torch.arange(8))
+    b = model.hidden(x, torch.arange(100, 108))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_kv_cache_matches_full_forward(pos_emb):
+    model = make(pos_emb)
+    ids = torch.randint(0, 23, (2, 14))
+    full = model(ids)
+    cache = KVCache(model.cfg, 2, 16)
+    parts = [model(ids[:, :5], cache=cache)]  # a prefill, then one token at a time, then a chunk
+    parts += [model(ids[:, t : t + 1], cache=cache) for t in range(5, 10)]
+    parts.append(model(ids[:, 10:], cache=cache))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.len == 14
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_greedy_generation_with_cache_equals_without(pos_emb):
+    torch.manual_seed(0)
+    model = make(pos_emb, block_size=8)
+    with torch.no_grad():  # sharpen the random model so greedy choices are far from ties
+        model.embed.weight.mul_(40)
+    prompt = torch.randint(0, 23, (2, 3))
+    cached = generate(model, prompt, 40, temperature=0, use_cache=True)  # 40 > block_size: the window slides
+    plain = generate(model, prompt, 40, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    assert cached.shape == (2, 43) and torch.equal(cached[:, :3], prompt)
+
+
+def test_sampling_is_seeded_and_top_k_restricts():
+    model = make()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    run = lambda seed, k: generate(model, prompt, 30, 1.0, k, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(run(1, None), run(1, None))
+    assert not torch.equal(run(1, None), run(2, None))
+    with torch.no_grad():
+        top1 = model(prompt)[0, -1].argmax()
+    assert run(3, 1)[0, 1] == top1  # top-k 1 is greedy
+
+
+def test_training_step_reduces_loss():
+    torch.manual_seed(0)
+    model = make().train()
+    ids = torch.randint(0, 23, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
