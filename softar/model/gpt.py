@@ -54,20 +54,21 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # [B,H,T,hd]
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qkv = torch.cat((apply_rope(qkv[:2], *rope), qkv[2:]))
         p = self.dropout if self.training else 0.0
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=p, is_causal=True)
         else:
             start, end = cache.len, cache.len + T
             kv = cache.kv[self.layer]  # [2, B, H, max_len, hd]
-            kv[:, :, :, start:end] = torch.stack((k, v))
+            kv[:, :, :, start:end] = qkv[1:]
             mask = None
             if T > 1:  # new queries see the whole cache plus the new keys up to themselves
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask, dropout_p=p)
+            y = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask,
+                                               dropout_p=p)
         y = self.proj(y.transpose(1, 2).reshape(B, T, d))
         return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
