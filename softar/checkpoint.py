@@ -140,25 +140,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     return Checkpoint(path, tensors, meta)
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer's state_dict into flat tensors (for safetensors) and plain data (for JSON)."""
-    sd = opt.state_dict()
+def optimizer_to_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into flat tensors (for safetensors) and plain data (for JSON).
+    State keys may be parameter indices or parameter names (which contain dots), so '/' separates the field."""
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+    for key, state in sd["state"].items():
         for k, v in state.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+            (tensors if torch.is_tensor(v) else scalars)[f"{key}/{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "int_keys": all(
+        isinstance(k, int) for k in sd["state"])}
 
 
-def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
-    state: dict[int, dict] = {}
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    """The inverse of optimizer_to_tensors: an optimizer state_dict."""
+    state: dict = {}
     for key, v in list(tensors.items()) + list(plain["scalars"].items()):
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
+        owner, k = key.rsplit("/", 1)
+        state.setdefault(int(owner) if plain.get("int_keys", True) else owner, {})[k] = v
     # JSON turned tuples (AdamW's betas) into lists: turn them back so the state_dict is what was saved
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in plain["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,12 +61,21 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from softar import config
+    from softar import config, distributed
     from softar.train import train
 
     cfg = config.load(a.config, a.overrides)
     out = Path(a.out) if a.out else Path("runs") / Path(a.config).stem
-    _emit(train(cfg, out, resume=a.resume, quiet=a.quiet), None)  # train writes result.json itself
+    try:
+        result = train(cfg, out, resume=a.resume, quiet=a.quiet)  # train writes result.json itself
+    finally:
+        distributed.shutdown()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return
+    if result.get("preempted"):
+        print(f"softar: stopped by {result['signal']} after step {result['step']}; saved {result['checkpoint']}; "
+              f"continue with: softar train ... --out {out} --resume", file=sys.stderr)
+    _emit(result, None)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -110,7 +120,14 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from softar.bench import bench_sample, bench_train
 
     cfg = config.load(a.config, a.overrides)
-    result = bench_train(cfg, steps=a.steps) if a.kind == "train" else bench_sample(cfg, a.new_tokens)
+    if a.kind == "faults":
+        from softar.faults import fault_report
+
+        result = fault_report(a.config, a.overrides, cfg, Path(a.out), a.kills)
+    elif a.kind == "train":
+        result = bench_train(cfg, steps=a.steps)
+    else:
+        result = bench_sample(cfg, a.new_tokens)
     _emit(result, Path(a.out) / f"bench_{a.kind}.json")
 
 
@@ -158,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.set_defaults(fn=cmd_sample)
 
-    s = sub.add_parser("bench", help="measure training throughput or sampling speed")
-    s.add_argument("kind", choices=["train", "sample"])
+    s = sub.add_parser("bench", help="measure training throughput, sampling speed, or fault tolerance")
+    s.add_argument("kind", choices=["train", "sample", "faults"])
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--steps", type=_positive_int, default=30, help="timed training steps")
     s.add_argument("--new-tokens", type=_positive_int, default=500, help="tokens generated per timing")
+    s.add_argument("--kills", type=_positive_int, default=10, help="faults: interruptions per kind of fault")
     s.add_argument("--out", default="runs/bench", help="folder for bench_<kind>.json")
     s.set_defaults(fn=cmd_bench)
 

@@ -69,6 +69,8 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 0  # 0: eval_interval
     keep_last: int = 3  # checkpoints kept on disk
+    max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
 
 
 @dataclass
@@ -209,7 +211,7 @@ def validate(cfg: Config) -> None:
         need((m.d_model // m.n_head) % 2 == 0, "model.pos_emb", "rope needs an even head dimension")
     need(bool(cfg.data.dir), "data.dir", "must not be empty")
     for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
-                "keep_last"):
+                "keep_last", "max_bad_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")
     for key in ("warmup_iters", "lr_decay_iters", "ckpt_interval", "threads", "seed"):
         need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")

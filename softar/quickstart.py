@@ -26,12 +26,12 @@ def config_path(name: str) -> Path:
 
 
 def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
+    cfg = config.load(config_path(QUICKSTART_CONFIG), [f"data.dir={json.dumps(str(data))}", *overrides])
     print(f"[1/4] preparing character-level Shakespeare in {data}", flush=True)
     meta = prepare("shakespeare", data, "char")
     print(f"      {meta['characters']['train'] + meta['characters']['val']:,} characters, "
           f"{meta['vocab_size']} symbols", flush=True)
 
-    cfg = config.load(config_path(QUICKSTART_CONFIG), [f"data.dir={json.dumps(str(data))}", *overrides])
     resume = (out / CONFIG_FILE).is_file()  # a second quickstart continues (or just re-reports) the first
     print(f"[2/4] training {QUICKSTART_CONFIG} into {out}" + (" (resuming)" if resume else ""), flush=True)
     result = train(cfg, out, resume=resume)

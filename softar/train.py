@@ -1,11 +1,14 @@
 """The training loop: AdamW with decay groups, warmup + cosine LR, clipping, accumulation, periodic evals,
-metrics (metrics.jsonl + TensorBoard + tqdm), atomic checkpoints and exact resume."""
+metrics (metrics.jsonl + TensorBoard + tqdm), atomic checkpoints and exact resume; data parallel under torchrun;
+a clean stop on SIGTERM/SIGINT; non-finite steps skipped, counted, and fatal when they persist."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,7 +29,8 @@ from softar.checkpoint import (
 )
 from softar.config import Config, ConfigError, diff, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
-from softar.device import autocast, pick_device, set_threads
+from softar.device import autocast, set_threads
+from softar.distributed import World, init_world, no_sync, wrap
 from softar.evaluate import estimate_loss, evaluate_split
 from softar.losses import lm_loss
 from softar.model import GPT
@@ -41,7 +45,10 @@ from softar.rundir import (
     read_config,
 )
 
-RESUMABLE_KEYS = {"train.max_iters"}  # keys a resumed run may change without changing its history
+# keys a resumed run may change without changing its history (batch_size: per rank, when the world size changes
+# and the global batch stays the same, which _load checks)
+RESUMABLE_KEYS = {"train.max_iters", "train.batch_size"}
+FAULT_NAN_ENV = "SOFTAR_FAULT_NAN_STEPS"  # fault injection for tests: "5,6" makes steps 5 and 6 non-finite
 
 
 def lr_at(step: int, t) -> float:
@@ -64,8 +71,12 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
 
 
+STARTUP_FILES = {RUN_FILE}  # all a run directory holds if a start was killed before its config was saved
+
+
 def _check_run_dir(out: Path, cfg: Config, resume: bool) -> None:
-    """Refuse to mix runs: a fresh run needs an empty directory; a resume needs the same config and data."""
+    """Refuse to mix runs: a fresh run needs an empty directory (or the leftovers of a killed start); a resume
+    needs the same config and data."""
     if (out / CONFIG_FILE).is_file():
         if not resume:
             raise SoftarError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -75,21 +86,8 @@ def _check_run_dir(out: Path, cfg: Config, resume: bool) -> None:
         check_data(out, cfg.data.dir)
     elif resume:
         raise SoftarError(f"nothing to resume in {out} (no {CONFIG_FILE})")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name not in STARTUP_FILES and not p.name.startswith(".") for p in out.iterdir()):
         raise SoftarError(f"{out} exists and is not empty; choose another --out")
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["torch_cuda"], device)
 
 
 class MetricsLog:
@@ -97,13 +95,13 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, start_step: int):
         self.path = run_dir / METRICS_FILE
-        if start_step > 0 and self.path.is_file():  # drop what was logged after the checkpoint we resume from
+        if self.path.is_file():  # drop what was logged after the checkpoint we resume from
             keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
             write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -120,150 +118,282 @@ class MetricsLog:
         self.tb.close()
 
 
-def train(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
-    """Train (or resume) a run in `out`; returns the result also written to `out/result.json`."""
-    out = Path(out)
-    meta = load_meta(cfg.data.dir)
-    cfg = resolve(cfg, meta["vocab_size"])
-    _check_run_dir(out, cfg, resume)
-    m, t = cfg.model, cfg.train
-    device = pick_device(t.device)
-    set_threads(t.threads)
-    train_data, val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
-    for name, data in (("train", train_data), ("val", val_data)):
-        if len(data) <= m.block_size:
-            raise ConfigError(f"model.block_size: {m.block_size} is not smaller than the {name} split "
-                              f"({len(data)} tokens)")
+def _full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state (keyed by parameter name): the same at any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    torch.manual_seed(t.seed)
-    model = GPT(m).to(device)
-    opt = make_optimizer(model, t, device)
-    sampler = WindowSampler(train_data, m.block_size, t.batch_size, seed=t.seed)
-    step, wall_before, train_s = 0, 0.0, 0.0
-    ckpt_dir = out / CHECKPOINTS
-    if resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise SoftarError(f"nothing to resume in {out}: no checkpoint yet")
-        ckpt = load_checkpoint(path, device)
-        model.load_state_dict(ckpt.tensors["model"])
-        optimizer_from_tensors(opt, ckpt.tensors["optimizer"], ckpt.meta["optimizer"])
-        sampler.load_state(ckpt.tensors["state"]["sampler"].cpu())
-        _set_rng_state({k: v.cpu() for k, v in ckpt.tensors["state"].items() if k.startswith("torch")}, device)
-        step, wall_before, train_s = ckpt.meta["step"], ckpt.meta["wall_s"], ckpt.meta["train_s"]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        run_info = {
-            "seed": t.seed,
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+
+
+def _load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, model_sd: dict, opt_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, opt, opt_sd, options=opts)
+
+
+def _rng_states(world: World, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG state (dropout draws differ per rank), gathered for rank 0 to save."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for kind, state in states.items():
+        gathered = [state.clone() for _ in range(world.size)]
+        if world.active:
+            import torch.distributed as dist
+
+            dist.all_gather(gathered, state.to(device))
+        for r, g in enumerate(gathered):
+            out[f"rng_{kind}_rank{r}"] = g.cpu()
+    return out
+
+
+def _set_rng_states(states: dict[str, torch.Tensor], world: World, device: torch.device, fallback_seed: int) -> None:
+    """Restore this rank's RNG; a rank the checkpoint did not have (the world grew) gets a fresh seed."""
+    if f"rng_cpu_rank{world.rank}" not in states:
+        torch.manual_seed(fallback_seed + world.rank)
+        return
+    torch.set_rng_state(states[f"rng_cpu_rank{world.rank}"].cpu())
+    if device.type == "cuda" and f"rng_cuda_rank{world.rank}" in states:
+        torch.cuda.set_rng_state(states[f"rng_cuda_rank{world.rank}"].cpu(), device)
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits cleanly."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self) -> Preemption:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """One training run in one run directory, on one process or under torchrun."""
+
+    def __init__(self, cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False):
+        self.out, self.quiet = Path(out), quiet
+        self.meta = load_meta(cfg.data.dir)
+        cfg = resolve(cfg, self.meta["vocab_size"])
+        self.world, self.device = init_world(cfg.train.device)
+        _check_run_dir(self.out, cfg, resume)  # every rank checks before any rank writes
+        self.cfg, m, t = cfg, cfg.model, cfg.train
+        self.train_data, self.val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
+        for name, data in (("train", self.train_data), ("val", self.val_data)):
+            if len(data) <= m.block_size:
+                raise ConfigError(f"model.block_size: {m.block_size} is not smaller than the {name} split "
+                                  f"({len(data)} tokens)")
+        resume = resume and latest_checkpoint(self.out / CHECKPOINTS) is not None  # none yet: start at step 0
+        self.world.barrier()
+        set_threads(t.threads)
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model = GPT(m).to(self.device)
+        self.params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
+        self.model = wrap(self.model, self.world, self.device, t.parallel)  # FSDP2 shards in place
+        self.opt = make_optimizer(self.model, t, self.device)
+        torch.manual_seed(t.seed + self.world.rank)  # dropout draws differ per rank
+        self.sampler = WindowSampler(self.train_data, m.block_size, t.batch_size, t.seed, self.world.rank,
+                                     self.world.size)
+        self.fwd = torch.compile(self.model) if t.compile else self.model
+        self.amp = autocast(self.device, t.dtype)
+        self.step, self.wall_before, self.train_s, self.skipped = 0, 0.0, 0.0, 0
+        self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s.strip()}
+        if resume:
+            self._load()
+        elif self.world.is_main:
+            self._start_run_dir()
+        if self.world.is_main:
+            write_text_atomic(self.out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))  # max_iters may grow
+        self.world.barrier()
+
+    def _start_run_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        info = {
+            "seed": self.cfg.train.seed,
             "argv": sys.argv,
-            "data": data_fingerprint(cfg.data.dir),
+            "data": data_fingerprint(self.cfg.data.dir),
             "versions": {"softar": softar.__version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": platform.python_version()},
             "platform": platform.platform(),
-            "device": str(device),
-            "params": model.num_params(),
-            "flops_per_token": model.flops_per_token(),
+            "device": str(self.device),
+            "world_size": self.world.size,
+            "params": self.params,
+            "flops_per_token": self.flops_per_token,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_text_atomic(out / RUN_FILE, json.dumps(run_info, indent=2))
-    write_text_atomic(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))  # max_iters may have grown
+        write_text_atomic(self.out / RUN_FILE, json.dumps(info, indent=2))
 
-    fwd = torch.compile(model) if t.compile else model
-    amp = autocast(device, t.dtype)
-    log = MetricsLog(out, step)
-    tokens_per_step = t.batch_size * t.grad_accum * m.block_size
+    def _load(self) -> None:
+        ckpt = load_checkpoint(latest_checkpoint(self.out / CHECKPOINTS))
+        opt_sd = optimizer_from_tensors(ckpt.tensors["optimizer"], ckpt.meta["optimizer"])
+        _load_full_state(self.model, self.opt, ckpt.tensors["model"], opt_sd)
+        self.sampler.load_state(ckpt.tensors["state"]["sampler"])
+        _set_rng_states(ckpt.tensors["state"], self.world, self.device, self.cfg.train.seed + ckpt.meta["step"])
+        meta = ckpt.meta
+        saved_global = meta["config"]["train"]["batch_size"] * meta["world_size"]
+        if saved_global != self.cfg.train.batch_size * self.world.size:
+            raise SoftarError(f"train.batch_size: {self.cfg.train.batch_size} per rank x {self.world.size} ranks "
+                              f"changes the global batch of {saved_global} this run was trained with")
+        self.step, self.wall_before, self.train_s = meta["step"], meta["wall_s"], meta["train_s"]
+        self.skipped = meta.get("skipped_steps", 0)
 
-    def evaluate(at: int) -> dict:
-        kw = dict(block_size=m.block_size, batch_size=t.batch_size, iters=t.eval_iters, device=device,
-                  autocast_ctx=amp)
-        row = {"kind": "eval", "step": at,
-               "train_loss": estimate_loss(fwd, train_data, seed=t.seed + at, **kw),
-               "val_loss": estimate_loss(fwd, val_data, seed=t.seed + at + 1, **kw)}
-        log.write(row)
-        return row
+    def save(self, wall: float) -> None:
+        model_sd, opt_sd = _full_state(self.model, self.opt)  # collective under FSDP: every rank calls it
+        rng = _rng_states(self.world, self.device)
+        if self.world.is_main:
+            opt_tensors, opt_plain = optimizer_to_tensors(opt_sd)
+            tensors = {"model": model_sd, "optimizer": opt_tensors, "state": {"sampler": self.sampler.state(), **rng}}
+            meta = {"step": self.step, "wall_s": wall, "train_s": self.train_s, "skipped_steps": self.skipped,
+                    "world_size": self.world.size, "optimizer": opt_plain, "config": self.cfg.to_dict()}
+            save_checkpoint(self.out / CHECKPOINTS, self.step, tensors, meta, keep_last=self.cfg.train.keep_last)
+        self.world.barrier()
 
-    def save(at: int, wall: float) -> None:
-        opt_tensors, opt_plain = optimizer_to_tensors(opt)
-        state = {"sampler": sampler.state(), **_rng_state(device)}
-        tensors = {"model": model.state_dict(), "optimizer": opt_tensors, "state": state}
-        meta = {"step": at, "wall_s": wall, "train_s": train_s, "optimizer": opt_plain, "config": cfg.to_dict()}
-        save_checkpoint(ckpt_dir, at, tensors, meta, keep_last=t.keep_last)
+    def evaluate(self) -> dict:
+        t, m = self.cfg.train, self.cfg.model
+        kw = dict(block_size=m.block_size, batch_size=t.batch_size, iters=t.eval_iters, device=self.device,
+                  autocast_ctx=self.amp)
+        return {"kind": "eval", "step": self.step,
+                "train_loss": estimate_loss(self.fwd, self.train_data, seed=t.seed + self.step, **kw),
+                "val_loss": estimate_loss(self.fwd, self.val_data, seed=t.seed + self.step + 1, **kw)}
 
-    model.train()
-    pending: list[tuple[int, float, torch.Tensor]] = []  # losses stay on device until a log flush
-    bar = tqdm(total=t.max_iters, initial=step, disable=quiet or None, dynamic_ncols=True, unit="it")
-    clock = {"t": time.perf_counter(), "step": step, "other": 0.0}  # throughput window, evals excluded
-    last_eval = None
-    t0 = time.perf_counter()
-
-    def flush_train_log() -> None:
-        nonlocal train_s
-        if not pending:
-            return
-        now = time.perf_counter()
-        busy = max(now - clock["t"] - clock["other"], 1e-9)
-        train_s += busy
-        tok_s = (step - clock["step"]) * tokens_per_step / busy
-        losses = torch.stack([p[2] for p in pending]).tolist()  # one device sync per flush
-        for (s, lr_s, _), loss_v in zip(pending, losses, strict=True):
-            log.write({"kind": "train", "step": s, "loss": loss_v, "lr": lr_s})
-        log.write({"kind": "perf", "step": step, "tokens_per_s": tok_s})
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
-        bar.update(len(pending))
-        pending.clear()
-        clock.update(t=now, step=step, other=0.0)
-        log.flush()
-        if not math.isfinite(losses[-1]):
-            raise SoftarError(f"loss became {losses[-1]} at step {step}; lower train.lr or check the data")
-
-    while step < t.max_iters:
-        lr = lr_at(step, t)
-        for g in opt.param_groups:
+    def train_step(self) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss over ranks, whether it was
+        skipped as non-finite)."""
+        t = self.cfg.train
+        lr = lr_at(self.step, t)
+        for g in self.opt.param_groups:
             g["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(t.grad_accum):
-            x, y = (v.to(device, non_blocking=True) for v in sampler.next_batch())
-            with amp:
-                loss = lm_loss(fwd(x), y) / t.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum):
+            x, y = (v.to(self.device, non_blocking=True) for v in self.sampler.next_batch())
+            with no_sync(self.model, micro == t.grad_accum - 1), self.amp:
+                loss = lm_loss(self.fwd(x), y) / t.grad_accum
+                if self.step + 1 in self.nan_steps:
+                    loss = loss * float("nan")
             loss.backward()
             loss_sum += loss.detach()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        pending.append((step, lr, loss_sum))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        loss_mean = self.world.mean(loss_sum)
+        bad = self.world.any(not (math.isfinite(loss_sum.item()) and math.isfinite(norm.item())), self.device)
+        if not bad:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_mean, bad
 
-        is_last = step == t.max_iters
-        do_eval, do_save = step % t.eval_interval == 0 or is_last, step % t.ckpt_interval == 0 or is_last
-        if step % t.log_interval == 0 or do_eval or do_save:
-            flush_train_log()
-        e0 = time.perf_counter()
-        if do_eval:
-            last_eval = evaluate(step)
-            bar.write(f"step {step}: train loss {last_eval['train_loss']:.4f}, "
-                      f"val loss {last_eval['val_loss']:.4f}")
-        if do_save:
-            save(step, wall_before + time.perf_counter() - t0)
-        clock["other"] += time.perf_counter() - e0
-        log.flush()
-    bar.close()
-    train_wall = wall_before + time.perf_counter() - t0
+    def run(self) -> dict:
+        t, m = self.cfg.train, self.cfg.model
+        main = self.world.is_main
+        log = MetricsLog(self.out, self.step) if main else None
+        tokens_per_step = t.batch_size * t.grad_accum * m.block_size * self.world.size
+        pending: list[tuple[int, float, torch.Tensor]] = []  # losses stay on device until a log flush
+        bar = tqdm(total=t.max_iters, initial=self.step, disable=self.quiet or not main or None,
+                   dynamic_ncols=True, unit="it")
+        clock = {"t": time.perf_counter(), "step": self.step, "other": 0.0}  # throughput window, evals excluded
+        t0, last_eval, bad_run = time.perf_counter(), None, 0
 
-    full_val = evaluate_split(model, val_data, m.block_size, device, amp, meta["characters"]["val"])
-    log.write({"kind": "full_val", "step": step, **full_val})
-    log.close()
-    result = {
-        "run_dir": str(out),
-        "step": step,
-        "val_loss": full_val["loss"],
-        "val_bits_per_token": full_val["bits_per_token"],
-        "val_bits_per_char": full_val.get("bits_per_char"),
-        "val_loss_sampled": last_eval["val_loss"] if last_eval else None,
-        "train_loss_sampled": last_eval["train_loss"] if last_eval else None,
-        "train_wall_s": train_wall,
-        "tokens_per_s": step * tokens_per_step / train_s if train_s > 0 else None,
-        "params": model.num_params(),
-    }
-    write_text_atomic(out / RESULT_FILE, json.dumps(result, indent=2))
-    return result
+        def flush() -> None:
+            if not pending:
+                return
+            now = time.perf_counter()
+            busy = max(now - clock["t"] - clock["other"], 1e-9)
+            self.train_s += busy
+            tok_s = (self.step - clock["step"]) * tokens_per_step / busy
+            losses = torch.stack([p[2] for p in pending]).tolist()  # one device sync per flush
+            if main:
+                for (s, lr_s, _), loss_v in zip(pending, losses, strict=True):
+                    log.write({"kind": "train", "step": s, "loss": loss_v, "lr": lr_s})
+                log.write({"kind": "perf", "step": self.step, "tokens_per_s": tok_s})
+                log.flush()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(len(pending))
+            pending.clear()
+            clock.update(t=now, step=self.step, other=0.0)
+
+        with Preemption() as preempt:
+            while self.step < t.max_iters:
+                lr = lr_at(self.step, t)
+                loss, bad = self.train_step()
+                pending.append((self.step, lr, loss))
+                if bad:
+                    self.skipped += 1
+                    bad_run += 1
+                    if main:
+                        log.write({"kind": "skip", "step": self.step, "skipped_steps": self.skipped})
+                    if bad_run >= t.max_bad_steps:
+                        flush()
+                        last = latest_checkpoint(self.out / CHECKPOINTS)
+                        raise SoftarError(
+                            f"stopped at step {self.step}: {bad_run} consecutive steps with non-finite loss or "
+                            f"gradients; the last good checkpoint is {last.name if last else 'none'}")
+                else:
+                    bad_run = 0
+                stop = self.world.any(preempt.signum is not None, self.device)
+                is_last = self.step == t.max_iters
+                do_eval = self.step % t.eval_interval == 0 or is_last
+                # no periodic save inside a run of skipped steps: the latest checkpoint stays the last good one
+                do_save = ((self.step % t.ckpt_interval == 0 or is_last) and bad_run == 0) or stop
+                if self.step % t.log_interval == 0 or do_eval or do_save:
+                    flush()
+                e0 = time.perf_counter()
+                if do_eval and not stop:
+                    last_eval = self.evaluate()
+                    if main:
+                        log.write(last_eval)
+                    if main and not self.quiet:
+                        bar.write(f"step {self.step}: train loss {last_eval['train_loss']:.4f}, "
+                                  f"val loss {last_eval['val_loss']:.4f}")
+                if do_save:
+                    self.save(self.wall_before + time.perf_counter() - t0)
+                clock["other"] += time.perf_counter() - e0
+                if stop:
+                    bar.close()
+                    if main:
+                        log.close()
+                    name = signal.Signals(preempt.signum).name if preempt.signum else "a signal on another rank"
+                    return {"run_dir": str(self.out), "step": self.step, "preempted": True, "signal": name,
+                            "checkpoint": str(latest_checkpoint(self.out / CHECKPOINTS))}
+        bar.close()
+        train_wall = self.wall_before + time.perf_counter() - t0
+
+        full_val = evaluate_split(self.model, self.val_data, m.block_size, self.device, self.amp,
+                                  self.meta["characters"]["val"], world=self.world)
+        result = {
+            "run_dir": str(self.out),
+            "step": self.step,
+            "val_loss": full_val["loss"],
+            "val_bits_per_token": full_val["bits_per_token"],
+            "val_bits_per_char": full_val.get("bits_per_char"),
+            "val_loss_sampled": last_eval["val_loss"] if last_eval else None,
+            "train_loss_sampled": last_eval["train_loss"] if last_eval else None,
+            "skipped_steps": self.skipped,
+            "world_size": self.world.size,
+            "train_wall_s": train_wall,
+            "tokens_per_s": self.step * tokens_per_step / self.train_s if self.train_s > 0 else None,
+            "params": self.params,
+        }
+        if main:
+            log.write({"kind": "full_val", "step": self.step, **full_val})
+            log.close()
+            write_text_atomic(self.out / RESULT_FILE, json.dumps(result, indent=2))
+        return result
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Train (or resume) a run in `out`; returns the result also written to `out/result.json`."""
+    return Trainer(cfg, out, resume, quiet).run()

@@ -37,11 +37,12 @@ def test_optimizer_state_round_trip_without_pickle(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(5, 3)).sum().backward()
     opt.step()
-    t, plain = optimizer_to_tensors(opt)
+    t, plain = optimizer_to_tensors(opt.state_dict())
     save_checkpoint(tmp_path, 1, {"optimizer": t}, {"optimizer": plain}, keep_last=1)
     ckpt = load_checkpoint(latest_checkpoint(tmp_path))
     opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.5)
-    optimizer_from_tensors(opt2, ckpt.tensors["optimizer"], json.loads(json.dumps(ckpt.meta["optimizer"])))
+    plain = json.loads(json.dumps(ckpt.meta["optimizer"]))
+    opt2.load_state_dict(optimizer_from_tensors(ckpt.tensors["optimizer"], plain))
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"]
     for i in a["state"]:

@@ -54,13 +54,17 @@ def load_split(data_dir: str | Path, split: str) -> np.memmap:
 class WindowSampler:
     """Random windows of `block_size + 1` tokens (inputs and shifted targets), as in nanoGPT.
 
-    Its only state is a torch.Generator, so it checkpoints as one uint8 tensor and resumes exactly.
+    Under data parallelism every rank draws the same global batch of `batch_size * world` windows and keeps its
+    own disjoint slice, so N ranks see exactly the batch one process would. Its only state is a torch.Generator,
+    shared by all ranks: it checkpoints as one uint8 tensor and resumes exactly, at any world size.
     """
 
     data: np.ndarray
     block_size: int
-    batch_size: int
+    batch_size: int  # per rank
     seed: int
+    rank: int = 0
+    world: int = 1
 
     def __post_init__(self) -> None:
         if len(self.data) <= self.block_size:
@@ -70,7 +74,8 @@ class WindowSampler:
         self.gen = torch.Generator().manual_seed(self.seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.gen)
+        starts = torch.randint(len(self.data) - self.block_size, (self.batch_size * self.world,), generator=self.gen)
+        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         win = np.stack([self.data[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
         win = torch.from_numpy(win)
         return win[:, :-1], win[:, 1:]  # [B, T] inputs, [B, T] targets

@@ -1,0 +1,134 @@
+"""Every config key and CLI flag, fed a wrong type, an out-of-range value or a missing file: one line on stderr
+naming the problem, exit code 2, and nothing written."""
+
+import pytest
+
+from softar import cli
+from softar.config import Config
+from softar.data.prepare import prepare
+from softar.train import train
+
+from .conftest import tiny_overrides
+
+CONFIG = "configs/shakespeare_char.toml"
+
+# one out-of-range value per key (TOML syntax); None: any value of the right type is valid
+OUT_OF_RANGE = {
+    "model.n_layer": "0", "model.n_head": "3", "model.d_model": "0", "model.d_embed": "-1", "model.block_size": "0",
+    "model.vocab_size": "5", "model.dropout": "1.0", "model.bias": None, "model.pos_emb": '"alibi"',
+    "model.rope_base": "0.0",
+    "data.dir": '""',
+    "train.max_iters": "0", "train.batch_size": "0", "train.grad_accum": "0", "train.lr": "-1e-3",
+    "train.min_lr": "1.0", "train.warmup_iters": "-1", "train.lr_decay_iters": "-1", "train.weight_decay": "-0.1",
+    "train.beta1": "1.0", "train.beta2": "1.5", "train.grad_clip": "-1.0", "train.seed": "-1",
+    "train.device": '"tpu"', "train.dtype": '"float8"', "train.compile": None, "train.threads": "-1",
+    "train.eval_interval": "0", "train.eval_iters": "0", "train.log_interval": "0", "train.ckpt_interval": "-1",
+    "train.keep_last": "0", "train.max_bad_steps": "0", "train.parallel": '"zero3"',
+}
+FIELDS = {f"{s}.{k}": type(v) for s, sec in Config().to_dict().items() for k, v in sec.items()}
+
+
+def wrong_type(key: str) -> str:
+    return {int: '"abc"', float: '"abc"', bool: '"yes"', str: "7"}[FIELDS[key]]
+
+
+def snapshot(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run_cli(args, capsys) -> str:
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("softar: error: "), err
+    return err[0]
+
+
+def test_every_config_key_is_covered():
+    assert set(OUT_OF_RANGE) == set(FIELDS)
+
+
+@pytest.mark.parametrize("key", sorted(FIELDS))
+def test_config_key_wrong_type_and_out_of_range(key, char_data, tmp_path, capsys):
+    base = ["train", CONFIG, *tiny_overrides(char_data), "--quiet", "--out", tmp_path / "run"]
+    assert key in run_cli([*base, f"{key}={wrong_type(key)}"], capsys)
+    if OUT_OF_RANGE[key] is not None:
+        line = run_cli([*base, f"{key}={OUT_OF_RANGE[key]}"], capsys)
+        assert key in line or (key == "model.n_head" and "model.n_head" in line)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def run_dir(char_data, tmp_path_factory):
+    from softar import config
+
+    out = tmp_path_factory.mktemp("bad") / "run"
+    train(config.load(None, tiny_overrides(char_data)), out, quiet=True)
+    return out
+
+
+CASES = [
+    (["prepare", "--corpus", "{tmp}/missing.txt", "--out", "{tmp}/d"], "corpus not found"),
+    (["prepare", "--tokenizer", "wordpiece", "--out", "{tmp}/d"], "--tokenizer"),
+    (["prepare", "--vocab-size", "-5", "--out", "{tmp}/d"], "--vocab-size"),
+    (["prepare", "--vocab-size", "many", "--out", "{tmp}/d"], "--vocab-size"),
+    (["prepare", "--tokenizer", "bpe", "--vocab-size", "100", "--out", "{tmp}/d"], "256"),
+    (["prepare"], "--out"),
+    (["prepare", "--corpus", "{data}", "--out", "{tmp}/d"], "no .txt or .md files"),
+    (["train", "{tmp}/missing.toml"], "config file not found"),
+    (["train", CONFIG, "nonsense", "--out", "{tmp}/r"], "expected section.key=value"),
+    (["train", CONFIG, "--resume", "--out", "{tmp}/r"], "nothing to resume"),
+    (["train", CONFIG, "data.dir={tmp}/none", "--out", "{tmp}/r"], "no prepared data"),
+    (["train", CONFIG, "--bogus-flag"], "unrecognized arguments"),
+    (["eval", "{tmp}/missing"], "is not a softar run"),
+    (["eval", "{run}", "--split", "test"], "--split"),
+    (["eval", "{run}", "--data", "{tmp}/missing"], "no prepared data"),
+    (["eval", "{run}", "--data", "{bpe}"], "vocabulary mismatch"),
+    (["eval", "{run}", "--device", "tpu"], "--device"),
+    (["sample", "{run}", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["sample", "{run}", "--max-new-tokens", "x"], "--max-new-tokens"),
+    (["sample", "{run}", "--temperature", "-1"], "--temperature"),
+    (["sample", "{run}", "--temperature", "nan"], "--temperature"),
+    (["sample", "{run}", "--top-k", "-1"], "--top-k"),
+    (["sample", "{run}", "--seed", "-1"], "--seed"),
+    (["sample", "{run}", "--num-samples", "0"], "--num-samples"),
+    (["sample", "{run}", "--device", "tpu"], "--device"),
+    (["sample", "{run}", "--prompt", ""], "encodes to no tokens"),
+    (["sample", "{run}", "--prompt", "\u00e9"], "not in the tokenizer's vocabulary"),
+    (["sample", "{tmp}/missing"], "is not a softar run"),
+    (["bench", "gpu", CONFIG], "kind"),
+    (["bench", "train", "{tmp}/missing.toml"], "config file not found"),
+    (["bench", "train", CONFIG, "--steps", "0"], "--steps"),
+    (["bench", "sample", CONFIG, "--new-tokens", "-1"], "--new-tokens"),
+    (["bench", "train", CONFIG, "model.n_head=3"], "model.n_head"),
+    (["bench", "faults", CONFIG, "--kills", "0"], "--kills"),
+    (["quickstart", "train.lr=-1", "--data", "{tmp}/d", "--out", "{tmp}/r"], "train.lr"),
+    (["quickstart", "model.n_layers=2", "--data", "{tmp}/d", "--out", "{tmp}/r"], "model.n_layers"),
+    ([], "command"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a[:3]) + f" [{i}]" for i, (a, _) in enumerate(CASES)])
+def test_cli_flag(args, message, run_dir, char_data, small_corpus, tmp_path, capsys, tmp_path_factory):
+    bpe = tmp_path_factory.getbasetemp() / "bpe_for_bad_input"
+    if not bpe.exists():
+        prepare(str(small_corpus), bpe, "bpe", 300)
+    empty_dir = tmp_path / "empty_corpus"
+    empty_dir.mkdir()
+    fill = {"tmp": tmp_path, "run": run_dir, "data": empty_dir, "bpe": bpe}
+    args = [a.format(**fill) for a in args]
+    before, run_before = snapshot(tmp_path), snapshot(run_dir)
+    assert message in run_cli(args, capsys)
+    assert snapshot(tmp_path) == before and snapshot(run_dir) == run_before
+
+
+def test_eval_without_checkpoint(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints")
+    assert "has no checkpoint yet" in run_cli(["eval", copy], capsys)

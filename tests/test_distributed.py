@@ -1,0 +1,52 @@
+"""Data parallel training under a real torchrun (gloo on CPU): 2 ranks match 1 process with the same global batch,
+and checkpoints move between world sizes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from softar.faults import logged_losses
+
+from .conftest import tiny_overrides
+
+CONFIG = "configs/shakespeare_char.toml"
+
+
+def run(out, overrides, nproc=1, resume=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "softar", "train", CONFIG, *overrides,
+           "--out", str(out), "--quiet", *(["--resume"] if resume else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def overrides(char_data, per_rank_batch, **extra):
+    return tiny_overrides(char_data, **{"train.batch_size": per_rank_batch, "train.grad_accum": 2, **extra})
+
+
+def assert_close(a: dict, b: dict, tol=1e-5):
+    assert a.keys() == b.keys() and len(a) == 8
+    assert max(abs(a[k] - b[k]) for k in a) <= tol, (a, b)
+
+
+@pytest.fixture(scope="module")
+def single(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "single"
+    run(out, overrides(char_data, 8))
+    return logged_losses(out)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(char_data, tmp_path, single, strategy):
+    out = tmp_path / strategy
+    run(out, overrides(char_data, 4, **{"train.parallel": f'"{strategy}"'}), nproc=2)
+    assert_close(logged_losses(out), single)
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size(char_data, tmp_path, single, first, then):
+    out = tmp_path / "run"
+    run(out, overrides(char_data, 8 // first, **{"train.max_iters": 4}), nproc=first)
+    run(out, overrides(char_data, 8 // then), nproc=then, resume=True)
+    assert_close(logged_losses(out), single)
