@@ -33,9 +33,10 @@ def _median_time(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 10) -> dict:
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 10,
+                sizes: tuple[int, ...] | None = None) -> dict:
     """Best median FLOP/s of square matmuls over a few sizes: the peak this device reaches right now."""
-    sizes = (512, 1024, 2048) if device.type == "cpu" else (4096, 8192)
+    sizes = sizes or ((512, 1024, 2048) if device.type == "cpu" else (4096, 8192))
     best = {}
     for n in sizes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -73,15 +74,19 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
     for _ in range(warmup):
         step()
     peak_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-    # alternate peak and step timings so both see the same machine load; report medians
+    size = matmul_peak(device, peak_dtype, repeats=3)["n"]
+    # Alternate peak and step timings in rounds so both see the same machine load. Each round takes medians; the
+    # fraction compares the best round of each (load only ever slows things down), and the medians are reported too.
+    rounds = 5
     peaks, step_times = [], []
-    for _ in range(3):
-        peaks.append(matmul_peak(device, peak_dtype)["flops"])
-        step_times.append(_median_time(step, device, max(1, steps // 3)))
-    peak, step_s = statistics.median(peaks), statistics.median(step_times)
+    for _ in range(rounds):
+        peaks.append(matmul_peak(device, peak_dtype, sizes=(size,))["flops"])
+        step_times.append(_median_time(step, device, max(1, steps // rounds)))
+    peak, step_s = max(peaks), min(step_times)
     tokens = t.batch_size * t.grad_accum * m.block_size
     tok_s = tokens / step_s
     flops = tok_s * model.flops_per_token()
+    median_flops = tokens / statistics.median(step_times) * model.flops_per_token()
     return {
         "bench": "train",
         "device": str(device),
@@ -93,7 +98,10 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
         "tokens_per_s": tok_s,
         "achieved_flops": flops,
         "matmul_peak_flops": peak,
+        "matmul_size": size,
         "fraction_of_peak": flops / peak,
+        "fraction_of_peak_medians": median_flops / statistics.median(peaks),
+        "rounds": rounds,
     }
 
 

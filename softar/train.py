@@ -141,11 +141,13 @@ def _rng_states(world: World, device: torch.device) -> dict[str, torch.Tensor]:
         states["cuda"] = torch.cuda.get_rng_state(device)
     out = {}
     for kind, state in states.items():
-        gathered = [state.clone() for _ in range(world.size)]
-        if world.active:
+        gathered = [state]
+        if world.active:  # NCCL gathers device tensors only
             import torch.distributed as dist
 
-            dist.all_gather(gathered, state.to(device))
+            local = state.to(device)
+            gathered = [torch.empty_like(local) for _ in range(world.size)]
+            dist.all_gather(gathered, local)
         for r, g in enumerate(gathered):
             out[f"rng_{kind}_rank{r}"] = g.cpu()
     return out
@@ -239,15 +241,15 @@ class Trainer:
 
     def _load(self) -> None:
         ckpt = load_checkpoint(latest_checkpoint(self.out / CHECKPOINTS))
-        opt_sd = optimizer_from_tensors(ckpt.tensors["optimizer"], ckpt.meta["optimizer"])
-        _load_full_state(self.model, self.opt, ckpt.tensors["model"], opt_sd)
-        self.sampler.load_state(ckpt.tensors["state"]["sampler"])
-        _set_rng_states(ckpt.tensors["state"], self.world, self.device, self.cfg.train.seed + ckpt.meta["step"])
         meta = ckpt.meta
         saved_global = meta["config"]["train"]["batch_size"] * meta["world_size"]
         if saved_global != self.cfg.train.batch_size * self.world.size:
             raise SoftarError(f"train.batch_size: {self.cfg.train.batch_size} per rank x {self.world.size} ranks "
                               f"changes the global batch of {saved_global} this run was trained with")
+        opt_sd = optimizer_from_tensors(ckpt.tensors["optimizer"], ckpt.meta["optimizer"])
+        _load_full_state(self.model, self.opt, ckpt.tensors["model"], opt_sd)
+        self.sampler.load_state(ckpt.tensors["state"]["sampler"])
+        _set_rng_states(ckpt.tensors["state"], self.world, self.device, self.cfg.train.seed + meta["step"])
         self.step, self.wall_before, self.train_s = meta["step"], meta["wall_s"], meta["train_s"]
         self.skipped = meta.get("skipped_steps", 0)
 

@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from softar.faults import logged_losses
+from softar.rundir import load_run
 
 from .conftest import tiny_overrides
 
@@ -42,6 +44,7 @@ def test_two_ranks_match_one_process(char_data, tmp_path, single, strategy):
     out = tmp_path / strategy
     run(out, overrides(char_data, 4, **{"train.parallel": f'"{strategy}"'}), nproc=2)
     assert_close(logged_losses(out), single)
+    assert load_run(out, torch.device("cpu")).step == 8  # its checkpoint loads into a plain model
 
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
