@@ -80,7 +80,7 @@ CASES = [
     (["prepare", "--corpus", "{data}", "--out", "{tmp}/d"], "no .txt or .md files"),
     (["train", "{tmp}/missing.toml"], "config file not found"),
     (["train", CONFIG, "nonsense", "--out", "{tmp}/r"], "expected section.key=value"),
-    (["train", CONFIG, "--resume", "--out", "{tmp}/r"], "nothing to resume"),
+    (["train", CONFIG, "data.dir={chardata}", "--resume", "--out", "{tmp}/r"], "nothing to resume"),
     (["train", CONFIG, "data.dir={tmp}/none", "--out", "{tmp}/r"], "no prepared data"),
     (["train", CONFIG, "--bogus-flag"], "unrecognized arguments"),
     (["eval", "{tmp}/missing"], "is not a softar run"),
@@ -118,7 +118,7 @@ def test_cli_flag(args, message, run_dir, char_data, small_corpus, tmp_path, cap
         prepare(str(small_corpus), bpe, "bpe", 300)
     empty_dir = tmp_path / "empty_corpus"
     empty_dir.mkdir()
-    fill = {"tmp": tmp_path, "run": run_dir, "data": empty_dir, "bpe": bpe}
+    fill = {"tmp": tmp_path, "run": run_dir, "data": empty_dir, "bpe": bpe, "chardata": char_data}
     args = [a.format(**fill) for a in args]
     before, run_before = snapshot(tmp_path), snapshot(run_dir)
     assert message in run_cli(args, capsys)
