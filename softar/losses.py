@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -9,3 +11,35 @@ import torch.nn.functional as F
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits [B, T, V] against targets [B, T], computed in float32."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+def regression_losses(y: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MSE (mean over positions of the squared L2 distance / m) and cosine loss (1 - cos) of y [B, T, m] against
+    target embeddings [B, T, m]. The caller passes a stop-gradient or frozen target: never a live E row."""
+    return {"mse": (y - target).pow(2).mean(), "cosine": (1 - F.cosine_similarity(y, target, dim=-1)).mean()}
+
+
+def info_nce(y: torch.Tensor, E: torch.Tensor, targets: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Contrastive loss over the whole vocabulary: cross-entropy of cos(y, e_i) / T against the target id."""
+    sims = F.normalize(y, dim=-1) @ F.normalize(E, dim=-1).T / temperature  # [B, T, V]
+    return F.cross_entropy(sims.flatten(0, 1).float(), targets.flatten())
+
+
+def log_bessel_iv(v: float, x: torch.Tensor) -> torch.Tensor:
+    """log I_v(x) for x > 0 from its power series, summed in log space in float64 (differentiable):
+    I_v(x) = sum_k (x/2)^(2k+v) / (k! Gamma(k+v+1)). The terms peak near k = x/2, so x + 100 terms suffice."""
+    x = x.double()
+    k = torch.arange(int(x.max().item()) + 100, dtype=torch.float64, device=x.device)
+    log_terms = (2 * k + v) * torch.log(x.unsqueeze(-1) / 2) - torch.lgamma(k + 1) - torch.lgamma(k + v + 1)
+    return torch.logsumexp(log_terms, dim=-1)
+
+
+def vmf_nll(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """von Mises-Fisher negative log-likelihood (Kumar & Tsvetkov 2019) of the unit target direction under
+    vMF(mean direction y / |y|, concentration |y|): -log C_m(|y|) - y . target_unit, with
+    log C_m(k) = (m/2 - 1) log k - (m/2) log 2pi - log I_{m/2-1}(k)."""
+    m = y.shape[-1]
+    kappa = y.norm(dim=-1).clamp_min(1e-6)
+    v = m / 2 - 1
+    log_c = v * torch.log(kappa.double()) - (m / 2) * math.log(2 * math.pi) - log_bessel_iv(v, kappa)
+    return (-log_c.to(y.dtype) - (y * F.normalize(target, dim=-1)).sum(-1)).mean()

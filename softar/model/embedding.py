@@ -17,3 +17,24 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)  # [B, T] -> [B, T, m]
+
+
+def frozen_random_table(vocab_size: int, m: int, seed: int = 0) -> torch.Tensor:
+    """Unit-norm Gaussian rows from a fixed seed: a space no training can collapse."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(vocab_size, m, generator=g), dim=-1)
+
+
+@torch.no_grad()
+def embedding_stats(E: torch.Tensor) -> dict[str, float]:
+    """Diagnostics that make collapse of a learned space visible: mean row norm, effective rank (exp of the entropy
+    of the normalised singular values, Roy & Vetterli 2007) and mean pairwise cosine (off the diagonal)."""
+    E = E.detach().float()
+    s = torch.linalg.svdvals(E)
+    p = s / s.sum()
+    eff_rank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()).item()
+    U = F.normalize(E, dim=-1)
+    n = E.shape[0]
+    cos_sum = (U.sum(0).pow(2).sum() - U.pow(2).sum()).item()  # sum over i != j of u_i . u_j
+    return {"mean_row_norm": E.norm(dim=-1).mean().item(), "effective_rank": eff_rank,
+            "mean_pairwise_cosine": cos_sum / (n * (n - 1)) if n > 1 else 0.0}

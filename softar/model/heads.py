@@ -16,3 +16,27 @@ class LMHead(nn.Module):
 
     def forward(self, h: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         return F.linear(self.out_proj(h), embedding_weight)  # [B, T, d] -> [B, T, V]
+
+
+class VectorHead(nn.Module):
+    """y = W h: the model's own point in R^m, trained by regression to the next token's embedding."""
+
+    def __init__(self, d_model: int, m: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, m)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)  # [B, T, d] -> [B, T, m]
+
+
+class CollapseHead(nn.Module):
+    """The learned collapse: an MLP from a layer in which the whole context is mixed onto R^m, trained on hard-token
+    text against the next token's embedding; its output collapses to the nearest row of E."""
+
+    def __init__(self, d_model: int, m: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                 nn.Linear(4 * d_model, m))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)  # [B, T, d] -> [B, T, m]
