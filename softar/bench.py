@@ -12,7 +12,6 @@ from softar.config import Config, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
 from softar.device import autocast, pick_device, set_threads
 from softar.generate import generate
-from softar.losses import lm_loss
 from softar.model import GPT
 from softar.train import make_optimizer
 
@@ -54,7 +53,7 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
     device = pick_device(t.device)
     set_threads(t.threads)
     torch.manual_seed(t.seed)
-    model = GPT(m).to(device)
+    model = GPT(m, cfg.loss).to(device)
     opt = make_optimizer(model, t, device)
     fwd = torch.compile(model) if t.compile else model
     amp = autocast(device, t.dtype)
@@ -64,7 +63,7 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
     def step() -> None:
         for x, y in batches:
             with amp:
-                loss = lm_loss(fwd(x), y) / t.grad_accum
+                loss = fwd(x, targets=y)[0] / t.grad_accum
             loss.backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -35,6 +35,11 @@ class ModelConfig:
     bias: bool = False
     pos_emb: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
+    # the embedding space E: trained with the model, frozen unit-norm random rows, or frozen from another run
+    embedding: Literal["learned", "random", "checkpoint"] = "learned"
+    embedding_from: str = ""  # run directory whose E is used when embedding = "checkpoint"
+    vector_head: bool = False  # y = W h in R^m, trained by regression to the next token's embedding
+    collapse_head: bool = False  # a learned collapse: an MLP from the last hidden state onto R^m
 
     @property
     def m(self) -> int:
@@ -74,10 +79,30 @@ class TrainConfig:
 
 
 @dataclass
+class LossConfig:
+    """Weights of the training losses (0 switches one off) and how soft inputs are trained."""
+
+    ce: float = 1.0  # cross-entropy through the tied LM head
+    mse: float = 0.0  # vector head vs the stop-gradient next-token embedding
+    cosine: float = 0.0
+    infonce: float = 0.0
+    infonce_temperature: float = 0.1
+    vmf: float = 0.0  # von Mises-Fisher NLL of the vector head
+    collapse: float = 0.0  # collapse head: MSE to the next token's embedding
+    # parallel scheduled sampling: this fraction of input positions gets the model's own soft token from a first pass
+    soft_inputs: float = 0.0
+    soft_kind: Literal["expected", "regress", "hidden", "gated"] = "expected"
+    soft_top_k: int = 0  # expected/gated soft tokens over the top-k renormalised; 0: all
+    noise: Literal["none", "gaussian", "dirichlet", "gumbel"] = "none"  # on soft inputs
+    noise_scale: float = 0.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -209,7 +234,20 @@ def validate(cfg: Config) -> None:
     need(m.rope_base > 0, "model.rope_base", "must be positive")
     if m.pos_emb == "rope":
         need((m.d_model // m.n_head) % 2 == 0, "model.pos_emb", "rope needs an even head dimension")
+    need(m.embedding != "checkpoint" or bool(m.embedding_from), "model.embedding_from",
+         "must name a run directory when model.embedding = 'checkpoint'")
     need(bool(cfg.data.dir), "data.dir", "must not be empty")
+    lc = cfg.loss
+    for key in ("ce", "mse", "cosine", "infonce", "vmf", "collapse", "noise_scale", "soft_top_k"):
+        need(getattr(lc, key) >= 0, f"loss.{key}", "must be >= 0")
+    need(lc.ce + lc.mse + lc.cosine + lc.infonce + lc.vmf > 0, "loss.ce", "at least one of loss.ce, loss.mse, "
+         "loss.cosine, loss.infonce, loss.vmf must be positive")
+    need(lc.infonce_temperature > 0, "loss.infonce_temperature", "must be positive")
+    need(0 <= lc.soft_inputs <= 1, "loss.soft_inputs", "must be in [0, 1]")
+    for key in ("mse", "cosine", "infonce", "vmf"):
+        need(getattr(lc, key) == 0 or m.vector_head, f"loss.{key}", "needs model.vector_head = true")
+    need(lc.collapse == 0 or m.collapse_head, "loss.collapse", "needs model.collapse_head = true")
+    need(lc.soft_kind != "regress" or m.vector_head, "loss.soft_kind", "'regress' needs model.vector_head = true")
     for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                 "keep_last", "max_bad_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")

@@ -46,6 +46,19 @@ def check_data(run_dir: Path, data_dir: str | Path) -> None:
         raise SoftarError(f"data in {data_dir} differs from the data {run_dir} was trained on")
 
 
+def load_embedding(model: GPT, run_dir: str | Path) -> None:
+    """Copy another run's embedding table E into `model` (kept frozen), checking its shape."""
+    path = latest_checkpoint(Path(run_dir) / CHECKPOINTS)
+    if path is None:
+        raise SoftarError(f"model.embedding_from: {run_dir} has no checkpoint to take E from")
+    E = load_checkpoint(path).tensors["model"]["embed.weight"]
+    if E.shape != model.embed.weight.shape:
+        raise SoftarError(f"model.embedding_from: E in {run_dir} is {list(E.shape)}, this model needs "
+                          f"{list(model.embed.weight.shape)}")
+    with torch.no_grad():
+        model.embed.weight.copy_(E)
+
+
 @dataclass
 class LoadedRun:
     cfg: Config
@@ -64,7 +77,7 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     if path is None:
         raise SoftarError(f"{run_dir} has no checkpoint yet")
     ckpt = load_checkpoint(path, device)
-    model = GPT(cfg.model).to(device)
+    model = GPT(cfg.model, cfg.loss).to(device)
     model.load_state_dict(ckpt.tensors["model"])
     model.eval()
     return LoadedRun(cfg, model, load_tokenizer(data_dir), ckpt.meta["step"])

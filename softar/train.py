@@ -32,7 +32,6 @@ from softar.data.dataset import WindowSampler, load_meta, load_split
 from softar.device import autocast, set_threads
 from softar.distributed import World, init_world, no_sync, wrap
 from softar.evaluate import estimate_loss, evaluate_split
-from softar.losses import lm_loss
 from softar.model import GPT
 from softar.rundir import (
     CHECKPOINTS,
@@ -42,6 +41,7 @@ from softar.rundir import (
     RUN_FILE,
     check_data,
     data_fingerprint,
+    load_embedding,
     read_config,
 )
 
@@ -203,7 +203,9 @@ class Trainer:
         set_threads(t.threads)
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.model = GPT(m).to(self.device)
+        self.model = GPT(m, cfg.loss).to(self.device)
+        if m.embedding == "checkpoint":
+            load_embedding(self.model, m.embedding_from)
         self.params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
         self.model = wrap(self.model, self.world, self.device, t.parallel)  # FSDP2 shards in place
         self.opt = make_optimizer(self.model, t, self.device)
@@ -283,7 +285,7 @@ class Trainer:
         for micro in range(t.grad_accum):
             x, y = (v.to(self.device, non_blocking=True) for v in self.sampler.next_batch())
             with no_sync(self.model, micro == t.grad_accum - 1), self.amp:
-                loss = lm_loss(self.fwd(x), y) / t.grad_accum
+                loss = self.fwd(x, targets=y)[0] / t.grad_accum
                 if self.step + 1 in self.nan_steps:
                     loss = loss * float("nan")
             loss.backward()

@@ -16,7 +16,12 @@ CONFIG = "configs/shakespeare_char.toml"
 OUT_OF_RANGE = {
     "model.n_layer": "0", "model.n_head": "3", "model.d_model": "0", "model.d_embed": "-1", "model.block_size": "0",
     "model.vocab_size": "5", "model.dropout": "1.0", "model.bias": None, "model.pos_emb": '"alibi"',
-    "model.rope_base": "0.0",
+    "model.rope_base": "0.0", "model.embedding": '"glove"', "model.embedding_from": None, "model.vector_head": None,
+    "model.collapse_head": None,
+    "loss.ce": "-1.0", "loss.mse": "0.5", "loss.cosine": "-0.5", "loss.infonce": "1.0",
+    "loss.infonce_temperature": "0.0",
+    "loss.vmf": "1.0", "loss.collapse": "1.0", "loss.soft_inputs": "1.5", "loss.soft_kind": '"regress"',
+    "loss.soft_top_k": "-1", "loss.noise": '"uniform"', "loss.noise_scale": "-1.0",
     "data.dir": '""',
     "train.max_iters": "0", "train.batch_size": "0", "train.grad_accum": "0", "train.lr": "-1e-3",
     "train.min_lr": "1.0", "train.warmup_iters": "-1", "train.lr_decay_iters": "-1", "train.weight_decay": "-0.1",

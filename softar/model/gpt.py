@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softar.config import ModelConfig
-from softar.model.embedding import TokenEmbedding
-from softar.model.heads import LMHead
+from softar.config import LossConfig, ModelConfig
+from softar.model.embedding import TokenEmbedding, frozen_random_table
+from softar.model.heads import CollapseHead, LMHead, VectorHead
 
 
 class KVCache:
@@ -132,20 +132,27 @@ class Backbone(nn.Module):
 
 
 class GPT(nn.Module):
-    """Embedding space E [V, m] + backbone + tied LM head."""
+    """Embedding space E [V, m] + backbone + tied LM head, optional vector and collapse heads, and the training
+    objective (`forward` with targets)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, loss: LossConfig | None = None):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be resolved from the data before building a model")
-        self.cfg = cfg
+        self.cfg, self.loss_cfg = cfg, loss or LossConfig()
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.m)
         self.backbone = Backbone(cfg)
         self.lm_head = LMHead(cfg.d_model, cfg.m)
+        self.vector_head = VectorHead(cfg.d_model, cfg.m) if cfg.vector_head else None
+        self.collapse_head = CollapseHead(cfg.d_model, cfg.m) if cfg.collapse_head else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.embedding != "learned":  # frozen: random rows now, or another run's E loaded by the trainer
+            with torch.no_grad():
+                self.embed.weight.copy_(frozen_random_table(cfg.vocab_size, cfg.m, seed=0))
+            self.embed.weight.requires_grad_(False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -164,10 +171,27 @@ class GPT(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h, self.embed.weight)  # [B, T, V]
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """The hard-token path: ids [B, T] -> logits [B, T, V]."""
-        return self.logits(self.hidden(self.embed(ids), positions, cache))
+    def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything the model emits at each position: logits [B, T, V]; h_m, the hidden state mapped to R^m;
+        y (vector head) and c (collapse head) in R^m when the model has them."""
+        h_m = self.lm_head.out_proj(h)
+        out = {"logits": F.linear(h_m, self.embed.weight), "h_m": h_m}
+        if self.vector_head is not None:
+            out["y"] = self.vector_head(h)
+        if self.collapse_head is not None:
+            out["c"] = self.collapse_head(h)
+        return out
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None):
+        """x: token ids [B, T] (the hard path: E[ids]) or slot vectors [B, T, m].
+        Without targets: logits [B, T, V]. With targets [B, T]: (loss, parts) of the training objective."""
+        vectors = x if x.is_floating_point() else self.embed(x)
+        if targets is not None:
+            from softar.losses import training_objective
+
+            return training_objective(self, vectors, targets, self.loss_cfg)
+        return self.logits(self.hidden(vectors, positions, cache))
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
