@@ -97,8 +97,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def cmd_sample(a: argparse.Namespace) -> None:
     import torch
 
+    from softar.collapse import similarity
     from softar.device import pick_device
-    from softar.generate import generate
+    from softar.generate import Decoding, generate
     from softar.rundir import load_run
 
     device = pick_device(a.device)
@@ -106,13 +107,30 @@ def cmd_sample(a: argparse.Namespace) -> None:
     ids = run.tokenizer.encode(a.prompt)
     if not ids:
         raise SoftarError("--prompt encodes to no tokens; give at least one character")
+    if a.soft == "regress" and run.model.vector_head is None:
+        raise SoftarError("--soft regress needs a run trained with model.vector_head = true")
+    if a.collapse == "head" and run.model.collapse_head is None:
+        raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
+    dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
+                   top_p=a.top_p, soft_kind="gated" if a.mode == "gated" else a.soft, soft_top_k=a.soft_top_k,
+                   collapse_kind=a.collapse)
     gen = torch.Generator(device).manual_seed(a.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
+    E = run.model.embed.weight
     for i in range(a.num_samples):
-        y = generate(run.model, x, a.max_new_tokens, a.temperature, a.top_k or None, gen)
+        trace: list = []
+        y = generate(run.model, x, a.max_new_tokens, generator=gen, decoding=dec, trace=trace)
         if i:
             print("-" * 40)
         print(run.tokenizer.decode(y[0].tolist()), flush=True)
+        if a.show_soft:  # each generated position: the token shown, and the tokens nearest to what re-entered
+            for t, v in enumerate(trace):
+                d = (-similarity(v[0], E, "l2")).clamp_min(0).sqrt()
+                near = d.topk(3, largest=False)
+                cells = " | ".join(f"{run.tokenizer.decode([j])!r} {dist:.3f}"
+                                   for dist, j in zip(near.values.tolist(), near.indices.tolist(), strict=True))
+                print(f"{len(ids) + t:5d} shown {run.tokenizer.decode([y[0, len(ids) + t].item()])!r:8} "
+                      f"nearest: {cells}")
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -172,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
     s.add_argument("--seed", type=_nonneg_int, default=1337)
     s.add_argument("--num-samples", type=_positive_int, default=1)
+    s.add_argument("--top-p", type=_nonneg_float, default=1.0, help="nucleus sampling; 1 disables")
+    s.add_argument("--mode", choices=["hard", "soft", "gated"], default="hard",
+                   help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
+                        "gated: soft with the entropy-gated soft token")
+    s.add_argument("--soft", choices=["expected", "regress", "hidden", "gated"], default="expected",
+                   help="soft mode: what re-enters the context")
+    s.add_argument("--soft-top-k", type=_nonneg_int, default=0, help="expected/gated over the top-k; 0: all")
+    s.add_argument("--collapse", choices=["nn_l2", "nn_cos", "sample_sim", "lm_argmax", "lm_sample", "head"],
+                   default="nn_l2", help="soft mode: how a soft token becomes the token shown")
+    s.add_argument("--show-soft", action="store_true", help="print each position's nearest tokens and distances")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.set_defaults(fn=cmd_sample)
 
@@ -209,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("softar: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `softar sample ... | head`: the reader left, which is not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return 0
     return 0
 
 

@@ -47,6 +47,10 @@ def test_eval_and_sample(trained_run):
     b = softar("sample", trained_run, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 7)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:") and len(a.stdout) >= 46
+    soft = softar("sample", trained_run, "--mode", "soft", "--prompt", "RO", "--max-new-tokens", 5, "--show-soft")
+    assert soft.returncode == 0, soft.stderr
+    rows = soft.stdout.strip().splitlines()[-5:]
+    assert [int(r.split()[0]) for r in rows] == [2, 3, 4, 5, 6] and all("nearest:" in r for r in rows)
 
 
 def test_bench(char_data, tmp_path):

@@ -102,3 +102,29 @@ def test_training_step_reduces_loss():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("soft_kind, collapse_kind", [("expected", "nn_l2"), ("gated", "lm_sample"),
+                                                      ("hidden", "sample_sim"), ("regress", "head")])
+def test_soft_generation_is_seeded_and_cache_exact(soft_kind, collapse_kind):
+    from softar.generate import Decoding
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, d_embed=12, block_size=8, vocab_size=23, vector_head=True,
+                      collapse_head=True)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(40)
+    dec = Decoding(mode="soft", temperature=1.0, soft_kind=soft_kind, collapse_kind=collapse_kind)
+    prompt = torch.randint(0, 23, (2, 3))
+
+    def run(seed, cached, trace=None):
+        return generate(model, prompt, 20, generator=torch.Generator().manual_seed(seed), use_cache=cached,
+                        decoding=dec, trace=trace)
+
+    trace: list = []
+    a = run(5, True, trace)
+    assert torch.equal(a, run(5, True)) and a.shape == (2, 23) and len(trace) == 20
+    assert trace[0].shape == (2, 12)
+    if soft_kind in ("expected", "hidden", "regress") and collapse_kind in ("nn_l2", "head"):
+        assert torch.equal(a, run(5, False))  # deterministic choices: the cache changes nothing
