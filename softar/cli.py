@@ -33,6 +33,10 @@ def _int_at_least(low: int):
 _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 
 
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",")]
+
+
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -81,16 +85,26 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from softar.data.dataset import load_meta, load_split
     from softar.device import autocast, pick_device
-    from softar.evaluate import evaluate_split
+    from softar.evaluate import brier_lm, evaluate_split, open_loop_loss, soft_output_metrics
+    from softar.model.embedding import embedding_stats
     from softar.rundir import load_run
 
     device = pick_device(a.device)
     run = load_run(a.run_dir, device, a.data)
     data_dir = a.data or run.cfg.data.dir
+    for k in a.horizons:
+        if not 1 <= k < run.cfg.model.block_size:
+            raise SoftarError(f"--horizons: {k} must be in [1, model.block_size={run.cfg.model.block_size})")
     chars = load_meta(data_dir)["characters"][a.split]
-    metrics = evaluate_split(run.model, load_split(data_dir, a.split), run.cfg.model.block_size, device,
+    data = load_split(data_dir, a.split)
+    metrics = evaluate_split(run.model, data, run.cfg.model.block_size, device,
                              autocast(device, run.cfg.train.dtype), chars)
-    result = {"run_dir": str(a.run_dir), "step": run.step, "split": a.split, **metrics}
+    kw = dict(windows=a.windows, seed=a.seed, device=device)
+    result = {"run_dir": str(a.run_dir), "step": run.step, "split": a.split, **metrics,
+              "embedding": embedding_stats(run.model.embed.weight),
+              "soft_outputs": soft_output_metrics(run.model, data, **kw),
+              "brier": brier_lm(run.model, data, **kw),
+              "open_loop": {str(k): open_loop_loss(run.model, data, k, **kw) for k in a.horizons}}
     _emit(result, Path(a.run_dir) / f"eval_{a.split}.json")
 
 
@@ -180,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=["val", "train"], default="val")
     s.add_argument("--data", help="dataset folder (default: the run's data.dir)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--windows", type=_positive_int, default=256,
+                   help="random windows for the soft-output, BrierLM and open-loop metrics")
+    s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons, e.g. 8,32")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the windows and samples")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a trained run")

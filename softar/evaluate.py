@@ -6,11 +6,13 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from softar.collapse import collapse, round_trip_gap, sample_ids, soft_token
 from softar.data.dataset import WindowSampler, sequential_windows
 from softar.distributed import World
 from softar.losses import lm_loss
-from softar.model import GPT
+from softar.model import GPT, KVCache
 
 
 @torch.no_grad()
@@ -56,3 +58,115 @@ def evaluate_split(model: GPT, data: np.ndarray, block_size: int, device: torch.
     if characters:
         out["bits_per_char"] = total / math.log(2) / characters
     return out
+
+
+def _windows(data: np.ndarray, length: int, count: int, seed: int, device: torch.device) -> torch.Tensor:
+    """`count` random windows of `length` tokens, drawn with their own generator: [count, length]."""
+    sampler = WindowSampler(data, length - 1, count, seed)
+    x, y = sampler.next_batch()
+    return torch.cat([x, y[:, -1:]], dim=1).to(device)
+
+
+@torch.no_grad()
+def soft_output_metrics(model: GPT, data: np.ndarray, windows: int = 64, seed: int = 0,
+                        device: torch.device | str = "cpu") -> dict:
+    """Teacher-forced quality of the model's soft outputs against the next token's embedding: l2, cosine,
+    nearest-neighbour top-1 and the round-trip gap l2-r, for the expected embedding p @ E (every model) and the
+    vector head's y (models that have one); plus the LM head's top-1 for reference."""
+    model.eval()
+    ids = _windows(data, model.cfg.block_size + 1, windows, seed, device)
+    x, y = ids[:, :-1], ids[:, 1:]
+    E = model.embed.weight
+    out = model.heads(model.hidden(model.embed(x)))
+    target = E[y]
+    vectors = {"expected": out["logits"].float().softmax(-1) @ E}
+    if "y" in out:
+        vectors["regress"] = out["y"]
+    result = {"lm_top1": (out["logits"].argmax(-1) == y).float().mean().item()}
+    for name, v in vectors.items():
+        result[name] = {
+            "l2": (v - target).norm(dim=-1).mean().item(),
+            "cosine": F.cosine_similarity(v, target, dim=-1).mean().item(),
+            "nn_top1": (collapse("nn_l2", E, v) == y).float().mean().item(),
+            "l2_r": round_trip_gap(v, E).mean().item(),
+        }
+    return result
+
+
+def feedback_modes(model: GPT) -> list[str]:
+    """What an open-loop rollout can feed back: the truth (teacher), collapsed tokens, or each soft token."""
+    modes = ["teacher", "greedy", "sampled", "soft_expected", "soft_hidden", "soft_gated"]
+    return modes + (["soft_regress"] if model.vector_head is not None else [])
+
+
+@torch.no_grad()
+def open_loop_loss(model: GPT, data: np.ndarray, horizon: int, modes: list[str] | None = None, windows: int = 64,
+                   seed: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Cross-entropy on the true next `horizon` tokens when, for those steps, the model's inputs are its own outputs
+    (soft tokens, or its greedy or sampled collapse) instead of the truth. The prefix fills the rest of the window.
+    `teacher` feeds the truth: the teacher-forced loss on the same positions, for reference."""
+    model.eval()
+    block = model.cfg.block_size
+    if not 1 <= horizon < block:
+        raise ValueError(f"horizon {horizon} must be in [1, block_size={block})")
+    prefix = block - horizon
+    ids = _windows(data, block + 1, windows, seed, device)
+    truth = ids[:, prefix + 1 :]  # [B, horizon]: the tokens each step must predict
+    E = model.embed.weight
+    results = {}
+    for mode in modes or feedback_modes(model):
+        gen = torch.Generator(device=ids.device).manual_seed(seed)
+        cache = KVCache(model.cfg, ids.shape[0], block, ids.device, E.dtype)
+        out = model.heads(model.hidden(model.embed(ids[:, : prefix + 1]), cache=cache)[:, -1:])
+        losses = []
+        for k in range(horizon):
+            logits = out["logits"][:, -1]
+            losses.append(F.cross_entropy(logits.float(), truth[:, k]))
+            if k == horizon - 1:
+                break
+            if mode == "teacher":
+                vec = E[truth[:, k]]
+            elif mode == "greedy":
+                vec = E[logits.argmax(-1)]
+            elif mode == "sampled":
+                vec = E[sample_ids(logits, gen)]
+            else:
+                kind = mode.removeprefix("soft_")
+                y = out["y"][:, -1] if "y" in out else None
+                vec = soft_token(kind, E, logits, y, out["h_m"][:, -1], generator=gen)
+            out = model.heads(model.hidden(vec.unsqueeze(1), cache=cache))
+        results[mode] = torch.stack(losses).mean().item()
+    return results
+
+
+@torch.no_grad()
+def brier_lm(model: GPT, data: np.ndarray, windows: int = 64, seed: int = 0, max_n: int = 4,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """BrierLM (CALM): from the true prefix draw two independent n-token continuations x1, x2 from the model; the
+    unbiased Brier-n estimate is 1[x1 = y] + 1[x2 = y] - 1[x1 = x2] for the true n-gram y. BrierLM is 100 times the
+    geometric mean of Brier-1..4. Samples come from the LM head at temperature 1, the same way for every model."""
+    model.eval()
+    block = model.cfg.block_size
+    prefix = block - max_n
+    ids = _windows(data, block + 1, windows, seed, device)
+    truth = ids[:, prefix + 1 : prefix + 1 + max_n]
+    gen = torch.Generator(device=ids.device).manual_seed(seed)
+    draws = []
+    for _ in range(2):
+        cache = KVCache(model.cfg, ids.shape[0], block, ids.device, model.embed.weight.dtype)
+        logits = model(ids[:, : prefix + 1], cache=cache)[:, -1]
+        seq = []
+        for k in range(max_n):
+            tok = sample_ids(logits, gen)
+            seq.append(tok)
+            if k < max_n - 1:
+                logits = model(tok.unsqueeze(1), cache=cache)[:, -1]
+        draws.append(torch.stack(seq, dim=1))
+    x1, x2 = draws
+    result = {}
+    for n in range(1, max_n + 1):
+        hit1, hit2, agree = ((a[:, :n] == b[:, :n]).all(-1).float() for a, b in ((x1, truth), (x2, truth), (x1, x2)))
+        result[f"brier{n}"] = (hit1 + hit2 - agree).mean().item()
+    product = math.prod(max(result[f"brier{n}"], 0.0) for n in range(1, max_n + 1))
+    result["brierlm"] = 100 * product ** (1 / max_n)
+    return result

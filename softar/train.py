@@ -33,6 +33,7 @@ from softar.device import autocast, set_threads
 from softar.distributed import World, init_world, no_sync, wrap
 from softar.evaluate import estimate_loss, evaluate_split
 from softar.model import GPT
+from softar.model.embedding import embedding_stats
 from softar.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
@@ -270,9 +271,12 @@ class Trainer:
         t, m = self.cfg.train, self.cfg.model
         kw = dict(block_size=m.block_size, batch_size=t.batch_size, iters=t.eval_iters, device=self.device,
                   autocast_ctx=self.amp)
+        E = self.model.embed.weight
+        E = E.full_tensor() if hasattr(E, "full_tensor") else E  # FSDP2 shards it
         return {"kind": "eval", "step": self.step,
                 "train_loss": estimate_loss(self.fwd, self.train_data, seed=t.seed + self.step, **kw),
-                "val_loss": estimate_loss(self.fwd, self.val_data, seed=t.seed + self.step + 1, **kw)}
+                "val_loss": estimate_loss(self.fwd, self.val_data, seed=t.seed + self.step + 1, **kw),
+                **{f"E_{k}": v for k, v in embedding_stats(E).items()}}
 
     def train_step(self) -> tuple[torch.Tensor, bool]:
         """One optimizer step over grad_accum micro-batches. Returns (mean loss over ranks, whether it was
