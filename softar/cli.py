@@ -83,28 +83,9 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from softar.data.dataset import load_meta, load_split
-    from softar.device import autocast, pick_device
-    from softar.evaluate import brier_lm, evaluate_split, open_loop_loss, soft_output_metrics
-    from softar.model.embedding import embedding_stats
-    from softar.rundir import load_run
+    from softar.evaluate import evaluate_run
 
-    device = pick_device(a.device)
-    run = load_run(a.run_dir, device, a.data)
-    data_dir = a.data or run.cfg.data.dir
-    for k in a.horizons:
-        if not 1 <= k < run.cfg.model.block_size:
-            raise SoftarError(f"--horizons: {k} must be in [1, model.block_size={run.cfg.model.block_size})")
-    chars = load_meta(data_dir)["characters"][a.split]
-    data = load_split(data_dir, a.split)
-    metrics = evaluate_split(run.model, data, run.cfg.model.block_size, device,
-                             autocast(device, run.cfg.train.dtype), chars)
-    kw = dict(windows=a.windows, seed=a.seed, device=device)
-    result = {"run_dir": str(a.run_dir), "step": run.step, "split": a.split, **metrics,
-              "embedding": embedding_stats(run.model.embed.weight),
-              "soft_outputs": soft_output_metrics(run.model, data, **kw),
-              "brier": brier_lm(run.model, data, **kw),
-              "open_loop": {str(k): open_loop_loss(run.model, data, k, **kw) for k in a.horizons}}
+    result = evaluate_run(a.run_dir, a.split, a.data, a.windows, tuple(a.horizons), a.seed, a.device)
     _emit(result, Path(a.run_dir) / f"eval_{a.split}.json")
 
 
@@ -161,6 +142,13 @@ def cmd_bench(a: argparse.Namespace) -> None:
     else:
         result = bench_sample(cfg, a.new_tokens)
     _emit(result, Path(a.out) / f"bench_{a.kind}.json")
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from softar.experiments.sweep import sweep
+
+    _emit(sweep(a.configs, a.seeds, a.overrides, Path(a.out), a.windows, tuple(a.horizons)),
+          Path(a.out) / "sweep.json")
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
@@ -231,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/bench", help="folder for bench_<kind>.json")
     s.set_defaults(fn=cmd_bench)
 
+    s = sub.add_parser("sweep", help="configs x seeds at equal budget -> results table and plots")
+    s.add_argument("configs", nargs="+", help="TOML configs (and section.key=value overrides for all of them)")
+    s.add_argument("--seeds", type=_positive_int, default=3)
+    s.add_argument("--out", default="runs/sweep")
+    s.add_argument("--windows", type=_positive_int, default=256, help="windows for the sampled metrics")
+    s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")
+    s.set_defaults(fn=cmd_sweep, overrides=[])
+
     s = sub.add_parser("quickstart", help="prepare Shakespeare, train, evaluate and sample, on CPU")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides of the quickstart config")
     s.add_argument("--out", default="runs/quickstart")
@@ -245,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options (`train c.toml --out r a.b=1`), which argparse leaves unparsed
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
         args.overrides += extra
+    if getattr(args, "configs", None):  # sweep: positional words with '=' are overrides, the rest configs
+        args.overrides += [c for c in args.configs if "=" in c]
+        args.configs = [c for c in args.configs if "=" not in c]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -170,3 +170,30 @@ def brier_lm(model: GPT, data: np.ndarray, windows: int = 64, seed: int = 0, max
     product = math.prod(max(result[f"brier{n}"], 0.0) for n in range(1, max_n + 1))
     result["brierlm"] = 100 * product ** (1 / max_n)
     return result
+
+
+def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windows: int = 256,
+                 horizons: tuple[int, ...] = (8, 32), seed: int = 0, device_name: str = "auto") -> dict:
+    """Every metric `softar eval` reports, for a run directory's latest checkpoint."""
+    from softar import SoftarError
+    from softar.data.dataset import load_meta, load_split
+    from softar.device import autocast, pick_device
+    from softar.model.embedding import embedding_stats
+    from softar.rundir import load_run
+
+    device = pick_device(device_name)
+    run = load_run(run_dir, device, data_dir)
+    data_dir = data_dir or run.cfg.data.dir
+    block = run.cfg.model.block_size
+    for k in horizons:
+        if not 1 <= k < block:
+            raise SoftarError(f"--horizons: {k} must be in [1, model.block_size={block})")
+    data = load_split(data_dir, split)
+    chars = load_meta(data_dir)["characters"][split]
+    metrics = evaluate_split(run.model, data, block, device, autocast(device, run.cfg.train.dtype), chars)
+    kw = dict(windows=windows, seed=seed, device=device)
+    return {"run_dir": str(run_dir), "step": run.step, "split": split, **metrics,
+            "embedding": embedding_stats(run.model.embed.weight),
+            "soft_outputs": soft_output_metrics(run.model, data, **kw),
+            "brier": brier_lm(run.model, data, **kw),
+            "open_loop": {str(k): open_loop_loss(run.model, data, k, **kw) for k in horizons}}

@@ -1,0 +1,1 @@
+"""Experiment sweeps and their reports."""

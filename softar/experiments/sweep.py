@@ -1,0 +1,129 @@
+"""`softar sweep`: a grid of configs x seeds at equal budget, then one table (Markdown and CSV, mean ± std over
+seeds) and plots (val-loss curves, metric bars with error bars) in one folder.
+
+Each run lives in OUT/runs/<config>_s<seed>; a run whose eval.json exists is not run again, so a sweep can be
+resumed, or split over several processes that share OUT and then be reported by one more call."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from softar import config
+from softar.evaluate import evaluate_run
+from softar.rundir import CONFIG_FILE, METRICS_FILE
+from softar.train import train
+
+EVAL_FILE = "eval.json"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    """{"open_loop": {"8": {"greedy": 1.0}}} -> {"open_loop.8.greedy": 1.0}; numbers only."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: int, horizons: tuple[int, ...],
+            quiet: bool = True) -> dict:
+    run_dir = out / "runs" / f"{Path(cfg_path).stem}_s{seed}"
+    if (run_dir / EVAL_FILE).is_file():
+        return json.loads((run_dir / EVAL_FILE).read_text())
+    cfg = config.load(cfg_path, [*overrides, f"train.seed={seed}"])
+    train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet)
+    result = evaluate_run(run_dir, windows=windows, horizons=horizons, seed=0, device_name=cfg.train.device)
+    (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windows: int = 256,
+          horizons: tuple[int, ...] = (8, 32), base_seed: int = 1337, columns: list[str] | None = None) -> dict:
+    from softar import SoftarError
+
+    stems = [Path(c).stem for c in configs]
+    if len(set(stems)) != len(stems):
+        raise SoftarError(f"sweep: config names must differ (runs are named after them): {', '.join(stems)}")
+    for c in configs:  # fail on a bad config before any run starts
+        config.load(c, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict]] = {}
+    for c in configs:
+        rows[Path(c).stem] = [flatten(run_one(c, base_seed + s, overrides, out, windows, horizons))
+                              for s in range(seeds)]
+    columns = columns or default_columns(horizons)
+    table = {name: {col: mean_std([r[col] for r in runs if col in r]) for col in columns
+                    if any(col in r for r in runs)} for name, runs in rows.items()}
+    write_tables(table, columns, out)
+    plot(configs, seeds, base_seed, table, out, horizons)
+    return {"sweep": str(out), "configs": [Path(c).stem for c in configs], "seeds": seeds,
+            "table": {n: {c: list(v) for c, v in cols.items()} for n, cols in table.items()}}
+
+
+def default_columns(horizons: tuple[int, ...]) -> list[str]:
+    cols = ["loss", "bits_per_token", "soft_outputs.lm_top1", "soft_outputs.expected.nn_top1",
+            "soft_outputs.regress.nn_top1", "soft_outputs.expected.l2_r", "soft_outputs.regress.l2_r",
+            "brier.brierlm", "embedding.effective_rank", "embedding.mean_row_norm"]
+    for k in horizons:
+        cols += [f"open_loop.{k}.{m}" for m in ("teacher", "greedy", "sampled", "soft_expected", "soft_hidden",
+                                                "soft_gated", "soft_regress")]
+    return cols
+
+
+def write_tables(table: dict, columns: list[str], out: Path) -> None:
+    used = [c for c in columns if any(c in cols for cols in table.values())]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config"] + [f"{c} {s}" for c in used for s in ("mean", "std")])
+        for name, cols in table.items():
+            w.writerow([name] + [f"{x:.6g}" if c in cols else "" for c in used for x in cols.get(c, (0, 0))])
+    lines = ["| config | " + " | ".join(used) + " |", "|---" * (len(used) + 1) + "|"]
+    for name, cols in table.items():
+        cells = [f"{cols[c][0]:.4g} ± {cols[c][1]:.2g}" if c in cols else "" for c in used]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path, horizons: tuple[int, ...]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c in configs:
+        name = Path(c).stem
+        curves = []
+        for s in range(seeds):
+            path = out / "runs" / f"{name}_s{base_seed + s}" / METRICS_FILE
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            curves.append({r["step"]: r["val_loss"] for r in rows if r["kind"] == "eval"})
+        steps = sorted(set.intersection(*(set(cv) for cv in curves)))
+        ax.plot(steps, [statistics.fmean(cv[s] for cv in curves) for s in steps], label=name)
+    ax.set(xlabel="step", ylabel="val loss (sampled batches, mean over seeds)", title="Validation loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    metrics = ["loss"] + [f"open_loop.{k}.{m}" for k in horizons for m in ("greedy", "sampled", "soft_expected")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
+    names = list(table)
+    for ax, metric in zip(axes, metrics, strict=True):
+        vals = [table[n].get(metric, (float("nan"), 0.0)) for n in names]
+        ax.bar(range(len(names)), [v[0] for v in vals], yerr=[v[1] for v in vals], capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=120)
+    plt.close(fig)
