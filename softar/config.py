@@ -35,8 +35,9 @@ class ModelConfig:
     bias: bool = False
     pos_emb: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
-    # the embedding space E: trained with the model, frozen unit-norm random rows, or frozen from another run
-    embedding: Literal["learned", "random", "checkpoint"] = "learned"
+    # the embedding space E: trained with the model, frozen unit-norm random rows, frozen from another run, or the
+    # data's pretrained vectors (frozen; `softar prepare --tokenizer glove` writes them, m = 50)
+    embedding: Literal["learned", "random", "checkpoint", "pretrained"] = "learned"
     embedding_from: str = ""  # run directory whose E is used when embedding = "checkpoint"
     vector_head: bool = False  # y = W h in R^m, trained by regression to the next token's embedding
     collapse_head: bool = False  # a learned collapse: an MLP from the last hidden state onto R^m

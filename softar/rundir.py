@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from softar import SoftarError
 from softar.checkpoint import latest_checkpoint, load_checkpoint
@@ -14,6 +15,7 @@ from softar.config import Config, from_dict
 from softar.data.dataset import load_meta, sha256_file
 from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from softar.model import GPT
+from softar.model.embedding import PRETRAINED_FILE
 
 CONFIG_FILE = "config.json"  # the resolved config
 RUN_FILE = "run.json"  # seed, versions, data fingerprint, command line
@@ -46,15 +48,23 @@ def check_data(run_dir: Path, data_dir: str | Path) -> None:
         raise SoftarError(f"data in {data_dir} differs from the data {run_dir} was trained on")
 
 
-def load_embedding(model: GPT, run_dir: str | Path) -> None:
-    """Copy another run's embedding table E into `model` (kept frozen), checking its shape."""
-    path = latest_checkpoint(Path(run_dir) / CHECKPOINTS)
-    if path is None:
-        raise SoftarError(f"model.embedding_from: {run_dir} has no checkpoint to take E from")
-    E = load_checkpoint(path).tensors["model"]["embed.weight"]
+def load_embedding(model: GPT, cfg: Config) -> None:
+    """Copy a frozen E into `model`: another run's (model.embedding = "checkpoint") or the data's pretrained vectors
+    (model.embedding = "pretrained"), checking its shape."""
+    if cfg.model.embedding == "checkpoint":
+        key, source = "model.embedding_from", Path(cfg.model.embedding_from)
+        path = latest_checkpoint(source / CHECKPOINTS)
+        if path is None:
+            raise SoftarError(f"model.embedding_from: {source} has no checkpoint to take E from")
+        E = load_checkpoint(path).tensors["model"]["embed.weight"]
+    else:
+        key, source = "model.embedding", Path(cfg.data.dir) / PRETRAINED_FILE
+        if not source.is_file():
+            raise SoftarError(f"model.embedding: 'pretrained' needs {source} (softar prepare --tokenizer glove)")
+        E = load_file(str(source))["E"]
     if E.shape != model.embed.weight.shape:
-        raise SoftarError(f"model.embedding_from: E in {run_dir} is {list(E.shape)}, this model needs "
-                          f"{list(model.embed.weight.shape)}")
+        raise SoftarError(f"{key}: E in {source} is {list(E.shape)}, this model needs "
+                          f"{list(model.embed.weight.shape)} (model.d_embed sets m)")
     with torch.no_grad():
         model.embed.weight.copy_(E)
 

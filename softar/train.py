@@ -205,8 +205,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = GPT(m, cfg.loss).to(self.device)
-        if m.embedding == "checkpoint":
-            load_embedding(self.model, m.embedding_from)
+        if m.embedding in ("checkpoint", "pretrained"):
+            load_embedding(self.model, cfg)
         self.params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
         self.model = wrap(self.model, self.world, self.device, t.parallel)  # FSDP2 shards in place
         self.opt = make_optimizer(self.model, t, self.device)

@@ -70,7 +70,7 @@ def test_embedding_from_another_run(tiny_cfg, tmp_path):
     out = tmp_path / "taker"
     train(tiny_cfg(**{"model.embedding": '"checkpoint"', "model.embedding_from": f'"{donor}"'}), out, quiet=True)
     assert torch.equal(weights(out)["embed.weight"], weights(donor)["embed.weight"])
-    with pytest.raises(SoftarError, match=r"model.embedding_from: E in .* is \[61, 32\], this model needs \[61, 16\]"):
+    with pytest.raises(SoftarError, match=r"model.embedding_from: E in .* is \[61, 32\], this model needs \[61, 16\] "):
         train(tiny_cfg(**{"model.embedding": '"checkpoint"', "model.embedding_from": f'"{donor}"',
                           "model.d_embed": 16}), tmp_path / "bad", quiet=True)
 

@@ -8,10 +8,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from softar import SoftarError
 from softar.data.corpus import read_corpus
 from softar.data.dataset import META_FILE, sha256_bytes, token_dtype
-from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer
+from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, WordTokenizer
+from softar.model.embedding import PRETRAINED_FILE, glove_vectors, pretrained_table
 
 VAL_FRACTION = 0.1
 
@@ -21,14 +24,14 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     """Convert, tokenize and write a dataset folder; returns its meta. Writes into a temp folder first so
     a failure leaves nothing half-written, and refuses to replace a different dataset unless `force`."""
     out = Path(out)
-    if tokenizer not in ("char", "bpe"):
-        raise SoftarError(f"--tokenizer: expected 'char' or 'bpe', got {tokenizer!r}")
+    if tokenizer not in ("char", "bpe", "glove"):
+        raise SoftarError(f"--tokenizer: expected 'char', 'bpe' or 'glove', got {tokenizer!r}")
     text, source = read_corpus(corpus)
     text_sha = sha256_bytes(text.encode("utf-8"))
     if (out / META_FILE).is_file() and not force:
         old = json.loads((out / META_FILE).read_text(encoding="utf-8"))
         same = old.get("text_sha256") == text_sha and old.get("tokenizer") == tokenizer and (
-            tokenizer == "char" or old.get("vocab_size") == vocab_size)
+            tokenizer == "char" or old.get("requested_vocab_size", old.get("vocab_size")) == vocab_size)
         if same:
             return old  # already prepared: nothing to do
         raise SoftarError(f"{out} already holds a different dataset; choose another --out or pass --force")
@@ -37,10 +40,15 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
 
     split = int(len(text) * (1 - VAL_FRACTION))  # by position: first 90% train, last 10% val
     train_text, val_text = text[:split], text[split:]
+    table = None
     if tokenizer == "char":
         tok = CharTokenizer.train(text)  # the whole text's alphabet, as nanoGPT does
-    else:
+    elif tokenizer == "bpe":
         tok = BPETokenizer.train(train_text, vocab_size)  # BPE merges are learned on train only
+    else:  # words that have GloVe vectors, by frequency in train; E is saved beside the tokens
+        words, vectors = glove_vectors()
+        tok = WordTokenizer.train(train_text, vocab_size, set(words))
+        table = pretrained_table(tok.words, words, vectors)
     dtype = token_dtype(tok.vocab_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,10 +61,13 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
             ids.astype(dtype).tofile(tmp / f"{name}.bin")
             counts[name] = len(ids)
         tok.save(tmp / TOKENIZER_FILE)
+        if table is not None:
+            save_file({"E": table}, str(tmp / PRETRAINED_FILE))
         meta = {
             "source": source,
             "tokenizer": tokenizer,
             "vocab_size": tok.vocab_size,
+            "requested_vocab_size": None if tokenizer == "char" else vocab_size,
             "dtype": dtype.name,
             "tokens": counts,
             "characters": {"train": len(train_text), "val": len(val_text)},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +93,46 @@ class BPETokenizer:
         self.tok.save(str(path))
 
 
-Tokenizer = CharTokenizer | BPETokenizer
+class WordTokenizer:
+    """Lower-case words and punctuation over a fixed vocabulary (for pretrained word vectors such as GloVe), with
+    <unk> for words outside it and <nl> for line breaks. Decoding joins words with spaces: it is lossy."""
+
+    kind = "word"
+    UNK, NL = "<unk>", "<nl>"
+    PATTERN = re.compile(r"\n|[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+
+    def __init__(self, words: list[str]):
+        self.words = words
+        self.stoi = {w: i for i, w in enumerate(words)}
+
+    @classmethod
+    def split(cls, text: str) -> list[str]:
+        return [cls.NL if w == "\n" else w for w in cls.PATTERN.findall(text.lower())]
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int, known: set[str] | None = None) -> WordTokenizer:
+        """The `vocab_size - 2` most frequent words of `text` (among `known`, if given), after <unk> and <nl>."""
+        counts = Counter(w for w in cls.split(text) if w != cls.NL and (known is None or w in known))
+        return cls([cls.UNK, cls.NL] + [w for w, _ in counts.most_common(max(0, vocab_size - 2))])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(w, 0) for w in self.split(text)]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids).replace(f" {self.NL} ", "\n").replace(self.NL, "\n")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"type": "word", "words": self.words}), encoding="utf-8")
+
+
+Tokenizer = CharTokenizer | BPETokenizer | WordTokenizer
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
@@ -101,6 +142,8 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     raw = json.loads(path.read_text(encoding="utf-8"))
     if raw.get("type") == "char":
         return CharTokenizer(raw["chars"])
+    if raw.get("type") == "word":
+        return WordTokenizer(raw["words"])
     from tokenizers import Tokenizer as HFTokenizer
 
     return BPETokenizer(HFTokenizer.from_file(str(path)))
