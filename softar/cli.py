@@ -147,8 +147,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
 def cmd_sweep(a: argparse.Namespace) -> None:
     from softar.experiments.sweep import sweep
 
-    _emit(sweep(a.configs, a.seeds, a.overrides, Path(a.out), a.windows, tuple(a.horizons)),
-          Path(a.out) / "sweep.json")
+    command = "softar " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("softar") else ""
+    _emit(sweep(a.configs, a.seeds, a.overrides, Path(a.out), a.windows, tuple(a.horizons),
+                report=Path(a.report) if a.report else None, command=command), Path(a.out) / "sweep.json")
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/sweep")
     s.add_argument("--windows", type=_positive_int, default=256, help="windows for the sampled metrics")
     s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")
+    s.add_argument("--report", help="also write a Markdown report (table, plots, claims) to this file")
     s.set_defaults(fn=cmd_sweep, overrides=[])
 
     s = sub.add_parser("quickstart", help="prepare Shakespeare, train, evaluate and sample, on CPU")
