@@ -108,7 +108,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
     dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
                    top_p=a.top_p, soft_kind="gated" if a.mode == "gated" else a.soft, soft_top_k=a.soft_top_k,
-                   collapse_kind=a.collapse)
+                   collapse_kind=a.collapse, noise=a.noise, noise_scale=a.noise_scale)
     gen = torch.Generator(device).manual_seed(a.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     E = run.model.embed.weight
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--soft-top-k", type=_nonneg_int, default=0, help="expected/gated over the top-k; 0: all")
     s.add_argument("--collapse", choices=["nn_l2", "nn_cos", "sample_sim", "lm_argmax", "lm_sample", "head"],
                    default="nn_l2", help="soft mode: how a soft token becomes the token shown")
+    s.add_argument("--noise", choices=["none", "gaussian", "dirichlet", "gumbel"], default="none",
+                   help="soft mode: noise on each soft token before it re-enters")
+    s.add_argument("--noise-scale", type=_nonneg_float, default=0.0)
     s.add_argument("--show-soft", action="store_true", help="print each position's nearest tokens and distances")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.set_defaults(fn=cmd_sample)

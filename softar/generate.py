@@ -13,7 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from softar.collapse import CollapseKind, SoftKind, collapse, filter_logits, sample_ids, soft_token
+from softar.collapse import (
+    CollapseKind,
+    NoiseKind,
+    SoftKind,
+    add_noise,
+    collapse,
+    filter_logits,
+    sample_ids,
+    soft_token,
+)
 from softar.model import GPT, KVCache
 
 
@@ -26,6 +35,8 @@ class Decoding:
     soft_kind: SoftKind = "expected"
     soft_top_k: int = 0
     collapse_kind: CollapseKind = "nn_l2"
+    noise: NoiseKind = "none"  # on the soft token before it re-enters
+    noise_scale: float = 0.0
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -58,6 +69,7 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: fl
         else:
             y = out["y"][:, -1] if "y" in out else None
             v = soft_token(dec.soft_kind, E, logits, y, out["h_m"][:, -1], dec.soft_top_k, generator)
+            v = add_noise(dec.noise, dec.noise_scale, v, E, logits, generator)
             shown = out["c"][:, -1] if dec.collapse_kind == "head" else v
             nxt = collapse(dec.collapse_kind, E, shown, logits, max(dec.temperature, 1e-6), dec.top_k, dec.top_p,
                            generator).unsqueeze(-1)

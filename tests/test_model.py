@@ -115,7 +115,8 @@ def test_soft_generation_is_seeded_and_cache_exact(soft_kind, collapse_kind):
     model = GPT(cfg).eval()
     with torch.no_grad():
         model.embed.weight.mul_(40)
-    dec = Decoding(mode="soft", temperature=1.0, soft_kind=soft_kind, collapse_kind=collapse_kind)
+    dec = Decoding(mode="soft", temperature=1.0, soft_kind=soft_kind, collapse_kind=collapse_kind,
+                   noise="gaussian" if soft_kind == "gated" else "none", noise_scale=0.1)
     prompt = torch.randint(0, 23, (2, 3))
 
     def run(seed, cached, trace=None):
