@@ -85,7 +85,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from softar.evaluate import evaluate_run
 
-    result = evaluate_run(a.run_dir, a.split, a.data, a.windows, tuple(a.horizons), a.seed, a.device)
+    horizons = tuple(a.horizons) if a.horizons else None
+    result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device)
     _emit(result, Path(a.run_dir) / f"eval_{a.split}.json")
 
 
@@ -186,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--windows", type=_positive_int, default=256,
                    help="random windows for the soft-output, BrierLM and open-loop metrics")
-    s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons, e.g. 8,32")
+    s.add_argument("--horizons", type=_int_list, default=None,
+                   help="open-loop horizons, e.g. 8,32 (default: those of 8 and 32 below the block size)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the windows and samples")
     s.set_defaults(fn=cmd_eval)
 
@@ -247,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options (`train c.toml --out r a.b=1`), which argparse leaves unparsed
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
         args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "configs", None):  # sweep: positional words with '=' are overrides, the rest configs
         args.overrides += [c for c in args.configs if "=" in c]
         args.configs = [c for c in args.configs if "=" not in c]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.fn(args)
     except SoftarError as e:

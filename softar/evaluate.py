@@ -172,9 +172,13 @@ def brier_lm(model: GPT, data: np.ndarray, windows: int = 64, seed: int = 0, max
     return result
 
 
+DEFAULT_HORIZONS = (8, 32)
+
+
 def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windows: int = 256,
-                 horizons: tuple[int, ...] = (8, 32), seed: int = 0, device_name: str = "auto") -> dict:
-    """Every metric `softar eval` reports, for a run directory's latest checkpoint."""
+                 horizons: tuple[int, ...] | None = None, seed: int = 0, device_name: str = "auto") -> dict:
+    """Every metric `softar eval` reports, for a run directory's latest checkpoint. Without `horizons`, the
+    open-loop loss is measured at those of 8 and 32 that fit in the model's window."""
     from softar import SoftarError
     from softar.data.dataset import load_meta, load_split
     from softar.device import autocast, pick_device
@@ -185,6 +189,7 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
     run = load_run(run_dir, device, data_dir)
     data_dir = data_dir or run.cfg.data.dir
     block = run.cfg.model.block_size
+    horizons = horizons or tuple(k for k in DEFAULT_HORIZONS if k < block)
     for k in horizons:
         if not 1 <= k < block:
             raise SoftarError(f"--horizons: {k} must be in [1, model.block_size={block})")

@@ -204,11 +204,11 @@ class Trainer:
         set_threads(t.threads)
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.model = GPT(m, cfg.loss).to(self.device)
+        self.gpt = GPT(m, cfg.loss).to(self.device)  # the model itself; self.model may be its DDP wrapper
         if m.embedding in ("checkpoint", "pretrained"):
-            load_embedding(self.model, cfg)
-        self.params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
-        self.model = wrap(self.model, self.world, self.device, t.parallel)  # FSDP2 shards in place
+            load_embedding(self.gpt, cfg)
+        self.params, self.flops_per_token = self.gpt.num_params(), self.gpt.flops_per_token()
+        self.model = wrap(self.gpt, self.world, self.device, t.parallel)  # FSDP2 shards in place
         self.opt = make_optimizer(self.model, t, self.device)
         torch.manual_seed(t.seed + self.world.rank)  # dropout draws differ per rank
         self.sampler = WindowSampler(self.train_data, m.block_size, t.batch_size, t.seed, self.world.rank,
@@ -271,7 +271,7 @@ class Trainer:
         t, m = self.cfg.train, self.cfg.model
         kw = dict(block_size=m.block_size, batch_size=t.batch_size, iters=t.eval_iters, device=self.device,
                   autocast_ctx=self.amp)
-        E = self.model.embed.weight
+        E = self.gpt.embed.weight
         E = E.full_tensor() if hasattr(E, "full_tensor") else E  # FSDP2 shards it
         return {"kind": "eval", "step": self.step,
                 "train_loss": estimate_loss(self.fwd, self.train_data, seed=t.seed + self.step, **kw),
