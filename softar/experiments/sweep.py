@@ -158,7 +158,10 @@ def claims(table: dict, horizons: tuple[int, ...]) -> list[str]:
                 continue
             within = ratio is not None and ratio <= 0.02
             verdict = "holds" if all(wins) and within else "does not hold"
-            loss_note = f"val loss {ratio:+.1%} vs baseline" if ratio is not None else "no baseline"
+            if base is cols:
+                loss_note = "the baseline itself: a CE model read with soft feedback"
+            else:
+                loss_note = f"val loss {ratio:+.1%} vs baseline" if ratio is not None else "no baseline"
             lines.append(f"- **{name}, {mode}**: {verdict} ({'; '.join(cells)}; {loss_note})")
     return lines
 
