@@ -288,11 +288,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x, y = (v.to(self.device, non_blocking=True) for v in self.sampler.next_batch())
-            with no_sync(self.model, micro == t.grad_accum - 1), self.amp:
-                loss = self.fwd(x, targets=y)[0] / t.grad_accum
-                if self.step + 1 in self.nan_steps:
-                    loss = loss * float("nan")
-            loss.backward()
+            with no_sync(self.model, micro == t.grad_accum - 1):  # FSDP2 reads it during backward
+                with self.amp:
+                    loss = self.fwd(x, targets=y)[0] / t.grad_accum
+                    if self.step + 1 in self.nan_steps:
+                        loss = loss * float("nan")
+                loss.backward()
             loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
