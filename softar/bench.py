@@ -11,7 +11,7 @@ import torch
 from softar.config import Config, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
 from softar.device import autocast, pick_device, set_threads
-from softar.generate import generate
+from softar.generate import Decoding, generate
 from softar.model import GPT
 from softar.train import make_optimizer
 
@@ -53,17 +53,18 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
     device = pick_device(t.device)
     set_threads(t.threads)
     torch.manual_seed(t.seed)
-    model = GPT(m, cfg.loss).to(device)
+    model = GPT(m, cfg.loss, cfg.context).to(device)
     opt = make_optimizer(model, t, device)
     fwd = torch.compile(model) if t.compile else model
     amp = autocast(device, t.dtype)
-    sampler = WindowSampler(load_split(cfg.data.dir, "train"), m.block_size, t.batch_size, t.seed)
+    lay = model.layout
+    sampler = WindowSampler(load_split(cfg.data.dir, "train"), lay.tokens, t.batch_size, t.seed, history=lay.history)
     batches = [tuple(v.to(device) for v in sampler.next_batch()) for _ in range(t.grad_accum)]
 
     def step() -> None:
-        for x, y in batches:
+        for x, y, *hist in batches:
             with amp:
-                loss = fwd(x, targets=y)[0] / t.grad_accum
+                loss = fwd(x, targets=y, history=tuple(hist) or None)[0] / t.grad_accum
             loss.backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -82,7 +83,7 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
         peaks.append(matmul_peak(device, peak_dtype, sizes=(size,))["flops"])
         step_times.append(_median_time(step, device, max(1, steps // rounds)))
     peak, step_s = max(peaks), min(step_times)
-    tokens = t.batch_size * t.grad_accum * m.block_size
+    tokens = t.batch_size * t.grad_accum * lay.tokens
     tok_s = tokens / step_s
     flops = tok_s * model.flops_per_token()
     median_flops = tokens / statistics.median(step_times) * model.flops_per_token()
@@ -104,17 +105,32 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
     }
 
 
+HISTORY_LENGTHS = (1_000, 100_000)
+
+
 def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 3) -> dict:
-    """Batch-1 greedy generation from a randomly initialised model of the config's shape."""
+    """Batch-1 greedy generation from a randomly initialised model of the config's shape. A plain model: with and
+    without the KV cache. A model with a context layout: soft generation per token after 1,000 and after 100,000
+    tokens of history (the memory hierarchy must make these equal)."""
     vocab = load_meta(cfg.data.dir)["vocab_size"] if cfg.model.vocab_size == 0 else cfg.model.vocab_size
     cfg = resolve(cfg, vocab)
     device = pick_device(cfg.train.device)
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device).eval()
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    model = GPT(cfg.model, cfg.loss, cfg.context).to(device).eval()
     result = {"bench": "sample", "device": str(device), "batch_size": 1, "new_tokens": new_tokens,
               "block_size": cfg.model.block_size}
+    if not model.layout.plain:
+        dec = Decoding(mode="soft", temperature=0)
+        for h in HISTORY_LENGTHS:
+            prompt = torch.randint(vocab, (1, h), generator=torch.Generator().manual_seed(0)).to(device)
+            generate(model, prompt, 20, decoding=dec)  # warm up
+            s = _median_time(lambda p=prompt: generate(model, p, new_tokens, decoding=dec), device, repeats)
+            result[f"ms_per_token_history_{h}"] = s / new_tokens * 1e3
+        a, b = (result[f"ms_per_token_history_{h}"] for h in HISTORY_LENGTHS)
+        result["history_slowdown"] = b / a
+        return result
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     for name, cached in (("kv_cache", True), ("no_cache", False)):
         generate(model, prompt, 20, temperature=0, use_cache=cached)  # warm up
         s = _median_time(lambda c=cached: generate(model, prompt, new_tokens, temperature=0, use_cache=c),

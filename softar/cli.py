@@ -47,6 +47,16 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _nonneg_float_or_inf(text: str) -> float:
+    if text.strip().lower() in ("inf", "infinity"):
+        return float("inf")
+    return _nonneg_float(text)
+
+
+def _float_list(text: str) -> list[float]:
+    return [_nonneg_float_or_inf(part) for part in text.split(",")]
+
+
 def _emit(result: dict, path: Path | None) -> None:
     """Print a result as one JSON object on the last line of stdout, and save it."""
     if path is not None:
@@ -86,7 +96,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from softar.evaluate import evaluate_run
 
     horizons = tuple(a.horizons) if a.horizons else None
-    result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device)
+    result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device,
+                          gap_runs=tuple(a.gap) if a.gap else None, reference=a.reference,
+                          thresholds=tuple(a.thresholds))
     _emit(result, Path(a.run_dir) / f"eval_{a.split}.json")
 
 
@@ -109,24 +121,40 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
     dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
                    top_p=a.top_p, soft_kind="gated" if a.mode == "gated" else a.soft, soft_top_k=a.soft_top_k,
-                   collapse_kind=a.collapse, noise=a.noise, noise_scale=a.noise_scale)
+                   collapse_kind=a.collapse, noise=a.noise, noise_scale=a.noise_scale,
+                   collapse_score=a.collapse_score, collapse_threshold=a.collapse_threshold,
+                   soft_budget=a.soft_budget)
     gen = torch.Generator(device).manual_seed(a.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     E = run.model.embed.weight
+    layout = not run.model.layout.plain
     for i in range(a.num_samples):
         trace: list = []
-        y = generate(run.model, x, a.max_new_tokens, generator=gen, decoding=dec, trace=trace)
+        report: dict = {}
+        y = generate(run.model, x, a.max_new_tokens, generator=gen, decoding=dec, trace=trace, report=report)
         if i:
             print("-" * 40)
         print(run.tokenizer.decode(y[0].tolist()), flush=True)
+        if layout:
+            state, policy = report["state"], report["by_policy"][0]
+            print(f"collapse rate: {policy.float().mean().item():.3f} of {a.max_new_tokens} generated tokens "
+                  f"collapsed in place by the policy ({a.collapse_score} > {a.collapse_threshold:g}"
+                  + (f", budget {a.soft_budget}" if a.soft_budget >= 0 else "") + f"); "
+                  f"{state.collapsed_by_age[0].item()} collapsed by age", file=sys.stderr)
         if a.show_soft:  # each generated position: the token shown, and the tokens nearest to what re-entered
+            total = y.shape[1]
             for t, v in enumerate(trace):
                 d = (-similarity(v[0], E, "l2")).clamp_min(0).sqrt()
                 near = d.topk(3, largest=False)
                 cells = " | ".join(f"{run.tokenizer.decode([j])!r} {dist:.3f}"
                                    for dist, j in zip(near.values.tolist(), near.indices.tolist(), strict=True))
+                where = ""
+                if layout:  # where the token sits in the hierarchy now, and whether it re-entered soft
+                    pos = len(ids) + t
+                    how = "collapsed by policy" if report["by_policy"][0, t] else "entered soft"
+                    where = f"{report['state'].tier(total - 1 - pos):9} {how:19} "
                 print(f"{len(ids) + t:5d} shown {run.tokenizer.decode([y[0, len(ids) + t].item()])!r:8} "
-                      f"nearest: {cells}")
+                      f"{where}nearest: {cells}")
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -150,7 +178,9 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
     command = "softar " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("softar") else ""
     _emit(sweep(a.configs, a.seeds, a.overrides, Path(a.out), a.windows, tuple(a.horizons),
-                report=Path(a.report) if a.report else None, command=command), Path(a.out) / "sweep.json")
+                report=Path(a.report) if a.report else None, command=command,
+                gap=tuple(a.gap) if a.gap else None, generation=tuple(a.generation) if a.generation else None),
+          Path(a.out) / "sweep.json")
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
@@ -190,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--horizons", type=_int_list, default=None,
                    help="open-loop horizons, e.g. 8,32 (default: those of 8 and 32 below the block size)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the windows and samples")
+    s.add_argument("--gap", nargs=2, metavar=("SHORT_RUN", "LONG_RUN"),
+                   help="add the fraction of the gap closed: (L_short - L_this) / (L_short - L_long)")
+    s.add_argument("--reference", help="a plain run: add the free-running generation report scored by it")
+    s.add_argument("--thresholds", type=_float_list, default=[0.0, 1.0, 2.0, 3.0, 4.0, float("inf")],
+                   help="collapse thresholds (entropy, nats) for the generation report")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a trained run")
@@ -212,7 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise", choices=["none", "gaussian", "dirichlet", "gumbel"], default="none",
                    help="soft mode: noise on each soft token before it re-enters")
     s.add_argument("--noise-scale", type=_nonneg_float, default=0.0)
-    s.add_argument("--show-soft", action="store_true", help="print each position's nearest tokens and distances")
+    s.add_argument("--collapse-score", choices=["none", "entropy", "l2r", "nn_dist"], default="entropy",
+                   help="layout models: the OOD score that collapses a soft token in place")
+    s.add_argument("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
+                   help="layout models: collapse a soft token in place when its score is above this (inf: never)")
+    s.add_argument("--soft-budget", type=_int_at_least(-1), default=-1,
+                   help="layout models: at most this many soft tokens stay uncollapsed (-1: no cap)")
+    s.add_argument("--show-soft", action="store_true",
+                   help="print each position's nearest tokens and distances (and, for layout models, where it "
+                        "sits in the memory hierarchy)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.set_defaults(fn=cmd_sample)
 
@@ -233,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--windows", type=_positive_int, default=256, help="windows for the sampled metrics")
     s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")
     s.add_argument("--report", help="also write a Markdown report (table, plots, claims) to this file")
+    s.add_argument("--gap", nargs=2, metavar=("SHORT", "LONG"),
+                   help="context study: config names of the short and long plain windows; adds the fraction of "
+                        "the gap closed")
+    s.add_argument("--generation", nargs=2, metavar=("GENERATOR", "REFERENCE"),
+                   help="context study: the collapse-threshold trade-off of GENERATOR's runs, scored by "
+                        "REFERENCE's (a plain config)")
     s.set_defaults(fn=cmd_sweep, overrides=[])
 
     s = sub.add_parser("quickstart", help="prepare Shakespeare, train, evaluate and sample, on CPU")

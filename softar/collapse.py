@@ -16,6 +16,7 @@ import torch.nn.functional as F
 SoftKind = Literal["expected", "regress", "hidden", "gated"]
 CollapseKind = Literal["nn_l2", "nn_cos", "sample_sim", "lm_argmax", "lm_sample", "head"]
 NoiseKind = Literal["none", "gaussian", "dirichlet", "gumbel"]
+OodScore = Literal["none", "entropy", "l2r", "nn_dist"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -125,3 +126,19 @@ def collapse(kind: CollapseKind, E: torch.Tensor, v: torch.Tensor | None = None,
 def round_trip_gap(v: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
     """l2-r: the distance between a soft vector and the embedding of its nearest-neighbour collapse."""
     return (v - E[collapse("nn_l2", E, v)]).norm(dim=-1)
+
+
+def ood_score(kind: OodScore, E: torch.Tensor, v: torch.Tensor, logits: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+    """How far out of distribution a soft token v [..., m] is, per token [...]: `entropy` (nats) of the LM
+    distribution it came from; `l2r`, the round-trip gap |v - E[ids]| to the token it collapses to by the chosen
+    operator; `nn_dist`, the distance to the nearest embedding (equal to l2r when the collapse is nn_l2)."""
+    if kind == "entropy":
+        return entropy(logits.float())
+    if kind == "l2r":
+        return (v - E[ids]).norm(dim=-1)
+    if kind == "nn_dist":
+        return round_trip_gap(v, E)
+    if kind == "none":
+        return torch.zeros(v.shape[:-1], device=v.device)
+    raise ValueError(f"unknown OOD score {kind!r}")

@@ -99,11 +99,38 @@ class LossConfig:
 
 
 @dataclass
+class ContextConfig:
+    """The window's layout: model.block_size slots as [aggregate][segments][hard][soft] (DESIGN.md, "Context
+    layout"). The hard region gets what the other three leave; aggregate = segments = soft = 0 is a plain GPT."""
+
+    aggregate: int = 0  # 0 or 1 slot summing all history older than the segments
+    segments: int = 0  # slots each summing one span of the history just before the hard region
+    soft: int = 0  # slots holding the model's own recent outputs, uncollapsed
+    segment_len: int = 64  # tokens in the newest segment
+    segment_growth: int = 1  # each older segment is this many times longer (1: fixed lengths)
+    aggregate_all: bool = False  # the aggregate covers all history, segments included
+    op: Literal["sum", "mean", "sqrt", "decay"] = "mean"  # sqrt: sum / sqrt(n); decay: sum of decay^age e
+    decay: float = 0.98  # per token of age, for op = "decay"
+    project: bool = False  # a learned projection + LayerNorm on aggregate, segment and soft slots
+    kind_embeddings: bool = True  # a learned vector per slot kind added to each slot (non-plain layouts)
+    max_history: int = 512  # training: each window comes with 0..max_history tokens of history before it
+
+    @property
+    def plain(self) -> bool:
+        return self.aggregate == self.segments == self.soft == 0
+
+    def segment_lengths(self) -> list[int]:
+        """Tokens per segment, newest first."""
+        return [self.segment_len * self.segment_growth**i for i in range(self.segments)]
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,6 +287,18 @@ def validate(cfg: Config) -> None:
     need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
     need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    c = cfg.context
+    need(c.aggregate in (0, 1), "context.aggregate", "must be 0 or 1")
+    for key in ("segments", "soft", "max_history"):
+        need(getattr(c, key) >= 0, f"context.{key}", "must be >= 0")
+    need(c.segment_len > 0, "context.segment_len", "must be positive")
+    need(c.segment_growth > 0, "context.segment_growth", "must be positive")
+    need(0 < c.decay < 1, "context.decay", "must be in (0, 1)")
+    need(c.aggregate + c.segments + c.soft < m.block_size, "model.block_size",
+         f"{m.block_size} slots leave no hard slot after context.aggregate + context.segments + context.soft = "
+         f"{c.aggregate + c.segments + c.soft}")
+    need(c.plain or c.max_history > 0 or c.soft > 0, "context.max_history",
+         "must be positive when the layout has aggregate or segment slots")
 
 
 def diff(a: Config, b: Config) -> list[str]:

@@ -7,8 +7,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from softar.collapse import add_noise, soft_token
-
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits [B, T, V] against targets [B, T], computed in float32."""
@@ -47,23 +45,16 @@ def vmf_nll(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (-log_c.to(y.dtype) - (y * F.normalize(target, dim=-1)).sum(-1)).mean()
 
 
-def training_objective(model, inputs: torch.Tensor, targets: torch.Tensor, lc) -> tuple[torch.Tensor, dict]:
-    """The weighted sum of the configured losses for input vectors [B, T, m] and next-token targets [B, T].
+def training_objective(model, inputs: torch.Tensor, targets: torch.Tensor, lc,
+                       history: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    """The weighted sum of the configured losses for token vectors [B, T, m] and next-token targets [B, T].
 
-    With lc.soft_inputs > 0 this is parallel scheduled sampling in two passes: a first pass without gradients gives
-    the model's own soft token at every position (its guess of the next input); the second pass reads that soft
-    token instead of the true embedding at a random lc.soft_inputs fraction of positions."""
+    The window is built by `GPT.fill_window`: summary slots from the history, and the model's own soft tokens
+    (from a first pass without gradients) in the soft region and at a random lc.soft_inputs fraction of positions.
+    Losses are taken at the token slots only."""
     E = model.embed.weight
-    if lc.soft_inputs > 0:
-        with torch.no_grad():
-            first = model.heads(model.hidden(inputs))
-            soft = soft_token(lc.soft_kind, E, first["logits"], first.get("y"), first["h_m"], lc.soft_top_k)
-            soft = add_noise(lc.noise, lc.noise_scale, soft, E, first["logits"])
-        guess = torch.cat([inputs[:, :1], soft[:, :-1].to(inputs.dtype)], dim=1)  # position t: the guess made at t-1
-        pick = torch.rand(inputs.shape[:2], device=inputs.device) < lc.soft_inputs
-        pick[:, 0] = False
-        inputs = torch.where(pick.unsqueeze(-1), guess, inputs)
-    out = model.heads(model.hidden(inputs))
+    window = model.fill_window(inputs, history, lc.soft_inputs)
+    out = model.heads(model.hidden(window)[:, model.layout.n_summary :])
     target_emb = E[targets].detach()  # stop-gradient: regression never pulls E towards itself
     parts: dict[str, torch.Tensor] = {}
     if lc.ce:

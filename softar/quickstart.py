@@ -1,4 +1,5 @@
-"""`softar quickstart`: prepare the bundled Shakespeare, train nanoGPT's CPU recipe, evaluate, sample."""
+"""`softar quickstart`: prepare the bundled Shakespeare, train nanoGPT's CPU recipe and the seed's context layout at
+the same token budget, generate with soft tokens, and compare the two val losses."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import torch
 from softar import config
 from softar.data.prepare import prepare
 from softar.device import pick_device
-from softar.generate import generate
+from softar.generate import Decoding, generate
 from softar.rundir import CONFIG_FILE, load_run
 from softar.train import train
 
-QUICKSTART_CONFIG = "shakespeare_char.toml"
+QUICKSTART_CONFIG = "shakespeare_char.toml"  # the baseline: nanoGPT's CPU recipe
+SEED_CONFIG = "shakespeare_char_seed.toml"  # the seed's context layout at the same token budget
+SOFT_THRESHOLD = 1.5  # nats: the soft generation collapses a soft token in place above this entropy
 
 
 def config_path(name: str) -> Path:
@@ -23,32 +26,64 @@ def config_path(name: str) -> Path:
     return Path(str(resources.files("softar") / "configs" / name))
 
 
+def _train(name: str, cfg: config.Config, out: Path, step: str) -> dict:
+    resume = (out / CONFIG_FILE).is_file()  # a second quickstart continues (or just re-reports) the first
+    print(f"{step} training {name} into {out}" + (" (resuming)" if resume else ""), flush=True)
+    return train(cfg, out, resume=resume)  # ends with the loss over the whole val split
+
+
+def mark_soft(tokenizer, ids: list[int], soft: list[bool]) -> str:
+    """Decode ids with every run of tokens that re-entered the context soft wrapped in [ ]."""
+    out, run = [], []
+    for i, is_soft in zip(ids, soft, strict=True):
+        if is_soft:
+            run.append(i)
+            continue
+        if run:
+            out.append("[" + tokenizer.decode(run) + "]")
+            run = []
+        out.append(tokenizer.decode([i]))
+    if run:
+        out.append("[" + tokenizer.decode(run) + "]")
+    return "".join(out)
+
+
 def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
-    cfg = config.load(config_path(QUICKSTART_CONFIG), [f"data.dir={json.dumps(str(data))}", *overrides])
-    print(f"[1/3] preparing character-level Shakespeare in {data}", flush=True)
+    base_cfg, seed_cfg = (config.load(config_path(name), [f"data.dir={json.dumps(str(data))}", *overrides])
+                          for name in (QUICKSTART_CONFIG, SEED_CONFIG))  # bad overrides fail before anything is written
+    print(f"[1/4] preparing character-level Shakespeare in {data}", flush=True)
     meta = prepare("shakespeare", data, "char")
     print(f"      {meta['characters']['train'] + meta['characters']['val']:,} characters, "
           f"{meta['vocab_size']} symbols", flush=True)
+    base_dir, seed_dir = out / "baseline", out / "seed_layout"
+    base = _train(QUICKSTART_CONFIG, base_cfg, base_dir, "[2/4]")
+    seed = _train(SEED_CONFIG, seed_cfg, seed_dir, "[3/4]")
 
-    resume = (out / CONFIG_FILE).is_file()  # a second quickstart continues (or just re-reports) the first
-    print(f"[2/3] training {QUICKSTART_CONFIG} into {out}" + (" (resuming)" if resume else ""), flush=True)
-    result = train(cfg, out, resume=resume)
-
-    # training ends with the loss over the whole val split (result["val_loss"]): no second pass here
-    print("[3/3] sampling 300 characters from the saved checkpoint", flush=True)
-    device = pick_device(cfg.train.device)
-    run = load_run(out, device)
-    gen = torch.Generator(device).manual_seed(cfg.train.seed)
+    print(f"[4/4] soft generation from {seed_dir}: 300 characters; [ ] marks characters that re-entered the "
+          f"context as soft tokens (the rest were collapsed in place: entropy > {SOFT_THRESHOLD} nats)", flush=True)
+    device = pick_device("auto")
+    run = load_run(seed_dir, device)
+    gen = torch.Generator(device).manual_seed(run.cfg.train.seed)
     prompt = torch.tensor([run.tokenizer.encode("\n")], device=device)
-    text = run.tokenizer.decode(generate(run.model, prompt, 300, 0.8, 200, gen)[0].tolist())
-    print("-" * 60 + text + "\n" + "-" * 60)
-    print(f"val loss on the whole val split {result['val_loss']:.4f} ({result['val_bits_per_char']:.3f} bits/char) "
-          f"after {result['step']} steps, "
-          f"{result['train_wall_s']:.0f} s, {result['tokens_per_s']:,.0f} tokens/s")
-    print(f"data:        {data}\nrun:         {out}\nconfig:      {out / CONFIG_FILE}\n"
-          f"metrics:     {out / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {out / 'tb'})\n"
-          f"checkpoints: {out / 'checkpoints'}\n"
-          f"next:        softar sample {out} --prompt 'ROMEO:'   |   softar eval {out}")
-    summary = {"data_dir": str(data), **result}
+    dec = Decoding(mode="soft", temperature=0.8, top_k=200, collapse_kind="lm_sample",
+                   collapse_threshold=SOFT_THRESHOLD)
+    report: dict = {}
+    ids = generate(run.model, prompt, 300, generator=gen, decoding=dec, report=report)[0, 1:].tolist()
+    soft = (~report["by_policy"][0]).tolist()
+    print("-" * 60 + "\n" + mark_soft(run.tokenizer, ids, soft) + "\n" + "-" * 60)
+    print(f"{sum(soft)} of {len(soft)} generated characters re-entered soft")
+    print(f"\nwhole val split{'':13}{'val loss':>10}{'bits/char':>11}{'hard slots':>12}{'soft slots':>12}"
+          f"{'steps':>7}{'train s':>9}{'tokens/s':>10}")
+    for name, r in (("baseline (plain, 64 slots)", base), ("seed layout (128 slots)", seed)):
+        regions = "".join(f"{r[k]:>12.4f}" if k in r else f"{'-':>12}"
+                          for k in ("val_loss_hard_slots", "val_loss_soft_slots"))
+        print(f"{name:28}{r['val_loss']:>10.4f}{r['val_bits_per_char']:>11.3f}{regions}{r['step']:>7}"
+              f"{r['train_wall_s']:>9.0f}{r['tokens_per_s']:>10,.0f}")
+    print("(soft slots read the model's own expected embeddings instead of the true characters, so their loss is an "
+          "open-loop loss)")
+    print(f"\ndata:        {data}\nruns:        {base_dir}, {seed_dir}\n"
+          f"metrics:     <run>/metrics.jsonl (TensorBoard: tensorboard --logdir {out})\n"
+          f"next:        softar sample {seed_dir} --mode soft --show-soft   |   softar eval {seed_dir}")
+    summary = {"data_dir": str(data), "baseline": base, "seed_layout": seed, "soft_fraction": sum(soft) / len(soft)}
     print(json.dumps(summary))
     return summary

@@ -87,7 +87,7 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     if path is None:
         raise SoftarError(f"{run_dir} has no checkpoint yet")
     ckpt = load_checkpoint(path, device)
-    model = GPT(cfg.model, cfg.loss).to(device)
+    model = GPT(cfg.model, cfg.loss, cfg.context).to(device)
     model.load_state_dict(ckpt.tensors["model"])
     model.eval()
     return LoadedRun(cfg, model, load_tokenizer(data_dir), ckpt.meta["step"])

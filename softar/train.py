@@ -204,15 +204,21 @@ class Trainer:
         set_threads(t.threads)
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.gpt = GPT(m, cfg.loss).to(self.device)  # the model itself; self.model may be its DDP wrapper
+        self.gpt = GPT(m, cfg.loss, cfg.context).to(self.device)  # the model; self.model may be its DDP wrapper
+        self.layout = self.gpt.layout
+        if len(self.train_data) <= self.layout.tokens + self.layout.history:
+            raise ConfigError(f"context.max_history: {self.layout.history} tokens of history plus a window do not "
+                              f"fit in the train split ({len(self.train_data)} tokens)")
         if m.embedding in ("checkpoint", "pretrained"):
             load_embedding(self.gpt, cfg)
         self.params, self.flops_per_token = self.gpt.num_params(), self.gpt.flops_per_token()
         self.model = wrap(self.gpt, self.world, self.device, t.parallel)  # FSDP2 shards in place
         self.opt = make_optimizer(self.model, t, self.device)
         torch.manual_seed(t.seed + self.world.rank)  # dropout draws differ per rank
-        self.sampler = WindowSampler(self.train_data, m.block_size, t.batch_size, t.seed, self.world.rank,
-                                     self.world.size)
+        # sampled evals: as much history as the (smaller) val split allows
+        self.eval_history = min(self.layout.history, len(self.val_data) - self.layout.tokens - 1)
+        self.sampler = WindowSampler(self.train_data, self.layout.tokens, t.batch_size, t.seed, self.world.rank,
+                                     self.world.size, self.layout.history)
         self.fwd = torch.compile(self.model) if t.compile else self.model
         self.amp = autocast(self.device, t.dtype)
         self.step, self.wall_before, self.train_s, self.skipped = 0, 0.0, 0.0, 0
@@ -268,9 +274,9 @@ class Trainer:
         self.world.barrier()
 
     def evaluate(self) -> dict:
-        t, m = self.cfg.train, self.cfg.model
-        kw = dict(block_size=m.block_size, batch_size=t.batch_size, iters=t.eval_iters, device=self.device,
-                  autocast_ctx=self.amp)
+        t = self.cfg.train
+        kw = dict(block_size=self.layout.tokens, batch_size=t.batch_size, iters=t.eval_iters, device=self.device,
+                  autocast_ctx=self.amp, history=self.eval_history)
         E = self.gpt.embed.weight
         E = E.full_tensor() if hasattr(E, "full_tensor") else E  # FSDP2 shards it
         return {"kind": "eval", "step": self.step,
@@ -287,10 +293,10 @@ class Trainer:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
-            x, y = (v.to(self.device, non_blocking=True) for v in self.sampler.next_batch())
+            x, y, *hist = (v.to(self.device, non_blocking=True) for v in self.sampler.next_batch())
             with no_sync(self.model, micro == t.grad_accum - 1):  # FSDP2 reads it during backward
                 with self.amp:
-                    loss = self.fwd(x, targets=y)[0] / t.grad_accum
+                    loss = self.fwd(x, targets=y, history=tuple(hist) or None)[0] / t.grad_accum
                     if self.step + 1 in self.nan_steps:
                         loss = loss * float("nan")
                 loss.backward()
@@ -306,10 +312,10 @@ class Trainer:
         return loss_mean, bad
 
     def run(self) -> dict:
-        t, m = self.cfg.train, self.cfg.model
+        t = self.cfg.train
         main = self.world.is_main
         log = MetricsLog(self.out, self.step) if main else None
-        tokens_per_step = t.batch_size * t.grad_accum * m.block_size * self.world.size
+        tokens_per_step = t.batch_size * t.grad_accum * self.layout.tokens * self.world.size  # predicted tokens
         pending: list[tuple[int, float, torch.Tensor]] = []  # losses stay on device until a log flush
         bar = tqdm(total=t.max_iters, initial=self.step, disable=self.quiet or not main or None,
                    dynamic_ncols=True, unit="it")
@@ -380,14 +386,16 @@ class Trainer:
         bar.close()
         train_wall = self.wall_before + time.perf_counter() - t0
 
-        full_val = evaluate_split(self.model, self.val_data, m.block_size, self.device, self.amp,
-                                  self.meta["characters"]["val"], world=self.world)
+        full_val = evaluate_split(self.model, self.val_data, self.layout.tokens, self.device, self.amp,
+                                  self.meta["characters"]["val"], world=self.world, history=self.layout.history,
+                                  soft=self.layout.soft)
         result = {
             "run_dir": str(self.out),
             "step": self.step,
             "val_loss": full_val["loss"],
             "val_bits_per_token": full_val["bits_per_token"],
             "val_bits_per_char": full_val.get("bits_per_char"),
+            **{f"val_{k}": full_val[k] for k in ("loss_hard_slots", "loss_soft_slots") if k in full_val},
             "val_loss_sampled": last_eval["val_loss"] if last_eval else None,
             "train_loss_sampled": last_eval["train_loss"] if last_eval else None,
             "skipped_steps": self.skipped,

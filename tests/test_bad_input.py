@@ -29,6 +29,9 @@ OUT_OF_RANGE = {
     "train.device": '"tpu"', "train.dtype": '"float8"', "train.compile": None, "train.threads": "-1",
     "train.eval_interval": "0", "train.eval_iters": "0", "train.log_interval": "0", "train.ckpt_interval": "-1",
     "train.keep_last": "0", "train.max_bad_steps": "0", "train.parallel": '"zero3"',
+    "context.aggregate": "2", "context.segments": "-1", "context.soft": "-1", "context.segment_len": "0",
+    "context.segment_growth": "0", "context.aggregate_all": None, "context.op": '"max"', "context.decay": "1.0",
+    "context.project": None, "context.kind_embeddings": None, "context.max_history": "-1",
 }
 FIELDS = {f"{s}.{k}": type(v) for s, sec in Config().to_dict().items() for k, v in sec.items()}
 
@@ -123,6 +126,19 @@ CASES = [
     (["bench", "faults", CONFIG, "--kills", "0"], "--kills"),
     (["quickstart", "train.lr=-1", "--data", "{tmp}/d", "--out", "{tmp}/r"], "train.lr"),
     (["quickstart", "model.n_layers=2", "--data", "{tmp}/d", "--out", "{tmp}/r"], "model.n_layers"),
+    (["train", CONFIG, "data.dir={chardata}", "context.soft=40", "context.segments=24", "--out", "{tmp}/r"],
+     "model.block_size: 64 slots leave no hard slot"),
+    (["train", CONFIG, "data.dir={chardata}", "context.segments=1", "context.max_history=0", "--out", "{tmp}/r"],
+     "context.max_history"),
+    (["train", CONFIG, "data.dir={chardata}", "context.segments=1", "context.max_history=100000", "--out",
+      "{tmp}/r"], "context.max_history: 100000 tokens of history"),
+    (["sample", "{run}", "--collapse-threshold", "-1"], "--collapse-threshold"),
+    (["sample", "{run}", "--collapse-score", "vibes"], "--collapse-score"),
+    (["sample", "{run}", "--soft-budget", "-2"], "--soft-budget"),
+    (["eval", "{run}", "--gap", "{tmp}/a", "{tmp}/b"], "--gap: "),
+    (["eval", "{run}", "--reference", "{tmp}/missing"], "is not a softar run"),
+    (["eval", "{run}", "--thresholds", "1,x"], "--thresholds"),
+    (["sweep", "configs/soft/char_ce.toml", "--gap", "char_ce", "char_w128"], "'char_w128' is not one of"),
     ([], "command"),
 ]
 

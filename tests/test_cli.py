@@ -110,3 +110,45 @@ def test_bad_flags(trained_run):
     assert_one_line_error(softar("eval", trained_run, "--split", "test"), "--split")
     assert_one_line_error(softar("eval", trained_run.parent / "missing"), "is not a softar run")
     assert_one_line_error(softar("prepare", "--tokenizer", "bpe", "--vocab-size", "100", "--out", "x"), "256")
+
+
+LAYOUT = ["context.aggregate=1", "context.segments=2", "context.soft=3", "context.segment_len=4",
+          "context.max_history=40"]
+
+
+def test_layout_run_end_to_end(char_data, tmp_path, trained_run):
+    """Train the seed's layout (shrunk), evaluate it with the gap against two plain runs and the generation report,
+    sample with a collapse policy and the hierarchy shown, and bench its generation at two history lengths."""
+    run = tmp_path / "layout"
+    proc = softar("train", "configs/shakespeare_char.toml", *tiny_overrides(char_data), *LAYOUT, "--out", run,
+                  "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    short = tmp_path / "short"
+    proc = softar("train", "configs/shakespeare_char.toml", *tiny_overrides(char_data, **{"model.block_size": 4}),
+                  "--out", short, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert_one_line_error(softar("eval", run, "--gap", trained_run, trained_run), "no gap to close")
+    proc = softar("eval", run, "--windows", 4, "--gap", short, trained_run, "--reference", trained_run,
+                  "--thresholds", "0,inf")
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(ev["recovery"]["64"]) == {"aggregate", "segment"} and "16" in ev["passkey"]
+    losses = [json.loads((d / "result.json").read_text())["val_loss"] for d in (short, trained_run)]
+    assert ev["gap_closed"] == pytest.approx((losses[0] - ev["loss"]) / (losses[0] - losses[1]))
+    assert "open_loop" not in ev
+    assert [r["soft_fraction"] for r in ev["generation"]] == [0.0, 1.0]
+    proc = softar("sample", run, "--mode", "soft", "--prompt", "RO", "--max-new-tokens", 12, "--show-soft",
+                  "--collapse-threshold", "inf", "--soft-budget", 1)
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.strip().splitlines()[-12:]
+    assert [r.split()[3] for r in rows] == ["hard"] * 9 + ["soft"] * 3
+    # a budget of 1: every token that stayed soft until it aged out was collapsed by age, and one is still soft
+    by_age = int(proc.stderr.split("; ")[-1].split()[0])
+    entered_soft = sum("entered soft" in r for r in rows)
+    assert entered_soft == by_age + 1
+    assert f"collapse rate: {(12 - entered_soft) / 12:.3f} of 12" in proc.stderr
+    proc = softar("bench", "sample", "configs/shakespeare_char.toml", *tiny_overrides(char_data), *LAYOUT,
+                  "--new-tokens", 5, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    bench = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert bench["ms_per_token_history_1000"] > 0 and bench["ms_per_token_history_100000"] > 0

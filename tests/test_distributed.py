@@ -53,3 +53,12 @@ def test_resume_at_another_world_size(char_data, tmp_path, single, first, then):
     run(out, overrides(char_data, 8 // first, **{"train.max_iters": 4}), nproc=first)
     run(out, overrides(char_data, 8 // then), nproc=then, resume=True)
     assert_close(logged_losses(out), single)
+
+
+def test_layout_two_ranks_match_one_process(char_data, tmp_path):
+    """Windows with history, summary slots and a two-pass soft region under DDP: the same losses as one process."""
+    layout = {"context.aggregate": 1, "context.segments": 1, "context.soft": 2, "context.segment_len": 4,
+              "context.max_history": 24}
+    run(tmp_path / "one", overrides(char_data, 8, **layout))
+    run(tmp_path / "two", overrides(char_data, 4, **layout), nproc=2)
+    assert_close(logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one"))

@@ -45,3 +45,29 @@ def test_claims_need_a_win_beyond_the_spread_and_a_close_baseline():
     lines = claims(table, (8, 32))
     assert [line.split("**: ")[1].split(" (")[0] for line in lines] == ["holds", "does not hold", "does not hold"]
     assert "+5.0% vs baseline" in lines[2]
+
+
+def test_context_study_gap_and_tradeoff(char_data, tmp_path):
+    """The context study: the short and long windows close 0 and 1 of their own gap exactly; threshold 0 collapses
+    every soft token and inf none; the report holds both sections and the trade-off plot."""
+    configs = {"short": "[model]\nblock_size = 8\n", "long": "[model]\nblock_size = 16\n",
+               "slots": "[model]\nblock_size = 11\n[context]\naggregate = 1\nsegments = 2\nsegment_len = 4\n"
+                        "max_history = 32\n",
+               "seed": "[model]\nblock_size = 16\n[context]\naggregate = 1\nsegments = 1\nsoft = 3\n"
+                       "segment_len = 4\nmax_history = 32\n"}
+    for name, text in configs.items():
+        (tmp_path / f"{name}.toml").write_text(text)
+    overrides = [o for o in tiny_overrides(char_data, **{"train.max_iters": 4, "train.eval_interval": 2})
+                 if not o.startswith("model.block_size")]
+    out, report = tmp_path / "sweep", tmp_path / "docs" / "context.md"
+    result = sweep([str(tmp_path / f"{n}.toml") for n in configs], 1, overrides, out, windows=4, horizons=(2, 4),
+                   report=report, gap=("short", "long"), generation=("seed", "long"))
+    table = result["table"]
+    assert table["short"]["gap_closed"] == [0.0, 0.0] and table["long"]["gap_closed"] == [1.0, 0.0]  # 1 seed: std 0
+    assert "recovery.512.aggregate.recall_at_k" in table["slots"] and "passkey.16.accuracy" in table["short"]
+    rows = json.loads((out / "runs" / "seed_s1337" / "generation.json").read_text())
+    assert rows[0]["threshold"] == 0.0 and rows[0]["soft_fraction"] == 0.0
+    assert rows[-1]["threshold"] == float("inf") and rows[-1]["soft_fraction"] == 1.0
+    text = report.read_text()
+    assert "## Fraction of the gap closed" in text and "## Coherence against nuance" in text
+    assert (report.parent / "context" / "tradeoff.png").stat().st_size > 0

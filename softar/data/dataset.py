@@ -52,7 +52,8 @@ def load_split(data_dir: str | Path, split: str) -> np.memmap:
 
 @dataclass
 class WindowSampler:
-    """Random windows of `block_size + 1` tokens (inputs and shifted targets), as in nanoGPT.
+    """Random windows of `block_size + 1` tokens (inputs and shifted targets), as in nanoGPT; with `history` > 0,
+    each window also comes with the up to `history` tokens before it, of which a random number (0..history) count.
 
     Under data parallelism every rank draws the same global batch of `batch_size * world` windows and keeps its
     own disjoint slice, so N ranks see exactly the batch one process would. Its only state is a torch.Generator,
@@ -65,20 +66,30 @@ class WindowSampler:
     seed: int
     rank: int = 0
     world: int = 1
+    history: int = 0
 
     def __post_init__(self) -> None:
-        if len(self.data) <= self.block_size:
+        if len(self.data) <= self.block_size + self.history:
             raise SoftarError(
                 f"split has {len(self.data)} tokens, fewer than one window of {self.block_size + 1}"
+                + (f" after {self.history} tokens of history (context.max_history)" if self.history else "")
             )
         self.gen = torch.Generator().manual_seed(self.seed)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.data) - self.block_size, (self.batch_size * self.world,), generator=self.gen)
-        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        win = np.stack([self.data[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
-        win = torch.from_numpy(win)
-        return win[:, :-1], win[:, 1:]  # [B, T] inputs, [B, T] targets
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(inputs [B, T], targets [B, T]), plus (history ids [B, h] newest last, history lengths [B]) when
+        `history` > 0. History ids beyond a window's length are real text but do not count."""
+        n = self.batch_size * self.world
+        starts = torch.randint(len(self.data) - self.block_size - self.history, (n,), generator=self.gen)
+        starts = starts + self.history
+        lens = torch.randint(0, self.history + 1, (n,), generator=self.gen) if self.history else None
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        starts = starts[mine].tolist()
+        win = torch.from_numpy(np.stack([self.data[s : s + self.block_size + 1] for s in starts]).astype(np.int64))
+        if not self.history:
+            return win[:, :-1], win[:, 1:]  # [B, T] inputs, [B, T] targets
+        hist = torch.from_numpy(np.stack([self.data[s - self.history : s] for s in starts]).astype(np.int64))
+        return win[:, :-1], win[:, 1:], hist, lens[mine]
 
     def state(self) -> torch.Tensor:
         return self.gen.get_state()
@@ -87,11 +98,11 @@ class WindowSampler:
         self.gen.set_state(state)
 
 
-def sequential_windows(data: np.ndarray, block_size: int, batch_size: int):
+def sequential_windows(data: np.ndarray, block_size: int, batch_size: int, history: int = 0):
     """Every token of a split exactly once as a target: consecutive non-overlapping windows.
 
-    Yields ([B, T] inputs, [B, T] targets) with the last window shorter; used for whole-split evaluation.
-    """
+    Yields ([B, T] inputs, [B, T] targets) with the last window shorter; used for whole-split evaluation. With
+    `history` > 0 each window also gets the (up to) `history` tokens before it, as `WindowSampler` gives them."""
     n = len(data) - 1
     starts = list(range(0, n, block_size))
     for i in range(0, len(starts), batch_size):
@@ -100,4 +111,12 @@ def sequential_windows(data: np.ndarray, block_size: int, batch_size: int):
         for length in sorted(set(lens)):  # windows of one length share a batch
             ss = [s for s, n_ in zip(group, lens, strict=True) if n_ == length]
             win = torch.from_numpy(np.stack([data[s : s + length + 1] for s in ss]).astype(np.int64))
-            yield win[:, :-1], win[:, 1:]
+            if not history:
+                yield win[:, :-1], win[:, 1:]
+                continue
+            hist = np.zeros((len(ss), history), dtype=np.int64)
+            for row, s in enumerate(ss):
+                h = data[max(0, s - history) : s]
+                hist[row, history - len(h) :] = h
+            hist_len = torch.tensor([min(s, history) for s in ss])
+            yield win[:, :-1], win[:, 1:], torch.from_numpy(hist), hist_len

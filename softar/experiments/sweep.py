@@ -49,12 +49,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windows: int = 256,
           horizons: tuple[int, ...] = (8, 32), base_seed: int = 1337, columns: list[str] | None = None,
-          report: Path | None = None, command: str = "") -> dict:
+          report: Path | None = None, command: str = "", gap: tuple[str, str] | None = None,
+          generation: tuple[str, str] | None = None) -> dict:
+    """Run (or reuse) every config x seed, then tabulate. `gap` = (short, long) config names adds each config's
+    fraction of the gap closed, per seed; `generation` = (generator, reference) adds the collapse-threshold
+    trade-off of the generator's runs scored by the reference's (see `softar.experiments.context_study`). Either
+    makes the report the context-layout study instead of the soft-token one."""
     from softar import SoftarError
+    from softar.experiments import context_study
 
     stems = [Path(c).stem for c in configs]
     if len(set(stems)) != len(stems):
         raise SoftarError(f"sweep: config names must differ (runs are named after them): {', '.join(stems)}")
+    for flag, names in (("--gap", gap), ("--generation", generation)):
+        for name in names or ():
+            if name not in stems:
+                raise SoftarError(f"sweep {flag}: {name!r} is not one of the configs ({', '.join(stems)})")
     for c in configs:  # fail on a bad config before any run starts
         config.load(c, overrides)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,13 +72,24 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     for c in configs:
         rows[Path(c).stem] = [flatten(run_one(c, base_seed + s, overrides, out, windows, horizons))
                               for s in range(seeds)]
-    columns = columns or default_columns(horizons)
+    study = gap is not None or generation is not None
+    if gap is not None:
+        context_study.add_gap_closed(rows, *gap)
+    columns = columns or (context_study.COLUMNS if study else default_columns(horizons))
     table = {name: {col: mean_std([r[col] for r in runs if col in r]) for col in columns
                     if any(col in r for r in runs)} for name, runs in rows.items()}
     write_tables(table, columns, out)
-    plot(configs, seeds, base_seed, table, out, horizons)
+    bars = context_study.BAR_METRICS if study else ["loss"] + [f"open_loop.{k}.{m}" for k in horizons
+                                                               for m in ("greedy", "sampled", "soft_expected")]
+    plot(configs, seeds, base_seed, table, out, bars)
+    tradeoff = None
+    if generation is not None:
+        tradeoff = context_study.tradeoff(out, *generation, seeds, base_seed)
     if report is not None:
-        write_report(report, command, configs, overrides, seeds, table, out, horizons)
+        sections = (context_study.report_sections(table, gap, generation, tradeoff) if study
+                    else soft_claim_sections(table, horizons))
+        write_report(report, command, configs, overrides, seeds, table, out, sections,
+                     ["loss_curves.png", "metrics.png"] + (["tradeoff.png"] if tradeoff else []))
     return {"sweep": str(out), "configs": [Path(c).stem for c in configs], "seeds": seeds,
             "table": {n: {c: list(v) for c, v in cols.items()} for n, cols in table.items()}}
 
@@ -98,7 +119,9 @@ def write_tables(table: dict, columns: list[str], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path, horizons: tuple[int, ...]) -> None:
+def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path, metrics: list[str]) -> None:
+    """loss_curves.png (sampled val loss over steps, mean over seeds) and metrics.png (a bar per config for each
+    of `metrics`, with the seed-to-seed standard deviation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +143,6 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
 
-    metrics = ["loss"] + [f"open_loop.{k}.{m}" for k in horizons for m in ("greedy", "sampled", "soft_expected")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
     names = list(table)
     for ax, metric in zip(axes, metrics, strict=True):
@@ -166,15 +188,28 @@ def claims(table: dict, horizons: tuple[int, ...]) -> list[str]:
     return lines
 
 
+def soft_claim_sections(table: dict, horizons: tuple[int, ...]) -> list[str]:
+    return [
+        "## The seed's claim, checked",
+        "",
+        "Soft feedback must beat both greedy and sampled collapse in open-loop loss at every horizon by more than the "
+        "seed-to-seed spread, with teacher-forced val loss within 2% of the same dataset's cross-entropy baseline.",
+        "",
+        *claims(table, horizons),
+        "",
+    ]
+
+
 def write_report(path: Path, command: str, configs: list[str], overrides: list[str], seeds: int, table: dict,
-                 out: Path, horizons: tuple[int, ...]) -> None:
-    """A Markdown report: the command that regenerates it, the table, the plots (copied beside it), the claims."""
+                 out: Path, sections: list[str], pngs: list[str]) -> None:
+    """A Markdown report: the command that regenerates it, the table, the plots (copied beside it), then the
+    study's own sections."""
     import shutil
 
     path.parent.mkdir(parents=True, exist_ok=True)
     assets = path.parent / path.stem
     assets.mkdir(exist_ok=True)
-    for png in ("loss_curves.png", "metrics.png"):
+    for png in pngs:
         shutil.copy(out / png, assets / png)
     cfg = config.load(configs[0], overrides)
     t, m = cfg.train, cfg.model
@@ -187,22 +222,14 @@ def write_report(path: Path, command: str, configs: list[str], overrides: list[s
         command or "softar sweep ...",
         "```",
         "",
-        f"Every run: {m.n_layer} layers, d_model {m.d_model}, block {m.block_size}, {t.max_iters} steps of "
-        f"{t.batch_size} x {m.block_size} tokens (the same number of training tokens for every config), "
-        f"{seeds} seeds (train.seed = 1337, 1338, ...). Metrics on the val split; sampled ones on the same random "
-        "windows for every run. Mean ± standard deviation over seeds.",
+        f"Every run: {m.n_layer} layers, d_model {m.d_model}, {t.max_iters} steps; window size and batch as in "
+        f"each config (the first: block {m.block_size}, batch {t.batch_size}), with the same number of predicted "
+        f"tokens per step for every config unless its header says otherwise; {seeds} seeds (train.seed = 1337, "
+        "1338, ...). Metrics on the val split; sampled ones on the same random windows for every run. Mean ± "
+        "standard deviation over seeds.",
         "",
         (out / "results.md").read_text(),
-        f"![val loss curves]({assets.name}/loss_curves.png)",
-        "",
-        f"![metrics]({assets.name}/metrics.png)",
-        "",
-        "## The seed's claim, checked",
-        "",
-        "Soft feedback must beat both greedy and sampled collapse in open-loop loss at every horizon by more than the "
-        "seed-to-seed spread, with teacher-forced val loss within 2% of the same dataset's cross-entropy baseline.",
-        "",
-        *claims(table, horizons),
-        "",
+        *[f"![{png[:-4]}]({assets.name}/{png})\n" for png in pngs],
+        *sections,
     ]
     path.write_text("\n".join(text))

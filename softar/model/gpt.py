@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softar.config import LossConfig, ModelConfig
+from softar.collapse import add_noise, soft_token
+from softar.config import ContextConfig, LossConfig, ModelConfig
+from softar.context import Layout, SlotEncoder, summary_slots
 from softar.model.embedding import TokenEmbedding, frozen_random_table
 from softar.model.heads import CollapseHead, LMHead, VectorHead
 
@@ -132,19 +134,23 @@ class Backbone(nn.Module):
 
 
 class GPT(nn.Module):
-    """Embedding space E [V, m] + backbone + tied LM head, optional vector and collapse heads, and the training
-    objective (`forward` with targets)."""
+    """Embedding space E [V, m] + backbone + tied LM head, optional vector and collapse heads, the context layout
+    (summary and soft slots, `softar.context`) and the training objective (`forward` with targets)."""
 
-    def __init__(self, cfg: ModelConfig, loss: LossConfig | None = None):
+    def __init__(self, cfg: ModelConfig, loss: LossConfig | None = None, context: ContextConfig | None = None):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be resolved from the data before building a model")
         self.cfg, self.loss_cfg = cfg, loss or LossConfig()
+        context = context or ContextConfig()
+        self.layout = Layout.from_config(context, cfg.block_size)
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.m)
         self.backbone = Backbone(cfg)
         self.lm_head = LMHead(cfg.d_model, cfg.m)
         self.vector_head = VectorHead(cfg.d_model, cfg.m) if cfg.vector_head else None
         self.collapse_head = CollapseHead(cfg.d_model, cfg.m) if cfg.collapse_head else None
+        self.slots = None if self.layout.plain else SlotEncoder(self.layout, cfg.m, context.kind_embeddings,
+                                                                context.project)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
@@ -182,16 +188,56 @@ class GPT(nn.Module):
             out["c"] = self.collapse_head(h)
         return out
 
+    def fill_window(self, tokens: torch.Tensor, history: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    soft_fraction: float = 0.0) -> torch.Tensor:
+        """The training-time context builder: token vectors [B, n, m] (n = the layout's hard + soft slots; any n for
+        a plain model) and their history (ids [B, h] right-aligned, lengths [B]) -> the window [B, A+S+n, m].
+
+        Soft slots get the model's own soft tokens in two passes (parallel scheduled sampling): a first pass without
+        gradients gives each position's soft token; the second reads it in the soft region, and at a random
+        `soft_fraction` of the other positions (never the first)."""
+        lay, E = self.layout, self.embed.weight
+        summary = None
+        if lay.n_summary:
+            if history is None:  # no history: empty summary slots
+                history = (tokens.new_zeros(tokens.shape[0], 0, dtype=torch.long),
+                           tokens.new_zeros(tokens.shape[0], dtype=torch.long))
+            summary = summary_slots(E, *history, lay).to(tokens.dtype)
+        n_soft = min(lay.soft, tokens.shape[1]) if self.slots is not None else 0
+
+        def window(v: torch.Tensor) -> torch.Tensor:
+            return v if self.slots is None else self.slots(summary, v, n_soft)
+
+        if n_soft or soft_fraction > 0:
+            lc = self.loss_cfg
+            with torch.no_grad():
+                first = self.heads(self.hidden(window(tokens))[:, lay.n_summary :])
+                soft = soft_token(lc.soft_kind, E, first["logits"], first.get("y"), first["h_m"], lc.soft_top_k)
+                if self.training:
+                    soft = add_noise(lc.noise, lc.noise_scale, soft, E, first["logits"])
+            guess = torch.cat([tokens[:, :1], soft[:, :-1].to(tokens.dtype)], dim=1)  # position t: guessed at t-1
+            pick = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            if soft_fraction > 0:
+                pick = torch.rand(tokens.shape[:2], device=tokens.device) < soft_fraction
+                pick[:, 0] = False
+            if n_soft:
+                pick[:, tokens.shape[1] - n_soft :] = True
+            tokens = torch.where(pick.unsqueeze(-1), guess, tokens)
+        return window(tokens)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None):
-        """x: token ids [B, T] (the hard path: E[ids]) or slot vectors [B, T, m].
-        Without targets: logits [B, T, V]. With targets [B, T]: (loss, parts) of the training objective."""
+                targets: torch.Tensor | None = None, history: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x: token ids [B, T] (the hard path: E[ids]) or token vectors [B, T, m]; with a layout, also the history
+        before them (ids [B, h], lengths [B]). Without targets: logits of the token slots [B, T, V]. With targets
+        [B, T]: (loss, parts) of the training objective."""
         vectors = x if x.is_floating_point() else self.embed(x)
         if targets is not None:
             from softar.losses import training_objective
 
-            return training_objective(self, vectors, targets, self.loss_cfg)
-        return self.logits(self.hidden(vectors, positions, cache))
+            return training_objective(self, vectors, targets, self.loss_cfg, history)
+        if self.layout.plain:
+            return self.logits(self.hidden(vectors, positions, cache))
+        return self.logits(self.hidden(self.fill_window(vectors, history))[:, self.layout.n_summary :])
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -202,6 +248,8 @@ class GPT(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token, as nanoGPT and PaLM count them: 6N for the matmuls (position embeddings
         excluded, the tied LM head included) plus 12 * L * d * T for attention over a full window."""
-        c = self.cfg
+        c, lay = self.cfg, self.layout
         n = self.num_params() - (self.backbone.wpe.weight.numel() if self.backbone.wpe else 0)
-        return 6 * n + 12 * c.n_layer * c.d_model * c.block_size
+        per_slot = 6 * n + 12 * c.n_layer * c.d_model * c.block_size
+        two_pass = 4 / 3 if lay.soft or self.loss_cfg.soft_inputs > 0 else 1.0  # + a forward without gradients
+        return per_slot * c.block_size / lay.tokens * two_pass  # per predicted token
