@@ -11,20 +11,22 @@ from softar.evaluate import PASSKEY_DISTANCES, RECOVERY_HISTORY, fraction_of_gap
 
 GENERATION_FILE = "generation.json"
 
-COLUMNS = (["loss", "loss_hard_slots", "loss_soft_slots", "gap_closed"]
+COLUMNS = (["loss", "loss_hard_slots", "loss_soft_slots", "loss_minus_short", "gap_closed"]
            + [f"recovery.{n}.{kind}.recall_at_k" for n in RECOVERY_HISTORY for kind in ("segment", "aggregate")]
            + [f"recovery.{RECOVERY_HISTORY[-1]}.{kind}.chance" for kind in ("segment", "aggregate")]
            + [f"passkey.{n}.{m}" for n in PASSKEY_DISTANCES for m in ("accuracy", "logp_gain")])
-BAR_METRICS = ["loss", "gap_closed", f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k",
+BAR_METRICS = ["loss", "loss_minus_short", f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k",
                f"passkey.{PASSKEY_DISTANCES[1]}.logp_gain", f"passkey.{PASSKEY_DISTANCES[-1]}.logp_gain"]
 
 
 def add_gap_closed(rows: dict[str, list[dict]], short: str, long: str) -> None:
-    """Give every run the fraction of the gap closed between the short and the long plain window, paired by seed:
-    (L_short - L_run) / (L_short - L_long) on the whole val split."""
+    """Give every run, paired by seed, the fraction of the gap closed between the short and the long plain window,
+    (L_short - L_run) / (L_short - L_long), and its loss difference to the short window, L_run - L_short (whole val
+    split)."""
     for runs in rows.values():
         for i, r in enumerate(runs):
             r["gap_closed"] = fraction_of_gap(rows[short][i]["loss"], r["loss"], rows[long][i]["loss"])
+            r["loss_minus_short"] = r["loss"] - rows[short][i]["loss"]
 
 
 def tradeoff(out: Path, generator: str, reference: str, seeds: int, base_seed: int) -> list[dict]:
@@ -97,7 +99,8 @@ pass. Columns:
 - `loss`: cross-entropy over every val token, each predicted once from consecutive windows of the token slots, each
   window with its history (`loss_hard_slots` / `loss_soft_slots`: the positions whose inputs are true tokens / the
   model's own soft tokens; the latter is an open-loop loss);
-- `gap_closed`: the fraction of the gap closed, below;
+- `loss_minus_short`, `gap_closed`: the loss difference to the short plain window and the fraction of the gap
+  closed, both paired by seed (below);
 - `recovery.N.KIND.recall_at_k`: with N tokens of history, rank the vocabulary by cosine to a summary slot and count
   how many of the k distinct tokens the slot holds are in the top k (embedding arithmetic alone, no model; `chance`:
   k / V);
@@ -115,12 +118,19 @@ def report_sections(table: dict, gap: tuple[str, str] | None, generation: tuple[
         lines += ["## Fraction of the gap closed", "",
                   f"(L_{short} - L_config) / (L_{short} - L_{long}), whole val split, paired by seed: 0 means the "
                   "extra slots add nothing, 1 means as good as the plain window four times larger.", ""]
+        width = table[short]["loss"][0] - table[long]["loss"][0]
+        if width <= 0:
+            lines += [f"**At this budget there is no gap to close**: {long} is *worse* than {short} by "
+                      f"{-width:.4f} nats, so the fraction (a ratio with a negative denominator) means nothing; read "
+                      f"each config's val loss against {short} instead (a negative difference: the extra slots help).",
+                      ""]
         for name, cols in table.items():
             if name in gap:
                 continue
             f, sd = cols["gap_closed"]
-            dl = cols["loss"][0] - table[short]["loss"][0]
-            lines.append(f"- **{name}**: {f:.3f} ± {sd:.3f} (val loss {cols['loss'][0]:.4f}, {dl:+.4f} vs {short})")
+            dl, dl_sd = cols["loss_minus_short"]
+            lines.append(f"- **{name}**: {f:.3f} ± {sd:.3f} (val loss {cols['loss'][0]:.4f}; {dl:+.4f} ± {dl_sd:.4f} "
+                         f"vs {short}, paired by seed)")
         lines.append("")
     if tradeoff_rows is not None:
         gen, ref = generation

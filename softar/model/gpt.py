@@ -246,8 +246,10 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token, as nanoGPT and PaLM count them: 6N for the matmuls (position embeddings
-        excluded, the tied LM head included) plus 12 * L * d * T for attention over a full window."""
+        """Training FLOPs per predicted token, as nanoGPT and PaLM count them: 6N for the matmuls (position
+        embeddings excluded, the tied LM head included) plus 12 * L * d * T for attention over a full window; with a
+        layout, a window's T slots predict only its hard + soft tokens, and a soft region or soft inputs add a first
+        forward pass without gradients (a third of a training pass)."""
         c, lay = self.cfg, self.layout
         n = self.num_params() - (self.backbone.wpe.weight.numel() if self.backbone.wpe else 0)
         per_slot = 6 * n + 12 * c.n_layer * c.d_model * c.block_size
