@@ -94,7 +94,9 @@ Each config's window is `model.block_size` slots, `[aggregate][segments][hard][s
 segment slot is the embedding arithmetic (sum, mean, sum/sqrt(n) or decayed sum: `context.op`) of one span of the
 history just before the hard region; the aggregate covers everything older, up to `context.max_history` tokens in
 training and evaluation (unbounded in generation). Soft slots hold the model's own expected embeddings from a first
-pass. Columns:
+pass. The configs are compared at equal training tokens (predicted tokens per step x steps), not equal FLOPs: summary
+slots add slots to every window, and a soft region adds a forward pass without gradients (a third of a training
+step). Columns:
 
 - `loss`: cross-entropy over every val token, each predicted once from consecutive windows of the token slots, each
   window with its history (`loss_hard_slots` / `loss_soft_slots`: the positions whose inputs are true tokens / the

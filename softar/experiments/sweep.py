@@ -38,7 +38,8 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
         return json.loads((run_dir / EVAL_FILE).read_text())
     cfg = config.load(cfg_path, [*overrides, f"train.seed={seed}"])
     train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet)
-    result = evaluate_run(run_dir, windows=windows, horizons=horizons, seed=0, device_name=cfg.train.device)
+    fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may have different windows
+    result = evaluate_run(run_dir, windows=windows, horizons=fits or None, seed=0, device_name=cfg.train.device)
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
     return result
 
