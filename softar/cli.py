@@ -98,7 +98,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     horizons = tuple(a.horizons) if a.horizons else None
     result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device,
                           gap_runs=tuple(a.gap) if a.gap else None, reference=a.reference,
-                          thresholds=tuple(a.thresholds))
+                          **({"thresholds": tuple(a.thresholds)} if a.thresholds else {}))
     _emit(result, Path(a.run_dir) / f"eval_{a.split}.json")
 
 
@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gap", nargs=2, metavar=("SHORT_RUN", "LONG_RUN"),
                    help="add the fraction of the gap closed: (L_short - L_this) / (L_short - L_long)")
     s.add_argument("--reference", help="a plain run: add the free-running generation report scored by it")
-    s.add_argument("--thresholds", type=_float_list, default=[0.0, 1.0, 2.0, 3.0, 4.0, float("inf")],
-                   help="collapse thresholds (entropy, nats) for the generation report")
+    s.add_argument("--thresholds", type=_float_list, default=None,
+                   help="collapse thresholds (entropy, nats) for the generation report "
+                        "(default: 0,1,2,3,4,4.5,5,5.5,6,inf)")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a trained run")

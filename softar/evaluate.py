@@ -309,7 +309,7 @@ def repeated_ngrams(ids: torch.Tensor, n: int = 4) -> float:
     return sum(fracs) / len(fracs)
 
 
-COLLAPSE_THRESHOLDS = (0.0, 1.0, 2.0, 3.0, 4.0, float("inf"))
+COLLAPSE_THRESHOLDS = (0.0, 1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 6.0, float("inf"))  # nats: characters to BPE
 
 
 @torch.no_grad()

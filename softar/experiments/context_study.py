@@ -12,9 +12,10 @@ from softar.evaluate import PASSKEY_DISTANCES, RECOVERY_HISTORY, fraction_of_gap
 GENERATION_FILE = "generation.json"
 
 COLUMNS = (["loss", "loss_hard_slots", "loss_soft_slots", "loss_minus_short", "gap_closed"]
-           + [f"recovery.{n}.{kind}.recall_at_k" for n in RECOVERY_HISTORY for kind in ("segment", "aggregate")]
-           + [f"recovery.{RECOVERY_HISTORY[-1]}.{kind}.chance" for kind in ("segment", "aggregate")]
-           + [f"passkey.{n}.{m}" for n in PASSKEY_DISTANCES for m in ("accuracy", "logp_gain")])
+           + [f"recovery.{RECOVERY_HISTORY[0]}.segment.recall_at_k"]
+           + [f"recovery.{RECOVERY_HISTORY[-1]}.{kind}.{m}" for kind in ("segment", "aggregate")
+              for m in ("recall_at_k", "chance")]
+           + [f"passkey.{n}.{m}" for n in PASSKEY_DISTANCES[::2] for m in ("accuracy", "logp_gain")])
 BAR_METRICS = ["loss", "loss_minus_short", f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k",
                f"passkey.{PASSKEY_DISTANCES[1]}.logp_gain", f"passkey.{PASSKEY_DISTANCES[-1]}.logp_gain"]
 
