@@ -18,7 +18,7 @@ from softar.train import train
 
 QUICKSTART_CONFIG = "shakespeare_char.toml"  # the baseline: nanoGPT's CPU recipe
 SEED_CONFIG = "shakespeare_char_seed.toml"  # the seed's context layout at the same token budget
-SOFT_THRESHOLD = 1.5  # nats: the soft generation collapses a soft token in place above this entropy
+SOFT_THRESHOLD = 2.5  # nats: the soft generation collapses a soft token in place above this entropy
 
 
 def config_path(name: str) -> Path:
