@@ -10,9 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from softar.collapse import collapse, round_trip_gap, sample_ids, soft_token
+from softar.collapse import collapse, round_trip_gap, sample_ids
 from softar.data.dataset import WindowSampler, sequential_windows
 from softar.distributed import World
+from softar.generate import Decoding, generate, next_token
 from softar.losses import lm_loss
 from softar.model import GPT, KVCache
 
@@ -108,6 +109,9 @@ def soft_output_metrics(model: GPT, data: np.ndarray, windows: int = 64, seed: i
     return result
 
 
+FEEDBACK = {"greedy": Decoding(mode="hard", temperature=0), "sampled": Decoding(mode="hard", temperature=1.0)}
+
+
 def feedback_modes(model: GPT) -> list[str]:
     """What an open-loop rollout can feed back: the truth (teacher), collapsed tokens, or each soft token."""
     modes = ["teacher", "greedy", "sampled", "soft_expected", "soft_hidden", "soft_gated"]
@@ -141,14 +145,9 @@ def open_loop_loss(model: GPT, data: np.ndarray, horizon: int, modes: list[str] 
                 break
             if mode == "teacher":
                 vec = E[truth[:, k]]
-            elif mode == "greedy":
-                vec = E[logits.argmax(-1)]
-            elif mode == "sampled":
-                vec = E[sample_ids(logits, gen)]
-            else:
-                kind = mode.removeprefix("soft_")
-                y = out["y"][:, -1] if "y" in out else None
-                vec = soft_token(kind, E, logits, y, out["h_m"][:, -1], generator=gen)
+            else:  # the same step choice generation makes
+                dec = FEEDBACK.get(mode) or Decoding(mode="soft", soft_kind=mode.removeprefix("soft_"))
+                vec = next_token(model, out, dec, gen)[0]
             out = model.heads(model.hidden(vec.unsqueeze(1), cache=cache))
         results[mode] = torch.stack(losses).mean().item()
     return results
@@ -226,9 +225,10 @@ def passkey_probe(model: GPT, data: np.ndarray, distances: tuple[int, ...] = PAS
         query[:, -1] = a
         planted = query.clone()
         planted[:, -1 - n], planted[:, -n] = a, x
-        logp = [last_hard_logits(model, q).float().log_softmax(-1)[rows, x] for q in (planted, query)]
-        hit = last_hard_logits(model, planted).argmax(-1) == x
-        result[str(n)] = {"accuracy": hit.float().mean().item(), "logp_gain": (logp[0] - logp[1]).mean().item()}
+        with_plant, without = (last_hard_logits(model, q).float().log_softmax(-1) for q in (planted, query))
+        hit = with_plant.argmax(-1) == x
+        gain = with_plant[rows, x] - without[rows, x]
+        result[str(n)] = {"accuracy": hit.float().mean().item(), "logp_gain": gain.mean().item()}
     return result
 
 
@@ -322,8 +322,6 @@ def generation_report(model: GPT, reference: GPT, data: np.ndarray,
     collapsed in place (1 - that fraction of tokens re-entered soft: nuance), and the OOD score over time
     (means over blocks of 32 steps). Soft tokens are expected embeddings; shown tokens are sampled from the LM head
     (`lm_sample`), so threshold 0 is ordinary sampling."""
-    from softar.generate import Decoding, generate
-
     model.eval()
     ids = _windows(data, prompt_len, prompts, seed, model.embed.weight.device)
     rows = []
@@ -364,7 +362,8 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
     data_dir = data_dir or run.cfg.data.dir
     lay = run.model.layout
     block = run.cfg.model.block_size
-    horizons = horizons or tuple(k for k in DEFAULT_HORIZONS if k < block)
+    if horizons is None:
+        horizons = tuple(k for k in DEFAULT_HORIZONS if k < block)
     for k in horizons:
         if not 1 <= k < block:
             raise SoftarError(f"--horizons: {k} must be in [1, model.block_size={block})")

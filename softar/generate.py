@@ -135,11 +135,12 @@ def _generate_layout(model: GPT, ids: torch.Tensor, max_new_tokens: int, dec: De
             score = ood_score(dec.collapse_score, E, v, out["logits"][:, -1], nxt)
             collapsed = score > dec.collapse_threshold
         state.push(v, nxt, collapsed, score, E, budget)
-        n_soft = state.soft_vec.shape[1]  # the soft region holds the newest generated tokens
-        by_policy[:, g + 1 - n_soft : g + 1] |= state.soft_done
+        n_soft = state.soft_vec.shape[1]  # the soft region holds the newest generated tokens (none if K = 0)
+        by_policy[:, g] = collapsed
+        by_policy[:, g + 1 - n_soft : g + 1] |= state.soft_done  # and what the budget collapsed
         new[:, g], scores[:, g] = nxt, score
-        if trace is not None:
-            trace.append(state.soft_vec[:, -1])
+        if trace is not None:  # what entered the context for this token
+            trace.append(torch.where(collapsed[:, None], E[nxt], v))
     if report is not None:
         report.update(state=state, scores=scores, by_policy=by_policy)
     return torch.cat([ids, new], dim=1)

@@ -61,7 +61,7 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
 
     print(f"[4/4] soft generation from {seed_dir}: 300 characters; [ ] marks characters that re-entered the "
           f"context as soft tokens (the rest were collapsed in place: entropy > {SOFT_THRESHOLD} nats)", flush=True)
-    device = pick_device("auto")
+    device = pick_device(seed_cfg.train.device)
     run = load_run(seed_dir, device)
     gen = torch.Generator(device).manual_seed(run.cfg.train.seed)
     prompt = torch.tensor([run.tokenizer.encode("\n")], device=device)

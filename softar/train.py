@@ -342,9 +342,8 @@ class Trainer:
 
         with Preemption() as preempt:
             while self.step < t.max_iters:
-                lr = lr_at(self.step, t)
                 loss, bad = self.train_step()
-                pending.append((self.step, lr, loss))
+                pending.append((self.step, self.opt.param_groups[0]["lr"], loss))
                 if bad:
                     self.skipped += 1
                     bad_run += 1

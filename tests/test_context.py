@@ -306,3 +306,17 @@ def test_normalize_leaves_empty_slots_at_zero():
     W2, c2 = summary_weights(torch.tensor([[3, 3, 1]]), torch.tensor([3]), layout(aggregate=1, segments=1,
                                                                                  segment_len=1), 4)
     assert W2.tolist() == [[[0, 0, 0, 2], [0, 1, 0, 0]]] and c2.tolist() == [[2, 1]]
+
+
+def test_layout_without_soft_slots_samples_softly():
+    """With no soft slots every generated token is collapsed as it enters: the trace holds its embedding, and a
+    threshold decision is still recorded as the policy's."""
+    from softar.generate import Decoding, generate
+
+    model = tiny_layout_model()
+    trace: list = []
+    report: dict = {}
+    dec = Decoding(mode="soft", collapse_kind="lm_argmax", collapse_threshold=0.0)
+    out = generate(model, torch.tensor([[1, 2, 3]]), 6, decoding=dec, trace=trace, report=report)
+    assert len(trace) == 6 and all(torch.equal(v[0], model.embed.weight[t]) for v, t in zip(trace, out[0, 3:]))
+    assert report["by_policy"].all() and report["state"].soft_vec.shape[1] == 0

@@ -39,7 +39,7 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
     cfg = config.load(cfg_path, [*overrides, f"train.seed={seed}"])
     train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet)
     fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may have different windows
-    result = evaluate_run(run_dir, windows=windows, horizons=fits or None, seed=0, device_name=cfg.train.device)
+    result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
     return result
 
@@ -66,8 +66,10 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
         for name in names or ():
             if name not in stems:
                 raise SoftarError(f"sweep {flag}: {name!r} is not one of the configs ({', '.join(stems)})")
-    for c in configs:  # fail on a bad config before any run starts
-        config.load(c, overrides)
+    loaded = {Path(c).stem: config.load(c, overrides) for c in configs}  # fail on a bad config before any run
+    if generation is not None and not loaded[generation[1]].context.plain:
+        raise SoftarError(f"sweep --generation: the reference {generation[1]!r} has a context layout; it must be a "
+                          "plain hard-token config")
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict]] = {}
     for c in configs:
