@@ -12,8 +12,8 @@ from softar.config import Config, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
 from softar.device import autocast, pick_device, set_threads
 from softar.generate import Decoding, generate
-from softar.model import GPT
-from softar.train import make_optimizer
+from softar.soft.model import build_model
+from softar.train import make_optimizer, optimizer_step
 
 
 def _sync(device: torch.device) -> None:
@@ -49,27 +49,21 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeat
 def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
     meta = load_meta(cfg.data.dir)
     cfg = resolve(cfg, meta["vocab_size"])
-    m, t = cfg.model, cfg.train
+    t = cfg.train
     device = pick_device(t.device)
     set_threads(t.threads)
     torch.manual_seed(t.seed)
-    model = GPT(m, cfg.loss, cfg.context).to(device)
+    model = build_model(cfg).to(device)
     opt = make_optimizer(model, t, device)
     fwd = torch.compile(model) if t.compile else model
     amp = autocast(device, t.dtype)
     lay = model.layout
-    sampler = WindowSampler(load_split(cfg.data.dir, "train"), lay.tokens, t.batch_size, t.seed, history=lay.history)
+    sampler = WindowSampler(load_split(cfg.data.dir, "train"), lay.token_slots, t.batch_size, t.seed,
+                            history=lay.history)
     batches = [tuple(v.to(device) for v in sampler.next_batch()) for _ in range(t.grad_accum)]
 
-    def step() -> None:
-        for x, y, *hist in batches:
-            with amp:
-                loss = fwd(x, targets=y, history=tuple(hist) or None)[0] / t.grad_accum
-            loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step() -> None:  # the training loop's own step
+        optimizer_step(model, fwd, opt, batches, t.grad_clip, amp)
 
     for _ in range(warmup):
         step()
@@ -83,7 +77,7 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
         peaks.append(matmul_peak(device, peak_dtype, sizes=(size,))["flops"])
         step_times.append(_median_time(step, device, max(1, steps // rounds)))
     peak, step_s = max(peaks), min(step_times)
-    tokens = t.batch_size * t.grad_accum * lay.tokens
+    tokens = t.batch_size * t.grad_accum * lay.token_slots
     tok_s = tokens / step_s
     flops = tok_s * model.flops_per_token()
     median_flops = tokens / statistics.median(step_times) * model.flops_per_token()
@@ -117,7 +111,7 @@ def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
     device = pick_device(cfg.train.device)
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model, cfg.loss, cfg.context).to(device).eval()
+    model = build_model(cfg).to(device).eval()
     result = {"bench": "sample", "device": str(device), "batch_size": 1, "new_tokens": new_tokens,
               "block_size": cfg.model.block_size}
     if not model.layout.plain:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -161,3 +162,23 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], plain: dict) -> dic
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in plain["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def rename_params(ckpt: Checkpoint, rename: Callable[[str], str]) -> Checkpoint:
+    """The same checkpoint with every parameter name mapped through `rename`: the model's tensors and the
+    optimizer's per-parameter state (whose keys are '<name>/<field>') and parameter groups."""
+    def re_key(key: str) -> str:
+        owner, sep, field = key.rpartition("/")
+        return f"{rename(owner)}{sep}{field}" if sep else rename(key)
+
+    tensors = dict(ckpt.tensors)
+    if "model" in tensors:
+        tensors["model"] = {rename(k): v for k, v in tensors["model"].items()}
+    meta = ckpt.meta
+    opt = meta.get("optimizer")
+    if "optimizer" in tensors and opt and not opt.get("int_keys", True):
+        tensors["optimizer"] = {re_key(k): v for k, v in tensors["optimizer"].items()}
+        opt = {**opt, "scalars": {re_key(k): v for k, v in opt["scalars"].items()},
+               "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in opt["param_groups"]]}
+        meta = {**meta, "optimizer": opt}
+    return replace(ckpt, tensors=tensors, meta=meta)

@@ -93,7 +93,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from softar.evaluate import evaluate_run
+    from softar.evaluate.run import evaluate_run
 
     horizons = tuple(a.horizons) if a.horizons else None
     result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device,
@@ -102,31 +102,58 @@ def cmd_eval(a: argparse.Namespace) -> None:
     _emit(result, Path(a.run_dir) / f"eval_{a.split}.json")
 
 
+def _soft_args(pairs: list[str]) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise SoftarError(f"--soft-arg: expected NAME=NUMBER, got {pair!r}")
+    return out
+
+
 def cmd_sample(a: argparse.Namespace) -> None:
     import torch
 
-    from softar.collapse import similarity
+    from softar.config import SoftConfig
     from softar.device import pick_device
     from softar.generate import Decoding, generate
-    from softar.rundir import load_run
+    from softar.rundir import load_hf, load_run
+    from softar.soft.collapse import CollapsePolicy, similarity
+    from softar.soft.tokens import spec_problem
 
     device = pick_device(a.device)
-    run = load_run(a.run_dir, device)
+    if a.hf:
+        if a.run_dir and "=" not in a.run_dir:
+            raise SoftarError("give either a run directory or --hf DIR, not both")
+        run = load_hf(a.hf, device, ([a.run_dir] if a.run_dir else []) + a.overrides)
+    elif not a.run_dir:
+        raise SoftarError("give a run directory, or --hf DIR for a Hugging Face model")
+    else:
+        if a.overrides:
+            raise SoftarError(f"unrecognized arguments: {' '.join(a.overrides)}")
+        run = load_run(a.run_dir, device)
     ids = run.tokenizer.encode(a.prompt)
     if not ids:
         raise SoftarError("--prompt encodes to no tokens; give at least one character")
-    if a.soft == "regress" and run.model.vector_head is None:
-        raise SoftarError("--soft regress needs a run trained with model.vector_head = true")
-    if a.collapse == "head" and run.model.collapse_head is None:
+    soft = SoftConfig(kind="gated" if a.mode == "gated" else a.soft, top_k=a.soft_top_k,
+                      args=_soft_args(a.soft_arg), noise=a.noise, noise_scale=a.noise_scale)
+    problem = spec_problem(soft, vector_head=getattr(run.model.lm, "vector_head", None) is not None)
+    if problem:
+        flag = {"soft.kind": "--soft", "soft.args": "--soft-arg", "soft.top_k": "--soft-top-k", "soft.noise": "--noise",
+                "soft.noise_scale": "--noise-scale"}[problem[0]]
+        raise SoftarError(f"{flag}: {problem[1]}")
+    if a.collapse == "head" and getattr(run.model.lm, "collapse_head", None) is None:
         raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
     dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
-                   top_p=a.top_p, soft_kind="gated" if a.mode == "gated" else a.soft, soft_top_k=a.soft_top_k,
-                   collapse_kind=a.collapse, noise=a.noise, noise_scale=a.noise_scale,
-                   collapse_score=a.collapse_score, collapse_threshold=a.collapse_threshold,
-                   soft_budget=a.soft_budget)
+                   top_p=a.top_p, soft=soft, collapse=a.collapse,
+                   policy=CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget))
     gen = torch.Generator(device).manual_seed(a.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    E = run.model.embed.weight
+    E = run.model.E
     layout = not run.model.layout.plain
     for i in range(a.num_samples):
         trace: list = []
@@ -228,8 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 0,1,2,3,4,4.5,5,5.5,6,inf)")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("sample", help="generate text from a trained run")
-    s.add_argument("run_dir")
+    from softar.soft.collapse import COLLAPSES, OOD_SCORES
+    from softar.soft.tokens import NOISES, SOFT_TOKENS
+
+    s = sub.add_parser("sample", help="generate text from a trained run (or a Hugging Face model: --hf DIR)")
+    s.add_argument("run_dir", nargs="?", help="a run directory (with --hf: context.* / soft.* overrides follow)")
+    s.add_argument("--hf", metavar="DIR", help="a Hugging Face causal LM saved with save_pretrained "
+                                              "(pip install 'softar[hf]')")
     s.add_argument("--prompt", default="\n")
     s.add_argument("--max-new-tokens", type=_positive_int, default=500)
     s.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 is greedy")
@@ -240,15 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["hard", "soft", "gated"], default="hard",
                    help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
                         "gated: soft with the entropy-gated soft token")
-    s.add_argument("--soft", choices=["expected", "regress", "hidden", "gated"], default="expected",
-                   help="soft mode: what re-enters the context")
+    s.add_argument("--soft", choices=list(SOFT_TOKENS), default="expected",
+                   help="soft mode: what re-enters the context: " + "; ".join(
+                       f"{d.name}: {d.doc}" for d in SOFT_TOKENS.values()).replace("%", "%%"))
+    s.add_argument("--soft-arg", action="append", default=[], metavar="NAME=NUMBER",
+                   help="a parameter of the soft token, e.g. beta=2 for moi (repeatable)")
     s.add_argument("--soft-top-k", type=_nonneg_int, default=0, help="expected/gated over the top-k; 0: all")
-    s.add_argument("--collapse", choices=["nn_l2", "nn_cos", "sample_sim", "lm_argmax", "lm_sample", "head"],
+    s.add_argument("--collapse", choices=list(COLLAPSES),
                    default="nn_l2", help="soft mode: how a soft token becomes the token shown")
-    s.add_argument("--noise", choices=["none", "gaussian", "dirichlet", "gumbel"], default="none",
+    s.add_argument("--noise", choices=list(NOISES), default="none",
                    help="soft mode: noise on each soft token before it re-enters")
     s.add_argument("--noise-scale", type=_nonneg_float, default=0.0)
-    s.add_argument("--collapse-score", choices=["none", "entropy", "l2r", "nn_dist"], default="entropy",
+    s.add_argument("--collapse-score", choices=list(OOD_SCORES), default="entropy",
                    help="layout models: the OOD score that collapses a soft token in place")
     s.add_argument("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
                    help="layout models: collapse a soft token in place when its score is above this (inf: never)")
@@ -258,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print each position's nearest tokens and distances (and, for layout models, where it "
                         "sits in the memory hierarchy)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.set_defaults(fn=cmd_sample)
+    s.set_defaults(fn=cmd_sample, overrides=[])
 
     s = sub.add_parser("bench", help="measure training throughput, sampling speed, or fault tolerance")
     s.add_argument("kind", choices=["train", "sample", "faults"])

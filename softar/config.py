@@ -40,7 +40,9 @@ class ModelConfig:
     embedding: Literal["learned", "random", "checkpoint", "pretrained"] = "learned"
     embedding_from: str = ""  # run directory whose E is used when embedding = "checkpoint"
     vector_head: bool = False  # y = W h in R^m, trained by regression to the next token's embedding
-    collapse_head: bool = False  # a learned collapse: an MLP from the last hidden state onto R^m
+    collapse_head: bool = False  # a learned collapse: an MLP from a layer where the whole context is mixed onto R^m
+    collapse_layer: int = -1  # the collapse head's input: -1 the last layer; k in 0..n_layer the stream after k blocks
+    collapse_mix: bool = False  # the collapse head reads a learned softmax mix of all layers instead
 
     @property
     def m(self) -> int:
@@ -90,17 +92,26 @@ class LossConfig:
     infonce_temperature: float = 0.1
     vmf: float = 0.0  # von Mises-Fisher NLL of the vector head
     collapse: float = 0.0  # collapse head: MSE to the next token's embedding
-    # parallel scheduled sampling: this fraction of input positions gets the model's own soft token from a first pass
+    # parallel scheduled sampling: this fraction of input positions gets the model's own soft token (section
+    # [soft]) from a first pass
     soft_inputs: float = 0.0
-    soft_kind: Literal["expected", "regress", "hidden", "gated"] = "expected"
-    soft_top_k: int = 0  # expected/gated soft tokens over the top-k renormalised; 0: all
-    noise: Literal["none", "gaussian", "dirichlet", "gumbel"] = "none"  # on soft inputs
+
+
+@dataclass
+class SoftConfig:
+    """What a soft token is (a name in `softar.soft.tokens.SOFT_TOKENS`) and the noise put on it: one spec for
+    training (soft slots, soft inputs), decoding (`softar sample`) and evaluation."""
+
+    kind: str = "expected"
+    top_k: int = 0  # distribution-based soft tokens over the top-k renormalised; 0: all
+    args: dict[str, float] = field(default_factory=dict)  # the definition's own parameters, e.g. {beta = 1.0}
+    noise: str = "none"  # a name in `softar.soft.tokens.NOISES`; applied in training and decoding, never in eval
     noise_scale: float = 0.0
 
 
 @dataclass
 class ContextConfig:
-    """The window's layout: model.block_size slots as [aggregate][segments][hard][soft] (DESIGN.md, "Context
+    """The window's layout: model.block_size slots as [aggregate][segments][hard][soft] (docs/design.md, "Context
     layout"). The hard region gets what the other three leave; aggregate = segments = soft = 0 is a plain GPT."""
 
     aggregate: int = 0  # 0 or 1 slot summing all history older than the segments
@@ -131,6 +142,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    soft: SoftConfig = field(default_factory=SoftConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,6 +156,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")
         return value
+    if origin is dict:  # dict[str, float]: a table of named numbers
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return {k: _check_type(f"{key}.{k}", v, typing.get_args(tp)[1]) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:
@@ -165,10 +181,26 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+# keys that moved: configs written before the [soft] section still load
+LEGACY_KEYS = {("loss", "soft_kind"): ("soft", "kind"), ("loss", "soft_top_k"): ("soft", "top_k"),
+               ("loss", "noise"): ("soft", "noise"), ("loss", "noise_scale"): ("soft", "noise_scale")}
+
+
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for (old_s, old_k), (new_s, new_k) in LEGACY_KEYS.items():
+        if isinstance(raw.get(old_s), dict) and old_k in raw[old_s]:
+            value = raw[old_s].pop(old_k)
+            if isinstance(raw.setdefault(new_s, {}), dict):
+                raw[new_s].setdefault(new_k, value)
+    return raw
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested dicts, checking every section, key and type."""
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a table of sections")
+    raw = _upgrade(raw)
     sections = {f.name: f for f in dataclasses.fields(Config)}
     built = {}
     for name, values in raw.items():
@@ -266,7 +298,7 @@ def validate(cfg: Config) -> None:
          "must name a run directory when model.embedding = 'checkpoint'")
     need(bool(cfg.data.dir), "data.dir", "must not be empty")
     lc = cfg.loss
-    for key in ("ce", "mse", "cosine", "infonce", "vmf", "collapse", "noise_scale", "soft_top_k"):
+    for key in ("ce", "mse", "cosine", "infonce", "vmf", "collapse"):
         need(getattr(lc, key) >= 0, f"loss.{key}", "must be >= 0")
     need(lc.ce + lc.mse + lc.cosine + lc.infonce + lc.vmf > 0, "loss.ce", "at least one of loss.ce, loss.mse, "
          "loss.cosine, loss.infonce, loss.vmf must be positive")
@@ -275,7 +307,10 @@ def validate(cfg: Config) -> None:
     for key in ("mse", "cosine", "infonce", "vmf"):
         need(getattr(lc, key) == 0 or m.vector_head, f"loss.{key}", "needs model.vector_head = true")
     need(lc.collapse == 0 or m.collapse_head, "loss.collapse", "needs model.collapse_head = true")
-    need(lc.soft_kind != "regress" or m.vector_head, "loss.soft_kind", "'regress' needs model.vector_head = true")
+    need(-1 <= m.collapse_layer <= m.n_layer, "model.collapse_layer", f"must be in [-1, model.n_layer={m.n_layer}]")
+    need(cfg.soft.top_k >= 0, "soft.top_k", "must be >= 0")
+    need(cfg.soft.noise_scale >= 0, "soft.noise_scale", "must be >= 0")
+    # soft.kind, soft.args and soft.noise name registry entries: softar.soft checks them when it builds a model
     for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                 "keep_last", "max_bad_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")

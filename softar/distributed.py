@@ -75,15 +75,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, world: World, device: torch.device, strategy: str) -> nn.Module:
-    """DDP replicates the model; FSDP2 (`fully_shard`) shards parameters, gradients and optimizer state."""
+def wrap(model: nn.Module, world: World, device: torch.device, strategy: str,
+         units: list[nn.Module] | tuple = ()) -> nn.Module:
+    """DDP replicates the model; FSDP2 (`fully_shard`) shards parameters, gradients and optimizer state, each of
+    `units` (e.g. the transformer blocks) as its own group, then the rest."""
     if not world.active:
         return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.backbone.blocks:
-            fully_shard(block)
+        for unit in units:
+            fully_shard(unit)
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel

@@ -1,12 +1,14 @@
 """Fault injection against real `softar train` processes: kill -9 at random moments, SIGTERM preemption, and
 injected non-finite steps. Used by the tests and by `softar bench faults`, which writes the table in
-docs/reliability.md. Every figure comes from runs it starts and kills itself."""
+docs/reliability.md. Every figure comes from runs it starts and kills itself.
+
+Non-finite steps are injected from outside the production code: `python -m softar.inject --nan-steps 5,6 train ...`
+runs `softar train ...` with a forward hook that turns those steps' losses into NaN (`nan_steps`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -16,12 +18,36 @@ from pathlib import Path
 
 from softar.checkpoint import latest_checkpoint, load_checkpoint
 from softar.rundir import CHECKPOINTS, CONFIG_FILE, METRICS_FILE
-from softar.train import FAULT_NAN_ENV
+from softar.train import Trainer
 
 
-def train_command(config: str, overrides: list[str], out: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "softar", "train", config, *overrides, "--out", str(out), "--quiet"] + (
+def train_command(config: str, overrides: list[str], out: Path, resume: bool, nan: list[int] = ()) -> list[str]:
+    """The command line of a real `softar train` process (with `nan`: through this module, poisoning those steps)."""
+    entry = ["softar.inject", "--nan-steps", ",".join(map(str, nan))] if nan else ["softar"]
+    return [sys.executable, "-m", *entry, "train", config, *overrides, "--out", str(out), "--quiet"] + (
         ["--resume"] if resume else [])
+
+
+@contextlib.contextmanager
+def nan_steps(steps: set[int]):
+    """While active, every Trainer's optimizer steps numbered in `steps` (1-based) get a NaN loss: a forward hook
+    on the model multiplies its loss by NaN, so the gradients are non-finite too."""
+    original = Trainer.train_step
+
+    def train_step(self: Trainer):
+        if self.step + 1 not in steps:
+            return original(self)
+        poison = self.net.register_forward_hook(lambda module, args, out: (out[0] * float("nan"), out[1]))
+        try:
+            return original(self)
+        finally:
+            poison.remove()
+
+    Trainer.train_step = train_step
+    try:
+        yield
+    finally:
+        Trainer.train_step = original
 
 
 def logged_losses(out: Path) -> dict[int, float]:
@@ -80,9 +106,8 @@ def inject(config: str, overrides: list[str], workdir: Path, kills: int = 5, sig
 
 def inject_nan(config: str, overrides: list[str], workdir: Path, steps: list[int]) -> dict:
     """Make `steps` non-finite; report how the run handled them."""
-    env = {**os.environ, FAULT_NAN_ENV: ",".join(map(str, steps))}
     out = workdir / f"nan_{'_'.join(map(str, steps))}"
-    proc = subprocess.run(train_command(config, overrides, out, False), capture_output=True, text=True, env=env)
+    proc = subprocess.run(train_command(config, overrides, out, False, nan=steps), capture_output=True, text=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
     return {"steps": steps, "returncode": proc.returncode, "checkpoint_step": checkpoint_step(out),
             "skipped_steps": result["skipped_steps"] if result else None,
@@ -122,3 +147,4 @@ def fault_report(config_path: str, overrides: list[str], cfg, out: Path, kills: 
     (out / "faults.md").write_text("\n".join(lines) + "\n")
     shutil.rmtree(work)
     return {"bench": "faults", "ckpt_interval": ckpt_interval, "rows": rows}
+

@@ -1,4 +1,4 @@
-"""Training losses."""
+"""Training losses: pure functions of tensors, and the one objective that weighs them."""
 
 from __future__ import annotations
 
@@ -45,27 +45,29 @@ def vmf_nll(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (-log_c.to(y.dtype) - (y * F.normalize(target, dim=-1)).sum(-1)).mean()
 
 
-def training_objective(model, inputs: torch.Tensor, targets: torch.Tensor, lc,
-                       history: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
-    """The weighted sum of the configured losses for token vectors [B, T, m] and next-token targets [B, T].
+def part_names(lc) -> list[str]:
+    """The losses `objective` computes for a `LossConfig`, in the order it returns them."""
+    names = ["ce"] if lc.ce else []
+    names += ["mse", "cosine"] if lc.mse or lc.cosine else []
+    return names + [name for name in ("infonce", "vmf", "collapse") if getattr(lc, name)]
 
-    The window is built by `GPT.fill_window`: summary slots from the history, and the model's own soft tokens
-    (from a first pass without gradients) in the soft region and at a random lc.soft_inputs fraction of positions.
-    Losses are taken at the token slots only."""
-    E = model.embed.weight
-    window = model.fill_window(inputs, history, lc.soft_inputs)
-    out = model.heads(model.hidden(window)[:, model.layout.n_summary :])
-    target_emb = E[targets].detach()  # stop-gradient: regression never pulls E towards itself
+
+def objective(out, targets: torch.Tensor, E: torch.Tensor, lc) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted sum of the configured losses (`LossConfig` weights; 0 switches one off) of a model's outputs
+    at its token slots (`softar.model.Outputs`, [B, T, ...]) against next-token targets [B, T]. Returns (loss,
+    parts), every part unweighted, in `part_names` order. Regression targets are stop-gradient: regression never
+    pulls E towards itself."""
+    target_emb = E[targets].detach()
     parts: dict[str, torch.Tensor] = {}
     if lc.ce:
-        parts["ce"] = lm_loss(out["logits"], targets)
+        parts["ce"] = lm_loss(out.logits, targets)
     if lc.mse or lc.cosine:
-        parts.update(regression_losses(out["y"], target_emb))
+        parts.update(regression_losses(out.y, target_emb))
     if lc.infonce:
-        parts["infonce"] = info_nce(out["y"], E, targets, lc.infonce_temperature)
+        parts["infonce"] = info_nce(out.y, E, targets, lc.infonce_temperature)
     if lc.vmf:
-        parts["vmf"] = vmf_nll(out["y"], target_emb)
+        parts["vmf"] = vmf_nll(out.y, target_emb)
     if lc.collapse:
-        parts["collapse"] = (out["c"] - target_emb).pow(2).mean()
+        parts["collapse"] = (out.c - target_emb).pow(2).mean()
     loss = sum(getattr(lc, name) * value for name, value in parts.items())
     return loss, parts

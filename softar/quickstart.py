@@ -14,6 +14,7 @@ from softar.data.prepare import prepare
 from softar.device import pick_device
 from softar.generate import Decoding, generate
 from softar.rundir import CONFIG_FILE, load_run
+from softar.soft.collapse import CollapsePolicy
 from softar.train import train
 
 QUICKSTART_CONFIG = "shakespeare_char.toml"  # the baseline: nanoGPT's CPU recipe
@@ -65,8 +66,8 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
     run = load_run(seed_dir, device)
     gen = torch.Generator(device).manual_seed(run.cfg.train.seed)
     prompt = torch.tensor([run.tokenizer.encode("\n")], device=device)
-    dec = Decoding(mode="soft", temperature=0.8, top_k=200, collapse_kind="lm_sample",
-                   collapse_threshold=SOFT_THRESHOLD)
+    dec = Decoding(mode="soft", temperature=0.8, top_k=200, collapse="lm_sample",
+                   policy=CollapsePolicy(threshold=SOFT_THRESHOLD))
     report: dict = {}
     ids = generate(run.model, prompt, 300, generator=gen, decoding=dec, report=report)[0, 1:].tolist()
     soft = (~report["by_policy"][0]).tolist()

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from softar import SoftarError
-from softar.checkpoint import latest_checkpoint, load_checkpoint
+from softar.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, rename_params
 from softar.config import Config, from_dict
 from softar.data.dataset import load_meta, sha256_file
+from softar.data.glove import PRETRAINED_FILE
 from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from softar.model import GPT
-from softar.model.embedding import PRETRAINED_FILE
+from softar.soft.model import SoftAR, build_model, check_soft_spec, upgrade_param_name
 
 CONFIG_FILE = "config.json"  # the resolved config
 RUN_FILE = "run.json"  # seed, versions, data fingerprint, command line
@@ -48,7 +48,12 @@ def check_data(run_dir: Path, data_dir: str | Path) -> None:
         raise SoftarError(f"data in {data_dir} differs from the data {run_dir} was trained on")
 
 
-def load_embedding(model: GPT, cfg: Config) -> None:
+def load_model_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
+    """A checkpoint with today's parameter names, whatever softar version wrote it."""
+    return rename_params(load_checkpoint(path, device), upgrade_param_name)
+
+
+def load_embedding(model: SoftAR, cfg: Config) -> None:
     """Copy a frozen E into `model`: another run's (model.embedding = "checkpoint") or the data's pretrained vectors
     (model.embedding = "pretrained"), checking its shape."""
     if cfg.model.embedding == "checkpoint":
@@ -56,23 +61,23 @@ def load_embedding(model: GPT, cfg: Config) -> None:
         path = latest_checkpoint(source / CHECKPOINTS)
         if path is None:
             raise SoftarError(f"model.embedding_from: {source} has no checkpoint to take E from")
-        E = load_checkpoint(path).tensors["model"]["embed.weight"]
+        E = load_model_checkpoint(path).tensors["model"]["lm.embed.weight"]
     else:
         key, source = "model.embedding", Path(cfg.data.dir) / PRETRAINED_FILE
         if not source.is_file():
             raise SoftarError(f"model.embedding: 'pretrained' needs {source} (softar prepare --tokenizer glove)")
         E = load_file(str(source))["E"]
-    if E.shape != model.embed.weight.shape:
+    if E.shape != model.E.shape:
         raise SoftarError(f"{key}: E in {source} is {list(E.shape)}, this model needs "
-                          f"{list(model.embed.weight.shape)} (model.d_embed sets m)")
+                          f"{list(model.E.shape)} (model.d_embed sets m)")
     with torch.no_grad():
-        model.embed.weight.copy_(E)
+        model.E.copy_(E)
 
 
 @dataclass
 class LoadedRun:
     cfg: Config
-    model: GPT
+    model: SoftAR
     tokenizer: Tokenizer
     step: int
 
@@ -86,8 +91,29 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     path = latest_checkpoint(run_dir / CHECKPOINTS)
     if path is None:
         raise SoftarError(f"{run_dir} has no checkpoint yet")
-    ckpt = load_checkpoint(path, device)
-    model = GPT(cfg.model, cfg.loss, cfg.context).to(device)
+    ckpt = load_model_checkpoint(path, device)
+    model = build_model(cfg).to(device)
     model.load_state_dict(ckpt.tensors["model"])
     model.eval()
     return LoadedRun(cfg, model, load_tokenizer(data_dir), ckpt.meta["step"])
+
+
+def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -> LoadedRun:
+    """A Hugging Face causal LM saved with `save_pretrained`, as a SoftAR: the window defaults to the model's
+    positions; `context.*`, `soft.*` and `model.block_size` overrides give it a layout and soft tokens. Kind
+    embeddings are off unless asked for: an untrained slot encoder would only perturb a pretrained model."""
+    from softar import config
+    from softar.model.hf import HFTokenizer, HFVectorLM
+
+    lm = HFVectorLM.from_pretrained(path)
+    for ov in overrides:
+        if not ov.split("=", 1)[0].strip().startswith(("context.", "soft.", "model.block_size")):
+            raise SoftarError(f"--hf: {ov!r}: only context.*, soft.* and model.block_size apply to a Hugging Face "
+                              "model")
+    cfg = config.load(None, [f"model.block_size={lm.max_positions}", "context.kind_embeddings=false", *overrides])
+    if cfg.model.block_size > lm.max_positions:
+        raise SoftarError(f"model.block_size: {cfg.model.block_size} is more than the {lm.max_positions} positions "
+                          f"of the model in {path}")
+    check_soft_spec(cfg.soft, vector_head=False)
+    model = SoftAR(lm, cfg.model.block_size, cfg.context, cfg.soft).to(device).eval()
+    return LoadedRun(cfg, model, HFTokenizer(path), 0)

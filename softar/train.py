@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import signal
 import sys
@@ -21,7 +20,6 @@ import softar
 from softar import SoftarError
 from softar.checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_checkpoint,
@@ -31,8 +29,8 @@ from softar.config import Config, ConfigError, diff, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
 from softar.device import autocast, set_threads
 from softar.distributed import World, init_world, no_sync, wrap
-from softar.evaluate import estimate_loss, evaluate_split
-from softar.model import GPT
+from softar.evaluate.lm import estimate_loss, evaluate_split
+from softar.losses import part_names
 from softar.model.embedding import embedding_stats
 from softar.rundir import (
     CHECKPOINTS,
@@ -43,13 +41,14 @@ from softar.rundir import (
     check_data,
     data_fingerprint,
     load_embedding,
+    load_model_checkpoint,
     read_config,
 )
+from softar.soft.model import SoftAR, build_model
 
 # keys a resumed run may change without changing its history (batch_size: per rank, when the world size changes
 # and the global batch stays the same, which _load checks)
 RESUMABLE_KEYS = {"train.max_iters", "train.batch_size"}
-FAULT_NAN_ENV = "SOFTAR_FAULT_NAN_STEPS"  # fault injection for tests: "5,6" makes steps 5 and 6 non-finite
 
 
 def lr_at(step: int, t) -> float:
@@ -70,6 +69,33 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+
+
+def optimizer_step(model: torch.nn.Module, fwd, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, ...]],
+                   grad_clip: float, amp, world: World | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The one training step, which `softar bench train` times too: forward and backward over the micro-batches
+    (x, y[, history ids, history lengths]), gradients synchronised on the last one only, clipping, and the
+    optimizer step unless the loss or the gradient norm is non-finite on any rank. `fwd` is `model` or its compiled
+    form. Returns (mean loss over ranks, mean loss parts over ranks [P] in the objective's order, skipped)."""
+    world = world or World()
+    device = next(model.parameters()).device
+    sums = None
+    for micro, (x, y, *hist) in enumerate(batches):
+        with no_sync(model, micro == len(batches) - 1):  # FSDP2 reads it during backward
+            with amp:
+                loss, parts = fwd(x, targets=y, history=tuple(hist) or None)
+                loss = loss / len(batches)
+            loss.backward()
+        stacked = torch.stack([loss.detach(), *(v.detach() / len(batches) for v in parts.values())])
+        sums = stacked if sums is None else sums + stacked
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    means = world.mean(sums)
+    bad = world.any(not (math.isfinite(sums[0].item()) and math.isfinite(norm.item())), device)
+    if not bad:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return means[0], means[1:], bad
 
 
 STARTUP_FILES = {RUN_FILE}  # all a run directory holds if a start was killed before its config was saved
@@ -204,25 +230,26 @@ class Trainer:
         set_threads(t.threads)
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.gpt = GPT(m, cfg.loss, cfg.context).to(self.device)  # the model; self.model may be its DDP wrapper
-        self.layout = self.gpt.layout
-        if len(self.train_data) <= self.layout.tokens + self.layout.history:
+        self.net: SoftAR = build_model(cfg).to(self.device)  # the model; self.model may be its DDP/FSDP wrapper
+        self.layout = self.net.layout
+        self.part_names = part_names(cfg.loss)  # the loss parts logged beside the total
+        if len(self.train_data) <= self.layout.token_slots + self.layout.history:
             raise ConfigError(f"context.max_history: {self.layout.history} tokens of history plus a window do not "
                               f"fit in the train split ({len(self.train_data)} tokens)")
         if m.embedding in ("checkpoint", "pretrained"):
-            load_embedding(self.gpt, cfg)
-        self.params, self.flops_per_token = self.gpt.num_params(), self.gpt.flops_per_token()
-        self.model = wrap(self.gpt, self.world, self.device, t.parallel)  # FSDP2 shards in place
+            load_embedding(self.net, cfg)
+        self.params, self.flops_per_token = self.net.num_params(), self.net.flops_per_token()
+        blocks = getattr(getattr(self.net.lm, "backbone", None), "blocks", ())  # softAR's GPT: shard per block
+        self.model = wrap(self.net, self.world, self.device, t.parallel, blocks)  # FSDP2 shards in place
         self.opt = make_optimizer(self.model, t, self.device)
         torch.manual_seed(t.seed + self.world.rank)  # dropout draws differ per rank
         # sampled evals: as much history as the (smaller) val split allows
-        self.eval_history = min(self.layout.history, len(self.val_data) - self.layout.tokens - 1)
-        self.sampler = WindowSampler(self.train_data, self.layout.tokens, t.batch_size, t.seed, self.world.rank,
+        self.eval_history = min(self.layout.history, len(self.val_data) - self.layout.token_slots - 1)
+        self.sampler = WindowSampler(self.train_data, self.layout.token_slots, t.batch_size, t.seed, self.world.rank,
                                      self.world.size, self.layout.history)
         self.fwd = torch.compile(self.model) if t.compile else self.model
         self.amp = autocast(self.device, t.dtype)
         self.step, self.wall_before, self.train_s, self.skipped = 0, 0.0, 0.0, 0
-        self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s.strip()}
         if resume:
             self._load()
         elif self.world.is_main:
@@ -249,7 +276,7 @@ class Trainer:
         write_text_atomic(self.out / RUN_FILE, json.dumps(info, indent=2))
 
     def _load(self) -> None:
-        ckpt = load_checkpoint(latest_checkpoint(self.out / CHECKPOINTS))
+        ckpt = load_model_checkpoint(latest_checkpoint(self.out / CHECKPOINTS))
         meta = ckpt.meta
         saved_global = meta["config"]["train"]["batch_size"] * meta["world_size"]
         if saved_global != self.cfg.train.batch_size * self.world.size:
@@ -275,48 +302,33 @@ class Trainer:
 
     def evaluate(self) -> dict:
         t = self.cfg.train
-        kw = dict(block_size=self.layout.tokens, batch_size=t.batch_size, iters=t.eval_iters, device=self.device,
-                  autocast_ctx=self.amp, history=self.eval_history)
-        E = self.gpt.embed.weight
+        kw = dict(token_slots=self.layout.token_slots, batch_size=t.batch_size, iters=t.eval_iters,
+                  device=self.device, autocast_ctx=self.amp, history=self.eval_history)
+        E = self.net.E
         E = E.full_tensor() if hasattr(E, "full_tensor") else E  # FSDP2 shards it
         return {"kind": "eval", "step": self.step,
                 "train_loss": estimate_loss(self.fwd, self.train_data, seed=t.seed + self.step, **kw),
                 "val_loss": estimate_loss(self.fwd, self.val_data, seed=t.seed + self.step + 1, **kw),
                 **{f"E_{k}": v for k, v in embedding_stats(E).items()}}
 
-    def train_step(self) -> tuple[torch.Tensor, bool]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss over ranks, whether it was
-        skipped as non-finite)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over grad_accum micro-batches at this step's learning rate: (mean loss over ranks,
+        mean loss parts, whether it was skipped as non-finite)."""
         t = self.cfg.train
-        lr = lr_at(self.step, t)
         for g in self.opt.param_groups:
-            g["lr"] = lr
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(t.grad_accum):
-            x, y, *hist = (v.to(self.device, non_blocking=True) for v in self.sampler.next_batch())
-            with no_sync(self.model, micro == t.grad_accum - 1):  # FSDP2 reads it during backward
-                with self.amp:
-                    loss = self.fwd(x, targets=y, history=tuple(hist) or None)[0] / t.grad_accum
-                    if self.step + 1 in self.nan_steps:
-                        loss = loss * float("nan")
-                loss.backward()
-            loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        loss_mean = self.world.mean(loss_sum)
-        bad = self.world.any(not (math.isfinite(loss_sum.item()) and math.isfinite(norm.item())), self.device)
-        if not bad:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+            g["lr"] = lr_at(self.step, t)
+        batches = [tuple(v.to(self.device, non_blocking=True) for v in self.sampler.next_batch())
+                   for _ in range(t.grad_accum)]
+        loss, parts, bad = optimizer_step(self.model, self.fwd, self.opt, batches, t.grad_clip, self.amp, self.world)
         self.step += 1
-        return loss_mean, bad
+        return loss, parts, bad
 
     def run(self) -> dict:
         t = self.cfg.train
         main = self.world.is_main
         log = MetricsLog(self.out, self.step) if main else None
-        tokens_per_step = t.batch_size * t.grad_accum * self.layout.tokens * self.world.size  # predicted tokens
-        pending: list[tuple[int, float, torch.Tensor]] = []  # losses stay on device until a log flush
+        tokens_per_step = t.batch_size * t.grad_accum * self.layout.token_slots * self.world.size  # predicted
+        pending: list[tuple[int, float, torch.Tensor]] = []  # [loss, *parts] stays on device until a log flush
         bar = tqdm(total=t.max_iters, initial=self.step, disable=self.quiet or not main or None,
                    dynamic_ncols=True, unit="it")
         clock = {"t": time.perf_counter(), "step": self.step, "other": 0.0}  # throughput window, evals excluded
@@ -329,10 +341,12 @@ class Trainer:
             busy = max(now - clock["t"] - clock["other"], 1e-9)
             self.train_s += busy
             tok_s = (self.step - clock["step"]) * tokens_per_step / busy
-            losses = torch.stack([p[2] for p in pending]).tolist()  # one device sync per flush
+            values = torch.stack([p[2] for p in pending]).tolist()  # one device sync per flush
+            losses = [v[0] for v in values]
             if main:
-                for (s, lr_s, _), loss_v in zip(pending, losses, strict=True):
-                    log.write({"kind": "train", "step": s, "loss": loss_v, "lr": lr_s})
+                for (s, lr_s, _), v in zip(pending, values, strict=True):
+                    log.write({"kind": "train", "step": s, "loss": v[0], "lr": lr_s,
+                               **dict(zip(self.part_names, v[1:], strict=True))})
                 log.write({"kind": "perf", "step": self.step, "tokens_per_s": tok_s})
                 log.flush()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
@@ -342,8 +356,8 @@ class Trainer:
 
         with Preemption() as preempt:
             while self.step < t.max_iters:
-                loss, bad = self.train_step()
-                pending.append((self.step, self.opt.param_groups[0]["lr"], loss))
+                loss, parts, bad = self.train_step()
+                pending.append((self.step, self.opt.param_groups[0]["lr"], torch.cat([loss[None], parts])))
                 if bad:
                     self.skipped += 1
                     bad_run += 1
@@ -385,7 +399,7 @@ class Trainer:
         bar.close()
         train_wall = self.wall_before + time.perf_counter() - t0
 
-        full_val = evaluate_split(self.model, self.val_data, self.layout.tokens, self.device, self.amp,
+        full_val = evaluate_split(self.model, self.val_data, self.layout.token_slots, self.device, self.amp,
                                   self.meta["characters"]["val"], world=self.world, history=self.layout.history,
                                   soft=self.layout.soft)
         result = {

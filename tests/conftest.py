@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from softar import config
+from softar.config import ContextConfig, LossConfig, ModelConfig, SoftConfig
 from softar.data.prepare import prepare
+from softar.model import GPT
+from softar.soft.model import SoftAR
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -48,3 +51,9 @@ def tiny_cfg(char_data):
         return config.load(None, tiny_overrides(char_data, **extra))
 
     return make
+
+
+def soft_model(cfg: ModelConfig, context: ContextConfig | None = None, loss: LossConfig | None = None,
+               soft: SoftConfig | None = None) -> SoftAR:
+    """softAR's GPT with a layout, as `softar.soft.model.build_model` makes it from a whole config."""
+    return SoftAR(GPT(cfg), cfg.block_size, context, soft, loss)

@@ -43,6 +43,10 @@ def test_eval_and_sample(trained_run):
     ev = json.loads(proc.stdout.strip().splitlines()[-1])
     assert ev["split"] == "val" and ev["step"] == 8 and ev["loss"] > 0 and "bits_per_char" in ev
     assert json.loads((trained_run / "eval_val.json").read_text()) == ev
+    # every registered soft token is measured, Mixture of Inputs included, without being named anywhere but the
+    # registry
+    assert {"expected", "hidden", "gated", "moi"} <= set(ev["soft_outputs"])
+    assert {"soft_expected", "soft_moi"} <= set(ev["open_loop"]["8"])
     a = softar("sample", trained_run, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 7)
     b = softar("sample", trained_run, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 7)
     assert a.returncode == 0, a.stderr
@@ -51,6 +55,13 @@ def test_eval_and_sample(trained_run):
     assert soft.returncode == 0, soft.stderr
     rows = soft.stdout.strip().splitlines()[-5:]
     assert [int(r.split()[0]) for r in rows] == [2, 3, 4, 5, 6] and all("nearest:" in r for r in rows)
+    # Mixture of Inputs with beta 0 is the expected embedding: the same text; with beta 1 it differs
+    moi = [softar("sample", trained_run, "--mode", "soft", "--soft", "moi", "--soft-arg", f"beta={b}", "--prompt",
+                  "RO", "--max-new-tokens", 20, "--temperature", 0, "--seed", 3) for b in (0, 1)]
+    expected = softar("sample", trained_run, "--mode", "soft", "--soft", "expected", "--prompt", "RO",
+                      "--max-new-tokens", 20, "--temperature", 0)
+    assert all(p.returncode == 0 for p in (*moi, expected)), moi[0].stderr
+    assert moi[0].stdout == expected.stdout and moi[1].stdout != expected.stdout
 
 
 def test_bench(char_data, tmp_path):

@@ -73,6 +73,6 @@ def test_any_single_value_is_accepted_or_rejected_with_its_key(key, value):
     try:
         cfg = config.from_dict(raw)
     except ConfigError as e:
-        assert f"{section}.{name}" in str(e) or "model.n_head" in str(e) or "train.min_lr" in str(e)
+        assert f"{section}.{name}" in str(e)  # as the key that failed, or in the rule that names it
     else:
         assert getattr(getattr(cfg, section), name) == value

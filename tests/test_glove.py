@@ -4,9 +4,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from softar.data.glove import glove_vectors, pretrained_table
 from softar.data.prepare import prepare
 from softar.data.tokenizer import WordTokenizer, load_tokenizer
-from softar.model.embedding import glove_vectors, pretrained_table
 from softar.train import train
 
 from .conftest import tiny_overrides
@@ -43,4 +43,4 @@ def test_glove_dataset_and_a_frozen_pretrained_space(small_corpus, tmp_path):
 
     train(config.load(None, train_cfg), run, quiet=True)
     name = (run / "checkpoints/latest").read_text().strip()
-    assert torch.equal(load_file(str(run / "checkpoints" / name / "model.safetensors"))["embed.weight"], E)
+    assert torch.equal(load_file(str(run / "checkpoints" / name / "model.safetensors"))["lm.embed.weight"], E)

@@ -52,7 +52,7 @@ def load_split(data_dir: str | Path, split: str) -> np.memmap:
 
 @dataclass
 class WindowSampler:
-    """Random windows of `block_size + 1` tokens (inputs and shifted targets), as in nanoGPT; with `history` > 0,
+    """Random windows of `length + 1` tokens (inputs and shifted targets), as in nanoGPT; with `history` > 0,
     each window also comes with the up to `history` tokens before it, of which a random number (0..history) count.
 
     Under data parallelism every rank draws the same global batch of `batch_size * world` windows and keeps its
@@ -61,7 +61,7 @@ class WindowSampler:
     """
 
     data: np.ndarray
-    block_size: int
+    length: int  # input tokens per window: a model's token slots
     batch_size: int  # per rank
     seed: int
     rank: int = 0
@@ -69,9 +69,9 @@ class WindowSampler:
     history: int = 0
 
     def __post_init__(self) -> None:
-        if len(self.data) <= self.block_size + self.history:
+        if len(self.data) <= self.length + self.history:
             raise SoftarError(
-                f"split has {len(self.data)} tokens, fewer than one window of {self.block_size + 1}"
+                f"split has {len(self.data)} tokens, fewer than one window of {self.length + 1}"
                 + (f" after {self.history} tokens of history (context.max_history)" if self.history else "")
             )
         self.gen = torch.Generator().manual_seed(self.seed)
@@ -80,12 +80,12 @@ class WindowSampler:
         """(inputs [B, T], targets [B, T]), plus (history ids [B, h] newest last, history lengths [B]) when
         `history` > 0. History ids beyond a window's length are real text but do not count."""
         n = self.batch_size * self.world
-        starts = torch.randint(len(self.data) - self.block_size - self.history, (n,), generator=self.gen)
+        starts = torch.randint(len(self.data) - self.length - self.history, (n,), generator=self.gen)
         starts = starts + self.history
         lens = torch.randint(0, self.history + 1, (n,), generator=self.gen) if self.history else None
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         starts = starts[mine].tolist()
-        win = torch.from_numpy(np.stack([self.data[s : s + self.block_size + 1] for s in starts]).astype(np.int64))
+        win = torch.from_numpy(np.stack([self.data[s : s + self.length + 1] for s in starts]).astype(np.int64))
         if not self.history:
             return win[:, :-1], win[:, 1:]  # [B, T] inputs, [B, T] targets
         hist = torch.from_numpy(np.stack([self.data[s - self.history : s] for s in starts]).astype(np.int64))
@@ -98,16 +98,16 @@ class WindowSampler:
         self.gen.set_state(state)
 
 
-def sequential_windows(data: np.ndarray, block_size: int, batch_size: int, history: int = 0):
+def sequential_windows(data: np.ndarray, length: int, batch_size: int, history: int = 0):
     """Every token of a split exactly once as a target: consecutive non-overlapping windows.
 
     Yields ([B, T] inputs, [B, T] targets) with the last window shorter; used for whole-split evaluation. With
     `history` > 0 each window also gets the (up to) `history` tokens before it, as `WindowSampler` gives them."""
     n = len(data) - 1
-    starts = list(range(0, n, block_size))
+    starts = list(range(0, n, length))
     for i in range(0, len(starts), batch_size):
         group = starts[i : i + batch_size]
-        lens = [min(block_size, n - s) for s in group]
+        lens = [min(length, n - s) for s in group]
         for length in sorted(set(lens)):  # windows of one length share a batch
             ss = [s for s, n_ in zip(group, lens, strict=True) if n_ == length]
             win = torch.from_numpy(np.stack([data[s : s + length + 1] for s in ss]).astype(np.int64))
@@ -120,3 +120,10 @@ def sequential_windows(data: np.ndarray, block_size: int, batch_size: int, histo
                 hist[row, history - len(h) :] = h
             hist_len = torch.tensor([min(s, history) for s in ss])
             yield win[:, :-1], win[:, 1:], torch.from_numpy(hist), hist_len
+
+
+def random_windows(data: np.ndarray, length: int, count: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """`count` random windows of `length` tokens [count, length], drawn with their own generator (evaluation never
+    moves a training sampler)."""
+    x, y = WindowSampler(data, length - 1, count, seed).next_batch()
+    return torch.cat([x, y[:, -1:]], dim=1).to(device)

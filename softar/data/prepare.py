@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from softar import SoftarError
 from softar.data.corpus import read_corpus
 from softar.data.dataset import META_FILE, sha256_bytes, token_dtype
+from softar.data.glove import PRETRAINED_FILE, glove_vectors, pretrained_table
 from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, WordTokenizer
-from softar.model.embedding import PRETRAINED_FILE, glove_vectors, pretrained_table
 
 VAL_FRACTION = 0.1
 

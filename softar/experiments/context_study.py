@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from softar.evaluate import PASSKEY_DISTANCES, RECOVERY_HISTORY, fraction_of_gap
+from softar.evaluate.context import PASSKEY_DISTANCES, RECOVERY_HISTORY, fraction_of_gap
 
 GENERATION_FILE = "generation.json"
 
@@ -36,7 +36,7 @@ def tradeoff(out: Path, generator: str, reference: str, seeds: int, base_seed: i
     import torch
 
     from softar.data.dataset import load_split
-    from softar.evaluate import generation_report
+    from softar.evaluate.generation import generation_report
     from softar.rundir import load_run
 
     per_seed = []
@@ -91,7 +91,7 @@ def _plot_tradeoff(summary: list[dict], path: Path, generator: str, reference: s
 
 HOW_TO_READ = """## How to read this
 
-Each config's window is `model.block_size` slots, `[aggregate][segments][hard][soft]` (`softar/context.py`). A
+Each config's window is `model.block_size` slots, `[aggregate][segments][hard][soft]` (`softar/soft/window.py`). A
 segment slot is the embedding arithmetic (sum, mean, sum/sqrt(n) or decayed sum: `context.op`) of one span of the
 history just before the hard region; the aggregate covers everything older, up to `context.max_history` tokens in
 training and evaluation (unbounded in generation). Soft slots hold the model's own expected embeddings from a first

@@ -12,8 +12,9 @@ import statistics
 from pathlib import Path
 
 from softar import config
-from softar.evaluate import evaluate_run
+from softar.evaluate.run import evaluate_run
 from softar.rundir import CONFIG_FILE, METRICS_FILE
+from softar.soft.tokens import SOFT_TOKENS
 from softar.train import train
 
 EVAL_FILE = "eval.json"
@@ -97,14 +98,16 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
             "table": {n: {c: list(v) for c, v in cols.items()} for n, cols in table.items()}}
 
 
+SOFT_MODES = tuple(f"soft_{kind}" for kind in SOFT_TOKENS)  # open-loop feedback with each registered soft token
+
+
 def default_columns(horizons: tuple[int, ...]) -> list[str]:
     cols = ["loss", "bits_per_token", "soft_outputs.lm_top1", "soft_outputs.expected.nn_top1",
             "soft_outputs.regress.nn_top1", "soft_outputs.expected.l2_r", "soft_outputs.regress.l2_r",
             "brier.brier1", "brier.brier2", "brier.brierlm", "embedding.effective_rank", "embedding.mean_row_norm",
             "embedding.mean_pairwise_cosine"]
     for k in horizons:
-        cols += [f"open_loop.{k}.{m}" for m in ("teacher", "greedy", "sampled", "soft_expected", "soft_hidden",
-                                                "soft_gated", "soft_regress")]
+        cols += [f"open_loop.{k}.{m}" for m in ("teacher", "greedy", "sampled", *SOFT_MODES)]
     return cols
 
 
@@ -158,7 +161,6 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
     plt.close(fig)
 
 
-SOFT_MODES = ("soft_expected", "soft_hidden", "soft_gated", "soft_regress")
 
 
 def claims(table: dict, horizons: tuple[int, ...]) -> list[str]:

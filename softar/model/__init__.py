@@ -1,5 +1,6 @@
-"""The model: an embedding space, a transformer backbone over vectors, and output heads."""
+"""The network only: the `VectorLM` interface, softAR's GPT over vectors, and a Hugging Face backend (`hf`)."""
 
 from softar.model.gpt import GPT, KVCache
+from softar.model.interface import Hidden, Outputs, VectorLM
 
-__all__ = ["GPT", "KVCache"]
+__all__ = ["GPT", "Hidden", "KVCache", "Outputs", "VectorLM"]

@@ -1,7 +1,7 @@
 """A GPT over vectors: pre-LayerNorm transformer blocks that read slot vectors [B, T, m] plus positions.
 
-The hard-token model is a thin wrapper: ids -> E[ids] -> backbone -> tied LM head. Soft tokens and summary slots
-enter through `GPT.hidden`, which takes any vectors in R^m.
+It implements `softar.model.interface.VectorLM` and knows nothing of soft tokens, layouts or losses. The hard-token
+model is ids -> E[ids] -> hidden -> tied LM head; soft tokens and summary slots enter `hidden` as any vectors in R^m.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softar.collapse import add_noise, soft_token
-from softar.config import ContextConfig, LossConfig, ModelConfig
-from softar.context import Layout, SlotEncoder, summary_slots
+from softar.config import ModelConfig
 from softar.model.embedding import TokenEmbedding, frozen_random_table
 from softar.model.heads import CollapseHead, LMHead, VectorHead
+from softar.model.interface import Hidden, Outputs
 
 
 class KVCache:
@@ -27,9 +26,6 @@ class KVCache:
         self.kv = torch.zeros(cfg.n_layer, 2, batch_size, cfg.n_head, max_len, hd, device=device, dtype=dtype)
         self.len = 0  # filled positions
         self.max_len = max_len
-
-    def reset(self) -> None:
-        self.len = 0
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +108,10 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                keep_layers: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (the last layer after the final LayerNorm [B, T, d], the residual stream after 0..L blocks if
+        keep_layers else [])."""
         T = x.shape[1]
         if positions is None:
             start = cache.len if cache is not None else 0
@@ -126,35 +124,38 @@ class Backbone(nn.Module):
             rope = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
         if self.dropout:
             h = F.dropout(h, self.dropout, self.training)
+        layers = [h] if keep_layers else []
         for block in self.blocks:
             h = block(h, rope, cache)
+            if keep_layers:
+                layers.append(h)
         if cache is not None:
             cache.len += T
-        return self.ln_f(h)
+        return self.ln_f(h), layers
 
 
 class GPT(nn.Module):
-    """Embedding space E [V, m] + backbone + tied LM head, optional vector and collapse heads, the context layout
-    (summary and soft slots, `softar.context`) and the training objective (`forward` with targets)."""
+    """Embedding space E [V, m] + backbone + tied LM head, with optional vector and collapse heads. The collapse head
+    reads the last layer, one chosen layer (`model.collapse_layer`) or a learned mix of all (`model.collapse_mix`):
+    the seed's "layer in which all of the context has been mixed"."""
 
-    def __init__(self, cfg: ModelConfig, loss: LossConfig | None = None, context: ContextConfig | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be resolved from the data before building a model")
-        self.cfg, self.loss_cfg = cfg, loss or LossConfig()
-        context = context or ContextConfig()
-        self.layout = Layout.from_config(context, cfg.block_size)
+        self.cfg = cfg
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.m)
         self.backbone = Backbone(cfg)
         self.lm_head = LMHead(cfg.d_model, cfg.m)
         self.vector_head = VectorHead(cfg.d_model, cfg.m) if cfg.vector_head else None
         self.collapse_head = CollapseHead(cfg.d_model, cfg.m) if cfg.collapse_head else None
-        self.slots = None if self.layout.plain else SlotEncoder(self.layout, cfg.m, context.kind_embeddings,
-                                                                context.project)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # created after the init above, so models without it draw the same initial weights as before it existed
+        self.layer_mix = nn.Parameter(torch.zeros(cfg.n_layer + 1)) if cfg.collapse_head and cfg.collapse_mix \
+            else None
         if cfg.embedding != "learned":  # frozen: random rows now, or another run's E loaded by the trainer
             with torch.no_grad():
                 self.embed.weight.copy_(frozen_random_table(cfg.vocab_size, cfg.m, seed=0))
@@ -169,75 +170,35 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-               cache: KVCache | None = None) -> torch.Tensor:
-        """The vector path: slot vectors [B, T, m] -> hidden states [B, T, d]."""
-        return self.backbone(x, positions, cache)
+    @property
+    def E(self) -> torch.Tensor:
+        return self.embed.weight  # [V, m]
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h, self.embed.weight)  # [B, T, V]
+    @property
+    def _reads_layers(self) -> bool:
+        return self.collapse_head is not None and (self.layer_mix is not None or self.cfg.collapse_layer >= 0)
 
-    def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything the model emits at each position: logits [B, T, V]; h_m, the hidden state mapped to R^m;
-        y (vector head) and c (collapse head) in R^m when the model has them."""
-        h_m = self.lm_head.out_proj(h)
-        out = {"logits": F.linear(h_m, self.embed.weight), "h_m": h_m}
-        if self.vector_head is not None:
-            out["y"] = self.vector_head(h)
-        if self.collapse_head is not None:
-            out["c"] = self.collapse_head(h)
-        return out
+    def hidden(self, vectors: torch.Tensor, positions: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> Hidden:
+        """Slot vectors [B, T, m] -> hidden states [B, T, d] (and the collapse head's layer, if not the last)."""
+        last, layers = self.backbone(vectors, positions, cache, keep_layers=self._reads_layers)
+        if not layers:
+            return Hidden(last)
+        if self.layer_mix is not None:
+            mix = torch.einsum("l,lbtd->btd", self.layer_mix.softmax(0), torch.stack(layers))
+        else:
+            mix = layers[self.cfg.collapse_layer]
+        return Hidden(last, mix)
 
-    def fill_window(self, tokens: torch.Tensor, history: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    soft_fraction: float = 0.0) -> torch.Tensor:
-        """The training-time context builder: token vectors [B, n, m] (n = the layout's hard + soft slots; any n for
-        a plain model) and their history (ids [B, h] right-aligned, lengths [B]) -> the window [B, A+S+n, m].
+    def heads(self, h: Hidden) -> Outputs:
+        h_m = self.lm_head.out_proj(h.last)  # [B, T, m]
+        return Outputs(logits=F.linear(h_m, self.E), h_m=h_m,  # logits [B, T, V]
+                       y=self.vector_head(h.last) if self.vector_head is not None else None,
+                       c=self.collapse_head(h.last if h.mix is None else h.mix) if self.collapse_head is not None
+                       else None)
 
-        Soft slots get the model's own soft tokens in two passes (parallel scheduled sampling): a first pass without
-        gradients gives each position's soft token; the second reads it in the soft region, and at a random
-        `soft_fraction` of the other positions (never the first)."""
-        lay, E = self.layout, self.embed.weight
-        summary = None
-        if lay.n_summary:
-            if history is None:  # no history: empty summary slots
-                history = (tokens.new_zeros(tokens.shape[0], 0, dtype=torch.long),
-                           tokens.new_zeros(tokens.shape[0], dtype=torch.long))
-            summary = summary_slots(E, *history, lay).to(tokens.dtype)
-        n_soft = min(lay.soft, tokens.shape[1]) if self.slots is not None else 0
-
-        def window(v: torch.Tensor) -> torch.Tensor:
-            return v if self.slots is None else self.slots(summary, v, n_soft)
-
-        if n_soft or soft_fraction > 0:
-            lc = self.loss_cfg
-            with torch.no_grad():
-                first = self.heads(self.hidden(window(tokens))[:, lay.n_summary :])
-                soft = soft_token(lc.soft_kind, E, first["logits"], first.get("y"), first["h_m"], lc.soft_top_k)
-                if self.training:
-                    soft = add_noise(lc.noise, lc.noise_scale, soft, E, first["logits"])
-            guess = torch.cat([tokens[:, :1], soft[:, :-1].to(tokens.dtype)], dim=1)  # position t: guessed at t-1
-            pick = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            if soft_fraction > 0:
-                pick = torch.rand(tokens.shape[:2], device=tokens.device) < soft_fraction
-                pick[:, 0] = False
-            if n_soft:
-                pick[:, tokens.shape[1] - n_soft :] = True
-            tokens = torch.where(pick.unsqueeze(-1), guess, tokens)
-        return window(tokens)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None, history: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x: token ids [B, T] (the hard path: E[ids]) or token vectors [B, T, m]; with a layout, also the history
-        before them (ids [B, h], lengths [B]). Without targets: logits of the token slots [B, T, V]. With targets
-        [B, T]: (loss, parts) of the training objective."""
-        vectors = x if x.is_floating_point() else self.embed(x)
-        if targets is not None:
-            from softar.losses import training_objective
-
-            return training_objective(self, vectors, targets, self.loss_cfg, history)
-        if self.layout.plain:
-            return self.logits(self.hidden(vectors, positions, cache))
-        return self.logits(self.hidden(self.fill_window(vectors, history))[:, self.layout.n_summary :])
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch_size, max_len, self.E.device, self.E.dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -245,13 +206,9 @@ class GPT(nn.Module):
             n -= self.embed.weight.numel() + (self.backbone.wpe.weight.numel() if self.backbone.wpe else 0)
         return n
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per predicted token, as nanoGPT and PaLM count them: 6N for the matmuls (position
-        embeddings excluded, the tied LM head included) plus 12 * L * d * T for attention over a full window; with a
-        layout, a window's T slots predict only its hard + soft tokens, and a soft region or soft inputs add a first
-        forward pass without gradients (a third of a training pass)."""
-        c, lay = self.cfg, self.layout
+    def flops_per_position(self, context: int) -> float:
+        """As nanoGPT and PaLM count them: 6N for the matmuls (position embeddings excluded, the tied LM head
+        included) plus 12 * L * d * T for attention over a `context`-slot window."""
+        c = self.cfg
         n = self.num_params() - (self.backbone.wpe.weight.numel() if self.backbone.wpe else 0)
-        per_slot = 6 * n + 12 * c.n_layer * c.d_model * c.block_size
-        two_pass = 4 / 3 if lay.soft or self.loss_cfg.soft_inputs > 0 else 1.0  # + a forward without gradients
-        return per_slot * c.block_size / lay.tokens * two_pass  # per predicted token
+        return 6 * n + 12 * c.n_layer * c.d_model * context

@@ -1,15 +1,17 @@
-"""Training with the soft-token objectives: frozen spaces stay frozen, two-pass soft inputs train and resume exactly."""
+"""SoftAR and training with the soft-token objectives: the two-pass window, frozen spaces stay frozen, soft inputs
+train and resume exactly, old checkpoints load."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from softar import SoftarError
-from softar.config import LossConfig, ModelConfig
+from softar.config import LossConfig, ModelConfig, SoftConfig
 from softar.faults import logged_losses
-from softar.losses import training_objective
-from softar.model import GPT
+from softar.soft.model import SoftAR, upgrade_param_name
 from softar.train import train
+
+from .conftest import soft_model
 
 
 def weights(run_dir):
@@ -17,11 +19,11 @@ def weights(run_dir):
     return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
 
 
-def tiny_model(**loss) -> GPT:
+def tiny_model(soft: SoftConfig | None = None, **loss) -> SoftAR:
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=16, d_embed=8, block_size=8, vocab_size=11, vector_head=True,
                       collapse_head=True)
-    return GPT(cfg, LossConfig(**loss))
+    return soft_model(cfg, loss=LossConfig(**loss), soft=soft)
 
 
 def test_objective_sums_its_weighted_parts():
@@ -36,20 +38,37 @@ def test_objective_sums_its_weighted_parts():
 def test_regression_never_moves_E_through_its_target():
     model = tiny_model(ce=0.0, mse=1.0)
     x, y = torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))
-    loss, _ = training_objective(model, model.embed.weight.detach()[x], y, model.loss_cfg)  # inputs detached too
+    loss, _ = model(model.E.detach()[x], targets=y)  # inputs detached too
     loss.backward()
-    assert model.embed.weight.grad is None and model.vector_head.proj.weight.grad is not None
+    assert model.E.grad is None and model.lm.vector_head.proj.weight.grad is not None
 
 
-def test_soft_inputs_replace_the_chosen_fraction():
-    model = tiny_model(soft_inputs=1.0)
-    x = torch.randint(0, 11, (2, 8))
-    inputs = model.embed(x)
-    torch.manual_seed(0)
+@pytest.mark.parametrize("kind", ["expected", "regress"])
+def test_soft_inputs_replace_the_chosen_fraction(kind):
+    """Every input but the first is the model's own soft token for it, from a first pass over the true tokens;
+    with half the positions chosen, each input is either the truth or that guess."""
+    model = tiny_model(SoftConfig(kind=kind)).eval()
+    x = torch.randint(0, 11, (3, 8))
+    tokens = model.E[x]
     with torch.no_grad():
-        a, _ = training_objective(model, inputs, x, model.loss_cfg)
-        b, _ = training_objective(model, inputs, x, model.loss_cfg.__class__(soft_inputs=0.0))
-    assert not torch.equal(a, b)
+        first = model.lm.heads(model.lm.hidden(tokens))
+        guess = first.logits.softmax(-1) @ model.E if kind == "expected" else first.y
+        expected = torch.cat([tokens[:, :1], guess[:, :-1]], dim=1)
+        torch.testing.assert_close(model.fill_window(tokens, soft_fraction=1.0), expected, rtol=0, atol=0)
+        assert torch.equal(model.fill_window(tokens, soft_fraction=0.0), tokens)
+        torch.manual_seed(3)
+        half = model.fill_window(tokens, soft_fraction=0.5)
+    is_truth, is_guess = ((half == ref).all(-1) for ref in (tokens, expected))
+    assert (is_truth | is_guess).all() and is_truth[:, 0].all()
+    assert 0 < is_guess[:, 1:].float().mean() < 1
+
+
+def test_legacy_parameter_names_map_onto_today():
+    model = tiny_model()
+    names = set(model.state_dict())
+    legacy = {n.removeprefix("lm.") for n in names}  # what the GPT at the top of the model called them
+    assert {upgrade_param_name(n) for n in legacy} == names
+    assert all(upgrade_param_name(n) == n for n in names)  # today's names pass through
 
 
 @pytest.mark.parametrize("embedding", ["random", "learned"])
@@ -57,7 +76,7 @@ def test_frozen_space_stays_frozen(tiny_cfg, tmp_path, embedding):
     out = tmp_path / embedding
     train(tiny_cfg(**{"model.embedding": f'"{embedding}"', "model.vector_head": "true", "loss.mse": 1.0}), out,
           quiet=True)
-    E = weights(out)["embed.weight"]
+    E = weights(out)["lm.embed.weight"]
     from softar.model.embedding import frozen_random_table
 
     frozen = frozen_random_table(*E.shape, seed=0)
@@ -69,14 +88,15 @@ def test_embedding_from_another_run(tiny_cfg, tmp_path):
     train(tiny_cfg(), donor, quiet=True)
     out = tmp_path / "taker"
     train(tiny_cfg(**{"model.embedding": '"checkpoint"', "model.embedding_from": f'"{donor}"'}), out, quiet=True)
-    assert torch.equal(weights(out)["embed.weight"], weights(donor)["embed.weight"])
+    assert torch.equal(weights(out)["lm.embed.weight"], weights(donor)["lm.embed.weight"])
     with pytest.raises(SoftarError, match=r"model.embedding_from: E in .* is \[61, 32\], this model needs \[61, 16\] "):
         train(tiny_cfg(**{"model.embedding": '"checkpoint"', "model.embedding_from": f'"{donor}"',
                           "model.d_embed": 16}), tmp_path / "bad", quiet=True)
 
 
 def test_soft_input_training_resumes_exactly(tiny_cfg, tmp_path):
-    extra = {"loss.soft_inputs": 0.5, "loss.noise": '"gaussian"', "loss.noise_scale": 0.1}
+    extra = {"loss.soft_inputs": 0.5, "soft.noise": '"gaussian"', "soft.noise_scale": 0.1, "soft.kind": '"moi"',
+             "soft.args": "{beta = 2.0}"}
     train(tiny_cfg(**extra), tmp_path / "full", quiet=True)
     train(tiny_cfg(**extra, **{"train.max_iters": 3}), tmp_path / "split", quiet=True)
     train(tiny_cfg(**extra), tmp_path / "split", resume=True, quiet=True)

@@ -2,16 +2,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softar.config import ModelConfig
+from softar.config import ModelConfig, SoftConfig
 from softar.generate import generate
-from softar.model import GPT, KVCache
+from softar.model import VectorLM
+from softar.soft.model import SoftAR
+
+from .conftest import soft_model
 
 
-def make(pos_emb="learned", d_embed=0, bias=False, block_size=16, seed=0) -> GPT:
+def make(pos_emb="learned", d_embed=0, bias=False, block_size=16, seed=0, **extra) -> SoftAR:
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, d_embed=d_embed or 32, block_size=block_size,
-                      vocab_size=23, bias=bias, pos_emb=pos_emb)
-    return GPT(cfg).eval()
+                      vocab_size=23, bias=bias, pos_emb=pos_emb, **extra)
+    return soft_model(cfg).eval()
+
+
+def cached_logits(model: SoftAR, ids, cache):
+    return model.lm.heads(model.lm.hidden(model.E[ids], cache=cache)).logits
+
+
+def test_gpt_implements_the_interface():
+    assert isinstance(make().lm, VectorLM)
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
@@ -19,9 +30,9 @@ def make(pos_emb="learned", d_embed=0, bias=False, block_size=16, seed=0) -> GPT
 def test_hard_path_is_the_vector_path_on_embeddings(pos_emb, d_embed):
     model = make(pos_emb, d_embed)
     ids = torch.randint(0, 23, (3, 10))
-    vectors = model.embed.weight[ids]  # [B, T, m]
+    vectors = model.E[ids]  # [B, T, m]
     assert vectors.shape == (3, 10, d_embed)
-    torch.testing.assert_close(model(ids), model.logits(model.hidden(vectors)), rtol=0, atol=0)
+    torch.testing.assert_close(model(ids), model.lm.heads(model.lm.hidden(vectors)).logits, rtol=0, atol=0)
 
 
 def test_causality():
@@ -36,19 +47,19 @@ def test_causality():
 
 def test_param_count_and_flops_match_nanogpt_formula():
     model = make(bias=True)
-    c = model.cfg
+    c = model.lm.cfg
     d, L, V, T = c.d_model, c.n_layer, c.vocab_size, c.block_size
     per_block = (4 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
     expected = V * d + T * d + L * per_block + 2 * d
-    assert model.num_params() == expected
+    assert model.num_params() == model.lm.num_params() == expected
     assert model.flops_per_token() == 6 * (expected - T * d) + 12 * L * d * T
 
 
 def test_rope_attention_depends_on_relative_positions_only():
     model = make("rope")
-    x = model.embed.weight[torch.randint(0, 23, (1, 8))]
-    a = model.hidden(x, torch.arange(8))
-    b = model.hidden(x, torch.arange(100, 108))
+    x = model.E[torch.randint(0, 23, (1, 8))]
+    a = model.lm.hidden(x, torch.arange(8)).last
+    b = model.lm.hidden(x, torch.arange(100, 108)).last
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -57,10 +68,10 @@ def test_kv_cache_matches_full_forward(pos_emb):
     model = make(pos_emb)
     ids = torch.randint(0, 23, (2, 14))
     full = model(ids)
-    cache = KVCache(model.cfg, 2, 16)
-    parts = [model(ids[:, :5], cache=cache)]  # a prefill, then one token at a time, then a chunk
-    parts += [model(ids[:, t : t + 1], cache=cache) for t in range(5, 10)]
-    parts.append(model(ids[:, 10:], cache=cache))
+    cache = model.lm.new_cache(2, 16)
+    parts = [cached_logits(model, ids[:, :5], cache)]  # a prefill, then one token at a time, then a chunk
+    parts += [cached_logits(model, ids[:, t : t + 1], cache) for t in range(5, 10)]
+    parts.append(cached_logits(model, ids[:, 10:], cache))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.len == 14
 
@@ -70,7 +81,7 @@ def test_greedy_generation_with_cache_equals_without(pos_emb):
     torch.manual_seed(0)
     model = make(pos_emb, block_size=8)
     with torch.no_grad():  # sharpen the random model so greedy choices are far from ties
-        model.embed.weight.mul_(40)
+        model.E.mul_(40)
     prompt = torch.randint(0, 23, (2, 3))
     cached = generate(model, prompt, 40, temperature=0, use_cache=True)  # 40 > block_size: the window slides
     plain = generate(model, prompt, 40, temperature=0, use_cache=False)
@@ -105,18 +116,20 @@ def test_training_step_reduces_loss():
 
 
 @pytest.mark.parametrize("soft_kind, collapse_kind", [("expected", "nn_l2"), ("gated", "lm_sample"),
-                                                      ("hidden", "sample_sim"), ("regress", "head")])
+                                                      ("hidden", "sample_sim"), ("regress", "head"),
+                                                      ("moi", "lm_sample")])
 def test_soft_generation_is_seeded_and_cache_exact(soft_kind, collapse_kind):
     from softar.generate import Decoding
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, d_embed=12, block_size=8, vocab_size=23, vector_head=True,
                       collapse_head=True)
-    model = GPT(cfg).eval()
+    model = soft_model(cfg).eval()
     with torch.no_grad():
-        model.embed.weight.mul_(40)
-    dec = Decoding(mode="soft", temperature=1.0, soft_kind=soft_kind, collapse_kind=collapse_kind,
-                   noise="gaussian" if soft_kind == "gated" else "none", noise_scale=0.1)
+        model.E.mul_(40)
+    dec = Decoding(mode="soft", temperature=1.0, collapse=collapse_kind,
+                   soft=SoftConfig(kind=soft_kind, noise="gaussian" if soft_kind == "gated" else "none",
+                                   noise_scale=0.1))
     prompt = torch.randint(0, 23, (2, 3))
 
     def run(seed, cached, trace=None):
@@ -129,3 +142,23 @@ def test_soft_generation_is_seeded_and_cache_exact(soft_kind, collapse_kind):
     assert trace[0].shape == (2, 12)
     if soft_kind in ("expected", "hidden", "regress") and collapse_kind in ("nn_l2", "head"):
         assert torch.equal(a, run(5, False))  # deterministic choices: the cache changes nothing
+
+
+@pytest.mark.parametrize("layer, mix", [(-1, False), (0, False), (1, False), (2, False), (-1, True)])
+def test_collapse_head_reads_the_chosen_layer_or_a_learned_mix(layer, mix):
+    model = make(collapse_head=True, collapse_layer=layer, collapse_mix=mix)
+    lm = model.lm
+    x = model.E[torch.randint(0, 23, (2, 6))]
+    h = lm.hidden(x)
+    last, layers = lm.backbone(x, keep_layers=True)  # the residual stream after 0, 1, 2 blocks
+    assert len(layers) == 3 and torch.equal(h.last, last)
+    if mix:
+        w = lm.layer_mix.softmax(0)
+        torch.testing.assert_close(h.mix, sum(w[i] * layers[i] for i in range(3)))
+        lm.heads(h).c.sum().backward()
+        assert lm.layer_mix.grad is not None and lm.layer_mix.grad.abs().sum() > 0  # the mix is learned
+    elif layer == -1:
+        assert h.mix is None  # the last layer, after the final LayerNorm
+    else:
+        assert torch.equal(h.mix, layers[layer])
+    torch.testing.assert_close(lm.heads(h).c, lm.collapse_head(last if h.mix is None else h.mix))

@@ -1,4 +1,5 @@
-"""The context window's layout and its memory hierarchy (DESIGN.md, "Context layout").
+"""The context window: its layout, its memory hierarchy, and the one window builder (docs/design.md, "Context
+layout").
 
 A window of T = model.block_size slots, in order:
 
@@ -10,10 +11,14 @@ older than the last segment (with `aggregate_all`: all history). A summary slot 
 the slot's weighted token counts, normalised by the aggregation op: differentiable in E and computed without a loop
 over positions.
 
-Training (`summary_weights`) gives each window a history of random length. Generation (`ContextState`) moves each
+Training (`summary_slots`) gives each window a history of random length. Generation (`ContextState`) moves each
 token down the ladder as it ages: soft -> collapsed to hard -> evicted into the newest segment -> through the older
 segments -> merged into the aggregate. Its slots equal the training-time computation on the same history, and its
-memory and work per step do not depend on how long the history is.
+memory and work per step do not depend on how long the history is. Both hand (summary, token vectors, soft count)
+to `WindowBuilder`, the one place a window is put together.
+
+Names: *window slots* are all T = model.block_size slots; *token slots* are the hard + soft ones, the positions that
+predict a next token.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from torch import nn
 
 from softar.config import ContextConfig
+from softar.soft.collapse import CollapsePolicy
 
 AGGREGATE, SEGMENT, HARD, SOFT = range(4)  # slot kinds
 KIND_NAMES = ("aggregate", "segment", "hard", "soft")
@@ -58,8 +64,8 @@ class Layout:
         return self.aggregate + len(self.segments)
 
     @property
-    def tokens(self) -> int:
-        """Token slots (hard + soft): the positions that predict a next token."""
+    def token_slots(self) -> int:
+        """Hard + soft: the positions that predict a next token."""
         return self.hard + self.soft
 
     @property
@@ -78,11 +84,6 @@ class Layout:
         if self.aggregate:
             ranges.insert(0, (0 if self.aggregate_all else self.span, float("inf")))
         return ranges
-
-    def kinds(self, n_hard: int, n_soft: int) -> torch.Tensor:
-        """Slot kinds of a window [A + S + n_hard + n_soft]."""
-        return torch.tensor([AGGREGATE] * self.aggregate + [SEGMENT] * len(self.segments) + [HARD] * n_hard
-                            + [SOFT] * n_soft)
 
 
 def age_weights(layout: Layout, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,24 +129,32 @@ def summary_slots(E: torch.Tensor, hist: torch.Tensor, hist_len: torch.Tensor, l
     return normalize(W, counts, layout.op).to(E.dtype) @ E
 
 
-class SlotEncoder(nn.Module):
-    """What makes slots of different kinds distinguishable: a learned vector per kind added to each slot, and
-    optionally a learned projection + LayerNorm per kind for the aggregate, segment and soft slots (hard tokens are
-    the distribution the others are measured against). The LayerNorm's scale starts at the embedding init scale."""
+class WindowBuilder(nn.Module):
+    """The one window builder: summary slots [B, A+S, m] + token vectors [B, n, m] (the last n_soft of them soft)
+    -> the window [B, A+S+n, m]. A plain layout passes the tokens through. Otherwise it makes slots of different
+    kinds distinguishable: a learned vector per kind added to each slot, and optionally a learned projection +
+    LayerNorm per kind for the aggregate, segment and soft slots (hard tokens are the distribution the others are
+    measured against). The LayerNorm's scale starts at the embedding init scale."""
 
     def __init__(self, layout: Layout, m: int, kind_embeddings: bool, project: bool):
         super().__init__()
         self.layout = layout
-        self.kind = nn.Embedding(len(KIND_NAMES), m) if kind_embeddings else None
+        self.kind = None
+        if kind_embeddings and not layout.plain:
+            self.kind = nn.Embedding(len(KIND_NAMES), m)
+            nn.init.normal_(self.kind.weight, mean=0.0, std=0.02)
         self.proj = None
-        if project:
+        if project and not layout.plain:
             self.proj = nn.ModuleDict({k: nn.Sequential(nn.Linear(m, m, bias=False), nn.LayerNorm(m))
                                        for k in ("aggregate", "segment", "soft")})
             for p in self.proj.values():
                 nn.init.constant_(p[1].weight, 0.02)
 
-    def forward(self, summary: torch.Tensor, tokens: torch.Tensor, n_soft: int) -> torch.Tensor:
-        """summary [B, A+S, m] + tokens [B, n, m] (the last n_soft of them soft) -> window [B, A+S+n, m]."""
+    def forward(self, summary: torch.Tensor | None, tokens: torch.Tensor, n_soft: int) -> torch.Tensor:
+        if self.layout.plain:
+            return tokens
+        if summary is None:  # no history: empty summary slots
+            summary = tokens.new_zeros(tokens.shape[0], self.layout.n_summary, tokens.shape[2])
         A, n = self.layout.aggregate, tokens.shape[1]
         parts = [(summary[:, :A], AGGREGATE), (summary[:, A:], SEGMENT), (tokens[:, : n - n_soft], HARD),
                  (tokens[:, n - n_soft :], SOFT)]
@@ -218,11 +227,11 @@ class ContextState:
         self.agg_n += k
 
     def push(self, vec: torch.Tensor, ids: torch.Tensor, collapsed: torch.Tensor, score: torch.Tensor,
-             E: torch.Tensor, budget: int | None = None) -> None:
+             E: torch.Tensor, policy: CollapsePolicy | None = None) -> None:
         """Add one generated token to the soft region: its soft vector [B, m], the id it collapses to [B], whether
         it is collapsed right away [B] (hard mode, or its OOD score passed the threshold) and its score [B]. Then
-        at most `budget` soft tokens stay uncollapsed (the highest scores collapse first), and when the soft region
-        overflows its oldest token becomes the newest hard token."""
+        the policy's budget collapses the highest-scoring soft tokens beyond it, and when the soft region overflows
+        its oldest token becomes the newest hard token."""
         self.seen += 1
         vec = torch.where(collapsed[:, None], E[ids].to(vec.dtype), vec)
         self.soft_vec = torch.cat([self.soft_vec, vec[:, None]], dim=1)
@@ -230,8 +239,8 @@ class ContextState:
         self.soft_done = torch.cat([self.soft_done, collapsed[:, None]], dim=1)
         self.soft_score = torch.cat([self.soft_score, score[:, None].float()], dim=1)
         self.collapsed_by_policy += collapsed.long()
-        if budget is not None:
-            extra = budget_collapse(self.soft_score, self.soft_done, budget)
+        if policy is not None and policy.budget >= 0:
+            extra = policy.over_budget(self.soft_score, self.soft_done)
             self.soft_vec = torch.where(extra[..., None], E[self.soft_id].to(vec.dtype), self.soft_vec)
             self.soft_done |= extra
             self.collapsed_by_policy += extra.sum(1)
@@ -276,7 +285,7 @@ class ContextState:
         return W, counts
 
     def window(self, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(summary [B, A+S, m], tokens [B, n_hard + n_soft, m], n_soft): the inputs of `SlotEncoder`."""
+        """(summary [B, A+S, m], tokens [B, n_hard + n_soft, m], n_soft): the inputs of `WindowBuilder`."""
         W, counts = self.summary_weights()
         summary = normalize(W, counts, self.layout.op).to(E.dtype) @ E
         tokens = torch.cat([E[self.hard], self.soft_vec.to(E.dtype)], dim=1)
@@ -291,13 +300,3 @@ class ContextState:
         for ids in (self.hard, self.soft_id):
             total.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))
         return total
-
-
-def budget_collapse(scores: torch.Tensor, done: torch.Tensor, budget: int) -> torch.Tensor:
-    """Which soft tokens to collapse now [B, n] so that at most `budget` stay uncollapsed: the uncollapsed ones
-    with the highest OOD scores go first (ties: the oldest first)."""
-    key = torch.where(done, float("-inf"), scores.float())
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices  # ties: the oldest first
-    rank = order.argsort(dim=1)  # 0 = collapse first
-    excess = ((~done).sum(1, keepdim=True) - budget).clamp_min(0)
-    return (rank < excess) & ~done

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from softar.collapse import ood_score
 from softar.config import ContextConfig, ModelConfig
-from softar.context import ContextState, Layout, budget_collapse, normalize, summary_slots, summary_weights
 from softar.data.dataset import WindowSampler, sequential_windows
-from softar.model import GPT
+from softar.soft.collapse import OOD_SCORES, CollapsePolicy, budget_collapse
+from softar.soft.model import SoftAR
+from softar.soft.window import ContextState, Layout, WindowBuilder, normalize, summary_slots, summary_weights
+
+from .conftest import soft_model
 
 
 def layout(block=16, **ctx) -> Layout:
@@ -69,9 +71,13 @@ def test_slots_are_differentiable_in_E():
 
 def test_slot_order_and_tiers_of_the_seed_layout():
     lay = layout(block=128, aggregate=1, segments=2, soft=28, segment_len=64)
-    assert (lay.aggregate, lay.segments, lay.hard, lay.soft, lay.tokens) == (1, (64, 64), 97, 28, 125)
+    assert (lay.aggregate, lay.segments, lay.hard, lay.soft, lay.token_slots) == (1, (64, 64), 97, 28, 125)
     assert lay.slot_ranges() == [(128, math.inf), (64, 128), (0, 64)]  # window order: oldest first
-    assert lay.kinds(97, 28).tolist() == [0, 1, 1] + [2] * 97 + [3] * 28
+    builder = WindowBuilder(lay, 4, kind_embeddings=True, project=False)
+    with torch.no_grad():
+        builder.kind.weight.copy_(torch.arange(4.0)[:, None].expand(4, 4))  # kind i adds the vector (i, i, i, i)
+    window = builder(torch.zeros(1, 3, 4), torch.zeros(1, 125, 4), 28)
+    assert window[0, :, 0].tolist() == [0, 1, 1] + [2] * 97 + [3] * 28
     assert layout(block=8).plain and layout(block=8).n_summary == 0
 
 
@@ -116,7 +122,7 @@ def test_mass_is_conserved(op):
         nxt = torch.randint(V, (B,), generator=g)
         soft = torch.randn(B, m, generator=g, dtype=torch.float64)
         collapsed = torch.rand(B, generator=g) < 0.3
-        state.push(soft, nxt, collapsed, torch.rand(B, generator=g), E, budget=2)
+        state.push(soft, nxt, collapsed, torch.rand(B, generator=g), E, CollapsePolicy(budget=2))
         ids.append(nxt[:, None])
     ids = torch.cat(ids, dim=1)
     assert state.seen == ids.shape[1] == 47
@@ -145,10 +151,10 @@ def test_generation_state_gives_the_training_time_slots(op, aggregate_all):
     for t in range(20, 50):  # then one token at a time, collapsed
         state.push(E[seq[:, t]], seq[:, t], torch.ones(B, dtype=torch.bool), torch.zeros(B), E)
     summary, tokens, n_soft = state.window(E)
-    history = seq[:, : -lay.tokens]  # everything older than the hard region
+    history = seq[:, : -lay.token_slots]  # everything older than the hard region
     expected = summary_slots(E, history, torch.full((B,), history.shape[1]), lay)
     torch.testing.assert_close(summary, expected, atol=1e-5, rtol=1e-5)
-    assert n_soft == lay.soft and torch.equal(tokens, E[seq[:, -lay.tokens :]])
+    assert n_soft == lay.soft and torch.equal(tokens, E[seq[:, -lay.token_slots :]])
 
 
 def test_budget_collapses_the_most_out_of_distribution_first():
@@ -163,12 +169,12 @@ def test_ood_scores_on_hand_built_cases():
     E = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     v = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
     logits = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
-    ent = ood_score("entropy", E, v, logits, torch.tensor([0, 0]))
+    ent = OOD_SCORES["entropy"](v, logits, torch.tensor([0, 0]), E)
     torch.testing.assert_close(ent[0], torch.tensor(math.log(2)))
     assert ent[1] < 1e-6
-    torch.testing.assert_close(ood_score("l2r", E, v, logits, torch.tensor([1, 1])),
+    torch.testing.assert_close(OOD_SCORES["l2r"](v, logits, torch.tensor([1, 1]), E),
                                torch.tensor([math.sqrt(0.5), math.sqrt(2)]))
-    torch.testing.assert_close(ood_score("nn_dist", E, v, logits, torch.tensor([1, 1])),
+    torch.testing.assert_close(OOD_SCORES["nn_dist"](v, logits, torch.tensor([1, 1]), E),
                                torch.tensor([math.sqrt(0.5), 0.0]))
 
 
@@ -183,24 +189,11 @@ def test_threshold_policy_collapses_in_place():
     assert state.collapsed_by_policy.tolist() == [1, 0]
 
 
-def tiny_layout_model(**ctx) -> GPT:
+def tiny_layout_model(**ctx) -> SoftAR:
     torch.manual_seed(0)
     ctx = {"aggregate": 1, "segments": 2, "segment_len": 3, "max_history": 30, **ctx}
     cfg = ModelConfig(n_layer=2, n_head=2, d_model=16, block_size=12, vocab_size=11)
-    return GPT(cfg, context=ContextConfig(**ctx)).eval()
-
-
-def test_layout_greedy_generation_matches_the_training_time_window():
-    """With no soft slots, each greedy step's token is the argmax the training-time context builder gives for the
-    same text (hard region = the newest tokens, history = everything before)."""
-    from softar.evaluate import last_hard_logits
-    from softar.generate import generate
-
-    model = tiny_layout_model(op="sqrt")
-    prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4]])
-    out = generate(model, prompt, 12, temperature=0)
-    for t in range(prompt.shape[1], out.shape[1]):
-        assert last_hard_logits(model, out[:, :t]).argmax(-1).item() == out[0, t].item()
+    return soft_model(cfg, context=ContextConfig(**ctx)).eval()
 
 
 def test_layout_soft_generation_is_deterministic_and_reports_the_policy():
@@ -208,7 +201,7 @@ def test_layout_soft_generation_is_deterministic_and_reports_the_policy():
 
     model = tiny_layout_model(soft=3)
     prompt = torch.tensor([[1, 2, 3]])
-    dec = Decoding(mode="soft", collapse_kind="lm_sample", collapse_score="entropy", collapse_threshold=2.3)
+    dec = Decoding(mode="soft", collapse="lm_sample", policy=CollapsePolicy("entropy", 2.3))
     runs = []
     for _ in range(2):
         report: dict = {}
@@ -230,7 +223,7 @@ def test_training_step_with_a_layout_reaches_E_through_the_history(project, kind
     loss, parts = model(x, targets=torch.randint(10, (2, 9)), history=(hist, torch.tensor([30, 5])))
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {"ce"}
-    assert model.embed.weight.grad[10].abs().sum() > 0
+    assert model.E.grad[10].abs().sum() > 0
     if project:  # a projected slot starts at the scale of a token embedding, and the projection learns
         assert model.slots.proj["aggregate"][0].weight.grad.abs().sum() > 0
         assert torch.equal(model.slots.proj["segment"][1].weight, torch.full((16,), 0.02))
@@ -261,43 +254,6 @@ def test_sequential_windows_with_history():
     assert sum(x.numel() for x, *_ in batches) == 49
 
 
-def test_recovery_probe_reads_back_an_orthonormal_sum():
-    from softar.evaluate import recovery_probe
-
-    model = tiny_layout_model(op="sum", segment_len=4)
-    with torch.no_grad():
-        model.embed.weight.copy_(torch.eye(11, 16))  # orthonormal rows: a sum is read back exactly
-    data = np.random.default_rng(0).integers(0, 11, 400).astype(np.uint16)
-    result = recovery_probe(model, data, history_lengths=(8, 20), windows=6)
-    assert result["8"]["segment"]["recall_at_k"] == 1.0 and "aggregate" not in result["8"]
-    assert result["20"]["aggregate"]["recall_at_k"] == 1.0
-
-
-def test_passkey_outside_the_window_changes_nothing():
-    from softar.evaluate import passkey_probe
-
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=11)).eval()
-    data = np.random.default_rng(0).integers(0, 11, 400).astype(np.uint16)
-    result = passkey_probe(model, data, distances=(3, 20), windows=8)
-    assert result["20"]["logp_gain"] == 0.0 and result["3"]["logp_gain"] != 0.0
-
-
-def test_continuation_loss_and_repeated_ngrams():
-    from softar.evaluate import continuation_loss, repeated_ngrams
-    from softar.losses import lm_loss
-
-    torch.manual_seed(0)
-    ref = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=32, vocab_size=11)).eval()
-    ids = torch.randint(11, (2, 20))
-    with torch.no_grad():
-        expected = lm_loss(ref(ids[:, :-1])[:, 4:], ids[:, 5:]).item()
-    assert continuation_loss(ref, ids, 5) == pytest.approx(expected, rel=1e-5)
-    long = torch.randint(11, (2, 90))  # longer than the block: sliding windows, every token once
-    assert math.isfinite(continuation_loss(ref, long, 40))
-    assert repeated_ngrams(torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4]]), 4) == pytest.approx(1 / 5)
-
-
 def test_normalize_leaves_empty_slots_at_zero():
     W = torch.tensor([[[2.0, 2.0], [0.0, 0.0]]])
     counts = torch.tensor([[4, 0]])
@@ -316,7 +272,7 @@ def test_layout_without_soft_slots_samples_softly():
     model = tiny_layout_model()
     trace: list = []
     report: dict = {}
-    dec = Decoding(mode="soft", collapse_kind="lm_argmax", collapse_threshold=0.0)
+    dec = Decoding(mode="soft", collapse="lm_argmax", policy=CollapsePolicy(threshold=0.0))
     out = generate(model, torch.tensor([[1, 2, 3]]), 6, decoding=dec, trace=trace, report=report)
-    assert len(trace) == 6 and all(torch.equal(v[0], model.embed.weight[t]) for v, t in zip(trace, out[0, 3:]))
+    assert len(trace) == 6 and all(torch.equal(v[0], model.E[t]) for v, t in zip(trace, out[0, 3:], strict=True))
     assert report["by_policy"].all() and report["state"].soft_vec.shape[1] == 0

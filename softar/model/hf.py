@@ -1,0 +1,99 @@
+"""A Hugging Face causal LM as a `VectorLM` (pip install 'softar[hf]'): softAR's algorithm on any `transformers`
+model saved with `save_pretrained`. Vectors enter through `inputs_embeds`, positions through `position_ids`, and
+the model's own `past_key_values` is the KV cache. Nothing is fetched from a hub: the folder must hold the model."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from softar import SoftarError
+from softar.model.interface import Hidden, Outputs
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise SoftarError("--hf needs the optional extra: pip install 'softar[hf]'") from None
+    return transformers
+
+
+class HFVectorLM(nn.Module):
+    """`model`: a `transformers` model with a causal LM head. E is its input embedding table; h_m is its last hidden
+    state (after the final norm), which lives in R^m when the hidden size equals the embedding width."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        # transformers 5 renamed past_key_values to cache
+        params = inspect.signature(model.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        if self.E.shape[1] != model.config.hidden_size:
+            raise SoftarError(f"{type(model).__name__}: embeddings of width {self.E.shape[1]} differ from its hidden "
+                              f"size {model.config.hidden_size}; soft tokens need them equal")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> HFVectorLM:
+        if not (Path(path) / "config.json").is_file():
+            raise SoftarError(f"--hf: {path} holds no Hugging Face model (no config.json; write it with "
+                              "save_pretrained)")
+        transformers = _transformers()
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise SoftarError(f"--hf: cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from None
+        return cls(model.eval())
+
+    @property
+    def E(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight  # [V, m]
+
+    @property
+    def max_positions(self) -> int:
+        c = self.model.config
+        return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 1024)
+
+    def hidden(self, vectors: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> Hidden:
+        B, T, _ = vectors.shape
+        if positions is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            positions = torch.arange(past, past + T, device=vectors.device)
+        if positions.dim() == 1:
+            positions = positions[None].expand(B, T)
+        out = self.model.base_model(inputs_embeds=vectors, position_ids=positions, use_cache=cache is not None,
+                                    **{self._cache_arg: cache})
+        return Hidden(out.last_hidden_state)  # [B, T, d]
+
+    def heads(self, h: Hidden) -> Outputs:
+        return Outputs(logits=self.model.get_output_embeddings()(h.last), h_m=h.last)
+
+    def new_cache(self, batch_size: int, max_len: int):
+        return _transformers().DynamicCache()
+
+    def flops_per_position(self, context: int) -> float:
+        c = self.model.config
+        return 6 * sum(p.numel() for p in self.parameters()) + 12 * c.num_hidden_layers * c.hidden_size * context
+
+
+class HFTokenizer:
+    """The folder's own tokenizer, behind softAR's encode / decode."""
+
+    def __init__(self, path: str | Path):
+        try:
+            self.tok = _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise SoftarError(f"--hf: no tokenizer in {path}: {str(e).splitlines()[0]}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)

@@ -1,0 +1,113 @@
+"""Collapse: soft vector -> hard token, how far out of distribution a soft token is, and when to collapse one.
+
+Operators (`COLLAPSES`) turn a soft token v [..., m] into ids [...]; scores (`OOD_SCORES`) say per token how far it
+has drifted; `CollapsePolicy` decides which soft tokens to collapse in place: those whose score passes a threshold,
+and the highest-scoring ones beyond a budget. Shapes: E [V, m]; logits [..., V].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from softar.model.interface import Outputs
+from softar.soft.tokens import entropy, filter_logits, sample_ids
+
+
+def similarity(v: torch.Tensor, E: torch.Tensor, metric: Literal["l2", "cos"]) -> torch.Tensor:
+    """[..., m] x [V, m] -> [..., V]: larger is closer (negative squared L2, or cosine)."""
+    if metric == "cos":
+        return F.normalize(v, dim=-1) @ F.normalize(E, dim=-1).T
+    return -(v.pow(2).sum(-1, keepdim=True) - 2 * v @ E.T + E.pow(2).sum(-1))
+
+
+def nearest(v: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    return similarity(v, E, "l2").argmax(-1)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a stochastic operator draws: temperature (0: greedy), top-k (0: all), top-p (1: all)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        return sample_ids(filter_logits(logits.float() / self.temperature, self.top_k, self.top_p), self.generator)
+
+
+# operator(v, out, E, sampling) -> ids; `out` holds the logits and the collapse head's vector for the same position
+COLLAPSES: dict[str, Callable[[torch.Tensor, Outputs, torch.Tensor, Sampling], torch.Tensor]] = {
+    "nn_l2": lambda v, out, E, s: nearest(v, E),  # the nearest embedding
+    "nn_cos": lambda v, out, E, s: similarity(v, E, "cos").argmax(-1),
+    # sample from softmax(cosine / T) with top-k / top-p (greedy at T = 0)
+    "sample_sim": lambda v, out, E, s: Sampling(max(s.temperature, 1e-6), s.top_k, s.top_p, s.generator).draw(
+        similarity(v, E, "cos")),
+    "lm_argmax": lambda v, out, E, s: out.logits.argmax(-1),  # through the LM head
+    "lm_sample": lambda v, out, E, s: Sampling(max(s.temperature, 1e-6), s.top_k, s.top_p, s.generator).draw(
+        out.logits),
+    "head": lambda v, out, E, s: nearest(out.c, E),  # the learned collapse head's vector to its nearest embedding
+}
+
+
+def collapse(kind: str, v: torch.Tensor, out: Outputs, E: torch.Tensor,
+             sampling: Sampling | None = None) -> torch.Tensor:
+    """Soft token v [..., m] (with the outputs it came from) -> ids [...] by the operator `kind`."""
+    if kind == "head" and out.c is None:
+        raise ValueError("collapse 'head' needs a model with a collapse head (model.collapse_head = true)")
+    return COLLAPSES[kind](v, out, E, sampling or Sampling())
+
+
+def round_trip_gap(v: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """l2-r: the distance between a soft vector and the embedding of its nearest-neighbour collapse."""
+    return (v - E[nearest(v, E)]).norm(dim=-1)
+
+
+# score(v, logits, ids, E) -> [...]
+OOD_SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "none": lambda v, logits, ids, E: torch.zeros(v.shape[:-1], device=v.device),
+    "entropy": lambda v, logits, ids, E: entropy(logits.float()),  # nats, of the distribution v came from
+    "l2r": lambda v, logits, ids, E: (v - E[ids]).norm(dim=-1),  # the gap to the token it collapses to
+    "nn_dist": lambda v, logits, ids, E: round_trip_gap(v, E),  # the distance to the nearest embedding
+}
+
+
+def budget_collapse(scores: torch.Tensor, done: torch.Tensor, budget: int) -> torch.Tensor:
+    """Which soft tokens to collapse now [B, n] so that at most `budget` stay uncollapsed: the uncollapsed ones
+    with the highest OOD scores go first (ties: the oldest first)."""
+    key = torch.where(done, float("-inf"), scores.float())
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices  # ties: the oldest first
+    rank = order.argsort(dim=1)  # 0 = collapse first
+    excess = ((~done).sum(1, keepdim=True) - budget).clamp_min(0)
+    return (rank < excess) & ~done
+
+
+@dataclass(frozen=True)
+class CollapsePolicy:
+    """Collapse a soft token in place when its OOD `score` is above `threshold`, and keep at most `budget` soft
+    tokens uncollapsed (-1: no cap beyond the soft region)."""
+
+    score: str = "entropy"
+    threshold: float = float("inf")
+    budget: int = -1
+
+    def score_of(self, v: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+        return OOD_SCORES[self.score](v, logits, ids, E)
+
+    def at_entry(self, scores: torch.Tensor) -> torch.Tensor:
+        """[B]: which new soft tokens collapse as they enter."""
+        return scores > self.threshold
+
+    def over_budget(self, scores: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """[B, n]: which of the soft region's tokens to collapse now to keep within the budget."""
+        if self.budget < 0:
+            return torch.zeros_like(done)
+        return budget_collapse(scores, done, self.budget)

@@ -1,0 +1,110 @@
+"""`SoftAR`: a `VectorLM` with the context layout and the window builder. It is what training, generation and
+evaluation hold; the network inside (`.lm`) may be softAR's GPT or a Hugging Face model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softar.config import Config, ConfigError, ContextConfig, LossConfig, SoftConfig
+from softar.losses import objective
+from softar.model import GPT, Outputs
+from softar.soft.tokens import add_noise, make_soft_token, spec_problem
+from softar.soft.window import Layout, WindowBuilder, summary_slots
+
+History = tuple[torch.Tensor, torch.Tensor]  # ids [B, h] right-aligned (the newest last), lengths [B]
+
+
+class SoftAR(nn.Module):
+    def __init__(self, lm: nn.Module, window_slots: int, context: ContextConfig | None = None,
+                 soft: SoftConfig | None = None, loss: LossConfig | None = None):
+        super().__init__()
+        self.lm = lm  # a VectorLM
+        self.context_cfg, self.soft_spec, self.loss_cfg = context or ContextConfig(), soft or SoftConfig(), \
+            loss or LossConfig()
+        self.window_slots = window_slots
+        self.layout = Layout.from_config(self.context_cfg, window_slots)
+        self.slots = WindowBuilder(self.layout, lm.E.shape[1], self.context_cfg.kind_embeddings,
+                                   self.context_cfg.project)
+
+    @property
+    def E(self) -> torch.Tensor:
+        return self.lm.E  # [V, m]
+
+    def read(self, window: torch.Tensor, last: bool = False) -> Outputs:
+        """The outputs at a window's [B, T, m] token slots [B, n, ...] (last: at its last slot only [B, 1, ...])."""
+        h = self.lm.hidden(window)
+        return self.lm.heads(h[:, -1:] if last else h[:, self.layout.n_summary :])
+
+    def fill_window(self, tokens: torch.Tensor, history: History | None = None,
+                    soft_fraction: float = 0.0) -> torch.Tensor:
+        """The training-time window: token vectors [B, n, m] (n = the layout's token slots; any n for a plain
+        model) and their history -> [B, A+S+n, m].
+
+        Soft slots get the model's own soft tokens in two passes (parallel scheduled sampling): a first pass without
+        gradients gives each position's soft token; the second reads it in the soft region, and at a random
+        `soft_fraction` of the other positions (never the first)."""
+        lay = self.layout
+        summary = None
+        if lay.n_summary and history is not None:
+            summary = summary_slots(self.E, *history, lay).to(tokens.dtype)
+        n_soft = min(lay.soft, tokens.shape[1])
+        if n_soft or soft_fraction > 0:
+            with torch.no_grad():
+                first = self.read(self.slots(summary, tokens, n_soft))
+                soft = make_soft_token(first, self.E, self.soft_spec)
+                if self.training:
+                    soft = add_noise(self.soft_spec, soft, self.E, first.logits)
+            guess = torch.cat([tokens[:, :1], soft[:, :-1].to(tokens.dtype)], dim=1)  # position t: guessed at t-1
+            pick = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            if soft_fraction > 0:
+                pick = torch.rand(tokens.shape[:2], device=tokens.device) < soft_fraction
+                pick[:, 0] = False
+            if n_soft:
+                pick[:, tokens.shape[1] - n_soft :] = True
+            tokens = torch.where(pick.unsqueeze(-1), guess, tokens)
+        return self.slots(summary, tokens, n_soft)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, history: History | None = None):
+        """x: token ids [B, n] (or token vectors [B, n, m]) and, with a layout, their history. Without targets:
+        the logits of the token slots [B, n, V]. With targets [B, n]: (loss, parts) of the training objective,
+        losses taken at the token slots."""
+        vectors = x if x.is_floating_point() else F.embedding(x, self.E)  # its backward sums as nanoGPT's does
+        soft_fraction = self.loss_cfg.soft_inputs if targets is not None else 0.0
+        out = self.read(self.fill_window(vectors, history, soft_fraction))
+        if targets is None:
+            return out.logits
+        return objective(out, targets, self.E, self.loss_cfg)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per predicted token: the network's per-position FLOPs over a full window (plus the slot
+        encoder's matmuls), times window slots per token slot; a soft region or soft inputs add a first forward pass
+        without gradients (a third of a training pass)."""
+        lay, T = self.layout, self.window_slots
+        per_slot = self.lm.flops_per_position(T) + 6 * sum(p.numel() for p in self.slots.parameters())
+        two_pass = 4 / 3 if lay.soft or self.loss_cfg.soft_inputs > 0 else 1.0
+        return per_slot * T / lay.token_slots * two_pass
+
+
+def check_soft_spec(spec: SoftConfig, vector_head: bool) -> None:
+    """A ConfigError naming the key if the soft-token spec names no registered definition or noise, or cannot run on
+    the model."""
+    problem = spec_problem(spec, vector_head)
+    if problem:
+        raise ConfigError(f"{problem[0]}: {problem[1]}")
+
+
+def build_model(cfg: Config) -> SoftAR:
+    """The one place a model is built from a resolved config (fresh weights; checkpoints load into it)."""
+    check_soft_spec(cfg.soft, cfg.model.vector_head)
+    return SoftAR(GPT(cfg.model), cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
+
+
+def upgrade_param_name(name: str) -> str:
+    """The key map for checkpoints written before SoftAR wrapped the network (the GPT at the top, e.g.
+    'embed.weight'): the network's parameters move under 'lm.', the window builder's stay under 'slots.'."""
+    return name if name.startswith(("lm.", "slots.")) else "lm." + name

@@ -1,0 +1,163 @@
+"""Soft tokens: the vectors in R^m that re-enter the context uncollapsed, and the noise that can be put on them.
+
+Each definition is one registry entry: a function of the model's outputs at a position (`softar.model.Outputs`) and
+the embedding table E [V, m], returning a vector [..., m]. Training, decoding, evaluation and the CLI's choices all
+read `SOFT_TOKENS`, so a new definition is one decorated function here (and its test):
+
+    @soft_token("mine", params={"alpha": 0.5})
+    def mine(out, E, spec, generator):
+        ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from softar.model.interface import Outputs
+
+
+@dataclass(frozen=True)
+class SoftTokenDef:
+    name: str
+    fn: Callable  # (out: Outputs, E, spec: SoftConfig, generator) -> [..., m]
+    doc: str
+    params: dict[str, float] = field(default_factory=dict)  # parameter -> default (config: soft.args)
+    needs_vector_head: bool = False
+
+
+SOFT_TOKENS: dict[str, SoftTokenDef] = {}
+
+
+def soft_token(name: str, params: dict[str, float] | None = None, needs_vector_head: bool = False):
+    """Register a soft-token definition under `name`."""
+
+    def register(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        SOFT_TOKENS[name] = SoftTokenDef(name, fn, doc, dict(params or {}), needs_vector_head)
+        return fn
+
+    return register
+
+
+# -- distributions over the vocabulary ------------------------------------------------------------------------------
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top-k and/or the smallest set of tokens with probability >= top_p; the rest get -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is complete
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_ids(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of logits [..., V] (rows with -inf entries allowed)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float().softmax(-1)
+    return torch.multinomial(flat, 1, generator=generator).view(logits.shape[:-1])
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def probs(logits: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    """softmax(logits), optionally over the top-k renormalised (Soft Thinking)."""
+    return filter_logits(logits, top_k).softmax(-1)
+
+
+# -- the definitions ------------------------------------------------------------------------------------------------
+@soft_token("expected")
+def expected(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
+    """The expected embedding p @ E (optionally over the top-k): Soft Thinking's concept token."""
+    return probs(out.logits, spec.top_k) @ E
+
+
+@soft_token("regress", needs_vector_head=True)
+def regress(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
+    """The vector head's y, trained by regression to the next token's embedding."""
+    return out.y
+
+
+@soft_token("hidden")
+def hidden(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
+    """The last hidden state mapped to R^m, fed back as it is (Coconut's continuous thought)."""
+    return out.h_m
+
+
+@soft_token("gated")
+def gated(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
+    """w * expected + (1 - w) * E[sampled], w the entropy normalised by log V: a confident step is nearly its
+    sampled token, an uncertain one keeps the blend."""
+    w = (entropy(out.logits) / math.log(out.logits.shape[-1])).unsqueeze(-1)
+    return w * expected(out, E, spec) + (1 - w) * E[sample_ids(out.logits, generator)]
+
+
+@soft_token("moi", params={"beta": 1.0})
+def mixture_of_inputs(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
+    """Mixture of Inputs (Zhuang et al. 2025): the posterior mean of a Dirichlet whose prior is the model's
+    distribution p and whose observation, with concentration beta, is the sampled token y:
+    w = (p + beta * onehot(y)) / (1 + beta), and the input is w @ E."""
+    beta = spec.args.get("beta", 1.0)
+    p = probs(out.logits.float(), spec.top_k)
+    y = sample_ids(out.logits, generator)
+    w = (p + beta * torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype)) / (1 + beta)
+    return w.to(E.dtype) @ E
+
+
+def make_soft_token(out: Outputs, E: torch.Tensor, spec, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The soft token `spec.kind` at every position of `out`: [..., m]."""
+    return SOFT_TOKENS[spec.kind].fn(out, E, spec, generator)
+
+
+# -- noise ----------------------------------------------------------------------------------------------------------
+def _gaussian(v, E, logits, scale, generator):
+    """Gaussian on the vector, std = scale x E's root-mean-square coordinate."""
+    rms = E.norm(dim=-1).mean() / math.sqrt(E.shape[-1])
+    return v + scale * rms * torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+
+
+def _dirichlet(v, E, logits, scale, generator):
+    """Resample the distribution behind the token: Dirichlet with mean p and concentration 1 / scale."""
+    alpha = logits.float().softmax(-1) / scale + 1e-6
+    return torch.distributions.Dirichlet(alpha).sample().to(E.dtype) @ E
+
+
+def _gumbel(v, E, logits, scale, generator):
+    """Gumbel-perturbed logits (scale x Gumbel noise), then the expected embedding."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1 - 1e-10)
+    return (logits - scale * torch.log(-torch.log(u))).softmax(-1) @ E
+
+
+NOISES: dict[str, Callable | None] = {"none": None, "gaussian": _gaussian, "dirichlet": _dirichlet,
+                                      "gumbel": _gumbel}
+
+
+def add_noise(spec, v: torch.Tensor, E: torch.Tensor, logits: torch.Tensor,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """`spec.noise` at `spec.noise_scale` on soft tokens v [..., m] that came from `logits` [..., V]."""
+    fn = NOISES[spec.noise]
+    return v if fn is None or spec.noise_scale == 0 else fn(v, E, logits, spec.noise_scale, generator)
+
+
+def spec_problem(spec, vector_head: bool) -> tuple[str, str] | None:
+    """(config key, message) if a soft-token spec cannot run on a model, else None."""
+    if spec.kind not in SOFT_TOKENS:
+        return "soft.kind", f"expected one of {', '.join(map(repr, SOFT_TOKENS))}, got {spec.kind!r}"
+    d = SOFT_TOKENS[spec.kind]
+    if d.needs_vector_head and not vector_head:
+        return "soft.kind", f"{spec.kind!r} needs model.vector_head = true"
+    unknown = sorted(set(spec.args) - set(d.params))
+    if unknown:
+        return "soft.args", (f"{spec.kind!r} takes {', '.join(d.params) or 'no parameters'}, "
+                             f"not {', '.join(unknown)}")
+    if spec.noise not in NOISES:
+        return "soft.noise", f"expected one of {', '.join(map(repr, NOISES))}, got {spec.noise!r}"
+    return None
