@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,28 +26,12 @@ from safetensors.torch import load_file, save_file
 
 from softar import SoftarError
 from softar.data.dataset import sha256_file
+from softar.disk import check_fields, clean_stale_temps, fsync_path, read_json, read_text, temp_name, write_text_atomic
 
 LATEST = "latest"
+STEP_NAME = re.compile(r"step_\d{6,}")
 MANIFEST = "manifest.json"
 TRAINER_JSON = "trainer.json"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,7 +50,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, dict[str, torc
     """Write one checkpoint atomically, point `latest` at it, and prune to the newest `keep_last`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
-    tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
+    clean_stale_temps(ckpt_dir)  # leftovers of writers that were killed midway
+    tmp = temp_name(ckpt_dir / name)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -72,73 +59,111 @@ def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, dict[str, torc
     for stem, tdict in tensors.items():
         path = tmp / f"{stem}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tdict.items()}, str(path))
-        _fsync_path(path)
+        fsync_path(path)
         files[path.name] = sha256_file(path)
     path = tmp / TRAINER_JSON
-    path.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    _fsync_path(path)
+    path.write_text(json.dumps({**meta, "step": step}, indent=1), encoding="utf-8")
+    fsync_path(path)
     files[path.name] = sha256_file(path)
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": files}, indent=1), encoding="utf-8")
-    _fsync_path(tmp / MANIFEST)
-    _fsync_path(tmp)
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
 
     final = ckpt_dir / name
     if final.exists():  # the same step saved again (e.g. after a resume): swap it out, never half-replace
-        old = ckpt_dir / f".old-{name}-{os.getpid()}"
+        old = temp_name(ckpt_dir / f"{name}.old")
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_path(ckpt_dir)
+    fsync_path(ckpt_dir)
     write_text_atomic(ckpt_dir / LATEST, name + "\n")
     _prune(ckpt_dir, keep_last, keep=name)
     return final
 
 
+def step_folders(ckpt_dir: Path) -> list[Path]:
+    """The run's checkpoint folders (step_NNNNNN, real folders, no links), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
 def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    done = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for p in done[:-keep_last]:
+    for p in step_folders(ckpt_dir)[:-keep_last]:
         if p.name != keep:
             shutil.rmtree(p, ignore_errors=True)
-    for p in ckpt_dir.iterdir():  # leftovers of writes that were killed midway
-        if p.name.startswith((".tmp-", ".old-")) and not p.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, which must be a step folder of this run's own `checkpoints/`. Without
+    `latest` (deleted by hand, say), the newest step folder whose manifest verifies, with a warning; None when
+    there is no checkpoint at all."""
     pointer = ckpt_dir / LATEST
-    if not pointer.is_file():
+    if not pointer.exists() and not pointer.is_symlink():
+        for path in reversed(step_folders(ckpt_dir)):
+            try:
+                verify(path)
+            except SoftarError:
+                continue
+            print(f"softar: warning: {pointer} is missing; using the newest valid checkpoint, {path.name}",
+                  file=sys.stderr)
+            return path
         return None
-    path = ckpt_dir / pointer.read_text(encoding="utf-8").strip()
-    if not path.is_dir():
-        raise SoftarError(f"{pointer} names {path.name}, which does not exist")
+    if pointer.is_symlink() or not pointer.is_file():
+        raise SoftarError(f"{pointer} is not a plain file")
+    name = read_text(pointer, "checkpoint pointer", limit=4096).strip()
+    path = ckpt_dir / name
+    if not STEP_NAME.fullmatch(name):
+        raise SoftarError(f"{pointer} names {name[:40]!r}, not a step folder of this run's checkpoints")
+    if path.is_symlink() or not path.is_dir():
+        raise SoftarError(f"{pointer} names {name}, which does not exist")
     return path
+
+
+def verify(path: Path) -> dict:
+    """Check every file of a checkpoint folder against its manifest; returns the manifest."""
+    manifest = read_json(path / MANIFEST, f"checkpoint {path.name}", {"step": int, "sha256": dict})
+    digests = manifest["sha256"]
+    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    if present != set(digests) or not all(isinstance(d, str) for d in digests.values()):
+        raise SoftarError(f"checkpoint {path}: files {sorted(present)} do not match its manifest")
+    for fname, digest in digests.items():
+        if (path / fname).is_symlink() or sha256_file(path / fname) != digest:
+            raise SoftarError(f"checkpoint {path}: sha256 mismatch for {fname} (corrupt or modified)")
+    if manifest["step"] != int(path.name.removeprefix("step_")):
+        raise SoftarError(f"checkpoint {path}: its manifest says step {manifest['step']}")
+    return manifest
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint folder after checking every file against its manifest. Never unpickles."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise SoftarError(f"checkpoint {path} has no {MANIFEST}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise SoftarError(f"checkpoint {path}: {MANIFEST} is not valid JSON") from None
-    present = {p.name for p in path.iterdir()} - {MANIFEST}
-    if present != set(manifest["sha256"]):
-        raise SoftarError(f"checkpoint {path}: files {sorted(present)} do not match its manifest")
-    for fname, digest in manifest["sha256"].items():
-        if sha256_file(path / fname) != digest:
-            raise SoftarError(f"checkpoint {path}: sha256 mismatch for {fname} (corrupt or modified)")
+    manifest = verify(path)
     tensors = {}
     for p in sorted(path.glob("*.safetensors")):
         try:
             tensors[p.name.removesuffix(".safetensors")] = load_file(str(p), device=str(map_location))
         except Exception as e:  # safetensors parses a header and raw bytes only: anything else is refused
             raise SoftarError(f"checkpoint {path}: {p.name} is not a valid safetensors file ({e})") from None
-    meta = json.loads((path / TRAINER_JSON).read_text(encoding="utf-8"))
+    meta = read_json(path / TRAINER_JSON, f"checkpoint {path.name}", {"step": int})
+    if meta["step"] != manifest["step"]:
+        raise SoftarError(f"checkpoint {path}: {TRAINER_JSON} says step {meta['step']}, its manifest "
+                          f"{manifest['step']}")
     return Checkpoint(path, tensors, meta)
+
+
+def check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: str) -> None:
+    """Loading is strict: the same names, shapes and dtypes as the model expects, or a one-line error."""
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise SoftarError(f"{where}: " + "; ".join(
+            f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", extra)) if names))
+    for name, t in expected.items():
+        if got[name].shape != t.shape or got[name].dtype != t.dtype:
+            raise SoftarError(f"{where}: {name} is {list(got[name].shape)} {got[name].dtype}, the model needs "
+                              f"{list(t.shape)} {t.dtype}")
 
 
 def optimizer_to_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -182,3 +207,20 @@ def rename_params(ckpt: Checkpoint, rename: Callable[[str], str]) -> Checkpoint:
                "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in opt["param_groups"]]}
         meta = {**meta, "optimizer": opt}
     return replace(ckpt, tensors=tensors, meta=meta)
+
+
+def check_optimizer_state(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], plain: dict,
+                          where: str) -> None:
+    """The optimizer state belongs to these parameters: every '<name>/<field>' names one of them, and a moment
+    has its parameter's shape."""
+    check_fields(plain, {"param_groups": list, "scalars": dict}, f"{where}: optimizer")
+    for key, value in tensors.items():
+        owner, _, field = key.rpartition("/")
+        if owner not in params:
+            raise SoftarError(f"{where}: optimizer state for unknown parameter {owner[:60]!r}")
+        if field in ("exp_avg", "exp_avg_sq") and value.shape != params[owner].shape:
+            raise SoftarError(f"{where}: optimizer {field} of {owner} is {list(value.shape)}, the parameter is "
+                              f"{list(params[owner].shape)}")
+    named = {n for g in plain["param_groups"] if isinstance(g, dict) for n in g.get("params", [])}
+    if named != {n for n, p in params.items() if p.requires_grad}:
+        raise SoftarError(f"{where}: the optimizer's parameter groups do not name this model's parameters")

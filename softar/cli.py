@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,20 +18,28 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _int_at_least(low: int):
+def _int_at_least(low: int, high: int = 2**63 - 1):
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {v}")
         return v
 
     return parse
 
 
 _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
+MAX_NEW_TOKENS = 10**6  # a generation's ids and scores are kept in memory
+
+
+def _top_p(text: str) -> float:
+    v = _nonneg_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return v
 
 
 def _int_list(text: str) -> list[int]:
@@ -60,7 +69,7 @@ def _float_list(text: str) -> list[float]:
 def _emit(result: dict, path: Path | None) -> None:
     """Print a result as one JSON object on the last line of stdout, and save it."""
     if path is not None:
-        from softar.checkpoint import write_text_atomic
+        from softar.disk import write_text_atomic
 
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(result, indent=2))
@@ -87,8 +96,9 @@ def cmd_train(a: argparse.Namespace) -> None:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return
     if result.get("preempted"):
-        print(f"softar: stopped by {result['signal']} after step {result['step']}; saved {result['checkpoint']}; "
-              f"continue with: softar train ... --out {out} --resume", file=sys.stderr)
+        phase = f" during {result['phase']}" if "phase" in result else ""
+        print(f"softar: stopped by {result['signal']}{phase} after step {result['step']}; saved "
+              f"{result['checkpoint']}; continue with: softar train ... --out {out} --resume", file=sys.stderr)
     _emit(result, None)
 
 
@@ -118,7 +128,6 @@ def _soft_args(pairs: list[str]) -> dict[str, float]:
 def cmd_sample(a: argparse.Namespace) -> None:
     import torch
 
-    from softar.config import SoftConfig
     from softar.device import pick_device
     from softar.generate import Decoding, generate
     from softar.rundir import load_hf, load_run
@@ -139,14 +148,18 @@ def cmd_sample(a: argparse.Namespace) -> None:
     ids = run.tokenizer.encode(a.prompt)
     if not ids:
         raise SoftarError("--prompt encodes to no tokens; give at least one character")
-    soft = SoftConfig(kind="gated" if a.mode == "gated" else a.soft, top_k=a.soft_top_k,
-                      args=_soft_args(a.soft_arg), noise=a.noise, noise_scale=a.noise_scale)
-    problem = spec_problem(soft, vector_head=getattr(run.model.lm, "vector_head", None) is not None)
+    # the run's own [soft] spec (for --hf: its soft.* overrides), with what the flags say on top
+    flags = {"kind": "gated" if a.mode == "gated" else a.soft, "top_k": a.soft_top_k, "noise": a.noise,
+             "noise_scale": a.noise_scale, "args": _soft_args(a.soft_arg) if a.soft_arg else None}
+    soft = dataclasses.replace(run.cfg.soft, **{k: v for k, v in flags.items() if v is not None})
+    if a.soft and a.soft != run.cfg.soft.kind and not a.soft_arg:
+        soft.args = {}  # the run's parameters belong to its own kind
+    problem = spec_problem(soft, vector_head=run.model.lm.vector_head is not None)
     if problem:
         flag = {"soft.kind": "--soft", "soft.args": "--soft-arg", "soft.top_k": "--soft-top-k", "soft.noise": "--noise",
                 "soft.noise_scale": "--noise-scale"}[problem[0]]
         raise SoftarError(f"{flag}: {problem[1]}")
-    if a.collapse == "head" and getattr(run.model.lm, "collapse_head", None) is None:
+    if a.collapse == "head" and run.model.lm.collapse_head is None:
         raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
     dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
                    top_p=a.top_p, soft=soft, collapse=a.collapse,
@@ -263,26 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hf", metavar="DIR", help="a Hugging Face causal LM saved with save_pretrained "
                                               "(pip install 'softar[hf]')")
     s.add_argument("--prompt", default="\n")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=500)
+    s.add_argument("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500)
     s.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 is greedy")
     s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
     s.add_argument("--seed", type=_nonneg_int, default=1337)
     s.add_argument("--num-samples", type=_positive_int, default=1)
-    s.add_argument("--top-p", type=_nonneg_float, default=1.0, help="nucleus sampling; 1 disables")
+    s.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1]; 1 disables")
     s.add_argument("--mode", choices=["hard", "soft", "gated"], default="hard",
                    help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
                         "gated: soft with the entropy-gated soft token")
-    s.add_argument("--soft", choices=list(SOFT_TOKENS), default="expected",
-                   help="soft mode: what re-enters the context: " + "; ".join(
+    s.add_argument("--soft", choices=list(SOFT_TOKENS), default=None,
+                   help="soft mode: what re-enters the context (default: the run's soft.kind): " + "; ".join(
                        f"{d.name}: {d.doc}" for d in SOFT_TOKENS.values()).replace("%", "%%"))
     s.add_argument("--soft-arg", action="append", default=[], metavar="NAME=NUMBER",
                    help="a parameter of the soft token, e.g. beta=2 for moi (repeatable)")
-    s.add_argument("--soft-top-k", type=_nonneg_int, default=0, help="expected/gated over the top-k; 0: all")
+    s.add_argument("--soft-top-k", type=_nonneg_int, default=None,
+                   help="expected/gated over the top-k; 0: all (default: the run's soft.top_k)")
     s.add_argument("--collapse", choices=list(COLLAPSES),
                    default="nn_l2", help="soft mode: how a soft token becomes the token shown")
-    s.add_argument("--noise", choices=list(NOISES), default="none",
-                   help="soft mode: noise on each soft token before it re-enters")
-    s.add_argument("--noise-scale", type=_nonneg_float, default=0.0)
+    s.add_argument("--noise", choices=list(NOISES), default=None,
+                   help="soft mode: noise on each soft token before it re-enters (default: the run's soft.noise)")
+    s.add_argument("--noise-scale", type=_nonneg_float, default=None, help="(default: the run's soft.noise_scale)")
     s.add_argument("--collapse-score", choices=list(OOD_SCORES), default="entropy",
                    help="layout models: the OOD score that collapses a soft token in place")
     s.add_argument("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
@@ -339,11 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "configs", None):  # sweep: positional words with '=' are overrides, the rest configs
         args.overrides += [c for c in args.configs if "=" in c]
         args.configs = [c for c in args.configs if "=" not in c]
+    from softar.train import Preempted
+
     try:
         args.fn(args)
     except SoftarError as e:
         print(f"softar: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as p:  # SIGTERM / SIGINT in a phase that stops at once
+        if p.saved:
+            print(f"softar: stopped by {p}; everything finished so far is saved; {p.how}", file=sys.stderr)
+            return 0
+        print(f"softar: stopped by {p} before anything was saved; {p.how or 'run the command again'}",
+              file=sys.stderr)
+        return 128 + p.signum
     except KeyboardInterrupt:
         print("softar: interrupted", file=sys.stderr)
         return 130

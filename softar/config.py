@@ -79,6 +79,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept on disk
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
+    check_memory: bool = True  # refuse, before allocating, a run that cannot fit in the memory available
 
 
 @dataclass
@@ -308,6 +309,8 @@ def validate(cfg: Config) -> None:
         need(getattr(lc, key) == 0 or m.vector_head, f"loss.{key}", "needs model.vector_head = true")
     need(lc.collapse == 0 or m.collapse_head, "loss.collapse", "needs model.collapse_head = true")
     need(-1 <= m.collapse_layer <= m.n_layer, "model.collapse_layer", f"must be in [-1, model.n_layer={m.n_layer}]")
+    for key, default in (("collapse_layer", -1), ("collapse_mix", False)):
+        need(getattr(m, key) == default or m.collapse_head, f"model.{key}", "needs model.collapse_head = true")
     need(cfg.soft.top_k >= 0, "soft.top_k", "must be >= 0")
     need(cfg.soft.noise_scale >= 0, "soft.noise_scale", "must be >= 0")
     # soft.kind, soft.args and soft.noise name registry entries: softar.soft checks them when it builds a model
@@ -316,6 +319,10 @@ def validate(cfg: Config) -> None:
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")
     for key in ("warmup_iters", "lr_decay_iters", "ckpt_interval", "threads", "seed"):
         need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
+    need(t.seed < 2**63 - 2**20, "train.seed", "must be below 2**63 - 2**20 (seeds are offset per rank and step)")
+    need(t.threads <= 4096, "train.threads", "must be at most 4096")
+    for key, high in (("n_layer", 10_000), ("n_head", 10_000), ("d_model", 2**20), ("block_size", 2**24)):
+        need(getattr(m, key) <= high, f"model.{key}", f"must be at most {high}")
     need(t.lr > 0, "train.lr", "must be positive")
     need(0 <= t.min_lr <= t.lr, "train.min_lr", "must be in [0, train.lr]")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")

@@ -147,4 +147,3 @@ def fault_report(config_path: str, overrides: list[str], cfg, out: Path, kills: 
     (out / "faults.md").write_text("\n".join(lines) + "\n")
     shutil.rmtree(work)
     return {"bench": "faults", "ckpt_interval": ckpt_interval, "rows": rows}
-

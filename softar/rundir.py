@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from softar import SoftarError
-from softar.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, rename_params
+from softar.checkpoint import Checkpoint, check_state, latest_checkpoint, load_checkpoint, rename_params
 from softar.config import Config, from_dict
 from softar.data.dataset import load_meta, sha256_file
 from softar.data.glove import PRETRAINED_FILE
 from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from softar.soft.model import SoftAR, build_model, check_soft_spec, upgrade_param_name
+from softar.disk import read_json
+from softar.soft.model import SoftAR, build_model, upgrade_param_name
 
 CONFIG_FILE = "config.json"  # the resolved config
 RUN_FILE = "run.json"  # seed, versions, data fingerprint, command line
@@ -34,12 +36,15 @@ def read_config(run_dir: Path) -> Config:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise SoftarError(f"{run_dir} is not a softar run (no {CONFIG_FILE})")
-    return from_dict(json.loads(path.read_text(encoding="utf-8")))
+    return from_dict(read_json(path, "run config"))
+
+
+RUN_FIELDS = {"data": {"text_sha256": str, "tokenizer_sha256": str, "vocab_size": int, "tokens": dict}}
 
 
 def check_data(run_dir: Path, data_dir: str | Path) -> None:
     """The data must be what the run was trained on: same text, same tokenizer, same vocabulary."""
-    recorded = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["data"]
+    recorded = read_json(run_dir / RUN_FILE, "run record", RUN_FIELDS)["data"]
     current = data_fingerprint(data_dir)
     if recorded["vocab_size"] != current["vocab_size"]:
         raise SoftarError(f"vocabulary mismatch: {run_dir} was trained with {recorded['vocab_size']} tokens, "
@@ -91,11 +96,59 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     path = latest_checkpoint(run_dir / CHECKPOINTS)
     if path is None:
         raise SoftarError(f"{run_dir} has no checkpoint yet")
+    vocab = load_meta(data_dir)["vocab_size"]
+    if not cfg.model.vocab_size >= vocab:
+        raise SoftarError(f"{run_dir / CONFIG_FILE}: model.vocab_size {cfg.model.vocab_size} does not cover the "
+                          f"data's {vocab} tokens (not a config softar train wrote)")
     ckpt = load_model_checkpoint(path, device)
     model = build_model(cfg).to(device)
+    check_state(model.state_dict(), ckpt.tensors.get("model", {}), f"checkpoint {path}")
     model.load_state_dict(ckpt.tensors["model"])
     model.eval()
-    return LoadedRun(cfg, model, load_tokenizer(data_dir), ckpt.meta["step"])
+    return LoadedRun(cfg, model, load_tokenizer(data_dir, vocab), ckpt.meta["step"])
+
+
+class RunLock:
+    """An advisory lock on a run directory (fcntl on RUN_DIR/.softar.lock, which holds the holder's pid), so that
+    two processes never write one run. Re-entrant within a process (a sweep holds its run while it trains it);
+    released when the holder exits, however it exits."""
+
+    FILE = ".softar.lock"
+    _held: dict[Path, list] = {}  # resolved run dir -> [fd, depth]
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def __enter__(self) -> RunLock:
+        key = self.run_dir.resolve()
+        if key in self._held:
+            self._held[key][1] += 1
+            return self
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir / self.FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise SoftarError(f"cannot use {self.run_dir} as a run directory: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SoftarError(f"{self.run_dir} is in use by another softar process (pid {holder}); wait for it "
+                              "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._held[key] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        key = self.run_dir.resolve()
+        self._held[key][1] -= 1
+        if self._held[key][1] == 0:
+            fd = self._held.pop(key)[0]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -> LoadedRun:
@@ -114,6 +167,5 @@ def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -
     if cfg.model.block_size > lm.max_positions:
         raise SoftarError(f"model.block_size: {cfg.model.block_size} is more than the {lm.max_positions} positions "
                           f"of the model in {path}")
-    check_soft_spec(cfg.soft, vector_head=False)
-    model = SoftAR(lm, cfg.model.block_size, cfg.context, cfg.soft).to(device).eval()
+    model = build_model(cfg, lm).to(device).eval()
     return LoadedRun(cfg, model, HFTokenizer(path), 0)

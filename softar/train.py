@@ -4,6 +4,7 @@ a clean stop on SIGTERM/SIGINT; non-finite steps skipped, counted, and fatal whe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -19,15 +20,19 @@ from tqdm import tqdm
 import softar
 from softar import SoftarError
 from softar.checkpoint import (
+    TRAINER_JSON,
+    check_optimizer_state,
+    check_state,
     latest_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_checkpoint,
-    write_text_atomic,
 )
 from softar.config import Config, ConfigError, diff, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
+from softar.data.tokenizer import load_tokenizer
 from softar.device import autocast, set_threads
+from softar.disk import check_fields, read_jsonl, write_text_atomic
 from softar.distributed import World, init_world, no_sync, wrap
 from softar.evaluate.lm import estimate_loss, evaluate_split
 from softar.losses import part_names
@@ -38,6 +43,7 @@ from softar.rundir import (
     METRICS_FILE,
     RESULT_FILE,
     RUN_FILE,
+    RunLock,
     check_data,
     data_fingerprint,
     load_embedding,
@@ -49,6 +55,9 @@ from softar.soft.model import SoftAR, build_model
 # keys a resumed run may change without changing its history (batch_size: per rank, when the world size changes
 # and the global batch stays the same, which _load checks)
 RESUMABLE_KEYS = {"train.max_iters", "train.batch_size"}
+# trainer.json: the training state a checkpoint carries beside its tensors
+TRAINER_FIELDS = {"step": int, "wall_s": float, "train_s": float, "skipped_steps": int, "world_size": int,
+                  "optimizer": dict, "config": {"train": {"batch_size": int}}}
 
 
 def lr_at(step: int, t) -> float:
@@ -101,13 +110,17 @@ def optimizer_step(model: torch.nn.Module, fwd, opt: torch.optim.Optimizer, batc
 STARTUP_FILES = {RUN_FILE}  # all a run directory holds if a start was killed before its config was saved
 
 
-def _check_run_dir(out: Path, cfg: Config, resume: bool) -> None:
+def _check_run_dir(out: Path, cfg: Config, resume: bool, derived_decay: bool = False) -> None:
     """Refuse to mix runs: a fresh run needs an empty directory (or the leftovers of a killed start); a resume
-    needs the same config and data."""
+    needs the same config and data (train.max_iters may change, and with it train.lr_decay_iters when that is
+    derived from it: `derived_decay`)."""
+    if out.exists() and not out.is_dir() or out.is_symlink():
+        raise SoftarError(f"--out {out} exists and is not a directory")
     if (out / CONFIG_FILE).is_file():
         if not resume:
             raise SoftarError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        changed = [k for k in diff(read_config(out), cfg) if k not in RESUMABLE_KEYS]
+        resumable = RESUMABLE_KEYS | ({"train.lr_decay_iters"} if derived_decay else set())
+        changed = [k for k in diff(read_config(out), cfg) if k not in resumable]
         if changed:
             raise SoftarError(f"{out} holds a different run (differs in {', '.join(changed)})")
         check_data(out, cfg.data.dir)
@@ -123,8 +136,12 @@ class MetricsLog:
     def __init__(self, run_dir: Path, start_step: int):
         self.path = run_dir / METRICS_FILE
         if self.path.is_file():  # drop what was logged after the checkpoint we resume from
-            keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
-            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
+            rows, torn = read_jsonl(self.path, "metrics")
+            if torn:
+                print(f"softar: warning: {self.path} ended in a torn line (a write cut short); dropped it",
+                      file=sys.stderr)
+            keep = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= start_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
         from torch.utils.tensorboard import SummaryWriter
 
@@ -190,11 +207,21 @@ def _set_rng_states(states: dict[str, torch.Tensor], world: World, device: torch
         torch.cuda.set_rng_state(states[f"rng_cuda_rank{world.rank}"].cpu(), device)
 
 
+class Preempted(Exception):  # noqa: N818 - a stop, not an error
+    """SIGTERM or SIGINT arrived in a phase that stops at once (startup, the final evaluation)."""
+
+    def __init__(self, signum: int, saved: bool = False, how: str = ""):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.saved, self.how = signum, saved, how  # saved: state is on disk; how: to continue
+
+
 class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits cleanly."""
+    """SIGTERM/SIGINT while training set a flag: the loop finishes its step, saves and exits cleanly. In the
+    phases around it (`immediate`: startup, the final evaluation) they raise `Preempted` at once."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.immediate = True
         self._old = {}
 
     def __enter__(self) -> Preemption:
@@ -204,6 +231,13 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        if self.immediate:
+            raise Preempted(signum)
+
+    def set_immediate(self, immediate: bool) -> None:
+        self.immediate = immediate
+        if immediate and self.signum is not None:
+            raise Preempted(self.signum)
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -213,12 +247,16 @@ class Preemption:
 class Trainer:
     """One training run in one run directory, on one process or under torchrun."""
 
-    def __init__(self, cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False):
+    def __init__(self, cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
+                 stack: contextlib.ExitStack | None = None):
+        """`stack` keeps the run directory's lock until the caller is done with the run."""
         self.out, self.quiet = Path(out), quiet
         self.meta = load_meta(cfg.data.dir)
+        load_tokenizer(cfg.data.dir, self.meta["vocab_size"])  # a corrupt tokenizer fails now, not at sampling
+        derived_decay = cfg.train.lr_decay_iters == 0
         cfg = resolve(cfg, self.meta["vocab_size"])
         self.world, self.device = init_world(cfg.train.device)
-        _check_run_dir(self.out, cfg, resume)  # every rank checks before any rank writes
+        _check_run_dir(self.out, cfg, resume, derived_decay)  # every rank checks before any rank writes
         self.cfg, m, t = cfg, cfg.model, cfg.train
         self.train_data, self.val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
         for name, data in (("train", self.train_data), ("val", self.val_data)):
@@ -229,6 +267,8 @@ class Trainer:
         self.world.barrier()
         set_threads(t.threads)
 
+        if t.check_memory:
+            check_memory(cfg, self.device)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.net: SoftAR = build_model(cfg).to(self.device)  # the model; self.model may be its DDP/FSDP wrapper
         self.layout = self.net.layout
@@ -250,6 +290,11 @@ class Trainer:
         self.fwd = torch.compile(self.model) if t.compile else self.model
         self.amp = autocast(self.device, t.dtype)
         self.step, self.wall_before, self.train_s, self.skipped = 0, 0.0, 0.0, 0
+        if resume and (self.out / METRICS_FILE).is_file():
+            read_jsonl(self.out / METRICS_FILE, "metrics")  # a damaged log fails now, before anything is written
+        if self.world.is_main:  # the first write: from here on this process owns the run directory
+            (stack or contextlib.ExitStack()).enter_context(RunLock(self.out))
+            _check_run_dir(self.out, cfg, resume, derived_decay)  # again, under the lock
         if resume:
             self._load()
         elif self.world.is_main:
@@ -259,7 +304,6 @@ class Trainer:
         self.world.barrier()
 
     def _start_run_dir(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         info = {
             "seed": self.cfg.train.seed,
             "argv": sys.argv,
@@ -278,6 +322,19 @@ class Trainer:
     def _load(self) -> None:
         ckpt = load_model_checkpoint(latest_checkpoint(self.out / CHECKPOINTS))
         meta = ckpt.meta
+        where = f"checkpoint {ckpt.path}"
+        check_fields(meta, TRAINER_FIELDS, f"{where}: {TRAINER_JSON}")
+        if meta["world_size"] < 1 or min(meta["wall_s"], meta["train_s"], meta["skipped_steps"]) < 0:
+            raise SoftarError(f"{where}: {TRAINER_JSON} holds an impossible state")
+        if not 0 <= meta["step"] <= self.cfg.train.max_iters:
+            raise SoftarError(f"{where}: step {meta['step']} is outside 0..train.max_iters={self.cfg.train.max_iters}")
+        if set(ckpt.tensors) != {"model", "optimizer", "state"} or "sampler" not in ckpt.tensors["state"]:
+            raise SoftarError(f"{where}: expected model, optimizer and state tensors")
+        check_state(self.net.state_dict(), ckpt.tensors["model"], where)
+        check_optimizer_state(dict(self.net.named_parameters()), ckpt.tensors["optimizer"], meta["optimizer"], where)
+        sampler = ckpt.tensors["state"]["sampler"]
+        if sampler.dtype != torch.uint8 or sampler.shape != self.sampler.state().shape:
+            raise SoftarError(f"{where}: the sampler state is not a generator state")
         saved_global = meta["config"]["train"]["batch_size"] * meta["world_size"]
         if saved_global != self.cfg.train.batch_size * self.world.size:
             raise SoftarError(f"train.batch_size: {self.cfg.train.batch_size} per rank x {self.world.size} ranks "
@@ -287,7 +344,7 @@ class Trainer:
         self.sampler.load_state(ckpt.tensors["state"]["sampler"])
         _set_rng_states(ckpt.tensors["state"], self.world, self.device, self.cfg.train.seed + meta["step"])
         self.step, self.wall_before, self.train_s = meta["step"], meta["wall_s"], meta["train_s"]
-        self.skipped = meta.get("skipped_steps", 0)
+        self.skipped = meta["skipped_steps"]
 
     def save(self, wall: float) -> None:
         model_sd, opt_sd = _full_state(self.model, self.opt)  # collective under FSDP: every rank calls it
@@ -323,7 +380,7 @@ class Trainer:
         self.step += 1
         return loss, parts, bad
 
-    def run(self) -> dict:
+    def run(self, preempt: Preemption) -> dict:
         t = self.cfg.train
         main = self.world.is_main
         log = MetricsLog(self.out, self.step) if main else None
@@ -354,54 +411,61 @@ class Trainer:
             pending.clear()
             clock.update(t=now, step=self.step, other=0.0)
 
-        with Preemption() as preempt:
-            while self.step < t.max_iters:
-                loss, parts, bad = self.train_step()
-                pending.append((self.step, self.opt.param_groups[0]["lr"], torch.cat([loss[None], parts])))
-                if bad:
-                    self.skipped += 1
-                    bad_run += 1
-                    if main:
-                        log.write({"kind": "skip", "step": self.step, "skipped_steps": self.skipped})
-                    if bad_run >= t.max_bad_steps:
-                        flush()
-                        last = latest_checkpoint(self.out / CHECKPOINTS)
-                        raise SoftarError(
-                            f"stopped at step {self.step}: {bad_run} consecutive steps with non-finite loss or "
-                            f"gradients; the last good checkpoint is {last.name if last else 'none'}")
-                else:
-                    bad_run = 0
-                stop = self.world.any(preempt.signum is not None, self.device)
-                is_last = self.step == t.max_iters
-                do_eval = self.step % t.eval_interval == 0 or is_last
-                # no periodic save inside a run of skipped steps: the latest checkpoint stays the last good one
-                do_save = ((self.step % t.ckpt_interval == 0 or is_last) and bad_run == 0) or stop
-                if self.step % t.log_interval == 0 or do_eval or do_save:
+        preempt.set_immediate(False)  # while training: finish the step, save, stop
+        while self.step < t.max_iters:
+            loss, parts, bad = self.train_step()
+            pending.append((self.step, self.opt.param_groups[0]["lr"], torch.cat([loss[None], parts])))
+            if bad:
+                self.skipped += 1
+                bad_run += 1
+                if main:
+                    log.write({"kind": "skip", "step": self.step, "skipped_steps": self.skipped})
+                if bad_run >= t.max_bad_steps:
                     flush()
-                e0 = time.perf_counter()
-                if do_eval and not stop:
-                    last_eval = self.evaluate()
-                    if main:
-                        log.write(last_eval)
-                    if main and not self.quiet:
-                        bar.write(f"step {self.step}: train loss {last_eval['train_loss']:.4f}, "
-                                  f"val loss {last_eval['val_loss']:.4f}")
-                if do_save:
-                    self.save(self.wall_before + time.perf_counter() - t0)
-                clock["other"] += time.perf_counter() - e0
-                if stop:
-                    bar.close()
-                    if main:
-                        log.close()
-                    name = signal.Signals(preempt.signum).name if preempt.signum else "a signal on another rank"
-                    return {"run_dir": str(self.out), "step": self.step, "preempted": True, "signal": name,
-                            "checkpoint": str(latest_checkpoint(self.out / CHECKPOINTS))}
+                    last = latest_checkpoint(self.out / CHECKPOINTS)
+                    raise SoftarError(
+                        f"stopped at step {self.step}: {bad_run} consecutive steps with non-finite loss or "
+                        f"gradients; the last good checkpoint is {last.name if last else 'none'}")
+            else:
+                bad_run = 0
+            stop = self.world.any(preempt.signum is not None, self.device)
+            is_last = self.step == t.max_iters
+            do_eval = self.step % t.eval_interval == 0 or is_last
+            # no periodic save inside a run of skipped steps: the latest checkpoint stays the last good one
+            do_save = ((self.step % t.ckpt_interval == 0 or is_last) and bad_run == 0) or stop
+            if self.step % t.log_interval == 0 or do_eval or do_save:
+                flush()
+            e0 = time.perf_counter()
+            if do_eval and not stop:
+                last_eval = self.evaluate()
+                if main:
+                    log.write(last_eval)
+                if main and not self.quiet:
+                    bar.write(f"step {self.step}: train loss {last_eval['train_loss']:.4f}, "
+                              f"val loss {last_eval['val_loss']:.4f}")
+            if do_save:
+                self.save(self.wall_before + time.perf_counter() - t0)
+            clock["other"] += time.perf_counter() - e0
+            if stop:
+                bar.close()
+                if main:
+                    log.close()
+                name = signal.Signals(preempt.signum).name if preempt.signum else "a signal on another rank"
+                return {"run_dir": str(self.out), "step": self.step, "preempted": True, "signal": name,
+                        "checkpoint": str(latest_checkpoint(self.out / CHECKPOINTS))}
         bar.close()
         train_wall = self.wall_before + time.perf_counter() - t0
 
-        full_val = evaluate_split(self.model, self.val_data, self.layout.token_slots, self.device, self.amp,
-                                  self.meta["characters"]["val"], world=self.world, history=self.layout.history,
-                                  soft=self.layout.soft)
+        try:  # the checkpoint of the last step is saved: a signal now stops at once, and --resume evaluates
+            preempt.set_immediate(True)
+            full_val = evaluate_split(self.model, self.val_data, self.layout.token_slots, self.device, self.amp,
+                                      self.meta["characters"]["val"], world=self.world, history=self.layout.history,
+                                      soft=self.layout.soft)
+        except Preempted as stopped:
+            if main:
+                log.close()
+            return {"run_dir": str(self.out), "step": self.step, "preempted": True, "signal": str(stopped),
+                    "phase": "the final evaluation", "checkpoint": str(latest_checkpoint(self.out / CHECKPOINTS))}
         result = {
             "run_dir": str(self.out),
             "step": self.step,
@@ -425,5 +489,36 @@ class Trainer:
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
-    """Train (or resume) a run in `out`; returns the result also written to `out/result.json`."""
-    return Trainer(cfg, out, resume, quiet).run()
+    """Train (or resume) a run in `out`, holding its lock; returns the result also written to `out/result.json`,
+    or one with `preempted` when SIGTERM/SIGINT stopped it with its state saved. A signal before training starts
+    raises `Preempted`."""
+    with Preemption() as preempt, contextlib.ExitStack() as stack:
+        return Trainer(cfg, out, resume, quiet, stack).run(preempt)
+
+
+def check_memory(cfg: Config, device: torch.device) -> None:
+    """Refuse, before allocating, a run that cannot fit: weights, gradients and AdamW's two moments in fp32, the
+    activations a training step keeps for backward, and the logits of an evaluation batch, against the memory
+    available now (MemAvailable on CPU, free device memory on CUDA). Rough by design: it catches sizes that are
+    off by a large factor; `train.check_memory = false` skips it."""
+    with torch.device("meta"):
+        params = build_model(cfg).num_params()
+    m, t, lay = cfg.model, cfg.train, cfg.context
+    B, T, d, L, V, H = t.batch_size, m.block_size, m.d_model, m.n_layer, m.vocab_size, m.n_head
+    two_pass = 2 if lay.soft or cfg.loss.soft_inputs > 0 else 1
+    activations = 4 * B * T * (L * (16 * d + 2 * H * T) + 3 * V) * two_pass
+    evaluation = 4 * 64 * T * V * 2
+    need = 16 * params + max(activations, evaluation)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable"))
+            free = int(line.split()[1]) * 1024
+        except (OSError, StopIteration, ValueError, IndexError):
+            return  # no way to tell on this system
+    if need > free:
+        raise ConfigError(f"train.check_memory: this run needs about {need / 2**30:.1f} GiB ({params:,} parameters "
+                          f"with gradients and AdamW state, activations for train.batch_size={B}), but "
+                          f"{free / 2**30:.1f} GiB is available on {device.type}; make the model or batch smaller, "
+                          "or set train.check_memory=false")

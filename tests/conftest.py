@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from softar import config
-from softar.config import ContextConfig, LossConfig, ModelConfig, SoftConfig
+from softar.config import Config, ContextConfig, LossConfig, ModelConfig, SoftConfig
 from softar.data.prepare import prepare
-from softar.model import GPT
-from softar.soft.model import SoftAR
+from softar.soft.model import SoftAR, build_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -55,5 +54,6 @@ def tiny_cfg(char_data):
 
 def soft_model(cfg: ModelConfig, context: ContextConfig | None = None, loss: LossConfig | None = None,
                soft: SoftConfig | None = None) -> SoftAR:
-    """softAR's GPT with a layout, as `softar.soft.model.build_model` makes it from a whole config."""
-    return SoftAR(GPT(cfg), cfg.block_size, context, soft, loss)
+    """softAR's GPT with a layout, made by `softar.soft.model.build_model`."""
+    return build_model(Config(model=cfg, context=context or ContextConfig(), loss=loss or LossConfig(),
+                              soft=soft or SoftConfig()))

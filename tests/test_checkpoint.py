@@ -80,16 +80,17 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
 WRITER = textwrap.dedent("""
     import sys, time, pathlib, torch
     import softar.checkpoint as ck
+    import softar.disk as dk
     root, block_at = pathlib.Path(sys.argv[1]), int(sys.argv[2])
     ck.save_checkpoint(root, 1, {"model": {"w": torch.ones(64, 64)}}, {"step": 1}, keep_last=3)
-    real, calls = ck._fsync_path, [0]
+    real, calls = ck.fsync_path, [0]
     def fsync_then_maybe_hang(path):
         real(path)
         calls[0] += 1
         if calls[0] == block_at:
             (root.parent / "ready").touch()
             time.sleep(600)
-    ck._fsync_path = fsync_then_maybe_hang
+    ck.fsync_path = dk.fsync_path = fsync_then_maybe_hang
     ck.save_checkpoint(root, 2, {"model": {"w": torch.zeros(64, 64)}}, {"step": 2}, keep_last=3)
     (root.parent / "ready").touch()
 """)

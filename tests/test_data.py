@@ -96,7 +96,7 @@ def test_prepare_bpe_and_refusals(small_corpus, tmp_path):
     assert prepare(str(small_corpus), out, "bpe", 300) == meta  # same input: nothing to do
     other = tmp_path / "other.txt"
     other.write_text("different text entirely\n" * 50)
-    with pytest.raises(SoftarError, match="already holds a different dataset"):
+    with pytest.raises(SoftarError, match="already holds a different or incomplete dataset"):
         prepare(str(other), out, "char")
     assert (out / "train.bin").read_bytes() == before
 

@@ -25,6 +25,8 @@ def model_and_data():
 class Oracle(nn.Module):
     """A VectorLM that always puts probability `p` on one token and spreads the rest evenly: E = identity."""
 
+    vector_head = collapse_head = None
+
     def __init__(self, vocab: int, token: int, p: float):
         super().__init__()
         self.embed = nn.Parameter(torch.eye(vocab))

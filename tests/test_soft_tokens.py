@@ -45,20 +45,20 @@ def test_gated_mix_follows_entropy():
 
 
 def test_mixture_of_inputs_by_hand():
-    """p = (0.5, 0.25, 0.125, 0.125); the sample is token 1 (a generator draw we replay); beta = 3:
-    w = (p + 3 e_1) / 4 = (0.125, 0.8125, 0.03125, 0.03125); input = w @ E = (0.125 - 0.03125 + 0.09375,
-    0.8125 + 0.09375) = (0.1875, 0.90625)."""
+    """p = (0.5, 0.25, 0.125, 0.125): entropy 1.75 ln 2 nats, so H = 1.75 ln 2 / ln 4 = 0.875. The sample is
+    token 1 (a generator draw we replay); beta = 3: w = (0.875 p + (4 - 0.875) e_1) / 4
+    = (0.109375, 0.8359375, 0.02734375, 0.02734375); input = w @ E = (0.109375 - 0.02734375 + 3 * 0.02734375,
+    0.8359375 + 3 * 0.02734375) = (0.1640625, 0.91796875)."""
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
     seed = next(s for s in range(100) if torch.multinomial(logits.softmax(-1), 1,
                                                            generator=torch.Generator().manual_seed(s)).item() == 1)
-    got = soft("moi", outs(logits), torch.Generator().manual_seed(seed), args={"beta": 3.0})
-    torch.testing.assert_close(got, torch.tensor([[0.1875, 0.90625]]))
-    # beta = 0 is the expected embedding; a huge beta is the sampled token's embedding
-    torch.testing.assert_close(soft("moi", outs(logits), torch.Generator().manual_seed(seed), args={"beta": 0.0}),
-                               soft("expected", outs(logits)))
-    torch.testing.assert_close(soft("moi", outs(logits), torch.Generator().manual_seed(seed), args={"beta": 1e9}),
-                               E[1:2], atol=1e-6, rtol=0)
-    assert soft("moi", outs(logits), torch.Generator().manual_seed(seed)).shape == (1, 2)  # beta defaults to 1
+    g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+    got = soft("moi", outs(logits), g(), args={"beta": 3.0})
+    torch.testing.assert_close(got, torch.tensor([[0.1640625, 0.91796875]]))
+    # beta = 0 is the entropy-gated mix; a huge beta is the sampled token's embedding; beta defaults to 1
+    torch.testing.assert_close(soft("moi", outs(logits), g(), args={"beta": 0.0}), soft("gated", outs(logits), g()))
+    torch.testing.assert_close(soft("moi", outs(logits), g(), args={"beta": 1e9}), E[1:2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(soft("moi", outs(logits), g()), soft("moi", outs(logits), g(), args={"beta": 1.0}))
 
 
 def test_noise_kinds_are_seeded_and_shaped():
@@ -82,5 +82,6 @@ def test_spec_problems_name_the_key():
     assert spec_problem(SoftConfig(kind="regress"), False) == ("soft.kind", "'regress' needs model.vector_head = true")
     assert spec_problem(SoftConfig(kind="moi", args={"gamma": 1.0}), False)[0] == "soft.args"
     assert spec_problem(SoftConfig(kind="moi", args={"beta": 2.0}), False) is None
+    assert spec_problem(SoftConfig(kind="moi", args={"beta": -1.0}), False)[0] == "soft.args"
     assert spec_problem(SoftConfig(noise="uniform"), False)[0] == "soft.noise"
     assert set(SOFT_TOKENS) >= {"expected", "regress", "hidden", "gated", "moi"}

@@ -4,7 +4,6 @@ and the samplers that cut them into training windows."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from softar import SoftarError
+from softar.disk import read_json
 
 META_FILE = "meta.json"
 
@@ -32,21 +32,45 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+META_FIELDS = {"vocab_size": int, "dtype": str, "tokens": {"train": int, "val": int},
+               "characters": {"train": int, "val": int}, "text_sha256": str, "tokenizer": str}
+SPLITS = ("train", "val")
+
+
 def load_meta(data_dir: str | Path) -> dict:
+    """meta.json, checked: a positive vocabulary whose ids fit the recorded dtype, non-negative counts."""
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise SoftarError(f"no prepared data in {data_dir} (expected {path}; run `softar prepare`)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = read_json(path, "dataset", META_FIELDS)
+    V = meta["vocab_size"]
+    if not 0 < V <= 2**32:
+        raise SoftarError(f"dataset {path}: vocab_size {V} is out of range")
+    if meta["dtype"] != token_dtype(V).name:
+        raise SoftarError(f"dataset {path}: dtype {meta['dtype']!r} does not fit vocab_size {V} "
+                          f"(expected {token_dtype(V).name!r})")
+    if any(meta[k][s] < 0 for k in ("tokens", "characters") for s in SPLITS):
+        raise SoftarError(f"dataset {path}: negative token or character counts")
+    return meta
 
 
 def load_split(data_dir: str | Path, split: str) -> np.memmap:
+    """A split's tokens, checked against meta.json: whole tokens, the recorded count, every id in the vocabulary."""
     meta = load_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise SoftarError(f"missing split file {path}")
-    data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-    if len(data) != meta["tokens"][split]:
-        raise SoftarError(f"{path} holds {len(data)} tokens but meta.json says {meta['tokens'][split]}")
+    dtype = np.dtype(meta["dtype"])
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise SoftarError(f"{path}: {size} bytes is not a whole number of {dtype.name} tokens (a truncated file?)")
+    if size // dtype.itemsize != meta["tokens"][split]:
+        raise SoftarError(f"{path} holds {size // dtype.itemsize} tokens but meta.json says {meta['tokens'][split]}")
+    if size == 0:
+        raise SoftarError(f"{path} holds no tokens")
+    data = np.memmap(path, dtype=dtype, mode="r")
+    if int(data.max()) >= meta["vocab_size"]:
+        raise SoftarError(f"{path} holds token id {int(data.max())}, outside the vocabulary of {meta['vocab_size']}")
     return data
 
 
@@ -108,9 +132,9 @@ def sequential_windows(data: np.ndarray, length: int, batch_size: int, history: 
     for i in range(0, len(starts), batch_size):
         group = starts[i : i + batch_size]
         lens = [min(length, n - s) for s in group]
-        for length in sorted(set(lens)):  # windows of one length share a batch
-            ss = [s for s, n_ in zip(group, lens, strict=True) if n_ == length]
-            win = torch.from_numpy(np.stack([data[s : s + length + 1] for s in ss]).astype(np.int64))
+        for size in sorted(set(lens)):  # windows of one length share a batch
+            ss = [s for s, n_ in zip(group, lens, strict=True) if n_ == size]
+            win = torch.from_numpy(np.stack([data[s : s + size + 1] for s in ss]).astype(np.int64))
             if not history:
                 yield win[:, :-1], win[:, 1:]
                 continue

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from softar import SoftarError
 from softar.data.corpus import read_corpus
-from softar.data.dataset import META_FILE, sha256_bytes, token_dtype
+from softar.data.dataset import META_FILE, SPLITS, load_meta, load_split, sha256_bytes, token_dtype
 from softar.data.glove import PRETRAINED_FILE, glove_vectors, pretrained_table
-from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, WordTokenizer
+from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
+from softar.disk import clean_stale_temps, temp_name
+
+DATASET_FILES = {META_FILE, "train.bin", "val.bin", TOKENIZER_FILE, PRETRAINED_FILE}  # all a dataset folder holds
 
 VAL_FRACTION = 0.1
 
@@ -26,17 +28,23 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     out = Path(out)
     if tokenizer not in ("char", "bpe", "glove"):
         raise SoftarError(f"--tokenizer: expected 'char', 'bpe' or 'glove', got {tokenizer!r}")
+    if out.is_symlink() or out.exists() and not out.is_dir():
+        raise SoftarError(f"--out {out} exists and is not a directory")
     text, source = read_corpus(corpus)
     text_sha = sha256_bytes(text.encode("utf-8"))
+    clean_stale_temps(out.parent)  # what a killed prepare left beside it
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES) if out.is_dir() else []
+    if foreign:  # never replace or delete what softar did not write
+        raise SoftarError(f"{out} holds files that are not a softar dataset's ({', '.join(foreign[:3])}"
+                          f"{' ...' if len(foreign) > 3 else ''}); choose another --out")
     if (out / META_FILE).is_file() and not force:
-        old = json.loads((out / META_FILE).read_text(encoding="utf-8"))
-        same = old.get("text_sha256") == text_sha and old.get("tokenizer") == tokenizer and (
+        old = _complete_dataset(out)
+        same = old is not None and old.get("text_sha256") == text_sha and old.get("tokenizer") == tokenizer and (
             tokenizer == "char" or old.get("requested_vocab_size", old.get("vocab_size")) == vocab_size)
         if same:
             return old  # already prepared: nothing to do
-        raise SoftarError(f"{out} already holds a different dataset; choose another --out or pass --force")
-    if out.exists() and not (out / META_FILE).is_file() and any(out.iterdir()):
-        raise SoftarError(f"{out} exists and is not a softar dataset; choose another --out")
+        raise SoftarError(f"{out} already holds a different or incomplete dataset; choose another --out or pass "
+                          "--force to replace it")
 
     split = int(len(text) * (1 - VAL_FRACTION))  # by position: first 90% train, last 10% val
     train_text, val_text = text[:split], text[split:]
@@ -51,9 +59,12 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
         table = pretrained_table(tok.words, words, vectors)
     dtype = token_dtype(tok.vocab_size)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
         counts = {}
         for name, part in (("train", train_text), ("val", val_text)):
@@ -75,10 +86,29 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
             "val_fraction": VAL_FRACTION,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # replace atomically: the old dataset moves aside, the new one in, then the old goes
+            old = temp_name(out.with_name(out.name + ".old"))
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SoftarError(f"--out {out}: cannot write the dataset ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return meta
+
+
+def _complete_dataset(out: Path) -> dict | None:
+    """The dataset's meta if every file of it is there and consistent, else None."""
+    try:
+        meta = load_meta(out)
+        for split in SPLITS:
+            load_split(out, split)
+        load_tokenizer(out, meta["vocab_size"])
+    except SoftarError:
+        return None
     return meta

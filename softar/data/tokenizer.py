@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from softar import SoftarError
+from softar.disk import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -135,15 +136,35 @@ class WordTokenizer:
 Tokenizer = CharTokenizer | BPETokenizer | WordTokenizer
 
 
-def load_tokenizer(data_dir: str | Path) -> Tokenizer:
+def _strings(raw: dict, key: str, path: Path, length: int | None) -> list[str]:
+    items = raw.get(key)
+    if not isinstance(items, list) or not items or not all(isinstance(c, str) and c for c in items) \
+            or len(set(items)) != len(items) or (length and any(len(c) != length for c in items)):
+        raise SoftarError(f"tokenizer {path}: {key!r} must be a list of distinct non-empty strings"
+                          + (f" of length {length}" if length else ""))
+    return items
+
+
+def load_tokenizer(data_dir: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """The dataset's tokenizer, checked: a corrupt file, or one whose vocabulary is not `vocab_size` (meta.json's),
+    is a one-line error."""
     path = Path(data_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise SoftarError(f"no tokenizer in {data_dir} (expected {path}; run `softar prepare`)")
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_json(path, "tokenizer")
+    if not isinstance(raw, dict):
+        raise SoftarError(f"tokenizer {path}: expected a JSON object")
     if raw.get("type") == "char":
-        return CharTokenizer(raw["chars"])
-    if raw.get("type") == "word":
-        return WordTokenizer(raw["words"])
-    from tokenizers import Tokenizer as HFTokenizer
+        tok = CharTokenizer(_strings(raw, "chars", path, 1))
+    elif raw.get("type") == "word":
+        tok = WordTokenizer(_strings(raw, "words", path, None))
+    else:
+        from tokenizers import Tokenizer as HFTokenizer
 
-    return BPETokenizer(HFTokenizer.from_file(str(path)))
+        try:
+            tok = BPETokenizer(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust parser's errors: a malformed or unknown tokenizer file
+            raise SoftarError(f"tokenizer {path}: not a valid tokenizer ({str(e).splitlines()[0][:80]})") from None
+    if vocab_size is not None and tok.vocab_size != vocab_size:
+        raise SoftarError(f"tokenizer {path} has {tok.vocab_size} tokens, but meta.json says {vocab_size}")
+    return tok

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from softar.data.dataset import random_windows
 from softar.soft.model import SoftAR
-from softar.soft.window import normalize, summary_slots, summary_weights
+from softar.soft.window import normalize, summary_weights
 
 
 @torch.no_grad()
@@ -21,13 +21,9 @@ def last_hard_logits(model: SoftAR, seq: torch.Tensor) -> torch.Tensor:
     lay = model.layout
     if lay.plain:
         return model(seq[:, -model.window_slots :])[:, -1]
-    summary = None
-    if lay.n_summary:
-        hist = seq[:, : -lay.hard][:, -lay.history :] if lay.history else seq[:, :0]
-        hist_len = torch.full((seq.shape[0],), hist.shape[1], device=seq.device)
-        summary = summary_slots(model.E, hist, hist_len, lay)
-    window = model.slots(summary, model.E[seq[:, -lay.hard :]], 0)
-    return model.read(window, last=True).logits[:, -1]
+    hist = seq[:, : -lay.hard][:, -lay.history :] if lay.history else seq[:, :0]
+    history = (hist, torch.full((seq.shape[0],), hist.shape[1], device=seq.device))
+    return model.read(model.window(model.E[seq[:, -lay.hard :]], history), last=True).logits[:, -1]
 
 
 PASSKEY_DISTANCES = (16, 48, 96, 192, 384)

@@ -19,7 +19,7 @@ from softar.soft.tokens import SOFT_TOKENS, make_soft_token, sample_ids
 
 def soft_kinds(model: SoftAR) -> list[str]:
     """The registered soft-token definitions this model can make."""
-    has_y = getattr(model.lm, "vector_head", None) is not None
+    has_y = model.lm.vector_head is not None
     return [name for name, d in SOFT_TOKENS.items() if has_y or not d.needs_vector_head]
 
 

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import statistics
 from pathlib import Path
 
-from softar import config
+from softar import SoftarError, config
+from softar.data.dataset import load_meta
+from softar.disk import read_json, write_text_atomic
 from softar.evaluate.run import evaluate_run
-from softar.rundir import CONFIG_FILE, METRICS_FILE
+from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, read_config
+from softar.soft.model import check_soft_spec
 from softar.soft.tokens import SOFT_TOKENS
-from softar.train import train
+from softar.train import Preempted, Preemption, train
 
 EVAL_FILE = "eval.json"
 
@@ -34,14 +38,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
 
 def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: int, horizons: tuple[int, ...],
             quiet: bool = True) -> dict:
+    """Train and evaluate one config x seed in OUT/runs/<config>_s<seed>, or reuse what is there when it was made
+    with the same resolved config (anything else is refused: a reused run must be the run asked for)."""
     run_dir = out / "runs" / f"{Path(cfg_path).stem}_s{seed}"
-    if (run_dir / EVAL_FILE).is_file():
-        return json.loads((run_dir / EVAL_FILE).read_text())
     cfg = config.load(cfg_path, [*overrides, f"train.seed={seed}"])
-    train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet)
-    fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may have different windows
-    result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
-    (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
+    if (run_dir / CONFIG_FILE).is_file():
+        changed = config.diff(read_config(run_dir), config.resolve(cfg, load_meta(cfg.data.dir)["vocab_size"]))
+        if [k for k in changed if k != "train.lr_decay_iters" or cfg.train.lr_decay_iters]:
+            raise SoftarError(f"{run_dir} was made with other settings (differs in {', '.join(changed)}); "
+                              "choose another --out")
+    with RunLock(run_dir):
+        if (run_dir / EVAL_FILE).is_file():
+            return read_json(run_dir / EVAL_FILE, "sweep result", {"loss": float, "step": int})
+        result = train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet)
+        if result.get("preempted"):
+            raise Preempted(signal.Signals[result["signal"]], saved=True,
+                            how="run the same softar sweep command again to continue")
+        fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may differ in windows
+        result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
+        write_text_atomic(run_dir / EVAL_FILE, json.dumps(result, indent=2))
     return result
 
 
@@ -57,7 +72,6 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     fraction of the gap closed, per seed; `generation` = (generator, reference) adds the collapse-threshold
     trade-off of the generator's runs scored by the reference's (see `softar.experiments.context_study`). Either
     makes the report the context-layout study instead of the soft-token one."""
-    from softar import SoftarError
     from softar.experiments import context_study
 
     stems = [Path(c).stem for c in configs]
@@ -68,14 +82,17 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
             if name not in stems:
                 raise SoftarError(f"sweep {flag}: {name!r} is not one of the configs ({', '.join(stems)})")
     loaded = {Path(c).stem: config.load(c, overrides) for c in configs}  # fail on a bad config before any run
+    for cfg in loaded.values():
+        check_soft_spec(cfg.soft, cfg.model.vector_head)
     if generation is not None and not loaded[generation[1]].context.plain:
         raise SoftarError(f"sweep --generation: the reference {generation[1]!r} has a context layout; it must be a "
                           "plain hard-token config")
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict]] = {}
-    for c in configs:
-        rows[Path(c).stem] = [flatten(run_one(c, base_seed + s, overrides, out, windows, horizons))
-                              for s in range(seeds)]
+    with Preemption():  # a signal outside training (evaluation, reports) stops at once; finished runs are kept
+        for c in configs:
+            rows[Path(c).stem] = [flatten(run_one(c, base_seed + s, overrides, out, windows, horizons))
+                                  for s in range(seeds)]
     study = gap is not None or generation is not None
     if gap is not None:
         context_study.add_gap_closed(rows, *gap)
@@ -102,8 +119,8 @@ SOFT_MODES = tuple(f"soft_{kind}" for kind in SOFT_TOKENS)  # open-loop feedback
 
 
 def default_columns(horizons: tuple[int, ...]) -> list[str]:
-    cols = ["loss", "bits_per_token", "soft_outputs.lm_top1", "soft_outputs.expected.nn_top1",
-            "soft_outputs.regress.nn_top1", "soft_outputs.expected.l2_r", "soft_outputs.regress.l2_r",
+    cols = ["loss", "bits_per_token", "soft_outputs.lm_top1",
+            *(f"soft_outputs.{kind}.{m}" for m in ("nn_top1", "l2_r") for kind in SOFT_TOKENS),
             "brier.brier1", "brier.brier2", "brier.brierlm", "embedding.effective_rank", "embedding.mean_row_norm",
             "embedding.mean_pairwise_cosine"]
     for k in horizons:
@@ -159,8 +176,6 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=120)
     plt.close(fig)
-
-
 
 
 def claims(table: dict, horizons: tuple[int, ...]) -> list[str]:

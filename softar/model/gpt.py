@@ -18,6 +18,16 @@ from softar.model.heads import CollapseHead, LMHead, VectorHead
 from softar.model.interface import Hidden, Outputs
 
 
+def init_normal(module: nn.Module) -> None:
+    """N(0, 0.02) weights and zero biases for a Linear or an Embedding (applied module by module)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
 class KVCache:
     """Preallocated keys and values for all layers: kv [n_layer, 2, B, H, max_len, head_dim]."""
 
@@ -139,7 +149,9 @@ class GPT(nn.Module):
     reads the last layer, one chosen layer (`model.collapse_layer`) or a learned mix of all (`model.collapse_mix`):
     the seed's "layer in which all of the context has been mixed"."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init: bool = True):
+        """`init=False` leaves nanoGPT's initialisation to a later `init_weights` call that can take modules built
+        after this one (softAR's window builder), so that they draw their initial weights in one fixed order."""
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be resolved from the data before building a model")
@@ -149,10 +161,8 @@ class GPT(nn.Module):
         self.lm_head = LMHead(cfg.d_model, cfg.m)
         self.vector_head = VectorHead(cfg.d_model, cfg.m) if cfg.vector_head else None
         self.collapse_head = CollapseHead(cfg.d_model, cfg.m) if cfg.collapse_head else None
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if init:
+            self.init_weights()
         # created after the init above, so models without it draw the same initial weights as before it existed
         self.layer_mix = nn.Parameter(torch.zeros(cfg.n_layer + 1)) if cfg.collapse_head and cfg.collapse_mix \
             else None
@@ -161,14 +171,14 @@ class GPT(nn.Module):
                 self.embed.weight.copy_(frozen_random_table(cfg.vocab_size, cfg.m, seed=0))
             self.embed.weight.requires_grad_(False)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def init_weights(self, *after: nn.Module) -> None:
+        """nanoGPT's initialisation: N(0, 0.02) for every Linear and Embedding, here and then in `after`; then
+        GPT-2's scaled init of the residual projections."""
+        for module in (self, *after):
+            module.apply(init_normal)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     @property
     def E(self) -> torch.Tensor:

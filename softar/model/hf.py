@@ -26,6 +26,8 @@ class HFVectorLM(nn.Module):
     """`model`: a `transformers` model with a causal LM head. E is its input embedding table; h_m is its last hidden
     state (after the final norm), which lives in R^m when the hidden size equals the embedding width."""
 
+    vector_head = collapse_head = None  # a pretrained LM has neither of softAR's extra heads
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -41,9 +43,13 @@ class HFVectorLM(nn.Module):
         if not (Path(path) / "config.json").is_file():
             raise SoftarError(f"--hf: {path} holds no Hugging Face model (no config.json; write it with "
                               "save_pretrained)")
+        if not any(Path(path).glob("*.safetensors")):
+            raise SoftarError(f"--hf: {path} has no *.safetensors weights; only safetensors are loaded (nothing is "
+                              "unpickled)")
         transformers = _transformers()
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                                      use_safetensors=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as e:
             raise SoftarError(f"--hf: cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from None
         return cls(model.eval())

@@ -45,7 +45,11 @@ class Outputs:
 
 @runtime_checkable
 class VectorLM(Protocol):
-    """A language model over vectors. Implementations are `torch.nn.Module`s."""
+    """A language model over vectors. Implementations are `torch.nn.Module`s. `vector_head` and `collapse_head` are
+    the modules behind `Outputs.y` and `Outputs.c`, or None when the model has no such head."""
+
+    vector_head: Any
+    collapse_head: Any
 
     @property
     def E(self) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from softar.config import Config, ConfigError, ContextConfig, LossConfig, SoftConfig
 from softar.losses import objective
 from softar.model import GPT, Outputs
+from softar.model.gpt import init_normal
 from softar.soft.tokens import add_noise, make_soft_token, spec_problem
 from softar.soft.window import Layout, WindowBuilder, summary_slots
 
@@ -37,6 +38,14 @@ class SoftAR(nn.Module):
         h = self.lm.hidden(window)
         return self.lm.heads(h[:, -1:] if last else h[:, self.layout.n_summary :])
 
+    def window(self, tokens: torch.Tensor, history: History | None = None, n_soft: int = 0) -> torch.Tensor:
+        """The window for token vectors [B, n, m], the last n_soft of them soft, after `history`: its summary
+        slots, then `WindowBuilder` -> [B, A+S+n, m]."""
+        summary = None
+        if self.layout.n_summary and history is not None:
+            summary = summary_slots(self.E, *history, self.layout).to(tokens.dtype)
+        return self.slots(summary, tokens, n_soft)
+
     def fill_window(self, tokens: torch.Tensor, history: History | None = None,
                     soft_fraction: float = 0.0) -> torch.Tensor:
         """The training-time window: token vectors [B, n, m] (n = the layout's token slots; any n for a plain
@@ -45,14 +54,10 @@ class SoftAR(nn.Module):
         Soft slots get the model's own soft tokens in two passes (parallel scheduled sampling): a first pass without
         gradients gives each position's soft token; the second reads it in the soft region, and at a random
         `soft_fraction` of the other positions (never the first)."""
-        lay = self.layout
-        summary = None
-        if lay.n_summary and history is not None:
-            summary = summary_slots(self.E, *history, lay).to(tokens.dtype)
-        n_soft = min(lay.soft, tokens.shape[1])
+        n_soft = min(self.layout.soft, tokens.shape[1])
         if n_soft or soft_fraction > 0:
             with torch.no_grad():
-                first = self.read(self.slots(summary, tokens, n_soft))
+                first = self.read(self.window(tokens, history, n_soft))
                 soft = make_soft_token(first, self.E, self.soft_spec)
                 if self.training:
                     soft = add_noise(self.soft_spec, soft, self.E, first.logits)
@@ -64,7 +69,7 @@ class SoftAR(nn.Module):
             if n_soft:
                 pick[:, tokens.shape[1] - n_soft :] = True
             tokens = torch.where(pick.unsqueeze(-1), guess, tokens)
-        return self.slots(summary, tokens, n_soft)
+        return self.window(tokens, history, n_soft)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, history: History | None = None):
         """x: token ids [B, n] (or token vectors [B, n, m]) and, with a layout, their history. Without targets:
@@ -98,10 +103,19 @@ def check_soft_spec(spec: SoftConfig, vector_head: bool) -> None:
         raise ConfigError(f"{problem[0]}: {problem[1]}")
 
 
-def build_model(cfg: Config) -> SoftAR:
-    """The one place a model is built from a resolved config (fresh weights; checkpoints load into it)."""
-    check_soft_spec(cfg.soft, cfg.model.vector_head)
-    return SoftAR(GPT(cfg.model), cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
+def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
+    """The one place a model is built from a resolved config: softAR's GPT with fresh weights (checkpoints load
+    into it), or the given VectorLM (a pretrained Hugging Face model, say) with a fresh window builder. The GPT and
+    its window builder draw their initial weights in one fixed order, the one softAR has always used."""
+    if lm is None:
+        check_soft_spec(cfg.soft, cfg.model.vector_head)
+        model = SoftAR(GPT(cfg.model, init=False), cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
+        model.lm.init_weights(model.slots)
+        return model
+    check_soft_spec(cfg.soft, lm.vector_head is not None)
+    model = SoftAR(lm, cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
+    model.slots.apply(init_normal)
+    return model
 
 
 def upgrade_param_name(name: str) -> str:

@@ -11,6 +11,7 @@ read `SOFT_TOKENS`, so a new definition is one decorated function here (and its 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ def soft_token(name: str, params: dict[str, float] | None = None, needs_vector_h
     """Register a soft-token definition under `name`."""
 
     def register(fn: Callable) -> Callable:
-        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph, on one line
         SOFT_TOKENS[name] = SoftTokenDef(name, fn, doc, dict(params or {}), needs_vector_head)
         return fn
 
@@ -102,19 +103,24 @@ def gated(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
 
 @soft_token("moi", params={"beta": 1.0})
 def mixture_of_inputs(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
-    """Mixture of Inputs (Zhuang et al. 2025): the posterior mean of a Dirichlet whose prior is the model's
-    distribution p and whose observation, with concentration beta, is the sampled token y:
-    w = (p + beta * onehot(y)) / (1 + beta), and the input is w @ E."""
-    beta = spec.args.get("beta", 1.0)
+    """Mixture of Inputs (Zhuang et al. 2025): Bayesian estimation with the model's distribution p as the prior and
+    the sampled token y as the observation, weighted by how unsure the model is (H, the entropy over log V):
+    w = (H p + (beta + 1 - H) onehot(y)) / (beta + 1), and the input is w @ E. beta = 0 is `gated`; a large beta
+    is the sampled token."""
+    beta = spec.args["beta"]
     p = probs(out.logits.float(), spec.top_k)
-    y = sample_ids(out.logits, generator)
-    w = (p + beta * torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype)) / (1 + beta)
-    return w.to(E.dtype) @ E
+    H = (entropy(out.logits.float()) / math.log(p.shape[-1])).unsqueeze(-1)
+    y = torch.nn.functional.one_hot(sample_ids(out.logits, generator), p.shape[-1]).to(p.dtype)
+    return ((H * p + (beta + 1 - H) * y) / (beta + 1)).to(E.dtype) @ E
 
 
 def make_soft_token(out: Outputs, E: torch.Tensor, spec, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The soft token `spec.kind` at every position of `out`: [..., m]."""
-    return SOFT_TOKENS[spec.kind].fn(out, E, spec, generator)
+    """The soft token `spec.kind` at every position of `out`: [..., m]; the definition's parameters default to
+    those it registered."""
+    d = SOFT_TOKENS[spec.kind]
+    if set(d.params) - set(spec.args):
+        spec = dataclasses.replace(spec, args={**d.params, **spec.args})
+    return d.fn(out, E, spec, generator)
 
 
 # -- noise ----------------------------------------------------------------------------------------------------------
@@ -158,6 +164,8 @@ def spec_problem(spec, vector_head: bool) -> tuple[str, str] | None:
     if unknown:
         return "soft.args", (f"{spec.kind!r} takes {', '.join(d.params) or 'no parameters'}, "
                              f"not {', '.join(unknown)}")
+    if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in spec.args.values()):
+        return "soft.args", "parameters must be finite numbers >= 0"
     if spec.noise not in NOISES:
         return "soft.noise", f"expected one of {', '.join(map(repr, NOISES))}, got {spec.noise!r}"
     return None

@@ -139,10 +139,7 @@ class WindowBuilder(nn.Module):
     def __init__(self, layout: Layout, m: int, kind_embeddings: bool, project: bool):
         super().__init__()
         self.layout = layout
-        self.kind = None
-        if kind_embeddings and not layout.plain:
-            self.kind = nn.Embedding(len(KIND_NAMES), m)
-            nn.init.normal_(self.kind.weight, mean=0.0, std=0.02)
+        self.kind = nn.Embedding(len(KIND_NAMES), m) if kind_embeddings and not layout.plain else None
         self.proj = None
         if project and not layout.plain:
             self.proj = nn.ModuleDict({k: nn.Sequential(nn.Linear(m, m, bias=False), nn.LayerNorm(m))

@@ -1,0 +1,148 @@
+"""Everything softAR reads from or writes to disk goes through here: every file it reads may be corrupt or
+hostile, so a read either returns checked data or raises one `SoftarError` naming the file and the problem.
+Writes are atomic (temp file, fsync, rename), and temp names carry the writer's pid so that leftovers of a killed
+process are recognised and cleaned by the next one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from softar import SoftarError
+
+TEMP_TAG = ".softar-tmp-"  # in every temp name softAR creates: .<name>.softar-tmp-<pid>
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden sibling of `path` owned by this process."""
+    return path.with_name(f".{path.name}{TEMP_TAG}{os.getpid()}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temp files and folders softAR left in `folder` from processes that no longer run."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        head, tag, pid = p.name.rpartition(TEMP_TAG)
+        if tag and head.startswith(".") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SoftarError(f"cannot write {path}: {e.strerror or e}") from None
+    fsync_path(path.parent)
+
+
+def read_text(path: Path, what: str, limit: int = 1 << 28) -> str:
+    """A UTF-8 text file of at most `limit` bytes."""
+    try:
+        if not path.is_file():
+            raise SoftarError(f"{what}: {path} does not exist or is not a file")
+        if path.stat().st_size > limit:
+            raise SoftarError(f"{what}: {path} is {path.stat().st_size} bytes, more than such a file can be")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SoftarError(f"{what}: {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise SoftarError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _finite(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_finite(v) for v in obj)
+    return True
+
+
+def _is(value: Any, kind: Any) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_fields(obj: Any, fields: dict[str, Any], where: str) -> None:
+    """obj must be a JSON object holding each of `fields` with its type; a nested dict of fields checks a nested
+    object."""
+    if not isinstance(obj, dict):
+        raise SoftarError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key, kind in fields.items():
+        if key not in obj:
+            raise SoftarError(f"{where}: missing {key!r}")
+        if isinstance(kind, dict):
+            check_fields(obj[key], kind, f"{where}: {key}")
+        elif not _is(obj[key], kind):
+            name = getattr(kind, "__name__", str(kind))
+            raise SoftarError(f"{where}: {key!r} must be {name}, got {type(obj[key]).__name__}")
+
+
+def read_json(path: Path, what: str, fields: dict[str, Any] | None = None) -> Any:
+    """A JSON document (an object when `fields` are given, with those fields and types). Non-finite numbers
+    (NaN, Infinity) are refused."""
+    text = read_text(path, what)
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise SoftarError(f"{what}: {path} is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+    if fields is not None:
+        check_fields(obj, fields, f"{what} {path}")
+    if not _finite(obj):
+        raise SoftarError(f"{what}: {path} holds a non-finite number")
+    return obj
+
+
+def read_jsonl(path: Path, what: str) -> tuple[list[dict], bool]:
+    """The objects of a JSON-lines file, and whether a torn last line (a write cut short) was dropped. A bad line
+    anywhere else is an error."""
+    lines = read_text(path, what).splitlines()
+    rows, torn = [], False
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError
+        except (ValueError, RecursionError):
+            if i == len(lines) - 1:
+                torn = True
+                break
+            raise SoftarError(f"{what}: {path} line {i + 1} is not a JSON object") from None
+        rows.append(row)
+    return rows, torn

@@ -1,0 +1,388 @@
+"""A hostile or careless user: every file the tool reads may be corrupt, every folder may hold someone's data, two
+processes may share a run, and a signal may come at any moment. Each case asserts the error contract (exit 2, one
+line on stderr starting `softar: error:`) and that the folders are byte-for-byte unchanged (a hash of the tree)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from softar import cli
+from softar.checkpoint import MANIFEST
+from softar.data.dataset import sha256_file
+from softar.data.prepare import prepare
+
+from .conftest import tiny_overrides
+
+CONFIG = "configs/shakespeare_char.toml"
+
+
+def tree_hash(*roots: Path) -> str:
+    """sha256 over every path, file content and symlink target below the roots."""
+    h = hashlib.sha256()
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")):
+            h.update(str(p).encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            elif p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def refused(args, capsys, *roots, message: str = "") -> str:
+    """Run the CLI in-process; assert exit 2, one `softar: error:` line, and the roots unchanged."""
+    before = tree_hash(*roots)
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("softar: error: "), err
+    assert message in err[0], err[0]
+    assert tree_hash(*roots) == before
+    return err[0]
+
+
+def ok(args, capsys) -> dict:
+    assert cli.main([str(a) for a in args]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def rehash(ckpt: Path) -> None:
+    """What a careful attacker does after editing a checkpoint file: make the manifest agree."""
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["sha256"] = {f: sha256_file(ckpt / f) for f in manifest["sha256"]}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def data(char_data, tmp_path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(char_data, copy)
+    return copy
+
+
+@pytest.fixture
+def run(data, tmp_path, capsys) -> tuple[Path, list[str]]:
+    out = tmp_path / "run"
+    args = ["train", CONFIG, *tiny_overrides(data, **{"train.ckpt_interval": 4}), "--quiet", "--out", out]
+    ok(args, capsys)
+    return out, args
+
+
+# -- prepare: write only what you own ----------------------------------------------------------------------------------
+def test_prepare_force_never_deletes_unrelated_files(small_corpus, tmp_path, capsys):
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    (home / "meta.json").write_text("{}")
+    (home / "thesis.tex").write_text("precious")
+    refused(["prepare", "--corpus", small_corpus, "--out", home, "--force"], capsys, tmp_path,
+            message="holds files that are not a softar dataset's (photos, thesis.tex)")
+
+
+def test_prepare_force_replaces_a_dataset_atomically_and_cleans_dead_temps(small_corpus, tmp_path, capsys):
+    out = tmp_path / "d"
+    prepare(str(small_corpus), out, "char")
+    dead = tmp_path / ".d.softar-tmp-999999999"  # what a killed prepare left (no such pid)
+    dead.mkdir()
+    foreign = tmp_path / ".d.backup"  # not ours: stays
+    foreign.mkdir()
+    other = tmp_path / "other.txt"
+    other.write_text("a different corpus\n" * 100)
+    meta = ok(["prepare", "--corpus", other, "--out", out, "--force"], capsys)
+    assert meta["text_sha256"] == json.loads((out / "meta.json").read_text())["text_sha256"]
+    assert not dead.exists() and foreign.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.backup", "d", "other.txt"]
+
+
+def test_prepare_notices_an_incomplete_dataset(small_corpus, tmp_path, capsys):
+    out = tmp_path / "d"
+    prepare(str(small_corpus), out, "char")
+    (out / "train.bin").unlink()
+    refused(["prepare", "--corpus", small_corpus, "--out", out], capsys, tmp_path,
+            message="different or incomplete dataset")
+    ok(["prepare", "--corpus", small_corpus, "--out", out, "--force"], capsys)
+    assert (out / "train.bin").is_file()
+
+
+def test_prepare_into_a_file(small_corpus, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    refused(["prepare", "--corpus", small_corpus, "--out", tmp_path / "f"], capsys, tmp_path,
+            message="is not a directory")
+
+
+# -- datasets read from disk -------------------------------------------------------------------------------------------
+def _meta(data: Path, **change):
+    meta = json.loads((data / "meta.json").read_text())
+    meta.update(change)
+    (data / "meta.json").write_text(json.dumps(meta))
+
+
+DATASET_DAMAGE = {
+    "meta not json": (lambda d: (d / "meta.json").write_text("{nope"), "not valid JSON"),
+    "meta lacks keys": (lambda d: (d / "meta.json").write_text('{"vocab_size": 5}'), "missing 'dtype'"),
+    "meta wrong dtype": (lambda d: _meta(d, dtype="float64"), "does not fit vocab_size"),
+    "meta vocab too small": (lambda d: _meta(d, vocab_size=5), "has 61 tokens, but meta.json says 5"),
+    "token id out of range": (lambda d: (d / "val.bin").write_bytes(b"\xff\xff" + (d / "val.bin").read_bytes()[2:]),
+                              "holds token id 65535, outside the vocabulary of 61"),
+    "meta vocab a string": (lambda d: _meta(d, vocab_size="61"), "'vocab_size' must be int"),
+    "meta NaN": (lambda d: (d / "meta.json").write_text((d / "meta.json").read_text().replace(
+        '"val_fraction": 0.1', '"val_fraction": NaN')), "non-finite"),
+    "train.bin odd bytes": (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-1]),
+                            "not a whole number of uint16 tokens"),
+    "train.bin short": (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-20]),
+                        "but meta.json says"),
+    "tokenizer corrupt": (lambda d: (d / "tokenizer.json").write_text('{"type": "char", "chars": [1, 2]}'),
+                          "list of distinct non-empty strings"),
+    "tokenizer garbage": (lambda d: (d / "tokenizer.json").write_bytes(b"\xff\xfe\x00garbage"), "not UTF-8"),
+    "tokenizer other size": (lambda d: (d / "tokenizer.json").write_text('{"type": "char", "chars": ["a", "b"]}'),
+                             "has 2 tokens, but meta.json says 61"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATASET_DAMAGE))
+def test_train_refuses_a_damaged_dataset(case, data, tmp_path, capsys):
+    damage, message = DATASET_DAMAGE[case]
+    damage(data)
+    refused(["train", CONFIG, *tiny_overrides(data), "--out", tmp_path / "r"], capsys, tmp_path, message=message)
+
+
+# -- run directories ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["file", "devnull"])
+def test_train_out_that_is_not_a_folder(target, data, tmp_path, capsys):
+    out = Path("/dev/null") if target == "devnull" else tmp_path / "file"
+    if target == "file":
+        out.write_text("mine")
+    refused(["train", CONFIG, *tiny_overrides(data), "--out", out], capsys, tmp_path, message="not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_train_out_in_a_read_only_folder(data, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    refused(["train", CONFIG, *tiny_overrides(data), "--out", ro / "run"], capsys, tmp_path, message="cannot")
+
+
+def test_memory_estimate_refuses_before_allocating(data, tmp_path, capsys):
+    refused(["train", CONFIG, *tiny_overrides(data, **{"model.d_model": 65536, "model.n_layer": 64}), "--out",
+             tmp_path / "r"], capsys, tmp_path, message="train.check_memory: this run needs about")
+
+
+def test_top_p_zero_is_refused(run, tmp_path, capsys):
+    out, _ = run
+    refused(["sample", out, "--top-p", "0"], capsys, tmp_path, message="--top-p")
+
+
+# -- resume trusts nothing ---------------------------------------------------------------------------------------------
+RESUME_DAMAGE = {
+    "latest absolute": (lambda c: (c / "latest").write_text(str(c / "step_000004")), "not a step folder"),
+    "latest outside": (lambda c: (c / "latest").write_text("../../elsewhere/step_000004"), "not a step folder"),
+    "latest missing step": (lambda c: (c / "latest").write_text("step_000099"), "which does not exist"),
+    "tensor missing": (lambda c: _drop_tensor(c / "step_000008"), "missing lm.backbone.ln_f.weight"),
+    "negative step": (lambda c: _trainer(c / "step_000008", step=-1000), "says step -1000"),
+    "step past the end": (lambda c: _trainer_and_manifest(c, 99), "outside 0..train.max_iters=12"),
+    "manifest without sha256": (lambda c: (c / "step_000008" / MANIFEST).write_text('{"step": 8}'),
+                                "missing 'sha256'"),
+    "wall time a string": (lambda c: _trainer(c / "step_000008", wall_s="soon"), "'wall_s' must be float"),
+}
+
+
+def _drop_tensor(ckpt: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    del tensors["lm.backbone.ln_f.weight"]
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    rehash(ckpt)
+
+
+def _trainer(ckpt: Path, **change) -> None:
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    meta.update(change)
+    (ckpt / "trainer.json").write_text(json.dumps(meta))
+    rehash(ckpt)
+
+
+def _trainer_and_manifest(ckpts: Path, step: int) -> None:
+    new = ckpts / f"step_{step:06d}"
+    shutil.copytree(ckpts / "step_000008", new)
+    manifest = json.loads((new / MANIFEST).read_text())
+    manifest["step"] = step
+    (new / MANIFEST).write_text(json.dumps(manifest))
+    _trainer(new, step=step)
+    (ckpts / "latest").write_text(new.name)
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_DAMAGE))
+def test_resume_refuses_a_damaged_checkpoint(case, run, tmp_path, capsys):
+    out, args = run
+    damage, message = RESUME_DAMAGE[case]
+    damage(out / "checkpoints")
+    refused([*args, "--resume", "train.max_iters=12"], capsys, tmp_path, message=message)
+
+
+def test_config_json_that_is_not_json(run, tmp_path, capsys):
+    out, args = run
+    (out / "config.json").write_text("{")
+    refused([*args, "--resume"], capsys, tmp_path, message="not valid JSON")
+    refused(["eval", out], capsys, tmp_path, message="not valid JSON")
+
+
+def test_missing_latest_uses_the_newest_valid_checkpoint(run, capsys):
+    out, args = run
+    (out / "checkpoints/latest").unlink()
+    (out / "checkpoints/step_000008/model.safetensors").write_bytes(b"corrupt")  # newest is broken: skip it
+    assert cli.main([str(a) for a in [*args, "--resume", "train.max_iters=10"]]) == 0
+    assert "using the newest valid checkpoint, step_000004" in capsys.readouterr().err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 11))  # 5..10 again from step 4
+
+
+def test_resume_with_more_steps_follows_the_derived_schedule(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["train", CONFIG, *tiny_overrides(data, **{"train.lr_decay_iters": 0}), "--quiet", "--out", out]
+    ok(base, capsys)
+    result = ok([*base, "--resume", "train.max_iters=12"], capsys)
+    assert result["step"] == 12
+    assert json.loads((out / "config.json").read_text())["train"]["lr_decay_iters"] == 12
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(run, capsys):
+    out, args = run
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    assert cli.main([str(a) for a in [*args, "--resume", "train.max_iters=10"]]) == 0
+    assert "torn line" in capsys.readouterr().err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 11))
+
+
+def test_a_corrupt_metrics_line_in_the_middle_is_an_error(run, tmp_path, capsys):
+    out, args = run
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[2] = "not json"
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    refused([*args, "--resume", "train.max_iters=10"], capsys, tmp_path, message="line 3 is not a JSON object")
+
+
+# -- sweeps ------------------------------------------------------------------------------------------------------------
+def test_sweep_refuses_runs_made_with_other_overrides(data, tmp_path, capsys):
+    out = tmp_path / "sw"
+    common = ["sweep", CONFIG, *tiny_overrides(data), "--seeds", "1", "--windows", "2", "--horizons", "4",
+              "--out", out]
+    ok(common, capsys)
+    refused([*common, "train.lr=0.002"], capsys, tmp_path, message="was made with other settings (differs in "
+                                                                   "train.lr)")
+
+
+# -- two writers, real processes ---------------------------------------------------------------------------------------
+def softar_proc(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "softar", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_writers_on_one_run(data, tmp_path):
+    """Two trains started together on one empty folder: one runs, the other is refused with one line; a --resume
+    beside the running one is refused naming its pid; the runner's log and checkpoints lose nothing."""
+    out = tmp_path / "race"
+    args = ["train", CONFIG, *tiny_overrides(data, **{"train.max_iters": 100_000, "train.lr_decay_iters": 100_000,
+                                                       "train.ckpt_interval": 5}), "--quiet", "--out", out]
+    pair = [softar_proc(*args), softar_proc(*args)]
+    deadline = time.monotonic() + 120
+    while all(p.poll() is None for p in pair) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    loser = next(p for p in pair if p.poll() is not None)
+    winner = next(p for p in pair if p is not loser)
+    _, err = loser.communicate(timeout=60)
+    assert loser.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"is in use by another softar process (pid {winner.pid})" in err or "already holds a run" in err, err
+    while not (out / "checkpoints/latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    resume = softar_proc(*args, "--resume")
+    _, err = resume.communicate(timeout=120)
+    assert resume.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"is in use by another softar process (pid {winner.pid})" in err
+    assert winner.poll() is None  # still running, untouched
+    winner.send_signal(signal.SIGTERM)
+    _, err = winner.communicate(timeout=120)
+    assert winner.returncode == 0 and "stopped by SIGTERM" in err, err
+    step = int((out / "checkpoints/latest").read_text().strip().removeprefix("step_"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, step + 1))  # nothing lost
+
+
+# -- signals -----------------------------------------------------------------------------------------------------------
+def test_sigterm_during_the_final_evaluation(small_corpus, tmp_path):
+    """The last step's checkpoint is saved before the final evaluation; a SIGTERM during it stops at once with a
+    message and exit 0, and --resume only evaluates."""
+    big = tmp_path / "big.txt"
+    big.write_text(small_corpus.read_text() * 40)  # a long val split: the final evaluation takes a while
+    data = tmp_path / "bigdata"
+    prepare(str(big), data, "char")
+    out = tmp_path / "run"
+    args = ["train", CONFIG, *tiny_overrides(data, **{"model.d_model": 64, "model.n_layer": 4}), "--quiet",
+            "--out", out]
+    proc = softar_proc(*args)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints/step_000008").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    if (out / "result.json").exists():  # the evaluation won the race: nothing to test this time
+        pytest.skip("the final evaluation finished before the signal")
+    assert "stopped by SIGTERM during the final evaluation after step 8" in stderr
+    resumed = subprocess.run([sys.executable, "-m", "softar", *map(str, args), "--resume"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0 and json.loads((out / "result.json").read_text())["step"] == 8
+
+
+# -- fuzzing every file a run or dataset folder holds ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fuzz_run(char_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fuzz")
+    shutil.copytree(char_data, root / "data")
+    from softar import config
+    from softar.train import train
+
+    train(config.load(None, tiny_overrides(root / "data", **{"train.max_iters": 2})), root / "run", quiet=True)
+    return root
+
+
+READ_FILES = ["data/meta.json", "data/tokenizer.json", "data/train.bin", "data/val.bin", "run/config.json",
+              "run/run.json", "run/checkpoints/latest", "run/checkpoints/step_000002/manifest.json",
+              "run/checkpoints/step_000002/trainer.json", "run/checkpoints/step_000002/model.safetensors"]
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+                     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=int(os.environ.get("SOFTAR_FUZZ_EXAMPLES", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(READ_FILES), content=st.one_of(st.binary(max_size=64), _json.map(
+    lambda v: json.dumps(v).encode())))
+def test_fuzz_every_file_read(fuzz_run, tmp_path_factory, name, content, capsys):
+    root = tmp_path_factory.mktemp("case")
+    shutil.copytree(fuzz_run, root, dirs_exist_ok=True)
+    (root / name).write_bytes(content)
+    before = tree_hash(root)
+    code = cli.main(["eval", str(root / "run"), "--data", str(root / "data"), "--windows", "2", "--horizons", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (0, 2), err
+    if code == 2:
+        assert len(err) == 1 and err[0].startswith("softar: error: "), err
+        assert tree_hash(root) == before
