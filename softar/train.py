@@ -263,6 +263,7 @@ class Trainer:
             if len(data) <= m.block_size:
                 raise ConfigError(f"model.block_size: {m.block_size} is not smaller than the {name} split "
                                   f"({len(data)} tokens)")
+        asked_resume = resume
         resume = resume and latest_checkpoint(self.out / CHECKPOINTS) is not None  # none yet: start at step 0
         self.world.barrier()
         set_threads(t.threads)
@@ -294,7 +295,7 @@ class Trainer:
             read_jsonl(self.out / METRICS_FILE, "metrics")  # a damaged log fails now, before anything is written
         if self.world.is_main:  # the first write: from here on this process owns the run directory
             (stack or contextlib.ExitStack()).enter_context(RunLock(self.out))
-            _check_run_dir(self.out, cfg, resume, derived_decay)  # again, under the lock
+            _check_run_dir(self.out, cfg, asked_resume, derived_decay)  # again, under the lock
         if resume:
             self._load()
         elif self.world.is_main:

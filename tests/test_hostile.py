@@ -251,6 +251,15 @@ def test_missing_latest_uses_the_newest_valid_checkpoint(run, capsys):
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 11))  # 5..10 again from step 4
 
 
+def test_resume_before_the_first_checkpoint_starts_at_step_zero(run, capsys):
+    """A run killed after its config was saved but before its first checkpoint: --resume starts it over."""
+    out, args = run
+    shutil.rmtree(out / "checkpoints")
+    assert ok([*args, "--resume"], capsys)["step"] == 8
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))
+
+
 def test_resume_with_more_steps_follows_the_derived_schedule(data, tmp_path, capsys):
     out = tmp_path / "r"
     base = ["train", CONFIG, *tiny_overrides(data, **{"train.lr_decay_iters": 0}), "--quiet", "--out", out]
@@ -349,6 +358,23 @@ def test_sigterm_during_the_final_evaluation(small_corpus, tmp_path):
     resumed = subprocess.run([sys.executable, "-m", "softar", *map(str, args), "--resume"], capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0 and json.loads((out / "result.json").read_text())["step"] == 8
+
+
+def test_sigterm_during_a_sweep_keeps_what_finished(data, tmp_path):
+    out = tmp_path / "sw"
+    args = ["sweep", CONFIG, *tiny_overrides(data, **{"train.max_iters": 100_000, "train.lr_decay_iters": 100_000,
+                                                       "train.ckpt_interval": 5}), "--seeds", "1", "--out", out]
+    proc = softar_proc(*args)
+    run = out / "runs" / "shakespeare_char_s1337"
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints/latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines()[-1].startswith("softar: stopped by SIGTERM; everything finished so far is saved; "
+                                                   "run the same softar sweep command again to continue"), err
+    assert (run / "checkpoints/latest").is_file() and not (run / "eval.json").exists()
 
 
 # -- fuzzing every file a run or dataset folder holds ------------------------------------------------------------------
