@@ -102,7 +102,8 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     there is no checkpoint at all."""
     pointer = ckpt_dir / LATEST
     if not pointer.exists() and not pointer.is_symlink():
-        for path in reversed(step_folders(ckpt_dir)):
+        folders = step_folders(ckpt_dir)
+        for path in reversed(folders):
             try:
                 verify(path)
             except SoftarError:
@@ -110,6 +111,9 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
             print(f"softar: warning: {pointer} is missing; using the newest valid checkpoint, {path.name}",
                   file=sys.stderr)
             return path
+        if folders:  # checkpoints exist but none verifies: never start over on top of them
+            raise SoftarError(f"{pointer} is missing and no checkpoint in {ckpt_dir} verifies "
+                              f"({', '.join(p.name for p in folders[-3:])})")
         return None
     if pointer.is_symlink() or not pointer.is_file():
         raise SoftarError(f"{pointer} is not a plain file")
@@ -221,6 +225,8 @@ def check_optimizer_state(params: dict[str, torch.Tensor], tensors: dict[str, to
         if field in ("exp_avg", "exp_avg_sq") and value.shape != params[owner].shape:
             raise SoftarError(f"{where}: optimizer {field} of {owner} is {list(value.shape)}, the parameter is "
                               f"{list(params[owner].shape)}")
+        if field == "step" and (value.numel() != 1 or not bool(torch.isfinite(value).all()) or value.item() < 0):
+            raise SoftarError(f"{where}: optimizer step count of {owner} is not a count")
     named = {n for g in plain["param_groups"] if isinstance(g, dict) for n in g.get("params", [])}
     if named != {n for n, p in params.items() if p.requires_grad}:
         raise SoftarError(f"{where}: the optimizer's parameter groups do not name this model's parameters")

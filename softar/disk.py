@@ -40,13 +40,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove the temp files and folders softAR left in `folder` from processes that no longer run."""
+def clean_stale_temps(folder: Path, stems: tuple[str, ...] | None = None) -> list[Path]:
+    """Remove the temp files and folders softAR left in `folder` (for the targets named `stems`, or any) from
+    processes that no longer run."""
     removed = []
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
         head, tag, pid = p.name.rpartition(TEMP_TAG)
+        if stems is not None and head not in {f".{stem}" for stem in stems}:
+            continue
         if tag and head.startswith(".") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             removed.append(p)
@@ -122,10 +125,14 @@ def read_json(path: Path, what: str, fields: dict[str, Any] | None = None) -> An
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
         raise SoftarError(f"{what}: {path} is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+    try:
+        finite = _finite(obj)
+    except RecursionError:
+        raise SoftarError(f"{what}: {path} is nested too deeply to be a softar file") from None
+    if not finite:
+        raise SoftarError(f"{what}: {path} holds a non-finite number")
     if fields is not None:
         check_fields(obj, fields, f"{what} {path}")
-    if not _finite(obj):
-        raise SoftarError(f"{what}: {path} holds a non-finite number")
     return obj
 
 

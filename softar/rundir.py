@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,24 @@ def load_model_checkpoint(path: Path, device: torch.device | str = "cpu") -> Che
     return rename_params(load_checkpoint(path, device), upgrade_param_name)
 
 
+def load_latest(run_dir: Path, device: torch.device | str = "cpu", tries: int = 5) -> Checkpoint:
+    """The run's latest checkpoint, read while the run may still be training: a checkpoint pruned or replaced
+    under the reader is read again from the new `latest`."""
+    for attempt in range(tries):
+        path = latest_checkpoint(run_dir / CHECKPOINTS)
+        if path is None:
+            raise SoftarError(f"{run_dir} has no checkpoint yet")
+        try:
+            return load_model_checkpoint(path, device)
+        except (SoftarError, FileNotFoundError) as e:
+            moved = not path.is_dir() or latest_checkpoint(run_dir / CHECKPOINTS) != path
+            if not moved or attempt == tries - 1:
+                if isinstance(e, FileNotFoundError):
+                    raise SoftarError(f"{path} disappeared while it was read (the run pruned it)") from None
+                raise
+    raise AssertionError("unreachable")
+
+
 def load_embedding(model: SoftAR, cfg: Config) -> None:
     """Copy a frozen E into `model`: another run's (model.embedding = "checkpoint") or the data's pretrained vectors
     (model.embedding = "pretrained"), checking its shape."""
@@ -93,16 +112,15 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     cfg = read_config(run_dir)
     data_dir = data_dir or cfg.data.dir
     check_data(run_dir, data_dir)
-    path = latest_checkpoint(run_dir / CHECKPOINTS)
-    if path is None:
-        raise SoftarError(f"{run_dir} has no checkpoint yet")
     vocab = load_meta(data_dir)["vocab_size"]
     if not cfg.model.vocab_size >= vocab:
         raise SoftarError(f"{run_dir / CONFIG_FILE}: model.vocab_size {cfg.model.vocab_size} does not cover the "
                           f"data's {vocab} tokens (not a config softar train wrote)")
-    ckpt = load_model_checkpoint(path, device)
+    ckpt = load_latest(run_dir, device)
     model = build_model(cfg).to(device)
-    check_state(model.state_dict(), ckpt.tensors.get("model", {}), f"checkpoint {path}")
+    check_state(model.state_dict(), ckpt.tensors.get("model", {}), f"checkpoint {ckpt.path}")
+    if not all(torch.isfinite(t).all() for t in ckpt.tensors["model"].values() if t.is_floating_point()):
+        raise SoftarError(f"checkpoint {ckpt.path} holds non-finite weights (a diverged run?)")
     model.load_state_dict(ckpt.tensors["model"])
     model.eval()
     return LoadedRun(cfg, model, load_tokenizer(data_dir, vocab), ckpt.meta["step"])
@@ -129,6 +147,10 @@ class RunLock:
             fd = os.open(self.run_dir / self.FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise SoftarError(f"cannot use {self.run_dir} as a run directory: {e.strerror or e}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a planted link to someone's file: never write it
+            os.close(fd)
+            raise SoftarError(f"{self.run_dir / self.FILE} is not softar's lock file (a link or not a plain file)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -168,4 +190,8 @@ def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -
         raise SoftarError(f"model.block_size: {cfg.model.block_size} is more than the {lm.max_positions} positions "
                           f"of the model in {path}")
     model = build_model(cfg, lm).to(device).eval()
-    return LoadedRun(cfg, model, HFTokenizer(path), 0)
+    tokenizer = HFTokenizer(path)
+    if tokenizer.vocab_size > lm.E.shape[0]:
+        raise SoftarError(f"--hf: the tokenizer in {path} has {tokenizer.vocab_size} tokens, the model's vocabulary "
+                          f"{lm.E.shape[0]}")
+    return LoadedRun(cfg, model, tokenizer, 0)

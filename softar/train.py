@@ -54,7 +54,7 @@ from softar.soft.model import SoftAR, build_model
 
 # keys a resumed run may change without changing its history (batch_size: per rank, when the world size changes
 # and the global batch stays the same, which _load checks)
-RESUMABLE_KEYS = {"train.max_iters", "train.batch_size"}
+RESUMABLE_KEYS = {"train.max_iters", "train.batch_size", "train.check_memory"}
 # trainer.json: the training state a checkpoint carries beside its tensors
 TRAINER_FIELDS = {"step": int, "wall_s": float, "train_s": float, "skipped_steps": int, "world_size": int,
                   "optimizer": dict, "config": {"train": {"batch_size": int}}}
@@ -116,6 +116,12 @@ def _check_run_dir(out: Path, cfg: Config, resume: bool, derived_decay: bool = F
     derived from it: `derived_decay`)."""
     if out.exists() and not out.is_dir() or out.is_symlink():
         raise SoftarError(f"--out {out} exists and is not a directory")
+    for name, want_dir in ((CHECKPOINTS, True), ("tb", True), (METRICS_FILE, False), (CONFIG_FILE, False),
+                           (RUN_FILE, False), (RESULT_FILE, False)):
+        entry = out / name  # a link could lead writes (and pruning) into another folder
+        if entry.is_symlink() or entry.exists() and entry.is_dir() != want_dir:
+            raise SoftarError(f"{entry} is a link or not a plain {'folder' if want_dir else 'file'}; this run "
+                              "directory was tampered with")
     if (out / CONFIG_FILE).is_file():
         if not resume:
             raise SoftarError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -291,7 +297,7 @@ class Trainer:
         self.fwd = torch.compile(self.model) if t.compile else self.model
         self.amp = autocast(self.device, t.dtype)
         self.step, self.wall_before, self.train_s, self.skipped = 0, 0.0, 0.0, 0
-        if resume and (self.out / METRICS_FILE).is_file():
+        if resume and (self.out / METRICS_FILE).exists():
             read_jsonl(self.out / METRICS_FILE, "metrics")  # a damaged log fails now, before anything is written
         if self.world.is_main:  # the first write: from here on this process owns the run directory
             (stack or contextlib.ExitStack()).enter_context(RunLock(self.out))
@@ -333,6 +339,17 @@ class Trainer:
             raise SoftarError(f"{where}: expected model, optimizer and state tensors")
         check_state(self.net.state_dict(), ckpt.tensors["model"], where)
         check_optimizer_state(dict(self.net.named_parameters()), ckpt.tensors["optimizer"], meta["optimizer"], where)
+        fresh = self.opt.state_dict()["param_groups"]  # AdamW's settings from this run's config (lr is set per step)
+        saved = meta["optimizer"]["param_groups"]
+        if len(saved) != len(fresh) or any(
+                not isinstance(g, dict) or any(k in g and k not in ("params", "lr") and (
+                    tuple(g[k]) if isinstance(g[k], list) else g[k]) != v for k, v in f.items())
+                for g, f in zip(saved, fresh, strict=False)):
+            raise SoftarError(f"{where}: the optimizer's settings differ from this run's (train.* AdamW settings)")
+        rng_shape = torch.get_rng_state().shape
+        for name, state in ckpt.tensors["state"].items():
+            if name.startswith("rng_cpu") and (state.dtype != torch.uint8 or state.shape != rng_shape):
+                raise SoftarError(f"{where}: {name} is not a random generator state")
         sampler = ckpt.tensors["state"]["sampler"]
         if sampler.dtype != torch.uint8 or sampler.shape != self.sampler.state().shape:
             raise SoftarError(f"{where}: the sampler state is not a generator state")
@@ -340,8 +357,11 @@ class Trainer:
         if saved_global != self.cfg.train.batch_size * self.world.size:
             raise SoftarError(f"train.batch_size: {self.cfg.train.batch_size} per rank x {self.world.size} ranks "
                               f"changes the global batch of {saved_global} this run was trained with")
-        opt_sd = optimizer_from_tensors(ckpt.tensors["optimizer"], ckpt.meta["optimizer"])
-        _load_full_state(self.model, self.opt, ckpt.tensors["model"], opt_sd)
+        try:
+            opt_sd = optimizer_from_tensors(ckpt.tensors["optimizer"], ckpt.meta["optimizer"])
+            _load_full_state(self.model, self.opt, ckpt.tensors["model"], opt_sd)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise SoftarError(f"{where}: its optimizer state does not load ({str(e).splitlines()[0][:80]})") from None
         self.sampler.load_state(ckpt.tensors["state"]["sampler"])
         _set_rng_states(ckpt.tensors["state"], self.world, self.device, self.cfg.train.seed + meta["step"])
         self.step, self.wall_before, self.train_s = meta["step"], meta["wall_s"], meta["train_s"]
@@ -349,6 +369,10 @@ class Trainer:
 
     def save(self, wall: float) -> None:
         model_sd, opt_sd = _full_state(self.model, self.opt)  # collective under FSDP: every rank calls it
+        if not all(torch.isfinite(t).all() for t in model_sd.values() if t.is_floating_point()):
+            last = latest_checkpoint(self.out / CHECKPOINTS)
+            raise SoftarError(f"stopped at step {self.step}: the weights are no longer finite (a learning rate too "
+                              f"high?); the last good checkpoint is {last.name if last else 'none'}")
         rng = _rng_states(self.world, self.device)
         if self.world.is_main:
             opt_tensors, opt_plain = optimizer_to_tensors(opt_sd)
@@ -467,6 +491,10 @@ class Trainer:
                 log.close()
             return {"run_dir": str(self.out), "step": self.step, "preempted": True, "signal": str(stopped),
                     "phase": "the final evaluation", "checkpoint": str(latest_checkpoint(self.out / CHECKPOINTS))}
+        if not math.isfinite(full_val["loss"]):
+            last = latest_checkpoint(self.out / CHECKPOINTS)
+            raise SoftarError(f"the run ended at step {self.step} with a non-finite val loss (diverged weights, a "
+                              f"learning rate too high?); the latest checkpoint is {last.name if last else 'none'}")
         result = {
             "run_dir": str(self.out),
             "step": self.step,

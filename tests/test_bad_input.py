@@ -144,7 +144,7 @@ CASES = [
     (["sample", "{run}", "--collapse-score", "vibes"], "--collapse-score"),
     (["sample", "{run}", "--soft-budget", "-2"], "--soft-budget"),
     (["eval", "{run}", "--gap", "{tmp}/a", "{tmp}/b"], "--gap: "),
-    (["eval", "{run}", "--reference", "{tmp}/missing"], "is not a softar run"),
+    (["eval", "{run}", "--reference", "{tmp}/missing"], "--reference: the generation report is for a run with a"),
     (["eval", "{run}", "--thresholds", "1,x"], "--thresholds"),
     (["sweep", "configs/soft/char_ce.toml", "--gap", "char_ce", "char_w128"], "'char_w128' is not one of"),
     ([], "command"),

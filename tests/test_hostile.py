@@ -118,6 +118,20 @@ def test_prepare_notices_an_incomplete_dataset(small_corpus, tmp_path, capsys):
     assert (out / "train.bin").is_file()
 
 
+def test_prepare_leaves_other_temps_and_folders_named_like_dataset_files(small_corpus, tmp_path, capsys):
+    other = tmp_path / ".important.softar-tmp-999999999"  # not a temp of this --out
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    ok(["prepare", "--corpus", small_corpus, "--out", tmp_path / "newds"], capsys)
+    assert (other / "thesis.tex").is_file()
+    ds = tmp_path / "ds2"
+    (ds / "train.bin").mkdir(parents=True)  # a folder where a dataset file would be
+    (ds / "train.bin" / "thesis.tex").write_text("x")
+    (ds / "meta.json").write_text("{}")
+    refused(["prepare", "--corpus", small_corpus, "--out", ds, "--force"], capsys, tmp_path,
+            message="holds files that are not a softar dataset's (train.bin)")
+
+
 def test_prepare_into_a_file(small_corpus, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     refused(["prepare", "--corpus", small_corpus, "--out", tmp_path / "f"], capsys, tmp_path,
@@ -234,6 +248,62 @@ def test_resume_refuses_a_damaged_checkpoint(case, run, tmp_path, capsys):
     refused([*args, "--resume", "train.max_iters=12"], capsys, tmp_path, message=message)
 
 
+def test_links_in_a_run_directory_are_refused(run, tmp_path, capsys):
+    """A `checkpoints` link into another run would let a resume prune that run's checkpoints."""
+    out, args = run
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").symlink_to(other / "checkpoints")
+    refused([*args, "--resume", "train.max_iters=20"], capsys, tmp_path, message="is a link or not a plain folder")
+
+
+def test_a_planted_lock_link_never_truncates_its_target(run, tmp_path, capsys):
+    out, args = run
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".softar.lock").unlink()
+    os.link(victim, out / ".softar.lock")
+    refused([*args, "--resume", "train.max_iters=10"], capsys, tmp_path, message="is not softar's lock file")
+    assert victim.read_text() == "precious"
+
+
+def test_no_valid_checkpoint_and_no_latest_never_starts_over(run, tmp_path, capsys):
+    out, args = run
+    (out / "checkpoints/latest").unlink()
+    for step in ("step_000004", "step_000008"):
+        (out / "checkpoints" / step / "model.safetensors").write_bytes(b"flipped")
+    refused([*args, "--resume", "train.max_iters=10"], capsys, tmp_path, message="no checkpoint in")
+
+
+def test_diverged_weights_stop_the_run(data, tmp_path, capsys):
+    refused(["train", CONFIG, *tiny_overrides(data, **{"train.lr": 1e30, "train.warmup_iters": 0,
+                                                      "train.max_iters": 1}), "--out", tmp_path / "r"], capsys,
+            message="with a non-finite val loss (diverged weights")
+
+
+def test_eval_reference_needs_a_layout_run(run, tmp_path, capsys):
+    out, _ = run
+    refused(["eval", out, "--reference", out], capsys, tmp_path, message="--reference: the generation report is for")
+
+
+def test_newlines_in_paths_stay_on_one_line(tmp_path, capsys):
+    refused(["train", tmp_path / "no\nsuch.toml"], capsys, tmp_path, message="no\\nsuch.toml")
+
+
+def test_a_legacy_key_beside_its_new_name_is_refused(data, tmp_path, capsys):
+    refused(["train", CONFIG, *tiny_overrides(data), "loss.soft_kind=gated", "soft.kind=moi", "--out",
+             tmp_path / "r"], capsys, tmp_path, message="loss.soft_kind: moved to soft.kind")
+
+
+def test_gated_sampling_of_a_run_trained_with_moi(data, tmp_path, capsys):
+    out = tmp_path / "moi"
+    ok(["train", CONFIG, *tiny_overrides(data, **{"soft.kind": '"moi"', "soft.args": "{beta = 2.0}"}), "--quiet",
+        "--out", out], capsys)
+    assert cli.main(["sample", str(out), "--mode", "gated", "--max-new-tokens", "5", "--prompt", "RO"]) == 0
+    assert cli.main(["sample", str(out), "--mode", "soft", "--max-new-tokens", "5", "--prompt", "RO"]) == 0  # moi
+
+
 def test_config_json_that_is_not_json(run, tmp_path, capsys):
     out, args = run
     (out / "config.json").write_text("{")
@@ -295,6 +365,18 @@ def test_sweep_refuses_runs_made_with_other_overrides(data, tmp_path, capsys):
     ok(common, capsys)
     refused([*common, "train.lr=0.002"], capsys, tmp_path, message="was made with other settings (differs in "
                                                                    "train.lr)")
+
+
+def test_sweep_never_overwrites_files_it_did_not_make(data, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.md").write_text("my notes")
+    common = [CONFIG, *tiny_overrides(data), "--seeds", "1", "--windows", "2", "--horizons", "4"]
+    refused(["sweep", *common, "--out", out], capsys, tmp_path, message="holds files a sweep did not make")
+    (tmp_path / "thesis.md").write_text("# My thesis")
+    refused(["sweep", *common, "--out", tmp_path / "sw", "--report", tmp_path / "thesis.md"], capsys, tmp_path,
+            message="is not a report softar sweep wrote")
+    refused(["sweep", *common, "--out", tmp_path / "thesis.md"], capsys, tmp_path, message="not a directory")
 
 
 # -- two writers, real processes ---------------------------------------------------------------------------------------

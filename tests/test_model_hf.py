@@ -88,3 +88,24 @@ def test_hf_layout_overrides_are_checked(hf_dir, capsys):
     assert "only context.*, soft.* and model.block_size" in capsys.readouterr().err
     assert cli.main(["sample", "--hf", str(hf_dir), "model.block_size=999", "--device", "cpu"]) == 2
     assert "more than the 64 positions" in capsys.readouterr().err
+
+
+def test_hf_folders_that_would_run_on_random_weights_are_refused(hf_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty_weights"
+    shutil.copytree(hf_dir, empty)
+    for f in empty.glob("*.safetensors"):
+        f.unlink()
+    save_file({}, str(empty / "model.safetensors"))
+    assert cli.main(["sample", "--hf", str(empty), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lacks weights the model needs" in err[0], err
+    pickled = tmp_path / "pickled"
+    shutil.copytree(hf_dir, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    assert cli.main(["sample", "--hf", str(pickled), "--device", "cpu"]) == 2
+    assert "only safetensors are loaded" in capsys.readouterr().err

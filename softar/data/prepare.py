@@ -25,15 +25,16 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
             force: bool = False) -> dict:
     """Convert, tokenize and write a dataset folder; returns its meta. Writes into a temp folder first so
     a failure leaves nothing half-written, and refuses to replace a different dataset unless `force`."""
-    out = Path(out)
+    out = Path(out).absolute()
     if tokenizer not in ("char", "bpe", "glove"):
         raise SoftarError(f"--tokenizer: expected 'char', 'bpe' or 'glove', got {tokenizer!r}")
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise SoftarError(f"--out {out} exists and is not a directory")
     text, source = read_corpus(corpus)
     text_sha = sha256_bytes(text.encode("utf-8"))
-    clean_stale_temps(out.parent)  # what a killed prepare left beside it
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES) if out.is_dir() else []
+    clean_stale_temps(out.parent, (out.name, out.name + ".old"))  # what a killed prepare of this --out left
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES or p.is_symlink()
+                     or not p.is_file()) if out.is_dir() else []
     if foreign:  # never replace or delete what softar did not write
         raise SoftarError(f"{out} holds files that are not a softar dataset's ({', '.join(foreign[:3])}"
                           f"{' ...' if len(foreign) > 3 else ''}); choose another --out")
@@ -48,6 +49,8 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
 
     split = int(len(text) * (1 - VAL_FRACTION))  # by position: first 90% train, last 10% val
     train_text, val_text = text[:split], text[split:]
+    if len(val_text) < 2:
+        raise SoftarError(f"--corpus: {len(text)} characters are too few to split into train and val")
     table = None
     if tokenizer == "char":
         tok = CharTokenizer.train(text)  # the whole text's alphabet, as nanoGPT does
@@ -86,13 +89,13 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
             "val_fraction": VAL_FRACTION,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if out.exists():  # replace atomically: the old dataset moves aside, the new one in, then the old goes
+        if out.exists() and force:  # replace atomically: the old dataset moves aside, the new one in, then it goes
             old = temp_name(out.with_name(out.name + ".old"))
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        else:  # fails if another process wrote a dataset there meanwhile (a non-empty folder is never replaced)
+            os.rename(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SoftarError(f"--out {out}: cannot write the dataset ({e.strerror or e})") from None

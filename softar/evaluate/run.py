@@ -60,6 +60,9 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
             raise SoftarError("--gap: the short and long runs have the same val loss: there is no gap to close")
         result["gap_closed"] = fraction_of_gap(losses[0], metrics["loss"], losses[1])
     if reference is not None:
+        if lay.plain:
+            raise SoftarError("--reference: the generation report is for a run with a context layout; this run has "
+                              "none")
         ref = load_run(reference, device, data_dir)
         if not ref.model.layout.plain:
             raise SoftarError(f"--reference: {reference} has a context layout; it must be a plain hard-token run")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from softar import SoftarError, config
 from softar.data.dataset import load_meta
-from softar.disk import read_json, write_text_atomic
+from softar.disk import read_json, read_jsonl, read_text, write_text_atomic
 from softar.evaluate.run import evaluate_run
 from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, read_config
 from softar.soft.model import check_soft_spec
@@ -87,7 +87,12 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     if generation is not None and not loaded[generation[1]].context.plain:
         raise SoftarError(f"sweep --generation: the reference {generation[1]!r} has a context layout; it must be a "
                           "plain hard-token config")
-    out.mkdir(parents=True, exist_ok=True)
+    if generation is not None and loaded[generation[0]].context.plain:
+        raise SoftarError(f"sweep --generation: the generator {generation[0]!r} has no context layout; the "
+                          "trade-off is measured on a layout config")
+    if report is not None:
+        check_report(report)
+    claim_out(out)
     rows: dict[str, list[dict]] = {}
     with Preemption():  # a signal outside training (evaluation, reports) stops at once; finished runs are kept
         for c in configs:
@@ -156,8 +161,9 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
         curves = []
         for s in range(seeds):
             path = out / "runs" / f"{name}_s{base_seed + s}" / METRICS_FILE
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
-            curves.append({r["step"]: r["val_loss"] for r in rows if r["kind"] == "eval"})
+            rows = read_jsonl(path, "metrics")[0]
+            curves.append({r["step"]: r["val_loss"] for r in rows if r.get("kind") == "eval"
+                           and isinstance(r.get("step"), int) and isinstance(r.get("val_loss"), int | float)})
         steps = sorted(set.intersection(*(set(cv) for cv in curves)))
         ax.plot(steps, [statistics.fmean(cv[s] for cv in curves) for s in steps], label=name)
     ax.set(xlabel="step", ylabel="val loss (sampled batches, mean over seeds)", title="Validation loss")
@@ -220,6 +226,42 @@ def soft_claim_sections(table: dict, horizons: tuple[int, ...]) -> list[str]:
     ]
 
 
+SWEEP_MARK = ".softar-sweep"  # in every --out a sweep made: what it may overwrite there is its own
+SWEEP_FILES = {"runs", "results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png", "sweep.json",
+               SWEEP_MARK}
+REPORT_MARK = "<!-- written by softar sweep -->"
+
+
+def claim_out(out: Path) -> None:
+    """A sweep writes its tables and plots into --out: only into a new or empty folder, or one a sweep made."""
+    if out.is_symlink() or out.exists() and not out.is_dir():
+        raise SoftarError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and not (out / SWEEP_MARK).is_file():
+        names = {p.name for p in out.iterdir()}  # a sweep's output from before the mark existed holds runs/
+        foreign = sorted(names - SWEEP_FILES if "runs" in names else names)
+        if foreign:
+            raise SoftarError(f"--out {out} holds files a sweep did not make ({', '.join(foreign[:3])}"
+                              f"{' ...' if len(foreign) > 3 else ''}); choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SWEEP_MARK).touch()
+    except OSError as e:
+        raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    for name in SWEEP_FILES - {"runs", SWEEP_MARK}:
+        if (out / name).is_symlink() or (out / name).exists() and not (out / name).is_file():
+            raise SoftarError(f"--out {out}: {name} is not a plain file a sweep wrote")
+
+
+def check_report(path: Path) -> None:
+    """--report overwrites only a report a sweep wrote (its first line `# Results:` or the mark at its end)."""
+    if path.is_symlink() or path.exists() and not path.is_file():
+        raise SoftarError(f"--report {path} is not a plain file")
+    if path.is_file():
+        text = read_text(path, "report")
+        if not (text.startswith("# Results:") or REPORT_MARK in text):
+            raise SoftarError(f"--report {path} exists and is not a report softar sweep wrote; choose another file")
+
+
 def write_report(path: Path, command: str, configs: list[str], overrides: list[str], seeds: int, table: dict,
                  out: Path, sections: list[str], pngs: list[str]) -> None:
     """A Markdown report: the command that regenerates it, the table, the plots (copied beside it), then the
@@ -251,5 +293,7 @@ def write_report(path: Path, command: str, configs: list[str], overrides: list[s
         (out / "results.md").read_text(),
         *[f"![{png[:-4]}]({assets.name}/{png})\n" for png in pngs],
         *sections,
+        "",
+        REPORT_MARK,
     ]
-    path.write_text("\n".join(text))
+    write_text_atomic(path, "\n".join(text) + "\n")

@@ -5,6 +5,7 @@ the model's own `past_key_values` is the KV cache. Nothing is fetched from a hub
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import torch
@@ -15,10 +16,14 @@ from softar.model.interface import Hidden, Outputs
 
 
 def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched, ever
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import transformers
     except ImportError:
         raise SoftarError("--hf needs the optional extra: pip install 'softar[hf]'") from None
+    transformers.utils.logging.set_verbosity_error()  # softar speaks for itself: one line per error
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
@@ -48,10 +53,17 @@ class HFVectorLM(nn.Module):
                               "unpickled)")
         transformers = _transformers()
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                                      use_safetensors=True, trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as e:
-            raise SoftarError(f"--hf: cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from None
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False,
+                output_loading_info=True)
+        except Exception as e:  # whatever transformers or safetensors raise on a broken folder
+            raise SoftarError(f"--hf: cannot load a causal LM from {path}: "
+                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+        fresh = sorted(set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
+                                                             for k in info.get("mismatched_keys", ())})
+        if fresh:  # transformers would fill them with random weights
+            raise SoftarError(f"--hf: {path} lacks weights the model needs ({', '.join(fresh[:3])}"
+                              f"{' ...' if len(fresh) > 3 else ''}); refusing to run with random ones")
         return cls(model.eval())
 
     @property
@@ -91,8 +103,9 @@ class HFTokenizer:
     def __init__(self, path: str | Path):
         try:
             self.tok = _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise SoftarError(f"--hf: no tokenizer in {path}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # whatever transformers raises on a missing or broken tokenizer
+            raise SoftarError(f"--hf: no usable tokenizer in {path}: "
+                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
     @property
     def vocab_size(self) -> int:

@@ -168,4 +168,6 @@ def spec_problem(spec, vector_head: bool) -> tuple[str, str] | None:
         return "soft.args", "parameters must be finite numbers >= 0"
     if spec.noise not in NOISES:
         return "soft.noise", f"expected one of {', '.join(map(repr, NOISES))}, got {spec.noise!r}"
+    if not 0 <= spec.noise_scale <= 100:
+        return "soft.noise_scale", "must be in [0, 100] (a multiple of the embeddings' scale)"
     return None
