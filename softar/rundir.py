@@ -85,12 +85,17 @@ def load_embedding(model: SoftAR, cfg: Config) -> None:
         path = latest_checkpoint(source / CHECKPOINTS)
         if path is None:
             raise SoftarError(f"model.embedding_from: {source} has no checkpoint to take E from")
-        E = load_model_checkpoint(path).tensors["model"]["lm.embed.weight"]
+        E = load_model_checkpoint(path).tensors.get("model", {}).get("lm.embed.weight")
+        if E is None:
+            raise SoftarError(f"model.embedding_from: {path} holds no embedding table")
     else:
         key, source = "model.embedding", Path(cfg.data.dir) / PRETRAINED_FILE
         if not source.is_file():
             raise SoftarError(f"model.embedding: 'pretrained' needs {source} (softar prepare --tokenizer glove)")
-        E = load_file(str(source))["E"]
+        try:
+            E = load_file(str(source))["E"]
+        except Exception as e:  # safetensors parses a header and raw bytes only: anything else is refused
+            raise SoftarError(f"model.embedding: {source} is not a valid embedding file ({str(e)[:80]})") from None
     if E.shape != model.E.shape:
         raise SoftarError(f"{key}: E in {source} is {list(E.shape)}, this model needs "
                           f"{list(model.E.shape)} (model.d_embed sets m)")
