@@ -214,10 +214,19 @@ def rename_params(ckpt: Checkpoint, rename: Callable[[str], str]) -> Checkpoint:
 
 
 def check_optimizer_state(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], plain: dict,
-                          where: str) -> None:
-    """The optimizer state belongs to these parameters: every '<name>/<field>' names one of them, and a moment
-    has its parameter's shape."""
+                          groups: list[dict], where: str) -> None:
+    """The optimizer state belongs to these parameters and this optimizer: every '<name>/<field>' names one of
+    them, a moment has its parameter's shape, a step count is a count, and every setting of the saved parameter
+    groups but the learning rate (set each step) equals the fresh optimizer's `groups`."""
     check_fields(plain, {"param_groups": list, "scalars": dict}, f"{where}: optimizer")
+    saved = plain["param_groups"]
+    if len(saved) != len(groups) or not all(isinstance(g, dict) for g in saved):
+        raise SoftarError(f"{where}: the optimizer has other parameter groups than this run's")
+    for g, fresh in zip(saved, groups, strict=True):
+        for key, value in fresh.items():
+            got = tuple(g[key]) if isinstance(g.get(key), list) else g.get(key, value)
+            if key not in ("params", "lr") and got != value:
+                raise SoftarError(f"{where}: the optimizer's {key} is {got!r}, this run's is {value!r}")
     for key, value in tensors.items():
         owner, _, field = key.rpartition("/")
         if owner not in params:

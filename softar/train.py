@@ -338,14 +338,8 @@ class Trainer:
         if set(ckpt.tensors) != {"model", "optimizer", "state"} or "sampler" not in ckpt.tensors["state"]:
             raise SoftarError(f"{where}: expected model, optimizer and state tensors")
         check_state(self.net.state_dict(), ckpt.tensors["model"], where)
-        check_optimizer_state(dict(self.net.named_parameters()), ckpt.tensors["optimizer"], meta["optimizer"], where)
-        fresh = self.opt.state_dict()["param_groups"]  # AdamW's settings from this run's config (lr is set per step)
-        saved = meta["optimizer"]["param_groups"]
-        if len(saved) != len(fresh) or any(
-                not isinstance(g, dict) or any(k in g and k not in ("params", "lr") and (
-                    tuple(g[k]) if isinstance(g[k], list) else g[k]) != v for k, v in f.items())
-                for g, f in zip(saved, fresh, strict=False)):
-            raise SoftarError(f"{where}: the optimizer's settings differ from this run's (train.* AdamW settings)")
+        check_optimizer_state(dict(self.net.named_parameters()), ckpt.tensors["optimizer"], meta["optimizer"],
+                              self.opt.state_dict()["param_groups"], where)
         rng_shape = torch.get_rng_state().shape
         for name, state in ckpt.tensors["state"].items():
             if name.startswith("rng_cpu") and (state.dtype != torch.uint8 or state.shape != rng_shape):

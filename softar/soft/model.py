@@ -38,13 +38,16 @@ class SoftAR(nn.Module):
         h = self.lm.hidden(window)
         return self.lm.heads(h[:, -1:] if last else h[:, self.layout.n_summary :])
 
+    def summary(self, history: History | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The summary slots of a history [B, A+S, m] (None without summary slots or history)."""
+        if not self.layout.n_summary or history is None:
+            return None
+        return summary_slots(self.E, *history, self.layout).to(dtype)
+
     def window(self, tokens: torch.Tensor, history: History | None = None, n_soft: int = 0) -> torch.Tensor:
         """The window for token vectors [B, n, m], the last n_soft of them soft, after `history`: its summary
         slots, then `WindowBuilder` -> [B, A+S+n, m]."""
-        summary = None
-        if self.layout.n_summary and history is not None:
-            summary = summary_slots(self.E, *history, self.layout).to(tokens.dtype)
-        return self.slots(summary, tokens, n_soft)
+        return self.slots(self.summary(history, tokens.dtype), tokens, n_soft)
 
     def fill_window(self, tokens: torch.Tensor, history: History | None = None,
                     soft_fraction: float = 0.0) -> torch.Tensor:
@@ -55,9 +58,10 @@ class SoftAR(nn.Module):
         gradients gives each position's soft token; the second reads it in the soft region, and at a random
         `soft_fraction` of the other positions (never the first)."""
         n_soft = min(self.layout.soft, tokens.shape[1])
+        summary = self.summary(history, tokens.dtype)  # once for both passes
         if n_soft or soft_fraction > 0:
             with torch.no_grad():
-                first = self.read(self.window(tokens, history, n_soft))
+                first = self.read(self.slots(summary, tokens, n_soft))
                 soft = make_soft_token(first, self.E, self.soft_spec)
                 if self.training:
                     soft = add_noise(self.soft_spec, soft, self.E, first.logits)
@@ -69,7 +73,7 @@ class SoftAR(nn.Module):
             if n_soft:
                 pick[:, tokens.shape[1] - n_soft :] = True
             tokens = torch.where(pick.unsqueeze(-1), guess, tokens)
-        return self.window(tokens, history, n_soft)
+        return self.slots(summary, tokens, n_soft)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, history: History | None = None):
         """x: token ids [B, n] (or token vectors [B, n, m]) and, with a layout, their history. Without targets:
