@@ -175,7 +175,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
     dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
                    top_p=a.top_p, soft=soft, collapse=a.collapse,
-                   policy=CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget))
+                   policy=CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget, a.keep_uncertain))
     gen = torch.Generator(device).manual_seed(a.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     E = run.model.E
@@ -190,7 +190,8 @@ def cmd_sample(a: argparse.Namespace) -> None:
         if layout:
             state, policy = report["state"], report["by_policy"][0]
             print(f"collapse rate: {policy.float().mean().item():.3f} of {a.max_new_tokens} generated tokens "
-                  f"collapsed in place by the policy ({a.collapse_score} > {a.collapse_threshold:g}"
+                  f"collapsed in place by the policy ({a.collapse_score} {'<' if a.keep_uncertain else '>'} "
+                  f"{a.collapse_threshold:g}"
                   + (f", budget {a.soft_budget}" if a.soft_budget >= 0 else "") + f"); "
                   f"{state.collapsed_by_age[0].item()} collapsed by age", file=sys.stderr)
         if a.show_soft:  # each generated position: the token shown, and the tokens nearest to what re-entered
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", help="a plain run: add the free-running generation report scored by it")
     s.add_argument("--thresholds", type=_float_list, default=None,
                    help="collapse thresholds (entropy, nats) for the generation report "
-                        "(default: 0,1,2,3,4,4.5,5,5.5,6,inf)")
+                        "(default: 0,2,4,5,6,inf)")
     s.set_defaults(fn=cmd_eval)
 
     from softar.soft.collapse import COLLAPSES, OOD_SCORES
@@ -315,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout models: the OOD score that collapses a soft token in place")
     s.add_argument("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
                    help="layout models: collapse a soft token in place when its score is above this (inf: never)")
+    s.add_argument("--keep-uncertain", action="store_true",
+                   help="layout models: collapse the tokens whose score is *below* the threshold instead, so the "
+                        "uncertain ones stay soft")
     s.add_argument("--soft-budget", type=_int_at_least(-1), default=-1,
                    help="layout models: at most this many soft tokens stay uncollapsed (-1: no cap)")
     s.add_argument("--show-soft", action="store_true",

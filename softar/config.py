@@ -126,6 +126,11 @@ class ContextConfig:
     project: bool = False  # a learned projection + LayerNorm on aggregate, segment and soft slots
     kind_embeddings: bool = True  # a learned vector per slot kind added to each slot (non-plain layouts)
     max_history: int = 512  # training: each window comes with 0..max_history tokens of history before it
+    # training: how the soft region is filled. one_step guesses each soft slot from the true tokens before it (one
+    # parallel pass); rollout fills it step by step from the model's own soft tokens, as generation does after a prompt
+    soft_fill: Literal["one_step", "rollout"] = "one_step"
+    fill_draw: float = 0.0  # training: the fraction of batches whose hard region is only partly full (1..hard-1
+    # tokens, no history), as at the start of a generation, so soft slots also sit where generation puts them
 
     @property
     def plain(self) -> bool:
@@ -344,6 +349,9 @@ def validate(cfg: Config) -> None:
          "the oldest segment would span more than 2**30 tokens")
     need(c.max_history <= 2**30, "context.max_history", "must be at most 2**30")
     need(0 < c.decay < 1, "context.decay", "must be in (0, 1)")
+    need(0 <= c.fill_draw <= 1, "context.fill_draw", "must be in [0, 1]")
+    hard = m.block_size - c.aggregate - c.segments - c.soft
+    need(c.fill_draw == 0 or hard >= 2, "context.fill_draw", "needs at least 2 hard slots to draw a partial fill")
     need(c.aggregate + c.segments + c.soft < m.block_size, "model.block_size",
          f"{m.block_size} slots leave no hard slot after context.aggregate + context.segments + context.soft = "
          f"{c.aggregate + c.segments + c.soft}")

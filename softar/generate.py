@@ -70,7 +70,7 @@ def generate(model: SoftAR, ids: torch.Tensor, max_new_tokens: int, temperature:
     keep = block // 2
     window = E[ids[:, -block:]]  # [B, T, m]: the slots the model sees
     cache = lm.new_cache(ids.shape[0], block) if use_cache else None
-    out = lm.heads(lm.hidden(window, cache=cache)[:, -1:]).at(LAST)
+    out = model.outputs(lm.hidden(window, cache=cache)[:, -1:]).at(LAST)
     tokens = [ids]
     for _ in range(max_new_tokens):
         v, nxt = next_token(model, out, dec, generator)
@@ -82,13 +82,13 @@ def generate(model: SoftAR, ids: torch.Tensor, max_new_tokens: int, temperature:
             window = torch.cat([window[:, -keep + 1 :], vec], dim=1) if keep > 1 else vec
             if cache is not None:
                 cache = lm.new_cache(ids.shape[0], block)
-                out = lm.heads(lm.hidden(window, cache=cache)[:, -1:]).at(LAST)
+                out = model.outputs(lm.hidden(window, cache=cache)[:, -1:]).at(LAST)
         else:
             window = torch.cat([window, vec], dim=1)
             if cache is not None:
-                out = lm.heads(lm.hidden(vec, cache=cache)).at(LAST)
+                out = model.outputs(lm.hidden(vec, cache=cache)).at(LAST)
         if cache is None:
-            out = lm.heads(lm.hidden(window)[:, -1:]).at(LAST)
+            out = model.outputs(lm.hidden(window)[:, -1:]).at(LAST)
     return torch.cat(tokens, dim=1)
 
 

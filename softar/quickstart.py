@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from softar import config
+from softar.data.dataset import load_split, random_windows
 from softar.data.prepare import prepare
 from softar.device import pick_device
+from softar.evaluate.generation import shown_brier
 from softar.generate import Decoding, generate
 from softar.rundir import CONFIG_FILE, load_run
 from softar.soft.collapse import CollapsePolicy
@@ -20,6 +22,7 @@ from softar.train import train
 QUICKSTART_CONFIG = "shakespeare_char.toml"  # the baseline: nanoGPT's CPU recipe
 SEED_CONFIG = "shakespeare_char_seed.toml"  # the seed's context layout at the same token budget
 SOFT_THRESHOLD = 2.5  # nats: the soft generation collapses a soft token in place above this entropy
+PROMPT_LEN, BRIER_PROMPTS = 64, 64  # val prompts: the one both runs continue is the first
 
 
 def config_path(name: str) -> Path:
@@ -60,19 +63,32 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
     base = _train(QUICKSTART_CONFIG, base_cfg, base_dir, "[2/4]")
     seed = _train(SEED_CONFIG, seed_cfg, seed_dir, "[3/4]")
 
-    print(f"[4/4] soft generation from {seed_dir}: 300 characters; [ ] marks characters that re-entered the "
-          f"context as soft tokens (the rest were collapsed in place: entropy > {SOFT_THRESHOLD} nats)", flush=True)
+    print(f"[4/4] the same val prompt continued by both runs: the baseline's ordinary sampling, and the seed "
+          f"layout's soft generation, in which [ ] marks characters that re-entered the context as soft tokens (the "
+          f"rest were collapsed in place: entropy > {SOFT_THRESHOLD} nats)", flush=True)
     device = pick_device(seed_cfg.train.device)
-    run = load_run(seed_dir, device)
-    gen = torch.Generator(device).manual_seed(run.cfg.train.seed)
-    prompt = torch.tensor([run.tokenizer.encode("\n")], device=device)
-    dec = Decoding(mode="soft", temperature=0.8, top_k=200, collapse="lm_sample",
-                   policy=CollapsePolicy(threshold=SOFT_THRESHOLD))
-    report: dict = {}
-    ids = generate(run.model, prompt, 300, generator=gen, decoding=dec, report=report)[0, 1:].tolist()
-    soft = (~report["by_policy"][0]).tolist()
-    print("-" * 60 + "\n" + mark_soft(run.tokenizer, ids, soft) + "\n" + "-" * 60)
-    print(f"{sum(soft)} of {len(soft)} generated characters re-entered soft")
+    runs = {"baseline": load_run(base_dir, device), "seed_layout": load_run(seed_dir, device)}
+    decodings = {"baseline": Decoding(mode="hard", temperature=0.8, top_k=200),
+                 "seed_layout": Decoding(mode="soft", temperature=0.8, top_k=200, collapse="lm_sample",
+                                         policy=CollapsePolicy(threshold=SOFT_THRESHOLD))}
+    val = load_split(data, "val")
+    prompts = random_windows(val, PROMPT_LEN + 2, BRIER_PROMPTS, seed=0, device=device)
+    tokenizer = runs["seed_layout"].tokenizer
+    print(f"prompt: {tokenizer.decode(prompts[0, :PROMPT_LEN].tolist())!r}")
+    brier, soft = {}, []
+    for name, run in runs.items():
+        report: dict = {}
+        gen = torch.Generator(device).manual_seed(run.cfg.train.seed)
+        ids = generate(run.model, prompts[:1, :PROMPT_LEN], 300, generator=gen, decoding=decodings[name],
+                       report=report)[0, PROMPT_LEN:].tolist()
+        marks = (~report["by_policy"][0]).tolist() if "by_policy" in report else [False] * len(ids)
+        soft = marks if name == "seed_layout" else soft
+        brier[name] = shown_brier(run.model, prompts[:, :PROMPT_LEN], prompts[:, PROMPT_LEN:], decodings[name])
+        print(f"--- {name} " + "-" * 48 + "\n" + mark_soft(tokenizer, ids, marks))
+    print("-" * 60)
+    print(f"{sum(soft)} of {len(soft)} characters of the seed layout's text re-entered soft")
+    print(f"Brier-2 of the shown text against the true continuation ({BRIER_PROMPTS} val prompts x 16 draws; higher "
+          "is better, 1 is perfect): " + ", ".join(f"{n} {m:.4f} ± {se:.4f}" for n, (m, se) in brier.items()))
     print(f"\nwhole val split{'':13}{'val loss':>10}{'bits/char':>11}{'hard slots':>12}{'soft slots':>12}"
           f"{'steps':>7}{'train s':>9}{'tokens/s':>10}")
     for name, r in (("baseline (plain, 64 slots)", base), ("seed layout (128 slots)", seed)):
@@ -85,6 +101,7 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
     print(f"\ndata:        {data}\nruns:        {base_dir}, {seed_dir}\n"
           f"metrics:     <run>/metrics.jsonl (TensorBoard: tensorboard --logdir {out})\n"
           f"next:        softar sample {seed_dir} --mode soft --show-soft   |   softar eval {seed_dir}")
-    summary = {"data_dir": str(data), "baseline": base, "seed_layout": seed, "soft_fraction": sum(soft) / len(soft)}
+    summary = {"data_dir": str(data), "baseline": base, "seed_layout": seed, "soft_fraction": sum(soft) / len(soft),
+               "brier2": {name: {"mean": m, "se": se} for name, (m, se) in brier.items()}}
     print(json.dumps(summary))
     return summary

@@ -144,7 +144,9 @@ def test_layout_run_end_to_end(char_data, tmp_path, trained_run):
     losses = [json.loads((d / "result.json").read_text())["val_loss"] for d in (short, trained_run)]
     assert ev["gap_closed"] == pytest.approx((losses[0] - ev["loss"]) / (losses[0] - losses[1]))
     assert "open_loop" not in ev
-    assert [r["soft_fraction"] for r in ev["generation"]] == [0.0, 1.0]
+    assert [r["soft_fraction"] for r in ev["generation"]["collapse_uncertain"]] == [0.0, 1.0]
+    assert [r["soft_fraction"] for r in ev["generation"]["keep_uncertain"]] == [1.0, 0.0]
+    assert ev["loss_soft_slots"] != ev["loss_soft_slots_one_step"]
     proc = softar("sample", run, "--mode", "soft", "--prompt", "RO", "--max-new-tokens", 12, "--show-soft",
                   "--collapse-threshold", "inf", "--soft-budget", 1)
     assert proc.returncode == 0, proc.stderr
@@ -160,3 +162,20 @@ def test_layout_run_end_to_end(char_data, tmp_path, trained_run):
     assert proc.returncode == 0, proc.stderr
     bench = json.loads(proc.stdout.strip().splitlines()[-1])
     assert bench["ms_per_token_history_1000"] > 0 and bench["ms_per_token_history_100000"] > 0
+
+
+def test_quickstart_end_to_end(tmp_path):
+    """The README's first command, shrunk: both runs trained, one val prompt continued by each (ordinary sampling
+    beside soft generation), the Brier-2 of each, and the val losses side by side."""
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.d_model=16", "train.max_iters=2", "train.eval_interval=2",
+            "train.eval_iters=1", "train.batch_size=2", "train.warmup_iters=1", "train.lr_decay_iters=2",
+            "train.device=\"cpu\""]
+    proc = softar("quickstart", *tiny, "--data", tmp_path / "data", "--out", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "--- baseline " in out and "--- seed_layout " in out and "Brier-2 of the shown text" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    for name in ("baseline", "seed_layout"):
+        b = summary["brier2"][name]
+        assert -1 <= b["mean"] <= 1 and b["se"] >= 0
+    assert 0 <= summary["soft_fraction"] <= 1

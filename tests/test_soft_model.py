@@ -101,3 +101,74 @@ def test_soft_input_training_resumes_exactly(tiny_cfg, tmp_path):
     train(tiny_cfg(**extra, **{"train.max_iters": 3}), tmp_path / "split", quiet=True)
     train(tiny_cfg(**extra), tmp_path / "split", resume=True, quiet=True)
     assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "split")
+
+
+def layout_model(**context) -> SoftAR:
+    from softar.config import ContextConfig
+
+    torch.manual_seed(0)
+    ctx = ContextConfig(**{"aggregate": 1, "segments": 1, "soft": 4, "segment_len": 4, "project": True, **context})
+    return soft_model(ModelConfig(n_layer=2, n_head=2, d_model=16, block_size=14, vocab_size=11), ctx).eval()
+
+
+def test_rollout_filled_soft_region_equals_step_by_step_generation():
+    """The soft region evaluation fills is what generation feeds back: from the same hard tokens, soft generation
+    (expected embeddings, nothing collapsed in place) puts the same vectors in the same slots, and the logits
+    at every token slot are the generation's next-token logits."""
+    from softar.generate import Decoding, generate
+
+    model = layout_model()
+    ids = torch.randint(0, 11, (3, 12), generator=torch.Generator().manual_seed(1))  # 8 hard + 4 soft token slots
+    hard, n_soft = 8, 4
+    with torch.no_grad():
+        window = model.fill_window(model.E[ids], soft_fill="rollout")
+        soft_slots = window[:, -n_soft:]
+        trace: list = []
+        generate(model, ids[:, :hard], n_soft, generator=torch.Generator().manual_seed(5),
+                 decoding=Decoding(mode="soft", collapse="lm_argmax"), trace=trace)
+        gen_window = model.window(torch.cat([model.E[ids[:, :hard]], torch.stack(trace, 1)], 1), n_soft=n_soft)
+    assert torch.allclose(soft_slots, gen_window[:, -n_soft:], atol=1e-5)
+    assert torch.allclose(window, gen_window, atol=1e-5)
+    with torch.no_grad():  # the rollout differs from the one-step guess once a soft slot reads soft slots
+        one_step = model.fill_window(model.E[ids], soft_fill="one_step")
+    assert torch.allclose(one_step[:, -n_soft], window[:, -n_soft], atol=1e-5)  # first soft slot: the same guess
+    assert not torch.equal(one_step[:, -1], window[:, -1])
+
+
+def test_evaluation_reads_the_rollout_and_training_can_too():
+    """Without targets the model fills its soft region by a rollout; training keeps the one-step guess unless
+    context.soft_fill = "rollout", and with context.fill_draw = 1 every batch sees a partly full hard region."""
+    model = layout_model()
+    ids = torch.randint(0, 11, (2, 13), generator=torch.Generator().manual_seed(2))
+    x, y = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        assert torch.equal(model(x), model.read(model.fill_window(model.E[x], soft_fill="rollout")).logits)
+        rolled = model(x, soft_fill="rollout")
+        stepped = model(x, soft_fill="one_step")
+    assert not torch.equal(rolled[:, -1], stepped[:, -1])
+    model.train()
+    loss_one_step = model(x, y)[0]
+    model.context_cfg.soft_fill = "rollout"
+    loss_rollout = model(x, y)[0]
+    loss_rollout.backward()
+    assert loss_one_step.item() != loss_rollout.item() and model.lm.E.grad is not None
+    model.context_cfg.fill_draw = 1.0
+    seen = []
+    model.read = (lambda read: lambda window, last=False: (seen.append(window.shape[1]), read(window, last))[1])(
+        model.read)
+    torch.manual_seed(0)
+    for _ in range(6):
+        model(x, y)
+    assert all(2 + 1 + 4 <= n < 14 for n in seen) and len(set(seen)) > 1  # summary + 1..7 hard + 4 soft
+
+
+def test_fill_draw_needs_two_hard_slots():
+    from softar import config
+    from softar.config import ConfigError
+
+    with pytest.raises(ConfigError, match="context.fill_draw"):
+        config.load(None, ["model.block_size=6", "context.soft=5", "context.fill_draw=0.5"])
+    with pytest.raises(ConfigError, match="context.fill_draw"):
+        config.load(None, ["context.fill_draw=1.5"])
+    with pytest.raises(ConfigError, match="context.soft_fill"):
+        config.load(None, ['context.soft_fill="twice"'])

@@ -2,6 +2,9 @@ import csv
 import json
 import statistics
 
+import numpy as np
+import pytest
+
 from softar.experiments.sweep import flatten, sweep
 
 from .conftest import tiny_overrides
@@ -12,9 +15,14 @@ def test_sweep_tables_are_the_mean_and_std_of_its_runs(char_data, tmp_path):
         (tmp_path / f"{name}.toml").write_text(extra)
     overrides = tiny_overrides(char_data, **{"train.max_iters": 4, "train.eval_interval": 2})
     out = tmp_path / "sweep"
+    report = tmp_path / "docs" / "soft.md"
     result = sweep([str(tmp_path / "a.toml"), str(tmp_path / "b.toml")], 2, overrides, out, windows=4,
-                   horizons=(2, 4))
+                   horizons=(2, 4), report=report)
     assert result["configs"] == ["a", "b"]
+    text = report.read_text()
+    for section in ("### Nuance at K = 2", "### Nuance at K = 4", "### Representation", "## The seed's claim"):
+        assert section in text
+    assert "| b | soft_expected " in text and (report.parent / "soft" / "results.csv").is_file()
     runs = [flatten(json.loads((out / "runs" / f"b_s{s}" / "eval.json").read_text())) for s in (1337, 1338)]
     mean, std = result["table"]["b"]["open_loop.4.soft_regress"]
     values = [r["open_loop.4.soft_regress"] for r in runs]
@@ -29,22 +37,34 @@ def test_sweep_tables_are_the_mean_and_std_of_its_runs(char_data, tmp_path):
     assert (out / "runs" / "a_s1337" / "eval.json").stat().st_mtime == before
 
 
-def test_claims_need_a_win_beyond_the_spread_and_a_close_baseline():
-    from softar.experiments.sweep import claims
+def test_claims_need_paired_wins_over_averaged_rollouts_and_constants():
+    """The seed's claim holds for a config only when its soft feedback beats sampled_avg_2 and every constant
+    vector at every horizon with paired intervals below 0, and its val loss is within 2% of the baseline's."""
+    from softar.experiments.soft_study import claims, paired
 
-    def cols(loss, soft, greedy, sampled):
-        out = {"loss": (loss, 0.01)}
-        for k in (8, 32):
-            out |= {f"open_loop.{k}.soft_expected": soft, f"open_loop.{k}.greedy": greedy,
-                    f"open_loop.{k}.sampled": sampled}
-        return out
+    rng = np.random.default_rng(0)
 
-    table = {"char_ce": cols(2.0, (3.0, 0.1), (3.5, 0.1), (3.6, 0.1)),
-             "char_close": cols(2.0, (3.0, 0.3), (3.5, 0.3), (3.6, 0.1)),  # within the spread
-             "char_worse": cols(2.1, (3.0, 0.1), (3.5, 0.1), (3.6, 0.1))}  # val loss 5% above the baseline
-    lines = claims(table, (8, 32))
-    assert [line.split("**: ")[1].split(" (")[0] for line in lines] == ["holds", "does not hold", "does not hold"]
-    assert "+5.0% vs baseline" in lines[2]
+    def run(soft_shift):
+        base = rng.normal(4.0, 0.5, 64)  # per-window losses shared by every mode: pairing removes them
+        modes = {"sampled_avg_2": base, "constant_mean": base + 0.1, "constant_unigram": base + 0.2,
+                 "zero": base + 0.3, "soft_expected": base + soft_shift + rng.normal(0, 0.01, 64)}
+        return {"loss": 2.0, "brier": {"per_window": {"brier1": (0.3 - soft_shift + 0 * base).tolist()}},
+                "open_loop": {str(k): {"soft_feedback": "soft_expected",
+                                       "per_window": {m: v.tolist() for m, v in modes.items()}} for k in (8, 32)}}
+
+    raw = {"char_ce": [run(-0.2), run(-0.2)], "char_tie": [run(0.0), run(0.0)], "char_worse": [run(-0.2)]}
+    table = {"char_ce": {"loss": (2.0, 0.0)}, "char_tie": {"loss": (2.0, 0.0)}, "char_worse": {"loss": (2.1, 0.0)}}
+    d = paired(raw["char_ce"], 8, "soft_expected", "sampled_avg_2")
+    assert d["hi"] < 0 and d["diff"] == pytest.approx(-0.2, abs=0.01)
+    lines = claims(table, raw, (8, 32))
+    assert "holds for soft_expected" in lines[0]
+    assert "does not hold" in lines[1]
+    assert "pays for it" in lines[2] and "+5.0% vs baseline" in lines[2]
+    from softar.experiments.soft_study import against_baseline_section
+
+    rows = [line for line in against_baseline_section(table, raw, (8, 32)) if line.startswith("| char_tie")]
+    cells = rows[0].split(" | ")
+    assert cells[1] == "+0.0000 ± 0.0000" and cells[4].startswith("-0.200")  # Brier-1 paired window by window
 
 
 def test_context_study_gap_and_tradeoff(char_data, tmp_path):
@@ -65,9 +85,10 @@ def test_context_study_gap_and_tradeoff(char_data, tmp_path):
     table = result["table"]
     assert table["short"]["gap_closed"] == [0.0, 0.0] and table["long"]["gap_closed"] == [1.0, 0.0]  # 1 seed: std 0
     assert "recovery.512.aggregate.recall_at_k" in table["slots"] and "passkey.16.accuracy" in table["short"]
-    rows = json.loads((out / "runs" / "seed_s1337" / "generation.json").read_text())
+    rows = json.loads((out / "runs" / "seed_s1337" / "generation.json").read_text())["collapse_uncertain"]
     assert rows[0]["threshold"] == 0.0 and rows[0]["soft_fraction"] == 0.0
     assert rows[-1]["threshold"] == float("inf") and rows[-1]["soft_fraction"] == 1.0
     text = report.read_text()
     assert "## Fraction of the gap closed" in text and "## Coherence against nuance" in text
+    assert "**Verdict: " in text and (report.parent / "context" / "results.csv").is_file()
     assert (report.parent / "context" / "tradeoff.png").stat().st_size > 0

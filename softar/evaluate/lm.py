@@ -33,13 +33,14 @@ def estimate_loss(model, data: np.ndarray, token_slots: int, batch_size: int, it
 @torch.no_grad()
 def evaluate_split(model, data: np.ndarray, token_slots: int, device: torch.device, autocast_ctx,
                    characters: int | None = None, batch_size: int = 64, world: World | None = None,
-                   history: int = 0, soft: int = 0) -> dict:
+                   history: int = 0, soft: int = 0, soft_fill: str = "rollout") -> dict:
     """Loss over every token of a split (each predicted once, from consecutive windows of `token_slots` tokens), in
     nats and bits per token, plus bits per character when the split's character count is known. Under data
     parallelism each rank takes every world-th batch and the sums are reduced; all ranks run the same number of
     forwards (a sharded model's forward is collective), the ones past the end on a batch whose result is
     discarded. With a layout each window gets the `history` tokens before it, and with `soft` slots the loss is also
-    split into the positions whose inputs are hard tokens and those that read soft ones."""
+    split into the positions whose inputs are hard tokens and those that read soft ones, the soft region filled by
+    a real step-by-step rollout (or `soft_fill="one_step"`: each soft slot guessed from the true tokens before it)."""
     world = world or World()
     was_training = model.training
     model.eval()
@@ -48,7 +49,7 @@ def evaluate_split(model, data: np.ndarray, token_slots: int, device: torch.devi
     for i in range(world.rank, -(-len(batches) // world.size) * world.size, world.size):
         x, y, *hist = (v.to(device) for v in batches[min(i, len(batches) - 1)])
         with autocast_ctx:
-            logits = model(x, history=tuple(hist) or None)
+            logits = model(x, history=tuple(hist) or None, soft_fill=soft_fill)
         k = min(soft, y.shape[1])
         if k:
             per = lm_loss(logits, y, reduction="none").view(y.shape).double()

@@ -7,15 +7,19 @@ import json
 import statistics
 from pathlib import Path
 
+from softar.disk import write_text_atomic
 from softar.evaluate.context import PASSKEY_DISTANCES, RECOVERY_HISTORY, fraction_of_gap
+from softar.evaluate.generation import POLICIES, frontier_gap
 
 GENERATION_FILE = "generation.json"
 
-COLUMNS = (["loss", "loss_hard_slots", "loss_soft_slots", "loss_minus_short", "gap_closed"]
+COLUMNS = (["loss", "loss_hard_slots", "loss_soft_slots", "loss_soft_slots_one_step", "loss_minus_short", "gap_closed"]
            + [f"recovery.{RECOVERY_HISTORY[0]}.segment.recall_at_k"]
            + [f"recovery.{RECOVERY_HISTORY[-1]}.{kind}.{m}" for kind in ("segment", "aggregate")
               for m in ("recall_at_k", "chance")]
            + [f"passkey.{n}.{m}" for n in PASSKEY_DISTANCES[::2] for m in ("accuracy", "logp_gain")])
+REPORT_COLUMNS = ["loss", "loss_soft_slots", "loss_soft_slots_one_step", "gap_closed",
+                  f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k", f"passkey.{PASSKEY_DISTANCES[1]}.logp_gain"]
 BAR_METRICS = ["loss", "loss_minus_short", f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k",
                f"passkey.{PASSKEY_DISTANCES[1]}.logp_gain", f"passkey.{PASSKEY_DISTANCES[-1]}.logp_gain"]
 
@@ -30,9 +34,13 @@ def add_gap_closed(rows: dict[str, list[dict]], short: str, long: str) -> None:
             r["loss_minus_short"] = r["loss"] - rows[short][i]["loss"]
 
 
-def tradeoff(out: Path, generator: str, reference: str, seeds: int, base_seed: int) -> list[dict]:
-    """Run (or reuse) the generation report of each seed's generator run scored by the same seed's reference run;
-    return per threshold the mean and std over seeds, and plot tradeoff.png."""
+METRICS = ("soft_fraction", "reference_ppl", "distinct_2", "distinct_3", "repeated_4grams", "brier2")
+
+
+def tradeoff(out: Path, generator: str, reference: str, seeds: int, base_seed: int) -> dict[str, list[dict]]:
+    """Run (or reuse) the coherence-against-nuance report of each seed's generator run scored by the same seed's
+    reference run; return per group (frontier, each policy) and setting the mean and std over seeds of each metric
+    and of its perplexity gap to the frontier (paired by seed), and plot tradeoff.png."""
     import torch
 
     from softar.data.dataset import load_split
@@ -43,47 +51,61 @@ def tradeoff(out: Path, generator: str, reference: str, seeds: int, base_seed: i
     for s in range(seeds):
         gen_dir, ref_dir = (out / "runs" / f"{name}_s{base_seed + s}" for name in (generator, reference))
         path = gen_dir / GENERATION_FILE
-        if not path.is_file():
+        try:  # the sweep's own file: reused when it is a complete report, remade otherwise
+            rows = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+        except (OSError, ValueError):
+            rows = None
+        if not isinstance(rows, dict) or set(rows) != {"frontier", *POLICIES}:
             device = torch.device("cpu")
             run, ref = load_run(gen_dir, device), load_run(ref_dir, device)
             rows = generation_report(run.model, ref.model, load_split(run.cfg.data.dir, "val"))
-            path.write_text(json.dumps(rows, indent=2))
-        per_seed.append(json.loads(path.read_text()))
-    summary = []
-    for i, row in enumerate(per_seed[0]):
-        cell = {"threshold": row["threshold"]}
-        for key in ("soft_fraction", "reference_ppl", "repeated_4grams", "ood_mean"):
-            vals = [rows[i][key] for rows in per_seed]
-            cell[key] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        cell["ood_over_time"] = [statistics.fmean(v) for v in zip(*(rows[i]["ood_over_time"] for rows in per_seed),
-                                                                   strict=True)]
-        summary.append(cell)
+            write_text_atomic(path, json.dumps(rows, indent=2))
+        per_seed.append(rows)
+    summary: dict[str, list[dict]] = {}
+    for group, points in per_seed[0].items():
+        summary[group] = []
+        for i, point in enumerate(points):
+            cell = {k: point[k] for k in ("temperature", "top_p", "threshold") if k in point}
+            runs = [rows[group][i] for rows in per_seed]
+            for key in METRICS:
+                cell[key] = _mean_std([r[key] for r in runs])
+            gaps = [frontier_gap(rows["frontier"], r) for rows, r in zip(per_seed, runs, strict=True)]
+            cell["ppl_gap"] = _mean_std(gaps) if group != "frontier" and None not in gaps else None
+            cell["all_seeds_beyond"] = cell["ppl_gap"] is not None and all(g < 0 for g in gaps)
+            summary[group].append(cell)
     _plot_tradeoff(summary, out / "tradeoff.png", generator, reference)
     return summary
 
 
-def _plot_tradeoff(summary: list[dict], path: Path, generator: str, reference: str) -> None:
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def _label(cell: dict) -> str:
+    return f"T{cell['temperature']:g} p{cell['top_p']:g}" if "temperature" in cell else f"{cell['threshold']:g}"
+
+
+def _plot_tradeoff(summary: dict[str, list[dict]], path: Path, generator: str, reference: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    x = [c["soft_fraction"][0] for c in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, key, label in ((axes[0], "reference_ppl", f"perplexity under {reference} (lower: more coherent)"),
-                           (axes[1], "repeated_4grams", "repeated 4-grams")):
-        ax.errorbar(x, [c[key][0] for c in summary], xerr=[c["soft_fraction"][1] for c in summary],
-                    yerr=[c[key][1] for c in summary], marker="o", capsize=3)
-        for c in summary:
-            ax.annotate(f"{c['threshold']:g}", (c["soft_fraction"][0], c[key][0]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
-        ax.set(xlabel="tokens that re-entered soft (nuance)", ylabel=label)
-    for c in summary:
-        axes[2].plot([32 * i + 16 for i in range(len(c["ood_over_time"]))], c["ood_over_time"],
-                     label=f"threshold {c['threshold']:g}")
-    axes[2].set(xlabel="generated tokens", ylabel="entropy of the LM distribution (nats)", title="OOD score over time")
-    axes[2].legend(fontsize=6)
-    fig.suptitle(f"{generator}: collapse threshold on entropy (labels), mean ± std over seeds", fontsize=9)
+                           (axes[1], "brier2", "Brier-2 against the true continuation (higher: better)")):
+        for group, style in (("frontier", "k-o"), ("collapse_uncertain", "C0-s"), ("keep_uncertain", "C1-^")):
+            cells = sorted(summary[group], key=lambda c: c["distinct_2"][0])
+            xs = [c["distinct_2"][0] for c in cells]
+            ax.errorbar(xs, [c[key][0] for c in cells], yerr=[c[key][1] for c in cells], fmt=style, capsize=2,
+                        label="plain sampling (T, top-p)" if group == "frontier" else group.replace("_", " "))
+            for c in cells:
+                ax.annotate(_label(c), (c["distinct_2"][0], c[key][0]), fontsize=6, textcoords="offset points",
+                            xytext=(3, 3))
+        ax.set(xlabel="distinct 2-grams of the shown text (diversity)", ylabel=label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{generator}: coherence against nuance; soft policies labelled by entropy threshold (nats), "
+                 "mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -94,14 +116,16 @@ HOW_TO_READ = """## How to read this
 Each config's window is `model.block_size` slots, `[aggregate][segments][hard][soft]` (`softar/soft/window.py`). A
 segment slot is the embedding arithmetic (sum, mean, sum/sqrt(n) or decayed sum: `context.op`) of one span of the
 history just before the hard region; the aggregate covers everything older, up to `context.max_history` tokens in
-training and evaluation (unbounded in generation). Soft slots hold the model's own expected embeddings from a first
-pass. The configs are compared at equal training tokens (predicted tokens per step x steps), not equal FLOPs: summary
-slots add slots to every window, and a soft region adds a forward pass without gradients (a third of a training
-step). Columns:
+training and evaluation (unbounded in generation). Soft slots hold the model's own expected embeddings: in training
+guessed in one pass from the true tokens before them (`context.soft_fill = "one_step"`, the default), in evaluation
+filled by a real step-by-step soft rollout (the first K generated tokens after true text). The configs are compared
+at equal training tokens (predicted tokens per step x steps), not equal FLOPs: summary slots add slots to every
+window, and a soft region adds a forward pass without gradients (a third of a training step). Columns:
 
 - `loss`: cross-entropy over every val token, each predicted once from consecutive windows of the token slots, each
   window with its history (`loss_hard_slots` / `loss_soft_slots`: the positions whose inputs are true tokens / the
-  model's own soft tokens; the latter is an open-loop loss);
+  model's own soft tokens, filled by a rollout: an open-loop loss; `loss_soft_slots_one_step`: the same positions
+  with each soft slot guessed from the true tokens before it, the figure earlier versions reported);
 - `loss_minus_short`, `gap_closed`: the loss difference to the short plain window and the fraction of the gap
   closed, both paired by seed (below);
 - `recovery.N.KIND.recall_at_k`: with N tokens of history, rank the vocabulary by cosine to a summary slot and count
@@ -114,8 +138,12 @@ step). Columns:
 
 
 def report_sections(table: dict, gap: tuple[str, str] | None, generation: tuple[str, str] | None,
-                    tradeoff_rows: list[dict] | None) -> list[str]:
-    lines = [HOW_TO_READ]
+                    tradeoff_rows: dict[str, list[dict]] | None) -> list[str]:
+    lines = [HOW_TO_READ, "| config | " + " | ".join(REPORT_COLUMNS) + " |", "|---" * (len(REPORT_COLUMNS) + 1) + "|"]
+    for name, cols in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{cols[c][0]:.4g} ± {cols[c][1]:.2g}" if c in cols else ""
+                                                 for c in REPORT_COLUMNS) + " |")
+    lines.append("")
     if gap is not None:
         short, long = gap
         lines += ["## Fraction of the gap closed", "",
@@ -136,18 +164,42 @@ def report_sections(table: dict, gap: tuple[str, str] | None, generation: tuple[
                          f"vs {short}, paired by seed)")
         lines.append("")
     if tradeoff_rows is not None:
-        gen, ref = generation
-        lines += ["## Coherence against nuance", "",
-                  f"Free-running soft generation from {gen} (8 val prompts of 64 tokens, 256 new tokens, expected "
-                  "embeddings as soft tokens, shown tokens sampled from the LM head at temperature 0.8, top-k 200), "
-                  "with soft tokens collapsed in place when the entropy of their distribution is above the threshold. "
-                  f"Coherence: perplexity of the shown text under {ref}. Nuance: the fraction of generated tokens that "
-                  "re-entered the context soft. Threshold 0 is ordinary sampling; inf collapses by age only.", "",
-                  "| threshold | re-entered soft | reference perplexity | repeated 4-grams | mean entropy |",
-                  "|---|---|---|---|---|"]
-        for c in tradeoff_rows:
-            cells = [f"{c[k][0]:.3f} ± {c[k][1]:.3f}" for k in ("soft_fraction", "reference_ppl", "repeated_4grams",
-                                                                  "ood_mean")]
-            lines.append(f"| {c['threshold']:g} | " + " | ".join(cells) + " |")
+        lines += coherence_section(tradeoff_rows, *generation)
+    return lines
+
+
+def coherence_section(rows: dict[str, list[dict]], gen: str, ref: str) -> list[str]:
+    """The coherence-against-nuance tables and the plain verdict: does any soft policy lie beyond the frontier?"""
+    lines = ["## Coherence against nuance", "",
+             f"Free-running generation from {gen}: 64 val prompts of 64 tokens, 64 new tokens, the same prompts for "
+             f"every setting. Coherence: perplexity of the shown text under {ref}, the strongest plain model. "
+             "Diversity: distinct 2- and 3-grams of the shown text. Brier-2: of the first two shown tokens against "
+             "the true continuation (16 draws per prompt). The **frontier** is the model's own plain sampling across "
+             "temperature (0.6 to 1.2) and top-p (0.9, 1): what any sampler buys. The soft policies let expected "
+             "embeddings re-enter (shown tokens sampled at temperature 1) and collapse in place either the "
+             "*uncertain* tokens (entropy above the threshold) or the *confident* ones (`keep_uncertain`: entropy "
+             "below it). `gap` is the perplexity minus the frontier's at the same distinct-2 (the plain-sampling "
+             "points no other dominates, joined by lines; negative: beyond the frontier), paired by seed; blank "
+             "when the soft text is more diverse than any plain sampling. Mean ± std over seeds; a setting counts "
+             "as beyond the frontier only when it is in every seed.", ""]
+    for group, cells in rows.items():
+        key = "T, top-p" if group == "frontier" else "threshold"
+        lines += [f"**{group}**", "", f"| {key} | soft | perplexity | distinct-2 | distinct-3 | Brier-2 | gap |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in cells:
+            vals = [f"{c[k][0]:.3f} ± {c[k][1]:.3f}" for k in ("soft_fraction", "reference_ppl", "distinct_2",
+                                                                "distinct_3", "brier2")]
+            gap = f"{c['ppl_gap'][0]:+.2f} ± {c['ppl_gap'][1]:.2f}" if c.get("ppl_gap") else ""
+            lines.append(f"| {_label(c)} | " + " | ".join(vals) + f" | {gap} |")
         lines.append("")
+    beyond = [(g, c) for g in POLICIES for c in rows[g] if c.get("all_seeds_beyond") and c["soft_fraction"][0] > 0]
+    if beyond:
+        names = ", ".join(f"{g} at {_label(c)} ({c['ppl_gap'][0]:+.2f} ± {c['ppl_gap'][1]:.2f})" for g, c in beyond)
+        lines += [f"**Verdict: beyond the frontier** (perplexity below plain sampling's at equal diversity, in every "
+                  f"seed): {names}.", ""]
+    else:
+        lines += ["**Verdict: no soft policy lies beyond the frontier.** At every setting where tokens re-entered "
+                  "soft, plain sampling at some temperature and top-p gives text at least as coherent at the same "
+                  "diversity in at least one seed, or the soft text is more diverse than any plain sampling "
+                  "(no comparison).", ""]
     return lines

@@ -18,7 +18,6 @@ from softar.disk import read_json, read_jsonl, read_text, write_text_atomic
 from softar.evaluate.run import evaluate_run
 from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, read_config
 from softar.soft.model import check_soft_spec
-from softar.soft.tokens import SOFT_TOKENS
 from softar.train import Preempted, Preemption, train
 
 EVAL_FILE = "eval.json"
@@ -72,7 +71,7 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     fraction of the gap closed, per seed; `generation` = (generator, reference) adds the collapse-threshold
     trade-off of the generator's runs scored by the reference's (see `softar.experiments.context_study`). Either
     makes the report the context-layout study instead of the soft-token one."""
-    from softar.experiments import context_study
+    from softar.experiments import context_study, soft_study
 
     stems = [Path(c).stem for c in configs]
     if len(set(stems)) != len(stems):
@@ -93,44 +92,30 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     if report is not None:
         check_report(report)
     claim_out(out)
-    rows: dict[str, list[dict]] = {}
+    raw: dict[str, list[dict]] = {}
     with Preemption():  # a signal outside training (evaluation, reports) stops at once; finished runs are kept
         for c in configs:
-            rows[Path(c).stem] = [flatten(run_one(c, base_seed + s, overrides, out, windows, horizons))
-                                  for s in range(seeds)]
+            raw[Path(c).stem] = [run_one(c, base_seed + s, overrides, out, windows, horizons) for s in range(seeds)]
+    rows = {name: [flatten(r) for r in runs] for name, runs in raw.items()}
     study = gap is not None or generation is not None
     if gap is not None:
         context_study.add_gap_closed(rows, *gap)
-    columns = columns or (context_study.COLUMNS if study else default_columns(horizons))
+    columns = columns or (context_study.COLUMNS if study else soft_study.columns(horizons))
     table = {name: {col: mean_std([r[col] for r in runs if col in r]) for col in columns
                     if any(col in r for r in runs)} for name, runs in rows.items()}
     write_tables(table, columns, out)
-    bars = context_study.BAR_METRICS if study else ["loss"] + [f"open_loop.{k}.{m}" for k in horizons
-                                                               for m in ("greedy", "sampled", "soft_expected")]
-    plot(configs, seeds, base_seed, table, out, bars)
+    plot(configs, seeds, base_seed, table, out,
+         context_study.BAR_METRICS if study else soft_study.bar_metrics(horizons))
     tradeoff = None
     if generation is not None:
         tradeoff = context_study.tradeoff(out, *generation, seeds, base_seed)
     if report is not None:
         sections = (context_study.report_sections(table, gap, generation, tradeoff) if study
-                    else soft_claim_sections(table, horizons))
+                    else soft_study.report_sections(table, raw, horizons))
         write_report(report, command, configs, overrides, seeds, table, out, sections,
                      ["loss_curves.png", "metrics.png"] + (["tradeoff.png"] if tradeoff else []))
     return {"sweep": str(out), "configs": [Path(c).stem for c in configs], "seeds": seeds,
             "table": {n: {c: list(v) for c, v in cols.items()} for n, cols in table.items()}}
-
-
-SOFT_MODES = tuple(f"soft_{kind}" for kind in SOFT_TOKENS)  # open-loop feedback with each registered soft token
-
-
-def default_columns(horizons: tuple[int, ...]) -> list[str]:
-    cols = ["loss", "bits_per_token", "soft_outputs.lm_top1",
-            *(f"soft_outputs.{kind}.{m}" for m in ("nn_top1", "l2_r") for kind in SOFT_TOKENS),
-            "brier.brier1", "brier.brier2", "brier.brierlm", "embedding.effective_rank", "embedding.mean_row_norm",
-            "embedding.mean_pairwise_cosine"]
-    for k in horizons:
-        cols += [f"open_loop.{k}.{m}" for m in ("teacher", "greedy", "sampled", *SOFT_MODES)]
-    return cols
 
 
 def write_tables(table: dict, columns: list[str], out: Path) -> None:
@@ -184,48 +169,6 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
     plt.close(fig)
 
 
-def claims(table: dict, horizons: tuple[int, ...]) -> list[str]:
-    """The seed's claim, checked per config: a soft feedback mode beats both greedy and sampled collapse in open-loop
-    loss at every horizon by more than the seed-to-seed spread (mean + std below the other's mean - std), and the
-    config's teacher-forced val loss is within 2% of its dataset's baseline (the config named <dataset>_ce)."""
-    lines = []
-    for name, cols in table.items():
-        base = table.get(name.split("_")[0] + "_ce")
-        ratio = cols["loss"][0] / base["loss"][0] - 1 if base else None
-        for mode in SOFT_MODES:
-            wins, cells = [], []
-            for k in horizons:
-                soft = cols.get(f"open_loop.{k}.{mode}")
-                if soft is None:
-                    break
-                others = [cols[f"open_loop.{k}.{o}"] for o in ("greedy", "sampled")]
-                wins.append(all(soft[0] + soft[1] < o[0] - o[1] for o in others))
-                cells.append(f"K={k}: {soft[0]:.3f} ± {soft[1]:.3f} vs greedy {others[0][0]:.3f} ± {others[0][1]:.3f}, "
-                             f"sampled {others[1][0]:.3f} ± {others[1][1]:.3f}")
-            if not cells:
-                continue
-            within = ratio is not None and ratio <= 0.02
-            verdict = "holds" if all(wins) and within else "does not hold"
-            if base is cols:
-                loss_note = "the baseline itself: a CE model read with soft feedback"
-            else:
-                loss_note = f"val loss {ratio:+.1%} vs baseline" if ratio is not None else "no baseline"
-            lines.append(f"- **{name}, {mode}**: {verdict} ({'; '.join(cells)}; {loss_note})")
-    return lines
-
-
-def soft_claim_sections(table: dict, horizons: tuple[int, ...]) -> list[str]:
-    return [
-        "## The seed's claim, checked",
-        "",
-        "Soft feedback must beat both greedy and sampled collapse in open-loop loss at every horizon by more than the "
-        "seed-to-seed spread, with teacher-forced val loss within 2% of the same dataset's cross-entropy baseline.",
-        "",
-        *claims(table, horizons),
-        "",
-    ]
-
-
 SWEEP_MARK = ".softar-sweep"  # in every --out a sweep made: what it may overwrite there is its own
 SWEEP_FILES = {"runs", "results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png", "sweep.json",
                SWEEP_MARK}
@@ -271,8 +214,8 @@ def write_report(path: Path, command: str, configs: list[str], overrides: list[s
     path.parent.mkdir(parents=True, exist_ok=True)
     assets = path.parent / path.stem
     assets.mkdir(exist_ok=True)
-    for png in pngs:
-        shutil.copy(out / png, assets / png)
+    for name in (*pngs, "results.csv"):
+        shutil.copy(out / name, assets / name)
     cfg = config.load(configs[0], overrides)
     t, m = cfg.train, cfg.model
     text = [
@@ -287,10 +230,9 @@ def write_report(path: Path, command: str, configs: list[str], overrides: list[s
         f"Every run: {m.n_layer} layers, d_model {m.d_model}, {t.max_iters} steps; window size and batch as in "
         f"each config (the first: block {m.block_size}, batch {t.batch_size}), with the same number of predicted "
         f"tokens per step for every config unless its header says otherwise; {seeds} seeds (train.seed = 1337, "
-        "1338, ...). Metrics on the val split; sampled ones on the same random windows for every run. Mean ± "
-        "standard deviation over seeds.",
+        "1338, ...). Metrics on the val split; sampled ones on the same random windows for every run. Every "
+        f"metric of every config, mean and standard deviation over seeds: [results.csv]({assets.name}/results.csv).",
         "",
-        (out / "results.md").read_text(),
         *[f"![{png[:-4]}]({assets.name}/{png})\n" for png in pngs],
         *sections,
         "",

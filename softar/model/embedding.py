@@ -27,10 +27,11 @@ def frozen_random_table(vocab_size: int, m: int, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def embedding_stats(E: torch.Tensor) -> dict[str, float]:
-    """Diagnostics that make collapse of a learned space visible: mean row norm, effective rank (exp of the entropy
-    of the normalised singular values, Roy & Vetterli 2007) and mean pairwise cosine (off the diagonal)."""
+    """Diagnostics that make collapse of a learned space visible: mean row norm, effective rank of the centred table
+    (exp of the entropy of the normalised singular values, Roy & Vetterli 2007; centred, so a shared offset of
+    every row does not count as a dimension) and mean pairwise cosine (off the diagonal)."""
     E = E.detach().float()
-    s = torch.linalg.svdvals(E)
+    s = torch.linalg.svdvals(E - E.mean(0))
     p = s / s.sum()
     eff_rank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()).item()
     U = F.normalize(E, dim=-1)

@@ -93,21 +93,24 @@ def budget_collapse(scores: torch.Tensor, done: torch.Tensor, budget: int) -> to
 @dataclass(frozen=True)
 class CollapsePolicy:
     """Collapse a soft token in place when its OOD `score` is above `threshold`, and keep at most `budget` soft
-    tokens uncollapsed (-1: no cap beyond the soft region)."""
+    tokens uncollapsed (-1: no cap beyond the soft region). `keep_uncertain` turns the rule round: the tokens whose
+    score is *below* the threshold collapse (the confident ones, where soft and hard agree anyway), the uncertain
+    ones stay soft, and the budget collapses the lowest scores first."""
 
     score: str = "entropy"
     threshold: float = float("inf")
     budget: int = -1
+    keep_uncertain: bool = False
 
     def score_of(self, v: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
         return OOD_SCORES[self.score](v, logits, ids, E)
 
     def at_entry(self, scores: torch.Tensor) -> torch.Tensor:
         """[B]: which new soft tokens collapse as they enter."""
-        return scores > self.threshold
+        return scores < self.threshold if self.keep_uncertain else scores > self.threshold
 
     def over_budget(self, scores: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """[B, n]: which of the soft region's tokens to collapse now to keep within the budget."""
         if self.budget < 0:
             return torch.zeros_like(done)
-        return budget_collapse(scores, done, self.budget)
+        return budget_collapse(-scores if self.keep_uncertain else scores, done, self.budget)

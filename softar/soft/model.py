@@ -3,16 +3,18 @@ evaluation hold; the network inside (`.lm`) may be softAR's GPT or a Hugging Fac
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from softar.config import Config, ConfigError, ContextConfig, LossConfig, SoftConfig
 from softar.losses import objective
-from softar.model import GPT, Outputs
+from softar.model import GPT, Hidden, Outputs
 from softar.model.gpt import init_normal
 from softar.soft.tokens import add_noise, make_soft_token, spec_problem
-from softar.soft.window import Layout, WindowBuilder, summary_slots
+from softar.soft.window import SOFT, Layout, WindowBuilder, summary_slots
 
 History = tuple[torch.Tensor, torch.Tensor]  # ids [B, h] right-aligned (the newest last), lengths [B]
 
@@ -28,15 +30,30 @@ class SoftAR(nn.Module):
         self.layout = Layout.from_config(self.context_cfg, window_slots)
         self.slots = WindowBuilder(self.layout, lm.E.shape[1], self.context_cfg.kind_embeddings,
                                    self.context_cfg.project)
+        # a regression-only model (ce weight 0) never trains its LM head: evaluation reads its distribution as
+        # softmax(cos(y, E) / tau) instead, with tau fitted on train (`softar.evaluate.run.fit_readout`)
+        self.cosine_readout: float | None = None
+
+    @property
+    def regression_only(self) -> bool:
+        return self.loss_cfg.ce == 0 and self.lm.vector_head is not None
 
     @property
     def E(self) -> torch.Tensor:
         return self.lm.E  # [V, m]
 
+    def outputs(self, h: Hidden) -> Outputs:
+        """The network's heads, with the logits read through the cosine readout when one is set."""
+        out = self.lm.heads(h)
+        if self.cosine_readout is None:
+            return out
+        cos = F.normalize(out.y.float(), dim=-1) @ F.normalize(self.E.float(), dim=-1).T  # [..., V]
+        return replace(out, logits=cos / self.cosine_readout)
+
     def read(self, window: torch.Tensor, last: bool = False) -> Outputs:
         """The outputs at a window's [B, T, m] token slots [B, n, ...] (last: at its last slot only [B, 1, ...])."""
         h = self.lm.hidden(window)
-        return self.lm.heads(h[:, -1:] if last else h[:, self.layout.n_summary :])
+        return self.outputs(h[:, -1:] if last else h[:, self.layout.n_summary :])
 
     def summary(self, history: History | None, dtype: torch.dtype) -> torch.Tensor | None:
         """The summary slots of a history [B, A+S, m] (None without summary slots or history)."""
@@ -49,39 +66,72 @@ class SoftAR(nn.Module):
         slots, then `WindowBuilder` -> [B, A+S+n, m]."""
         return self.slots(self.summary(history, tokens.dtype), tokens, n_soft)
 
-    def fill_window(self, tokens: torch.Tensor, history: History | None = None,
-                    soft_fraction: float = 0.0) -> torch.Tensor:
-        """The training-time window: token vectors [B, n, m] (n = the layout's token slots; any n for a plain
-        model) and their history -> [B, A+S+n, m].
+    def rollout_soft(self, summary: torch.Tensor | None, hard: torch.Tensor, n_soft: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """The soft region as generation fills it in its first n_soft steps after a prompt (later in a generation,
+        older tokens have left the soft region collapsed; noise only in training): after the window
+        [summary][hard tokens [B, h, m]], each of n_soft steps feeds back the model's own soft token (with the KV
+        cache) -> the soft vectors [B, n_soft, m]."""
+        lm = self.lm
+        window = self.slots(summary, hard, 0)
+        cache = lm.new_cache(hard.shape[0], window.shape[1] + n_soft)
+        out = self.outputs(lm.hidden(window, cache=cache)[:, -1:])
+        soft = []
+        for j in range(n_soft):
+            v = make_soft_token(out, self.E, self.soft_spec, generator)  # [B, 1, m]
+            if self.training:
+                v = add_noise(self.soft_spec, v, self.E, out.logits, generator)
+            soft.append(v.to(hard.dtype))
+            if j < n_soft - 1:
+                out = self.outputs(lm.hidden(self.slots.slot(soft[-1], SOFT), cache=cache))
+        return torch.cat(soft, dim=1)
 
-        Soft slots get the model's own soft tokens in two passes (parallel scheduled sampling): a first pass without
-        gradients gives each position's soft token; the second reads it in the soft region, and at a random
-        `soft_fraction` of the other positions (never the first)."""
-        n_soft = min(self.layout.soft, tokens.shape[1])
+    def fill_window(self, tokens: torch.Tensor, history: History | None = None, soft_fraction: float = 0.0,
+                    soft_fill: str = "one_step") -> torch.Tensor:
+        """The window for true token vectors [B, n, m] (n = the layout's token slots, or fewer; any n for a plain
+        model) and their history -> [B, A+S+n, m], its soft slots filled with the model's own soft tokens.
+
+        `soft_fill="rollout"` fills the soft region step by step, as generation does after a prompt (`rollout_soft`);
+        `"one_step"` guesses every soft slot at once from the true tokens before it. Either way a first pass without
+        gradients makes the soft tokens, and with `soft_fraction` > 0 it also puts one-step guesses at that random
+        fraction of the other positions (never the first): parallel scheduled sampling."""
+        n = tokens.shape[1]
+        n_soft = min(self.layout.soft, n - 1)  # the first token is always given
         summary = self.summary(history, tokens.dtype)  # once for both passes
         if n_soft or soft_fraction > 0:
-            with torch.no_grad():
-                first = self.read(self.slots(summary, tokens, n_soft))
-                soft = make_soft_token(first, self.E, self.soft_spec)
-                if self.training:
-                    soft = add_noise(self.soft_spec, soft, self.E, first.logits)
-            guess = torch.cat([tokens[:, :1], soft[:, :-1].to(tokens.dtype)], dim=1)  # position t: guessed at t-1
             pick = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            if soft_fraction > 0:
-                pick = torch.rand(tokens.shape[:2], device=tokens.device) < soft_fraction
-                pick[:, 0] = False
-            if n_soft:
-                pick[:, tokens.shape[1] - n_soft :] = True
+            with torch.no_grad():
+                guess = tokens
+                if soft_fill == "one_step" and n_soft or soft_fraction > 0:
+                    first = self.read(self.slots(summary, tokens, n_soft))
+                    soft = make_soft_token(first, self.E, self.soft_spec)
+                    if self.training:
+                        soft = add_noise(self.soft_spec, soft, self.E, first.logits)
+                    guess = torch.cat([tokens[:, :1], soft[:, :-1].to(tokens.dtype)], dim=1)  # t: guessed at t-1
+                if soft_fraction > 0:
+                    pick = torch.rand(tokens.shape[:2], device=tokens.device) < soft_fraction
+                    pick[:, 0] = False
+                if n_soft and soft_fill == "rollout":
+                    rolled = self.rollout_soft(summary, tokens[:, : n - n_soft], n_soft)
+                    guess = torch.cat([guess[:, : n - n_soft], rolled], dim=1)
+            pick[:, n - n_soft :] = True
             tokens = torch.where(pick.unsqueeze(-1), guess, tokens)
         return self.slots(summary, tokens, n_soft)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, history: History | None = None):
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, history: History | None = None,
+                soft_fill: str = "rollout"):
         """x: token ids [B, n] (or token vectors [B, n, m]) and, with a layout, their history. Without targets:
-        the logits of the token slots [B, n, V]. With targets [B, n]: (loss, parts) of the training objective,
-        losses taken at the token slots."""
+        the logits of the token slots [B, n, V], the soft region filled by `soft_fill` (a real rollout unless told
+        otherwise). With targets [B, n]: (loss, parts) of the training objective at the token slots, the soft region
+        filled as `context.soft_fill` says; with `context.fill_draw` a batch may see a partly full hard region."""
+        if targets is not None:
+            soft_fill = self.context_cfg.soft_fill
+            if self.context_cfg.fill_draw and torch.rand(()) < self.context_cfg.fill_draw:
+                hard = int(torch.randint(1, self.layout.hard, ()))  # tokens in the hard region, no history yet
+                x, targets, history = x[:, -(hard + self.layout.soft) :], targets[:, -(hard + self.layout.soft) :], None
         vectors = x if x.is_floating_point() else F.embedding(x, self.E)  # its backward sums as nanoGPT's does
         soft_fraction = self.loss_cfg.soft_inputs if targets is not None else 0.0
-        out = self.read(self.fill_window(vectors, history, soft_fraction))
+        out = self.read(self.fill_window(vectors, history, soft_fraction, soft_fill))
         if targets is None:
             return out.logits
         return objective(out, targets, self.E, self.loss_cfg)

@@ -155,16 +155,15 @@ class WindowBuilder(nn.Module):
         A, n = self.layout.aggregate, tokens.shape[1]
         parts = [(summary[:, :A], AGGREGATE), (summary[:, A:], SEGMENT), (tokens[:, : n - n_soft], HARD),
                  (tokens[:, n - n_soft :], SOFT)]
-        out = []
-        for x, kind in parts:
-            if x.shape[1] == 0:
-                continue
-            if self.proj is not None and kind != HARD:
-                x = self.proj[KIND_NAMES[kind]](x)
-            if self.kind is not None:
-                x = x + self.kind.weight[kind]
-            out.append(x)
-        return torch.cat(out, dim=1)
+        return torch.cat([self.slot(x, kind) for x, kind in parts if x.shape[1]], dim=1)
+
+    def slot(self, x: torch.Tensor, kind: int) -> torch.Tensor:
+        """Vectors [B, n, m] as slots of one kind (each slot on its own, so a soft region can grow step by step)."""
+        if self.layout.plain:
+            return x
+        if self.proj is not None and kind != HARD:
+            x = self.proj[KIND_NAMES[kind]](x)
+        return x + self.kind.weight[kind] if self.kind is not None else x
 
 
 class ContextState:

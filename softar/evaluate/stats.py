@@ -1,0 +1,79 @@
+"""The statistics every comparison uses: paired bootstrap intervals, standard errors over windows, and a fitted
+softmax temperature."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """The mean of a - b over paired units (windows, or seeds x windows) with a percentile bootstrap interval that
+    resamples the units: {"diff", "lo", "hi"}. A difference whose interval excludes 0 is resolved."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError("paired_bootstrap needs two equal-length, non-empty 1-d samples")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def paired_bootstrap_2way(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """The mean of a - b over [seeds, windows] arrays in which every seed saw the same windows: the bootstrap
+    resamples seeds and, shared across them, windows, so neither the seed-to-seed variation nor the windows' own is
+    counted as independent evidence. {"diff", "lo", "hi"}; with few seeds the seed part stays under-covered."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError("paired_bootstrap_2way needs two equal-shape, non-empty [seeds, windows] arrays")
+    rng = np.random.default_rng(seed)
+    S, W = d.shape
+    means = np.empty(n_boot)
+    for i in range(n_boot):
+        means[i] = d[rng.integers(0, S, S)][:, rng.integers(0, W, W)].mean()
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def mean_se(x) -> tuple[float, float]:
+    """Mean and standard error of independent units (one value per window); one unit has no error estimate
+    (inf)."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("inf")
+
+
+def resolved(mean: float, se: float) -> bool:
+    """Whether a 95% normal interval around `mean` excludes 0."""
+    return bool(np.isfinite(se)) and abs(mean) > 1.96 * se
+
+
+@torch.no_grad()
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, lo: float = 1e-4, hi: float = 1e4,
+                    iters: int = 60) -> float:
+    """The temperature tau minimising the cross-entropy of softmax(logits / tau) on targets: logits [N, V], targets
+    [N]. The loss is unimodal in log tau, so a golden-section search over [lo, hi] finds it without gradients; an
+    optimum at either end is refused rather than returned as if it were one."""
+    logits, targets = logits.float(), targets.long()
+
+    def loss(log_tau: float) -> float:
+        return torch.nn.functional.cross_entropy(logits / float(np.exp(log_tau)), targets).item()
+
+    a, b = np.log(lo), np.log(hi)
+    g = (np.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    tau = float(np.exp((a + b) / 2))
+    if not lo * 1.01 < tau < hi / 1.01:
+        raise ValueError(f"fit_temperature: the best temperature lies at the end of [{lo:g}, {hi:g}] ({tau:.4g})")
+    return tau
