@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=["val", "train"], default="val")
     s.add_argument("--data", help="dataset folder (default: the run's data.dir)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--windows", type=_int_at_least(1, 65536), default=256,
-                   help="random windows for the soft-output, BrierLM and open-loop metrics (at most 65536)")
+    s.add_argument("--windows", type=_int_at_least(2, 65536), default=256,
+                   help="random windows for the soft-output, BrierLM and open-loop metrics (2 to 65536: a standard "
+                        "error needs two)")
     s.add_argument("--horizons", type=_int_list, default=None,
                    help="open-loop horizons, e.g. 8,32 (default: those of 8 and 32 below the block size)")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the windows and samples")
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configs", nargs="+", help="TOML configs (and section.key=value overrides for all of them)")
     s.add_argument("--seeds", type=_positive_int, default=3)
     s.add_argument("--out", default="runs/sweep")
-    s.add_argument("--windows", type=_int_at_least(1, 65536), default=256, help="windows for the sampled metrics")
+    s.add_argument("--windows", type=_int_at_least(2, 65536), default=256, help="windows for the sampled metrics")
     s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")
     s.add_argument("--report", help="also write a Markdown report (table, plots, claims) to this file")
     s.add_argument("--gap", nargs=2, metavar=("SHORT", "LONG"),

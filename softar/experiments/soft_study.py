@@ -101,14 +101,7 @@ def _ms(table: dict, name: str, col: str, digits: int = 3) -> str:
 
 
 def nuance_section(table: dict, raw: dict[str, list[dict]], k: int) -> list[str]:
-    lines = [f"### Nuance at K = {k}: soft feedback against the strongest baselines", "",
-             "Open-loop loss of each config's own soft feedback (`soft`), and its paired difference to each baseline "
-             "(soft minus baseline, nats; negative: soft is better) with a bootstrap 95% interval over seeds x "
-             "windows. `avg S`: the mean probability over S sampled rollouts; `const`: the best of the constant "
-             "vectors fed back (mean embedding, unigram-weighted mean, zero); `S*`: per seed, the number of averaged "
-             "rollouts that matches soft feedback (`<1`: worse than one rollout; `>16`: better than sixteen). "
-             "Intervals: a two-way bootstrap over seeds and windows (every seed saw the same windows); with 3 seeds "
-             "the seed-to-seed part is under-covered, so read a narrow win with care.", "",
+    lines = [f"### Nuance at K = {k}", "",
              "| config | soft | vs avg 1 | vs avg 2 | vs avg 16 | vs const | vs unigram | S* |",
              "|---|---|---|---|---|---|---|---|"]
     for name, runs in raw.items():
@@ -188,7 +181,16 @@ def claims(table: dict, raw: dict[str, list[dict]], horizons: tuple[int, ...]) -
 
 
 def report_sections(table: dict, raw: dict[str, list[dict]], horizons: tuple[int, ...]) -> list[str]:
-    lines = ["## Nuance: does soft feedback carry information the baselines lack?", ""]
+    lines = ["## Nuance: does soft feedback carry information the baselines lack?", "",
+             "Open-loop loss of each config's own soft feedback (`soft`, its `[soft]` kind), and its paired "
+             "difference to each baseline (soft minus baseline, nats; negative: soft is better) with a bootstrap 95% "
+             "interval. `avg S`: the mean probability over S sampled rollouts, the model's own K-step prediction; "
+             "`const`: the best of the constant vectors fed back (mean embedding, unigram-weighted mean, zero), which "
+             "carry no information; `unigram`: the frequency prior, no network; `S*`: per seed, the number of "
+             "averaged rollouts that matches soft feedback (`<1`: worse than one rollout; `>16`: better than "
+             "sixteen). Soft feedback costs about one rollout, so `avg 2` is the comparison at about equal compute. "
+             "Intervals: a two-way bootstrap over seeds and windows (every seed saw the same windows); with 3 seeds "
+             "the seed-to-seed part is under-covered, so read a narrow win with care.", ""]
     for k in horizons:
         lines += nuance_section(table, raw, k)
     lines += representation_section(table, raw, horizons)
