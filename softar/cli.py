@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -80,12 +79,12 @@ def _float_list(text: str) -> list[float]:
 
 def _emit(result: dict, path: Path | None) -> None:
     """Print a result as one JSON object on the last line of stdout, and save it."""
-    if path is not None:
-        from softar.disk import write_text_atomic
+    from softar.disk import strict_json, write_text_atomic
 
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(result, indent=2))
-    print(json.dumps(result), flush=True)
+        write_text_atomic(path, strict_json(result, indent=2))
+    print(strict_json(result), flush=True)
 
 
 def cmd_prepare(a: argparse.Namespace) -> None:

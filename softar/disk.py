@@ -117,6 +117,21 @@ def check_fields(obj: Any, fields: dict[str, Any], where: str) -> None:
             raise SoftarError(f"{where}: {key!r} must be {name}, got {type(obj[key]).__name__}")
 
 
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """JSON that strict parsers accept: a non-finite float (an unbounded threshold, say) is written as the string
+    "inf", "-inf" or "nan"."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
 def read_json(path: Path, what: str, fields: dict[str, Any] | None = None) -> Any:
     """A JSON document (an object when `fields` are given, with those fields and types). Non-finite numbers
     (NaN, Infinity) are refused."""

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from softar import SoftarError
 from softar.checkpoint import Checkpoint, check_state, latest_checkpoint, load_checkpoint, rename_params
 from softar.config import Config, from_dict
-from softar.data.dataset import load_meta, sha256_file
+from softar.data.dataset import load_meta, load_split, sha256_file
 from softar.data.glove import PRETRAINED_FILE
 from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from softar.disk import read_json
+from softar.evaluate.lm import fit_readout
 from softar.soft.model import SoftAR, build_model, upgrade_param_name
 
 CONFIG_FILE = "config.json"  # the resolved config
@@ -112,7 +113,8 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = None) -> LoadedRun:
-    """The latest checkpoint's model, in eval mode, with the run's tokenizer."""
+    """The latest checkpoint's model, in eval mode, with the run's tokenizer; a regression-only model with its
+    cosine readout fitted on the train split."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     data_dir = data_dir or cfg.data.dir
@@ -128,6 +130,8 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
         raise SoftarError(f"checkpoint {ckpt.path} holds non-finite weights (a diverged run?)")
     model.load_state_dict(ckpt.tensors["model"])
     model.eval()
+    if model.regression_only:  # its LM head never trained: every reader goes through the cosine readout
+        fit_readout(model, load_split(data_dir, "train"))
     return LoadedRun(cfg, model, load_tokenizer(data_dir, vocab), ckpt.meta["step"])
 
 

@@ -34,7 +34,7 @@ from softar.data.tokenizer import load_tokenizer
 from softar.device import autocast, set_threads
 from softar.disk import check_fields, read_jsonl, write_text_atomic
 from softar.distributed import World, init_world, no_sync, wrap
-from softar.evaluate.lm import estimate_loss, evaluate_split
+from softar.evaluate.lm import estimate_loss, evaluate_split, fit_readout
 from softar.losses import part_names
 from softar.model.embedding import embedding_stats
 from softar.rundir import (
@@ -477,6 +477,8 @@ class Trainer:
 
         try:  # the checkpoint of the last step is saved: a signal now stops at once, and --resume evaluates
             preempt.set_immediate(True)
+            if self.net.regression_only:  # its LM head never trained: the val loss goes through the cosine readout
+                fit_readout(self.net, self.train_data)
             full_val = evaluate_split(self.model, self.val_data, self.layout.token_slots, self.device, self.amp,
                                       self.meta["characters"]["val"], world=self.world, history=self.layout.history,
                                       soft=self.layout.soft)

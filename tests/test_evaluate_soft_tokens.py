@@ -228,7 +228,7 @@ def test_regression_only_models_are_read_through_the_cosine_readout():
     """A model trained with ce weight 0 never trained its LM head: evaluation reads softmax(cos(y, E) / tau), tau
     fitted on train windows, and every metric (open loop included) goes through it."""
     from softar.config import LossConfig
-    from softar.evaluate.run import fit_readout
+    from softar.evaluate.lm import fit_readout
 
     from .conftest import soft_model
 
@@ -237,11 +237,21 @@ def test_regression_only_models_are_read_through_the_cosine_readout():
     model = soft_model(cfg, loss=LossConfig(ce=0.0, mse=1.0)).eval()
     assert model.regression_only and not soft_model(cfg).regression_only
     train = np.random.default_rng(1).integers(0, 9, 500).astype(np.uint16)
-    fitted = fit_readout(model, train, windows=8, seed=0)
-    assert fitted["kind"] == "cosine" and fitted["temperature"] == model.cosine_readout > 0
+    tau = fit_readout(model, train, windows=8, seed=0)
+    assert tau == model.cosine_readout > 0
     x = torch.randint(0, 9, (2, 5))
     with torch.no_grad():
         out = model.lm.heads(model.lm.hidden(model.E[x]))
         cos = F.cosine_similarity(out.y[..., None, :], model.E, dim=-1)
         assert torch.allclose(model(x), cos / model.cosine_readout, atol=1e-5)
     assert np.isfinite(open_loop_loss(model, train, horizon=3, windows=4)["soft_regress"])
+
+
+def test_fit_temperature_returns_its_bound_when_the_data_asks_for_more():
+    from softar.evaluate.stats import at_bound, fit_temperature
+
+    z = torch.tensor([[5.0, 0.0], [0.0, 5.0]]).repeat(50, 1)
+    y = torch.tensor([1, 0]).repeat(50)  # always wrong: the flatter the better, without end
+    tau = fit_temperature(z, y)
+    assert at_bound(tau) and tau > 1e3
+    assert not at_bound(fit_temperature(z, torch.tensor([0, 1, 1, 0]).repeat(25)))

@@ -87,8 +87,27 @@ def test_context_study_gap_and_tradeoff(char_data, tmp_path):
     assert "recovery.512.aggregate.recall_at_k" in table["slots"] and "passkey.16.accuracy" in table["short"]
     rows = json.loads((out / "runs" / "seed_s1337" / "generation.json").read_text())["collapse_uncertain"]
     assert rows[0]["threshold"] == 0.0 and rows[0]["soft_fraction"] == 0.0
-    assert rows[-1]["threshold"] == float("inf") and rows[-1]["soft_fraction"] == 1.0
+    assert rows[-1]["threshold"] == "inf" and rows[-1]["soft_fraction"] == 1.0  # strict JSON
     text = report.read_text()
     assert "## Fraction of the gap closed" in text and "## Coherence against nuance" in text
     assert "**Verdict: " in text and (report.parent / "context" / "results.csv").is_file()
     assert (report.parent / "context" / "tradeoff.png").stat().st_size > 0
+
+
+def test_report_paths_are_checked_before_any_run(char_data, tmp_path):
+    """A report whose assets folder would be --out, or holds someone else's files, or sits under a file, is refused
+    with one line before anything trains."""
+    from softar import SoftarError
+
+    (tmp_path / "a.toml").write_text("")
+    overrides = tiny_overrides(char_data, **{"train.max_iters": 2, "train.eval_interval": 2})
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "results.csv").write_text("my precious csv")
+    (tmp_path / "afile").write_text("x")
+    for report, out, fragment in ((tmp_path / "sw.md", tmp_path / "sw", "--out itself"),
+                                  (tmp_path / "notes.md", tmp_path / "o1", "already exists"),
+                                  (tmp_path / "afile" / "r.md", tmp_path / "o2", "not a directory")):
+        with pytest.raises(SoftarError, match=fragment):
+            sweep([str(tmp_path / "a.toml")], 1, overrides, out, windows=2, horizons=(2,), report=report)
+        assert not (out / "runs").exists()
+    assert (tmp_path / "notes" / "results.csv").read_text() == "my precious csv"

@@ -96,7 +96,7 @@ def generation_point(model: SoftAR, reference: SoftAR, prompts: torch.Tensor, tr
     point = {"reference_ppl": math.exp(continuation_loss(reference, out, prompts.shape[1])),
              "distinct_2": distinct_ngrams(shown, 2), "distinct_3": distinct_ngrams(shown, 3),
              "repeated_4grams": repeated_ngrams(shown), "brier2": brier, "brier2_se": brier_se, "soft_fraction": soft}
-    if "scores" in report:
+    if dec.mode == "soft" and "scores" in report:
         sc = report["scores"]
         point.update(ood_mean=sc.mean().item(), ood_over_time=[c.mean().item() for c in sc.split(32, dim=1)])
     return point

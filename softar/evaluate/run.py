@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from softar import SoftarError
-from softar.data.dataset import load_meta, load_split, random_windows
+from softar.data.dataset import load_meta, load_split
 from softar.device import autocast, pick_device
+from softar.disk import read_json
 from softar.evaluate.context import fraction_of_gap, passkey_probe, recovery_probe
 from softar.evaluate.generation import COLLAPSE_THRESHOLDS, generation_report
 from softar.evaluate.lm import evaluate_split
-from softar.evaluate.soft_tokens import brier_lm, nn_spacing, open_loop_loss, soft_output_metrics
-from softar.evaluate.stats import fit_temperature
+from softar.evaluate.soft_tokens import BRIER_N, brier_lm, nn_spacing, open_loop_loss, soft_output_metrics
+from softar.evaluate.stats import at_bound
 from softar.model.embedding import embedding_stats
 from softar.rundir import RESULT_FILE, load_run
-from softar.soft.model import SoftAR
 
 DEFAULT_HORIZONS = (8, 32)
-
-
-@torch.no_grad()
-def fit_readout(model: SoftAR, train_data: np.ndarray, windows: int, seed: int) -> dict:
-    """A regression-only model (ce weight 0) never trained its LM head, so it is read as softmax(cos(y, E) / tau),
-    tau fitted on teacher-forced train windows (never on the split evaluated), and collapsed by nearest neighbour
-    (the argmax of that cosine). Sets `model.cosine_readout` and returns what was fitted."""
-    model.eval()
-    model.cosine_readout = 1.0
-    ids = random_windows(train_data, model.window_slots + 1, windows, seed + 1, model.E.device)
-    logits = model.outputs(model.lm.hidden(model.E[ids[:, :-1]])).logits
-    model.cosine_readout = fit_temperature(logits.flatten(0, 1), ids[:, 1:].flatten())
-    return {"kind": "cosine", "temperature": model.cosine_readout}
 
 
 def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windows: int = 256,
@@ -55,7 +38,6 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
         if not 1 <= k < block:
             raise SoftarError(f"--horizons: {k} must be in [1, model.block_size={block})")
     data, train_data = load_split(data_dir, split), load_split(data_dir, "train")
-    readout = fit_readout(model, train_data, windows, seed) if model.regression_only else None
     chars = load_meta(data_dir)["characters"][split]
     amp = autocast(device, run.cfg.train.dtype)
     metrics = evaluate_split(model, data, lay.token_slots, device, amp, chars, history=lay.history, soft=lay.soft)
@@ -67,11 +49,14 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
     result = {"run_dir": str(run_dir), "step": run.step, "split": split, **metrics,
               "embedding": {**embedding_stats(model.E), "nn_spacing": nn_spacing(model.E)},
               "passkey": passkey_probe(model, data, windows=min(windows, 64), seed=seed, device=device)}
-    if readout is not None:
-        result["readout"] = readout
+    if model.regression_only:  # load_run fitted it
+        result["readout"] = {"kind": "cosine", "temperature": model.cosine_readout,
+                             "at_bound": at_bound(model.cosine_readout)}
     if lay.plain:  # these read the model through a plain window (and a KV cache)
-        result.update(soft_outputs=soft_output_metrics(model, data, **kw), brier=brier_lm(model, data, **kw),
+        result.update(soft_outputs=soft_output_metrics(model, data, **kw),
                       open_loop={str(k): open_loop_loss(model, data, k, train_data, **kw) for k in horizons})
+        if block >= BRIER_N:  # BrierLM reads 4-grams inside the window
+            result["brier"] = brier_lm(model, data, **kw)
     if lay.n_summary:
         result["recovery"] = recovery_probe(model, data, windows=min(windows, 64), seed=seed, device=device)
     if gap_runs is not None:
@@ -80,7 +65,7 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
             path = Path(other) / RESULT_FILE
             if not path.is_file():
                 raise SoftarError(f"--gap: {other} has no {RESULT_FILE} (a finished training run)")
-            losses.append(json.loads(path.read_text())["val_loss"])
+            losses.append(read_json(path, "--gap result", {"val_loss": float})["val_loss"])
         if losses[0] == losses[1]:
             raise SoftarError("--gap: the short and long runs have the same val loss: there is no gap to close")
         result["gap_closed"] = fraction_of_gap(losses[0], metrics["loss"], losses[1])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from softar.config import SoftConfig
 from softar.data.dataset import random_windows
-from softar.evaluate.stats import fit_temperature, mean_se, paired_bootstrap, resolved
+from softar.evaluate.stats import at_bound, fit_temperature, mean_se, paired_bootstrap, resolved
 from softar.generate import LAST
 from softar.model import Outputs
 from softar.soft.collapse import nearest, round_trip_gap
@@ -222,7 +222,7 @@ def open_loop_loss(model: SoftAR, data: np.ndarray, horizon: int, train_data: np
     result["effective_samples"], result["effective_samples_range"] = effective_samples(
         {S: result[f"sampled_avg_{S}"] for S in AVERAGED}, result[soft_mode])
     if temperature is not None:
-        result["greedy_temperature"] = temperature
+        result["greedy_temperature"], result["greedy_temperature_at_bound"] = temperature, at_bound(temperature)
     if horizon >= 2:
         result["brier_shown"] = brier_of_shown_text(model, first, drawn, truth)
     return result

@@ -54,7 +54,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, lo: float = 1e-
                     iters: int = 60) -> float:
     """The temperature tau minimising the cross-entropy of softmax(logits / tau) on targets: logits [N, V], targets
     [N]. The loss is unimodal in log tau, so a golden-section search over [lo, hi] finds it without gradients; an
-    optimum at either end is refused rather than returned as if it were one."""
+    optimum beyond the range returns its end (`at_bound` tells)."""
     logits, targets = logits.float(), targets.long()
 
     def loss(log_tau: float) -> float:
@@ -73,7 +73,10 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, lo: float = 1e-
             a, c, fc = c, d, fd
             d = a + g * (b - a)
             fd = loss(d)
-    tau = float(np.exp((a + b) / 2))
-    if not lo * 1.01 < tau < hi / 1.01:
-        raise ValueError(f"fit_temperature: the best temperature lies at the end of [{lo:g}, {hi:g}] ({tau:.4g})")
-    return tau
+    return float(np.exp((a + b) / 2))
+
+
+def at_bound(tau: float, lo: float = 1e-4, hi: float = 1e4) -> bool:
+    """Whether a fitted temperature sits at an end of its search range (the data asked for more: a model that
+    puts all its mass on one token, say), so it is a bound rather than an optimum."""
+    return not lo * 1.01 < tau < hi / 1.01

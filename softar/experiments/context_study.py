@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from softar.disk import write_text_atomic
+from softar.disk import strict_json, write_text_atomic
 from softar.evaluate.context import PASSKEY_DISTANCES, RECOVERY_HISTORY, fraction_of_gap
 from softar.evaluate.generation import POLICIES, frontier_gap
 
@@ -19,9 +19,9 @@ COLUMNS = (["loss", "loss_hard_slots", "loss_soft_slots", "loss_soft_slots_one_s
               for m in ("recall_at_k", "chance")]
            + [f"passkey.{n}.{m}" for n in PASSKEY_DISTANCES[::2] for m in ("accuracy", "logp_gain")])
 REPORT_COLUMNS = ["loss", "loss_soft_slots", "loss_soft_slots_one_step", "gap_closed",
-                  f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k", f"passkey.{PASSKEY_DISTANCES[1]}.logp_gain"]
+                  f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k", f"passkey.{PASSKEY_DISTANCES[2]}.logp_gain"]
 BAR_METRICS = ["loss", "loss_minus_short", f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k",
-               f"passkey.{PASSKEY_DISTANCES[1]}.logp_gain", f"passkey.{PASSKEY_DISTANCES[-1]}.logp_gain"]
+               f"passkey.{PASSKEY_DISTANCES[2]}.logp_gain", f"passkey.{PASSKEY_DISTANCES[-1]}.logp_gain"]
 
 
 def add_gap_closed(rows: dict[str, list[dict]], short: str, long: str) -> None:
@@ -59,7 +59,7 @@ def tradeoff(out: Path, generator: str, reference: str, seeds: int, base_seed: i
             device = torch.device("cpu")
             run, ref = load_run(gen_dir, device), load_run(ref_dir, device)
             rows = generation_report(run.model, ref.model, load_split(run.cfg.data.dir, "val"))
-            write_text_atomic(path, json.dumps(rows, indent=2))
+            write_text_atomic(path, strict_json(rows, indent=2))
         per_seed.append(rows)
     summary: dict[str, list[dict]] = {}
     for group, points in per_seed[0].items():
@@ -82,7 +82,7 @@ def _mean_std(vals: list[float]) -> tuple[float, float]:
 
 
 def _label(cell: dict) -> str:
-    return f"T{cell['temperature']:g} p{cell['top_p']:g}" if "temperature" in cell else f"{cell['threshold']:g}"
+    return f"T{cell['temperature']:g} p{cell['top_p']:g}" if "temperature" in cell else f"{float(cell['threshold']):g}"
 
 
 def _plot_tradeoff(summary: dict[str, list[dict]], path: Path, generator: str, reference: str) -> None:

@@ -7,14 +7,13 @@ resumed, or split over several processes that share OUT and then be reported by 
 from __future__ import annotations
 
 import csv
-import json
 import signal
 import statistics
 from pathlib import Path
 
 from softar import SoftarError, config
 from softar.data.dataset import load_meta
-from softar.disk import read_json, read_jsonl, read_text, write_text_atomic
+from softar.disk import read_json, read_jsonl, read_text, strict_json, write_text_atomic
 from softar.evaluate.run import evaluate_run
 from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, read_config
 from softar.soft.model import check_soft_spec
@@ -55,7 +54,7 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
                             how="run the same softar sweep command again to continue")
         fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may differ in windows
         result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
-        write_text_atomic(run_dir / EVAL_FILE, json.dumps(result, indent=2))
+        write_text_atomic(run_dir / EVAL_FILE, strict_json(result, indent=2))
     return result
 
 
@@ -90,7 +89,7 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
         raise SoftarError(f"sweep --generation: the generator {generation[0]!r} has no context layout; the "
                           "trade-off is measured on a layout config")
     if report is not None:
-        check_report(report)
+        check_report(report, out)
     claim_out(out)
     raw: dict[str, list[dict]] = {}
     with Preemption():  # a signal outside training (evaluation, reports) stops at once; finished runs are kept
@@ -195,14 +194,38 @@ def claim_out(out: Path) -> None:
             raise SoftarError(f"--out {out}: {name} is not a plain file a sweep wrote")
 
 
-def check_report(path: Path) -> None:
-    """--report overwrites only a report a sweep wrote (its first line `# Results:` or the mark at its end)."""
+REPORT_ASSETS = {"loss_curves.png", "metrics.png", "tradeoff.png", "results.csv"}
+
+
+def check_report(path: Path, out: Path) -> None:
+    """--report overwrites only a report a sweep wrote (its first line `# Results:` or the mark at its end), and its
+    assets folder (beside it, named after it) must be new or hold only a report's assets and not be --out. Checked
+    before any run, so a sweep never trains for a report it cannot write."""
     if path.is_symlink() or path.exists() and not path.is_file():
         raise SoftarError(f"--report {path} is not a plain file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise SoftarError(f"--report {path}: {path.parent} is not a directory")
     if path.is_file():
         text = read_text(path, "report")
         if not (text.startswith("# Results:") or REPORT_MARK in text):
             raise SoftarError(f"--report {path} exists and is not a report softar sweep wrote; choose another file")
+    assets = path.parent / path.stem
+    if assets.resolve() == out.resolve():
+        raise SoftarError(f"--report {path}: its assets folder {assets} would be --out itself; choose another name")
+    if assets.is_symlink() or assets.exists() and not assets.is_dir():
+        raise SoftarError(f"--report {path}: {assets} (its assets folder) exists and is not a directory")
+    if assets.is_dir() and not path.is_file():
+        raise SoftarError(f"--report {path}: {assets} (its assets folder) already exists without the report that "
+                          "owns it; choose another name")
+    if assets.is_dir():
+        foreign = sorted(p.name for p in assets.iterdir() if p.name not in REPORT_ASSETS or not p.is_file())
+        if foreign:
+            raise SoftarError(f"--report {path}: {assets} holds files a sweep did not write ({', '.join(foreign[:3])}"
+                              f"{' ...' if len(foreign) > 3 else ''}); choose another name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SoftarError(f"--report {path}: cannot write there ({e.strerror or e})") from None
 
 
 def write_report(path: Path, command: str, configs: list[str], overrides: list[str], seeds: int, table: dict,

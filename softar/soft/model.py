@@ -31,7 +31,7 @@ class SoftAR(nn.Module):
         self.slots = WindowBuilder(self.layout, lm.E.shape[1], self.context_cfg.kind_embeddings,
                                    self.context_cfg.project)
         # a regression-only model (ce weight 0) never trains its LM head: evaluation reads its distribution as
-        # softmax(cos(y, E) / tau) instead, with tau fitted on train (`softar.evaluate.run.fit_readout`)
+        # softmax(cos(y, E) / tau) instead, with tau fitted on train (`softar.evaluate.lm.fit_readout`)
         self.cosine_readout: float | None = None
 
     @property
