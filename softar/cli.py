@@ -36,6 +36,7 @@ def _int_at_least(low: int, high: int = 2**63 - 1):
 
 
 _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
+_seed = _int_at_least(0, 2**32 - 1)  # torch's CPU generator keeps 32 bits of a seed: larger ones would alias
 MAX_NEW_TOKENS = 10**6  # a generation's ids and scores are kept in memory
 
 
@@ -74,7 +75,7 @@ def _nonneg_float_or_inf(text: str) -> float:
 
 
 def _float_list(text: str) -> list[float]:
-    return [_nonneg_float_or_inf(part) for part in text.split(",")]
+    return list(dict.fromkeys(_nonneg_float_or_inf(part) for part in text.split(",")))  # in order, no repeats
 
 
 def _emit(result: dict, path: Path | None) -> None:
@@ -170,6 +171,9 @@ def cmd_sample(a: argparse.Namespace) -> None:
         flag = {"soft.kind": "--soft", "soft.args": "--soft-arg", "soft.top_k": "--soft-top-k", "soft.noise": "--noise",
                 "soft.noise_scale": "--noise-scale"}[problem[0]]
         raise SoftarError(f"{flag}: {problem[1]}")
+    if run.model.layout.plain and (a.keep_uncertain or a.collapse_threshold != float("inf") or a.soft_budget != -1):
+        raise SoftarError("--collapse-threshold, --soft-budget and --keep-uncertain collapse soft tokens in a context "
+                          "layout's soft region; this model has no layout")
     if a.collapse == "head" and run.model.lm.collapse_head is None:
         raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
     dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
@@ -273,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "error needs two)")
     s.add_argument("--horizons", type=_int_list, default=None,
                    help="open-loop horizons, e.g. 8,32 (default: those of 8 and 32 below the block size)")
-    s.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the windows and samples")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the windows and samples (below 2**32)")
     s.add_argument("--gap", nargs=2, metavar=("SHORT_RUN", "LONG_RUN"),
                    help="add the fraction of the gap closed: (L_short - L_this) / (L_short - L_long)")
     s.add_argument("--reference", help="a plain run: add the free-running generation report scored by it")
@@ -293,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500)
     s.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy; else in [1e-3, 1e3]")
     s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
-    s.add_argument("--seed", type=_nonneg_int, default=1337)
+    s.add_argument("--seed", type=_seed, default=1337, help="below 2**32")
     s.add_argument("--num-samples", type=_positive_int, default=1)
     s.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1]; 1 disables")
     s.add_argument("--mode", choices=["hard", "soft", "gated"], default="hard",

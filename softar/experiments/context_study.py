@@ -148,7 +148,7 @@ def report_sections(table: dict, gap: tuple[str, str] | None, generation: tuple[
         short, long = gap
         lines += ["## Fraction of the gap closed", "",
                   f"(L_{short} - L_config) / (L_{short} - L_{long}), whole val split, paired by seed: 0 means the "
-                  "extra slots add nothing, 1 means as good as the plain window four times larger.", ""]
+                  f"extra slots add nothing, 1 means as good as the long plain window, {long}.", ""]
         width = table[short]["loss"][0] - table[long]["loss"][0]
         if width <= 0:
             lines += [f"**At this budget there is no gap to close**: {long} is *worse* than {short} by "
