@@ -3,6 +3,8 @@ softmax temperature."""
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import torch
 
@@ -35,6 +37,12 @@ def paired_bootstrap_2way(a, b, n_boot: int = 2000, seed: int = 0, level: float 
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and standard deviation over runs (seeds); one run has spread 0."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def mean_se(x) -> tuple[float, float]:

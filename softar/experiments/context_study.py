@@ -4,12 +4,12 @@ table, and the collapse-threshold trade-off of free-running soft generation (coh
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 from softar.disk import strict_json, write_text_atomic
 from softar.evaluate.context import PASSKEY_DISTANCES, RECOVERY_HISTORY, fraction_of_gap
 from softar.evaluate.generation import POLICIES, frontier_gap
+from softar.evaluate.stats import mean_std
 
 GENERATION_FILE = "generation.json"
 
@@ -55,7 +55,7 @@ def tradeoff(out: Path, generator: str, reference: str, seeds: int, base_seed: i
             rows = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
         except (OSError, ValueError):
             rows = None
-        if not isinstance(rows, dict) or set(rows) != {"frontier", *POLICIES}:
+        if not _complete(rows):
             device = torch.device("cpu")
             run, ref = load_run(gen_dir, device), load_run(ref_dir, device)
             rows = generation_report(run.model, ref.model, load_split(run.cfg.data.dir, "val"))
@@ -68,17 +68,22 @@ def tradeoff(out: Path, generator: str, reference: str, seeds: int, base_seed: i
             cell = {k: point[k] for k in ("temperature", "top_p", "threshold") if k in point}
             runs = [rows[group][i] for rows in per_seed]
             for key in METRICS:
-                cell[key] = _mean_std([r[key] for r in runs])
+                cell[key] = mean_std([r[key] for r in runs])
             gaps = [frontier_gap(rows["frontier"], r) for rows, r in zip(per_seed, runs, strict=True)]
-            cell["ppl_gap"] = _mean_std(gaps) if group != "frontier" and None not in gaps else None
+            cell["ppl_gap"] = mean_std(gaps) if group != "frontier" and None not in gaps else None
             cell["all_seeds_beyond"] = cell["ppl_gap"] is not None and all(g < 0 for g in gaps)
             summary[group].append(cell)
     _plot_tradeoff(summary, out / "tradeoff.png", generator, reference)
     return summary
 
 
-def _mean_std(vals: list[float]) -> tuple[float, float]:
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+def _complete(rows) -> bool:
+    """Whether a stored generation report has every group and every figure the summary reads."""
+    return (isinstance(rows, dict) and set(rows) == {"frontier", *POLICIES}
+            and all(isinstance(points, list) and points and all(
+                isinstance(p, dict) and all(isinstance(p.get(k), int | float) for k in METRICS) for p in points)
+                for points in rows.values())
+            and len(rows["collapse_uncertain"]) == len(rows["keep_uncertain"]))
 
 
 def _label(cell: dict) -> str:

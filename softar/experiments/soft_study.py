@@ -13,7 +13,7 @@ import statistics
 from functools import partial
 
 from softar.evaluate.soft_tokens import AVERAGED, CONSTANTS, effective_samples
-from softar.evaluate.stats import paired_bootstrap_2way
+from softar.evaluate.stats import mean_std, paired_bootstrap_2way
 from softar.soft.tokens import SOFT_TOKENS
 
 SOFT_MODES = tuple(f"soft_{kind}" for kind in SOFT_TOKENS)  # open-loop feedback with each registered soft token
@@ -82,7 +82,7 @@ def against_baseline_section(table: dict, raw: dict[str, list[dict]], horizons: 
             continue
         base = raw[base_name]
         dl = [r["loss"] - b["loss"] for r, b in zip(runs, base, strict=False)]
-        cells = [f"{statistics.fmean(dl):+.4f} ± {statistics.stdev(dl) if len(dl) > 1 else 0.0:.4f}"]
+        cells = ["{:+.4f} ± {:.4f}".format(*mean_std(dl))]
         for k in horizons:
             own = partial(_own_soft_windows, k=k)
             cells.append(_cell(_pooled(runs, base, own, own)))

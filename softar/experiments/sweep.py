@@ -15,6 +15,7 @@ from softar import SoftarError, config
 from softar.data.dataset import load_meta
 from softar.disk import read_json, read_jsonl, read_text, strict_json, write_text_atomic
 from softar.evaluate.run import evaluate_run
+from softar.evaluate.stats import mean_std
 from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, read_config
 from softar.soft.model import check_soft_spec
 from softar.train import Preempted, Preemption, train
@@ -56,10 +57,6 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
         result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
         write_text_atomic(run_dir / EVAL_FILE, strict_json(result, indent=2))
     return result
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windows: int = 256,
