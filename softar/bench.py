@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -100,45 +101,89 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
 
 
 HISTORY_LENGTHS = (1_000, 100_000)
+BATCHES = (1, 64)
+
+
+def hf_gpt2(cfg: Config, device: torch.device):
+    """A Hugging Face GPT-2 of the config's shape (layers, heads, width, window, vocabulary) with random weights:
+    the yardstick a user would otherwise pick. None without the optional extra ('softar[hf]')."""
+    try:
+        from softar.model.hf import _transformers
+
+        transformers = _transformers()
+    except Exception:  # the optional extra is not installed
+        return None
+    m = cfg.model
+    conf = transformers.GPT2Config(vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.d_model,
+                                   n_layer=m.n_layer, n_head=m.n_head, bos_token_id=None, eos_token_id=None)
+    return transformers.GPT2LMHeadModel(conf).eval().to(device)
 
 
 def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
-    """Batch-1 greedy generation from a randomly initialised model of the config's shape. A plain model: with and
-    without the KV cache. A model with a context layout: soft generation per token after 1,000 and after 100,000
-    tokens of history (the memory hierarchy must make these equal)."""
+    """Greedy generation through `softar.generate` from a randomly initialised model of the config's shape, at
+    batch 1 and 64 (hard tokens for a plain model; soft tokens for a layout), next to Hugging Face `generate` on a
+    GPT-2 of the same shape. A plain model also without its KV cache; a layout per token after 1,000 and 100,000
+    tokens of history, with its ladder moving every token (B = 1) and in blocks (B = `context.shift_every`, or the
+    soft region's size when that is 1): the block-cached hierarchy must be faster and the same at any history."""
     vocab = load_meta(cfg.data.dir)["vocab_size"] if cfg.model.vocab_size == 0 else cfg.model.vocab_size
     cfg = resolve(cfg, vocab)
     device = pick_device(cfg.train.device)
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device).eval()
-    result = {"bench": "sample", "device": str(device), "batch_size": 1, "new_tokens": new_tokens,
-              "block_size": cfg.model.block_size}
-    if not model.layout.plain:
-        dec = Decoding(mode="soft", temperature=0)
-        prompts = {h: torch.randint(vocab, (1, h), generator=torch.Generator().manual_seed(0)).to(device)
-                   for h in HISTORY_LENGTHS}
+    lay = model.layout
+    result = {"bench": "sample", "device": str(device), "threads": torch.get_num_threads(), "new_tokens": new_tokens,
+              "block_size": cfg.model.block_size, "vocab_size": vocab, "params": model.num_params()}
+    mode = "hard" if lay.plain else "soft"
+    shift = 1 if lay.plain else cfg.context.shift_every if cfg.context.shift_every > 1 else lay.soft or lay.hard
+    if not lay.plain:
+        result["shift_every"] = shift
+
+    def tokens_per_s(batch: int, n: int, **kw) -> float:
+        prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        dec = Decoding(mode=mode, temperature=0, max_new_tokens=n)
+        generate(model, prompt, replace(dec, max_new_tokens=min(n, 20)), shift_every=shift, **kw)  # warm up
+        return batch * n / _median_time(lambda: generate(model, prompt, dec, shift_every=shift, **kw), device,
+                                        repeats)
+
+    for b in BATCHES:
+        result[f"tokens_per_s_batch{b}"] = tokens_per_s(b, new_tokens)
+    if lay.plain:
+        result["tokens_per_s_no_cache"] = tokens_per_s(1, new_tokens, use_cache=False)
+        result["cache_speedup"] = result["tokens_per_s_batch1"] / result["tokens_per_s_no_cache"]
+    hf = hf_gpt2(cfg, device)
+    if hf is not None:  # its window cannot slide: both run within one window
+        n = min(new_tokens, cfg.model.block_size - 1)
+        result["hf_new_tokens"] = n
+        for b in BATCHES:
+            ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+            run = lambda ids=ids: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
+                                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+            with torch.inference_mode():
+                run()
+                result[f"hf_tokens_per_s_batch{b}"] = b * n / _median_time(run, device, repeats)
+            result[f"tokens_per_s_batch{b}_hf_length"] = tokens_per_s(b, n)
+            result[f"speedup_over_hf_batch{b}"] = result[f"tokens_per_s_batch{b}_hf_length"] / \
+                result[f"hf_tokens_per_s_batch{b}"]
+    if lay.plain:
+        return result
+    dec = Decoding(mode="soft", temperature=0, max_new_tokens=new_tokens + 1)
+    prompts = {h: torch.randint(vocab, (1, h), generator=torch.Generator().manual_seed(0)).to(device)
+               for h in HISTORY_LENGTHS}
+    first = replace(dec, max_new_tokens=1)
+    for name, b in (("", shift), ("_per_token_hierarchy", 1)):
         per_token: dict[int, list[float]] = {h: [] for h in HISTORY_LENGTHS}
-        first: dict[int, list[float]] = {h: [] for h in HISTORY_LENGTHS}
-        generate(model, prompts[HISTORY_LENGTHS[0]], 20, decoding=dec)  # warm up
+        generate(model, prompts[HISTORY_LENGTHS[0]], replace(dec, max_new_tokens=20), shift_every=b)  # warm up
         for _ in range(repeats):  # alternate, so both lengths see the same machine load
             for h, p in prompts.items():
                 # the prompt enters the hierarchy once (O(history)); what follows is per token
-                t1 = _median_time(lambda p=p: generate(model, p, 1, decoding=dec), device, 1)
-                tn = _median_time(lambda p=p: generate(model, p, new_tokens + 1, decoding=dec), device, 1)
-                first[h].append(t1 * 1e3)
+                t1 = _median_time(lambda p=p, b=b: generate(model, p, first, shift_every=b), device, 1)
+                tn = _median_time(lambda p=p, b=b: generate(model, p, dec, shift_every=b), device, 1)
                 per_token[h].append((tn - t1) / new_tokens * 1e3)
         for h in HISTORY_LENGTHS:
-            result[f"ms_per_token_history_{h}"] = statistics.median(per_token[h])
-            result[f"ms_prompt_and_first_token_history_{h}"] = statistics.median(first[h])
-        a, b = (result[f"ms_per_token_history_{h}"] for h in HISTORY_LENGTHS)
-        result["history_slowdown"] = b / a
-        return result
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    for name, cached in (("kv_cache", True), ("no_cache", False)):
-        generate(model, prompt, 20, temperature=0, use_cache=cached)  # warm up
-        s = _median_time(lambda c=cached: generate(model, prompt, new_tokens, temperature=0, use_cache=c),
-                         device, repeats)
-        result[f"tokens_per_s_{name}"] = new_tokens / s
-    result["cache_speedup"] = result["tokens_per_s_kv_cache"] / result["tokens_per_s_no_cache"]
+            result[f"ms_per_token_history_{h}{name}"] = statistics.median(per_token[h])
+        result[f"history_slowdown{name}"] = result[f"ms_per_token_history_{HISTORY_LENGTHS[-1]}{name}"] / \
+            result[f"ms_per_token_history_{HISTORY_LENGTHS[0]}{name}"]
+    result["block_cache_speedup"] = result[f"ms_per_token_history_{HISTORY_LENGTHS[0]}_per_token_hierarchy"] / \
+        result[f"ms_per_token_history_{HISTORY_LENGTHS[0]}"]
     return result

@@ -138,7 +138,6 @@ def _soft_args(pairs: list[str]) -> dict[str, float]:
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
-    import torch
 
     from softar.device import pick_device
     from softar.generate import Decoding, generate
@@ -176,40 +175,49 @@ def cmd_sample(a: argparse.Namespace) -> None:
                           "layout's soft region; this model has no layout")
     if a.collapse == "head" and run.model.lm.collapse_head is None:
         raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
+    lay = run.model.layout
+    if a.shift_every is not None and a.shift_every > max(1, 0 if lay.plain else lay.soft or lay.hard):
+        raise SoftarError(f"--shift-every: at most {lay.soft or lay.hard} (the region new tokens enter) for this "
+                          "layout" if not lay.plain else "--shift-every moves a context layout; this model has none")
+    stop = []
+    for text in a.stop:
+        token = run.tokenizer.encode(text)
+        if len(token) != 1:
+            raise SoftarError(f"--stop {text!r}: encodes to {len(token)} tokens; a stop must be exactly one")
+        stop += token
     dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
                    top_p=a.top_p, soft=soft, collapse=a.collapse,
-                   policy=CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget, a.keep_uncertain))
-    gen = torch.Generator(device).manual_seed(a.seed)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
+                   policy=CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget, a.keep_uncertain),
+                   max_new_tokens=a.max_new_tokens, stop_tokens=tuple(stop))
     E = run.model.E
-    layout = not run.model.layout.plain
+    layout = not lay.plain
     for i in range(a.num_samples):
-        trace: list = []
-        report: dict = {}
-        y = generate(run.model, x, a.max_new_tokens, generator=gen, decoding=dec, trace=trace, report=report)
+        if i % 64 == 0:  # sample i draws from stream seed + i, whatever the batch
+            n = min(64, a.num_samples - i)
+            g = generate(run.model, [ids] * n, dec, seed=a.seed + i, return_vectors=a.show_soft,
+                         shift_every=a.shift_every)
+        j = i % 64
         if i:
             print("-" * 40)
-        print(run.tokenizer.decode(y[0].tolist()), flush=True)
+        print(run.tokenizer.decode(g.sequences()[j]), flush=True)
         if layout:
-            state, policy = report["state"], report["by_policy"][0]
-            print(f"collapse rate: {policy.float().mean().item():.3f} of {a.max_new_tokens} generated tokens "
+            n_gen = int(g.lengths[j])
+            print(f"collapse rate: {g.collapsed[j, :n_gen].float().mean().item():.3f} of {n_gen} generated tokens "
                   f"collapsed in place by the policy ({a.collapse_score} {'<' if a.keep_uncertain else '>'} "
                   f"{a.collapse_threshold:g}"
                   + (f", budget {a.soft_budget}" if a.soft_budget >= 0 else "") + f"); "
-                  f"{state.collapsed_by_age[0].item()} collapsed by age", file=sys.stderr)
+                  f"{g.collapsed_by_age[j].item()} collapsed by age", file=sys.stderr)
         if a.show_soft:  # each generated position: the token shown, and the tokens nearest to what re-entered
-            total = y.shape[1]
-            for t, v in enumerate(trace):
-                d = (-similarity(v[0], E, "l2")).clamp_min(0).sqrt()
+            for t in range(int(g.lengths[j])):
+                d = (-similarity(g.vectors[j, t], E, "l2")).clamp_min(0).sqrt()
                 near = d.topk(3, largest=False)
-                cells = " | ".join(f"{run.tokenizer.decode([j])!r} {dist:.3f}"
-                                   for dist, j in zip(near.values.tolist(), near.indices.tolist(), strict=True))
+                cells = " | ".join(f"{run.tokenizer.decode([tok])!r} {dist:.3f}"
+                                   for dist, tok in zip(near.values.tolist(), near.indices.tolist(), strict=True))
                 where = ""
                 if layout:  # where the token sits in the hierarchy now, and whether it re-entered soft
-                    pos = len(ids) + t
-                    how = "collapsed by policy" if report["by_policy"][0, t] else "entered soft"
-                    where = f"{report['state'].tier(total - 1 - pos):9} {how:19} "
-                print(f"{len(ids) + t:5d} shown {run.tokenizer.decode([y[0, len(ids) + t].item()])!r:8} "
+                    how = "collapsed by policy" if g.collapsed[j, t] else "entered soft"
+                    where = f"{g.tiers[j][t]:9} {how:19} "
+                print(f"{len(ids) + t:5d} shown {run.tokenizer.decode([g.tokens[j, t].item()])!r:8} "
                       f"{where}nearest: {cells}")
 
 
@@ -298,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy; else in [1e-3, 1e3]")
     s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
     s.add_argument("--seed", type=_seed, default=1337, help="below 2**32")
-    s.add_argument("--num-samples", type=_positive_int, default=1)
+    s.add_argument("--num-samples", type=_int_at_least(1, 10**5), default=1,
+                   help="generated as one batch (64 at a time); sample i draws from stream seed + i")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample after this text, which must be one token (repeatable)")
     s.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1]; 1 disables")
     s.add_argument("--mode", choices=["hard", "soft", "gated"], default="hard",
                    help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
@@ -325,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "uncertain ones stay soft")
     s.add_argument("--soft-budget", type=_int_at_least(-1), default=-1,
                    help="layout models: at most this many soft tokens stay uncollapsed (-1: no cap)")
+    s.add_argument("--shift-every", type=_positive_int, default=None,
+                   help="layout models: the memory hierarchy moves this many tokens at a time, so the KV cache "
+                        "serves between moves (default: the run's context.shift_every; 1: every token)")
     s.add_argument("--show-soft", action="store_true",
                    help="print each position's nearest tokens and distances (and, for layout models, where it "
                         "sits in the memory hierarchy)")

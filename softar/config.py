@@ -129,6 +129,9 @@ class ContextConfig:
     # training: how the soft region is filled. one_step guesses each soft slot from the true tokens before it (one
     # parallel pass); rollout fills it step by step from the model's own soft tokens, as generation does after a prompt
     soft_fill: Literal["one_step", "rollout"] = "one_step"
+    # generation: the memory hierarchy moves this many tokens at a time (1: every token). Between moves the window
+    # only grows at its end, so the KV cache serves; a training window holds every phase of the schedule already
+    shift_every: int = 1
     fill_draw: float = 0.0  # training: the fraction of batches whose hard region is only partly full (1..hard-1
     # tokens, no history), as at the start of a generation, so soft slots also sit where generation puts them
 
@@ -352,6 +355,10 @@ def validate(cfg: Config) -> None:
     need(0 <= c.fill_draw <= 1, "context.fill_draw", "must be in [0, 1]")
     hard = m.block_size - c.aggregate - c.segments - c.soft
     need(c.fill_draw == 0 or hard >= 2, "context.fill_draw", "needs at least 2 hard slots to draw a partial fill")
+    newest = c.soft or hard  # the region new tokens enter
+    need(c.shift_every >= 1 and (c.plain and c.shift_every == 1 or c.shift_every <= max(newest, 1)),
+         "context.shift_every", "must be 1 for a plain model" if c.plain else
+         f"must be in [1, {max(newest, 1)}] (the {'soft' if c.soft else 'hard'} region's slots)")
     need(c.aggregate + c.segments + c.soft < m.block_size, "model.block_size",
          f"{m.block_size} slots leave no hard slot after context.aggregate + context.segments + context.soft = "
          f"{c.aggregate + c.segments + c.soft}")

@@ -7,8 +7,6 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from softar import config
 from softar.data.dataset import load_split, random_windows
 from softar.data.prepare import prepare
@@ -68,8 +66,9 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
           f"rest were collapsed in place: entropy > {SOFT_THRESHOLD} nats)", flush=True)
     device = pick_device(seed_cfg.train.device)
     runs = {"baseline": load_run(base_dir, device), "seed_layout": load_run(seed_dir, device)}
-    decodings = {"baseline": Decoding(mode="hard", temperature=0.8, top_k=200),
+    decodings = {"baseline": Decoding(mode="hard", temperature=0.8, top_k=200, max_new_tokens=300),
                  "seed_layout": Decoding(mode="soft", temperature=0.8, top_k=200, collapse="lm_sample",
+                                         max_new_tokens=300,
                                          policy=CollapsePolicy(threshold=SOFT_THRESHOLD))}
     val = load_split(data, "val")
     prompts = random_windows(val, PROMPT_LEN + 2, BRIER_PROMPTS, seed=0, device=device)
@@ -77,11 +76,9 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
     print(f"prompt: {tokenizer.decode(prompts[0, :PROMPT_LEN].tolist())!r}")
     brier, soft = {}, []
     for name, run in runs.items():
-        report: dict = {}
-        gen = torch.Generator(device).manual_seed(run.cfg.train.seed)
-        ids = generate(run.model, prompts[:1, :PROMPT_LEN], 300, generator=gen, decoding=decodings[name],
-                       report=report)[0, PROMPT_LEN:].tolist()
-        marks = (~report["by_policy"][0]).tolist() if "by_policy" in report else [False] * len(ids)
+        g = generate(run.model, prompts[:1, :PROMPT_LEN], decodings[name], seed=run.cfg.train.seed)
+        ids = g.tokens[0].tolist()
+        marks = (~g.collapsed[0]).tolist() if name == "seed_layout" else [False] * len(ids)
         soft = marks if name == "seed_layout" else soft
         brier[name] = shown_brier(run.model, prompts[:, :PROMPT_LEN], prompts[:, PROMPT_LEN:], decodings[name])
         print(f"--- {name} " + "-" * 48 + "\n" + mark_soft(tokenizer, ids, marks))

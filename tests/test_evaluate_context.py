@@ -13,11 +13,11 @@ def test_layout_greedy_generation_matches_the_training_time_window():
     """With no soft slots, each greedy step's token is the argmax the training-time context builder gives for the
     same text (hard region = the newest tokens, history = everything before)."""
     from softar.evaluate.context import last_hard_logits
-    from softar.generate import generate
+    from softar.generate import Decoding, generate
 
     model = tiny_layout_model(op="sqrt")
     prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4]])
-    out = generate(model, prompt, 12, temperature=0)
+    out = generate(model, prompt, Decoding(temperature=0, max_new_tokens=12)).full()
     for t in range(prompt.shape[1], out.shape[1]):
         assert last_hard_logits(model, out[:, :t]).argmax(-1).item() == out[0, t].item()
 

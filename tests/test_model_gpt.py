@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from softar.config import ModelConfig, SoftConfig
-from softar.generate import generate
+from softar.generate import Decoding, generate
 from softar.model import VectorLM
 from softar.soft.model import SoftAR
 
@@ -83,8 +83,9 @@ def test_greedy_generation_with_cache_equals_without(pos_emb):
     with torch.no_grad():  # sharpen the random model so greedy choices are far from ties
         model.E.mul_(40)
     prompt = torch.randint(0, 23, (2, 3))
-    cached = generate(model, prompt, 40, temperature=0, use_cache=True)  # 40 > block_size: the window slides
-    plain = generate(model, prompt, 40, temperature=0, use_cache=False)
+    dec = Decoding(temperature=0, max_new_tokens=40)  # 40 > block_size: the window slides
+    cached = generate(model, prompt, dec, use_cache=True).full()
+    plain = generate(model, prompt, dec, use_cache=False).full()
     assert torch.equal(cached, plain)
     assert cached.shape == (2, 43) and torch.equal(cached[:, :3], prompt)
 
@@ -92,9 +93,9 @@ def test_greedy_generation_with_cache_equals_without(pos_emb):
 def test_sampling_is_seeded_and_top_k_restricts():
     model = make()
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    run = lambda seed, k: generate(model, prompt, 30, 1.0, k, torch.Generator().manual_seed(seed))  # noqa: E731
-    assert torch.equal(run(1, None), run(1, None))
-    assert not torch.equal(run(1, None), run(2, None))
+    run = lambda seed, k: generate(model, prompt, Decoding(top_k=k, max_new_tokens=30), seed=seed).full()  # noqa: E731
+    assert torch.equal(run(1, 0), run(1, 0))
+    assert not torch.equal(run(1, 0), run(2, 0))
     with torch.no_grad():
         top1 = model(prompt)[0, -1].argmax()
     assert run(3, 1)[0, 1] == top1  # top-k 1 is greedy
@@ -119,29 +120,25 @@ def test_training_step_reduces_loss():
                                                       ("hidden", "sample_sim"), ("regress", "head"),
                                                       ("moi", "lm_sample")])
 def test_soft_generation_is_seeded_and_cache_exact(soft_kind, collapse_kind):
-    from softar.generate import Decoding
-
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, d_embed=12, block_size=8, vocab_size=23, vector_head=True,
                       collapse_head=True)
     model = soft_model(cfg).eval()
     with torch.no_grad():
         model.E.mul_(40)
-    dec = Decoding(mode="soft", temperature=1.0, collapse=collapse_kind,
+    dec = Decoding(mode="soft", temperature=1.0, collapse=collapse_kind, max_new_tokens=20,
                    soft=SoftConfig(kind=soft_kind, noise="gaussian" if soft_kind == "gated" else "none",
                                    noise_scale=0.1))
     prompt = torch.randint(0, 23, (2, 3))
 
-    def run(seed, cached, trace=None):
-        return generate(model, prompt, 20, generator=torch.Generator().manual_seed(seed), use_cache=cached,
-                        decoding=dec, trace=trace)
+    def run(seed, cached):
+        return generate(model, prompt, dec, seed=seed, use_cache=cached, return_vectors=True)
 
-    trace: list = []
-    a = run(5, True, trace)
-    assert torch.equal(a, run(5, True)) and a.shape == (2, 23) and len(trace) == 20
-    assert trace[0].shape == (2, 12)
+    g = run(5, True)
+    a = g.full()
+    assert torch.equal(a, run(5, True).full()) and a.shape == (2, 23) and g.vectors.shape == (2, 20, 12)
     if soft_kind in ("expected", "hidden", "regress") and collapse_kind in ("nn_l2", "head"):
-        assert torch.equal(a, run(5, False))  # deterministic choices: the cache changes nothing
+        assert torch.equal(a, run(5, False).full())  # deterministic choices: the cache changes nothing
 
 
 @pytest.mark.parametrize("layer, mix", [(-1, False), (0, False), (1, False), (2, False), (-1, True)])

@@ -123,10 +123,9 @@ def test_rollout_filled_soft_region_equals_step_by_step_generation():
     with torch.no_grad():
         window = model.fill_window(model.E[ids], soft_fill="rollout")
         soft_slots = window[:, -n_soft:]
-        trace: list = []
-        generate(model, ids[:, :hard], n_soft, generator=torch.Generator().manual_seed(5),
-                 decoding=Decoding(mode="soft", collapse="lm_argmax"), trace=trace)
-        gen_window = model.window(torch.cat([model.E[ids[:, :hard]], torch.stack(trace, 1)], 1), n_soft=n_soft)
+        g = generate(model, ids[:, :hard], Decoding(mode="soft", collapse="lm_argmax", max_new_tokens=n_soft),
+                     return_vectors=True)
+        gen_window = model.window(torch.cat([model.E[ids[:, :hard]], g.vectors], 1), n_soft=n_soft)
     assert torch.allclose(soft_slots, gen_window[:, -n_soft:], atol=1e-5)
     assert torch.allclose(window, gen_window, atol=1e-5)
     with torch.no_grad():  # the rollout differs from the one-step guess once a soft slot reads soft slots

@@ -201,16 +201,12 @@ def test_layout_soft_generation_is_deterministic_and_reports_the_policy():
 
     model = tiny_layout_model(soft=3)
     prompt = torch.tensor([[1, 2, 3]])
-    dec = Decoding(mode="soft", collapse="lm_sample", policy=CollapsePolicy("entropy", 2.3))
-    runs = []
-    for _ in range(2):
-        report: dict = {}
-        out = generate(model, prompt, 30, generator=torch.Generator().manual_seed(5), decoding=dec, report=report)
-        runs.append((out, report))
-    assert torch.equal(runs[0][0], runs[1][0])
-    report = runs[0][1]
-    assert torch.equal(report["by_policy"][:, :27], report["scores"][:, :27] > 2.3)
-    assert report["state"].seen == 33
+    dec = Decoding(mode="soft", collapse="lm_sample", policy=CollapsePolicy("entropy", 2.3), max_new_tokens=30)
+    runs = [generate(model, prompt, dec, seed=5) for _ in range(2)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    g = runs[0]
+    assert torch.equal(g.collapsed[:, :27], g.scores[:, :27] > 2.3)
+    assert g.tiers[0][-3:] == ["soft"] * 3 and g.tiers[0][-4] == "hard"
 
 
 @pytest.mark.parametrize("project, kinds", [(False, True), (True, False)])
@@ -270,9 +266,7 @@ def test_layout_without_soft_slots_samples_softly():
     from softar.generate import Decoding, generate
 
     model = tiny_layout_model()
-    trace: list = []
-    report: dict = {}
-    dec = Decoding(mode="soft", collapse="lm_argmax", policy=CollapsePolicy(threshold=0.0))
-    out = generate(model, torch.tensor([[1, 2, 3]]), 6, decoding=dec, trace=trace, report=report)
-    assert len(trace) == 6 and all(torch.equal(v[0], model.E[t]) for v, t in zip(trace, out[0, 3:], strict=True))
-    assert report["by_policy"].all() and report["state"].soft_vec.shape[1] == 0
+    dec = Decoding(mode="soft", collapse="lm_argmax", policy=CollapsePolicy(threshold=0.0), max_new_tokens=6)
+    g = generate(model, torch.tensor([[1, 2, 3]]), dec, return_vectors=True)
+    assert torch.equal(g.vectors[0], model.E[g.tokens[0]])
+    assert g.collapsed.all() and "soft" not in g.tiers[0]

@@ -5,6 +5,7 @@ much of it re-entered soft, for each collapse policy against the frontier of pla
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -66,8 +67,7 @@ def shown_brier(model: SoftAR, prompts: torch.Tensor, truth: torch.Tensor, dec: 
     prompt against its true continuation y, as the unbiased U-statistic 2 mean_i 1[x_i = y] - mean_{i != j}
     1[x_i = x_j]. -> (mean, standard error over prompts). It scores any decoding, soft or hard, the same way."""
     B, n = truth.shape
-    gen = torch.Generator(prompts.device).manual_seed(seed)
-    x = generate(model, prompts.repeat_interleave(draws, 0), n, generator=gen, decoding=dec)[:, -n:]
+    x = generate(model, prompts.repeat_interleave(draws, 0), replace(dec, max_new_tokens=n), seed=seed).tokens
     x = x.view(B, draws, n)
     hits = (x == truth[:, None]).all(-1).float().mean(1)
     same = (x[:, :, None] == x[:, None]).all(-1).float().sum((1, 2)) - draws  # pairs i != j
@@ -87,17 +87,15 @@ def generation_point(model: SoftAR, reference: SoftAR, prompts: torch.Tensor, tr
     reference model (coherence), its distinct 2- and 3-grams and repeated 4-grams (diversity), its Brier-2
     against the true continuation, the fraction of generated tokens that re-entered the context soft, and the OOD
     score over time (means over blocks of 32 steps)."""
-    report: dict = {}
-    gen = torch.Generator(prompts.device).manual_seed(seed)
-    out = generate(model, prompts, new_tokens, generator=gen, decoding=dec, report=report)
-    shown = out[:, prompts.shape[1] :]
-    soft = 0.0 if dec.mode == "hard" or "by_policy" not in report else 1 - report["by_policy"].float().mean().item()
+    g = generate(model, prompts, replace(dec, max_new_tokens=new_tokens), seed=seed)
+    out, shown = g.full(), g.tokens
+    soft = 0.0 if dec.mode == "hard" or model.layout.plain else 1 - g.collapsed.float().mean().item()
     brier, brier_se = shown_brier(model, prompts, truth, dec, seed=seed)
     point = {"reference_ppl": math.exp(continuation_loss(reference, out, prompts.shape[1])),
              "distinct_2": distinct_ngrams(shown, 2), "distinct_3": distinct_ngrams(shown, 3),
              "repeated_4grams": repeated_ngrams(shown), "brier2": brier, "brier2_se": brier_se, "soft_fraction": soft}
-    if dec.mode == "soft" and "scores" in report:
-        sc = report["scores"]
+    if dec.mode == "soft" and not model.layout.plain:
+        sc = g.scores
         point.update(ood_mean=sc.mean().item(), ood_over_time=[c.mean().item() for c in sc.split(32, dim=1)])
     return point
 

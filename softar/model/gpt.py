@@ -29,13 +29,76 @@ def init_normal(module: nn.Module) -> None:
 
 
 class KVCache:
-    """Preallocated keys and values for all layers: kv [n_layer, 2, B, H, max_len, head_dim]."""
+    """Keys and values appended in order for all layers: kv [n_layer, 2, B, H, max_len, head_dim], `len` filled."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         hd = cfg.d_model // cfg.n_head
         self.kv = torch.zeros(cfg.n_layer, 2, batch_size, cfg.n_head, max_len, hd, device=device, dtype=dtype)
         self.len = 0  # filled positions
         self.max_len = max_len
+        self._mask: torch.Tensor | None = None
+
+    def prepare(self, T: int) -> None:
+        """Before a forward of T new slots: their queries see the whole cache plus the new keys up to themselves."""
+        self._mask = None if T == 1 or self.len == 0 else \
+            torch.ones(T, self.len + T, dtype=torch.bool, device=self.kv.device).tril(diagonal=self.len)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v [B, H, T, hd] after what the cache holds and attend q to everything so far."""
+        start, end = self.len, self.len + q.shape[2]
+        kv = self.kv[layer]  # [2, B, H, max_len, hd]
+        kv[0, :, :, start:end], kv[1, :, :, start:end] = k, v
+        if start == 0:  # an empty cache: the very computation of the uncached forward
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=self._mask)
+
+    def advance(self, T: int) -> None:
+        self.len += T
+
+
+class RingCache:
+    """The decode-time cache: `size` key/value slots per sequence used as a ring. A step writes every sequence's new
+    slot at the same index `slot` and attends to the slots its row of `valid` [B, size] allows. A key already holds
+    its position, so where it sits does not matter, and no shape ever changes: a step allocates nothing in Python
+    and can be captured as a CUDA graph. Whole windows come in through `write_rows` (see `softar.generate`)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, size: int, device=None, dtype=torch.float32):
+        hd = cfg.d_model // cfg.n_head
+        self.kv = torch.zeros(cfg.n_layer, 2, batch_size, cfg.n_head, size, hd, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, size, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the next step writes
+        self.size = size
+        self._bias = torch.zeros(batch_size, 1, 1, size, device=device, dtype=dtype)  # 0 or -inf per slot
+
+    def prepare(self, T: int) -> None:
+        if T != 1:
+            raise ValueError("a ring cache takes one slot per step; prefill whole windows with write_rows")
+        self.valid.index_fill_(1, self.slot, True)
+        # once per step rather than per layer: an additive mask is also faster in attention than a boolean one
+        self._bias.fill_(float("-inf")).masked_fill_(self.valid[:, None, None, :], 0.0)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv = self.kv[layer]
+        kv[0].index_copy_(2, self.slot, k)
+        kv[1].index_copy_(2, self.slot, v)
+        return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=self._bias)
+
+    def advance(self, T: int) -> None:
+        self.slot.add_(1).remainder_(self.size)
+
+    def write_rows(self, rows: torch.Tensor, window: KVCache) -> None:
+        """Replace rows [R] of the ring with the L-slot windows a `KVCache` [.., R, H, L, hd] holds, in the L slots
+        just before `slot`; every other slot of those rows becomes invalid."""
+        L = window.len
+        slots = (self.slot - L + torch.arange(L, device=self.slot.device)).remainder(self.size)  # [L]
+        r, s = rows[:, None], slots[None, :]
+        self.kv[:, :, r, :, s] = window.kv[:, :, :, :, :L].permute(2, 4, 0, 1, 3, 5)  # [R, L, n_layer, 2, H, hd]
+        self.valid[rows] = False
+        self.valid[r, s] = True
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (finished sequences stop costing compute)."""
+        self.kv, self.valid, self._bias = self.kv[:, :, rows], self.valid[rows], self._bias[rows]
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,23 +123,16 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | RingCache | None) -> torch.Tensor:
         B, T, d = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
         if rope is not None:
             qkv = torch.cat((apply_rope(qkv[:2], *rope), qkv[2:]))
-        p = self.dropout if self.training else 0.0
         if cache is None:
+            p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=p, is_causal=True)
         else:
-            start, end = cache.len, cache.len + T
-            kv = cache.kv[self.layer]  # [2, B, H, max_len, hd]
-            kv[:, :, :, start:end] = qkv[1:]
-            mask = None
-            if T > 1:  # new queries see the whole cache plus the new keys up to themselves
-                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask,
-                                               dropout_p=p)
+            y = cache.attend(self.layer, qkv[0], qkv[1], qkv[2])
         y = self.proj(y.transpose(1, 2).reshape(B, T, d))
         return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
@@ -101,7 +157,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | RingCache | None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), rope, cache)
         return x + self.mlp(self.ln2(x))
 
@@ -118,11 +174,15 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | RingCache | None = None,
                 keep_layers: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """-> (the last layer after the final LayerNorm [B, T, d], the residual stream after 0..L blocks if
-        keep_layers else [])."""
+        keep_layers else []). Positions [T] or [B, T] default to those after what a `KVCache` holds (a `RingCache`
+        needs them given)."""
         T = x.shape[1]
+        if cache is not None:
+            cache.prepare(T)
         if positions is None:
             start = cache.len if cache is not None else 0
             positions = torch.arange(start, start + T, device=x.device)  # [T]
@@ -140,7 +200,7 @@ class Backbone(nn.Module):
             if keep_layers:
                 layers.append(h)
         if cache is not None:
-            cache.len += T
+            cache.advance(T)
         return self.ln_f(h), layers
 
 
@@ -189,7 +249,7 @@ class GPT(nn.Module):
         return self.collapse_head is not None and (self.layer_mix is not None or self.cfg.collapse_layer >= 0)
 
     def hidden(self, vectors: torch.Tensor, positions: torch.Tensor | None = None,
-               cache: KVCache | None = None) -> Hidden:
+               cache: KVCache | RingCache | None = None) -> Hidden:
         """Slot vectors [B, T, m] -> hidden states [B, T, d] (and the collapse head's layer, if not the last)."""
         last, layers = self.backbone(vectors, positions, cache, keep_layers=self._reads_layers)
         if not layers:
@@ -209,6 +269,9 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch_size, max_len, self.E.device, self.E.dtype)
+
+    def new_ring_cache(self, batch_size: int, size: int) -> RingCache:
+        return RingCache(self.cfg, batch_size, size, self.E.device, self.E.dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from softar.model.interface import Outputs
-from softar.soft.tokens import entropy, filter_logits, sample_ids
+from softar.soft.tokens import Generator, entropy, filter_logits, sample_ids
 
 
 def similarity(v: torch.Tensor, E: torch.Tensor, metric: Literal["l2", "cos"]) -> torch.Tensor:
@@ -36,7 +36,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    generator: torch.Generator | None = None
+    generator: Generator = None
 
     def draw(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature == 0:

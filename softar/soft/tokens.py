@@ -58,9 +58,53 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_ids(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One id per row of logits [..., V] (rows with -inf entries allowed)."""
+class RowGenerators:
+    """One random stream per sequence of a batch: row i draws only from `torch.Generator` seeded seeds[i], so what a
+    sequence draws does not depend on which other sequences share its batch, or on when they finish. Accepted
+    wherever a `generator` is (sampling, soft tokens, noise); `select` follows the batch as it shrinks."""
+
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
+        self.gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.gens)
+
+    def rand(self, shape: tuple[int, ...] = ()) -> torch.Tensor:
+        """[R, *shape] uniforms in [0, 1), row i from stream i."""
+        return torch.stack([torch.rand(shape, generator=g, device=self.device) for g in self.gens])
+
+    def randn(self, shape: tuple[int, ...] = ()) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.gens])
+
+    def select(self, rows: list[int]) -> None:
+        self.gens = [self.gens[i] for i in rows]
+
+
+Generator = torch.Generator | RowGenerators | None
+
+
+def uniform(shape: tuple[int, ...], generator: Generator, device=None) -> torch.Tensor:
+    """Uniforms of `shape`; with `RowGenerators`, shape[0] is the batch and row i comes from stream i."""
+    if isinstance(generator, RowGenerators):
+        return generator.rand(tuple(shape[1:]))
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def normal(shape: tuple[int, ...], generator: Generator, device=None) -> torch.Tensor:
+    if isinstance(generator, RowGenerators):
+        return generator.randn(tuple(shape[1:]))
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def sample_ids(logits: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+    """One id per row of logits [..., V] (rows with -inf entries allowed). With `RowGenerators` (logits [R, V]) each
+    row inverts its CDF at one uniform of its own stream."""
     flat = logits.reshape(-1, logits.shape[-1]).float().softmax(-1)
+    if isinstance(generator, RowGenerators):
+        cdf = flat.cumsum(-1)
+        u = generator.rand().to(cdf)[:, None] * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_max(flat.shape[-1] - 1).view(logits.shape[:-1])
     return torch.multinomial(flat, 1, generator=generator).view(logits.shape[:-1])
 
 
@@ -114,7 +158,7 @@ def mixture_of_inputs(out: Outputs, E: torch.Tensor, spec, generator=None) -> to
     return ((H * p + (beta + 1 - H) * y) / (beta + 1)).to(E.dtype) @ E
 
 
-def make_soft_token(out: Outputs, E: torch.Tensor, spec, generator: torch.Generator | None = None) -> torch.Tensor:
+def make_soft_token(out: Outputs, E: torch.Tensor, spec, generator: Generator = None) -> torch.Tensor:
     """The soft token `spec.kind` at every position of `out`: [..., m]; the definition's parameters default to
     those it registered."""
     d = SOFT_TOKENS[spec.kind]
@@ -127,18 +171,19 @@ def make_soft_token(out: Outputs, E: torch.Tensor, spec, generator: torch.Genera
 def _gaussian(v, E, logits, scale, generator):
     """Gaussian on the vector, std = scale x E's root-mean-square coordinate."""
     rms = E.norm(dim=-1).mean() / math.sqrt(E.shape[-1])
-    return v + scale * rms * torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+    return v + scale * rms * normal(v.shape, generator, v.device).to(v.dtype)
 
 
 def _dirichlet(v, E, logits, scale, generator):
-    """Resample the distribution behind the token: Dirichlet with mean p and concentration 1 / scale."""
+    """Resample the distribution behind the token: Dirichlet with mean p and concentration 1 / scale (torch's
+    Dirichlet takes no generator: it draws from the global stream)."""
     alpha = logits.float().softmax(-1) / scale + 1e-6
     return torch.distributions.Dirichlet(alpha).sample().to(E.dtype) @ E
 
 
 def _gumbel(v, E, logits, scale, generator):
     """Gumbel-perturbed logits (scale x Gumbel noise), then the expected embedding."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1 - 1e-10)
+    u = uniform(logits.shape, generator, logits.device).clamp_(1e-10, 1 - 1e-10)
     return (logits - scale * torch.log(-torch.log(u))).softmax(-1) @ E
 
 
@@ -147,7 +192,7 @@ NOISES: dict[str, Callable | None] = {"none": None, "gaussian": _gaussian, "diri
 
 
 def add_noise(spec, v: torch.Tensor, E: torch.Tensor, logits: torch.Tensor,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: Generator = None) -> torch.Tensor:
     """`spec.noise` at `spec.noise_scale` on soft tokens v [..., m] that came from `logits` [..., V]."""
     fn = NOISES[spec.noise]
     return v if fn is None or spec.noise_scale == 0 else fn(v, E, logits, spec.noise_scale, generator)

@@ -166,17 +166,61 @@ class WindowBuilder(nn.Module):
         return x + self.kind.weight[kind] if self.kind is not None else x
 
 
+class SlidingWindow:
+    """A plain model's generation-time window: the vectors fed back (hard or soft), the newest last, up to `size`
+    slots. A token that arrives at a full window leaves only the newest `keep` slots (half the window), so the
+    window moves once per `size - keep + 1` tokens and otherwise grows at its end."""
+
+    def __init__(self, prompt: torch.Tensor, size: int):
+        B, n, m = prompt.shape  # prompt vectors [B, n, m]
+        self.size, self.keep = size, max(1, size // 2)
+        self.buf = prompt.new_zeros(B, size, m)
+        self.len = min(n, size)
+        self.buf[:, : self.len] = prompt[:, n - self.len :]
+
+    @property
+    def length(self) -> int:
+        return self.len
+
+    def push(self, vec: torch.Tensor) -> bool:
+        """Add one fed-back vector [B, m] -> whether the window moved (every row alike)."""
+        if self.len < self.size:
+            self.buf[:, self.len] = vec
+            self.len += 1
+            return False
+        self.buf[:, : self.keep - 1] = self.buf[:, self.size - self.keep + 1 :].clone()
+        self.buf[:, self.keep - 1] = vec
+        self.len = self.keep
+        return True
+
+    def window(self) -> torch.Tensor:
+        return self.buf[:, : self.len]  # [B, len, m]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.buf = self.buf[rows]
+
+
 class ContextState:
     """The generation-time memory hierarchy for a batch that advances in lockstep.
 
     Holds the soft region (vectors, their collapsed ids, whether each is collapsed yet, and its OOD score), the hard
     region's ids, the ids of the tokens the segments cover (newest last) and the aggregate's weighted token counts
-    [B, V] (float64, so sums of counts stay exact). `push` adds one generated token and moves the oldest of each
-    full region one step down the ladder."""
+    [B, V] (float64, so sums of counts stay exact). `push` adds one generated token.
+
+    The ladder moves every `shift_every` tokens (B): when the newest region overflows (the soft region, or the hard
+    one in a layout without soft slots), its oldest B tokens move one step down at once, and each older region
+    passes on what overflows it. Between moves the window only grows at its end, so a KV cache serves it
+    (`softar.generate`). B = 1 moves every token one step at every token. The window at any point is a prefix of
+    the full window training sees with the same history (a causal model reads each prefix alone), so training needs
+    no schedule of its own."""
 
     def __init__(self, layout: Layout, batch_size: int, vocab_size: int, m: int, device=None,
-                 dtype: torch.dtype = torch.float32):
-        self.layout, self.V = layout, vocab_size
+                 dtype: torch.dtype = torch.float32, shift_every: int = 1):
+        newest = layout.soft or layout.hard
+        if not 1 <= shift_every <= max(newest, 1):
+            raise ValueError(f"shift_every must be in 1..{newest} (the size of the region new tokens enter), got "
+                             f"{shift_every}")
+        self.layout, self.V, self.shift_every = layout, vocab_size, shift_every
         z = dict(device=device)
         self.soft_vec = torch.zeros(batch_size, 0, m, dtype=dtype, **z)
         self.soft_id = torch.zeros(batch_size, 0, dtype=torch.long, **z)
@@ -189,18 +233,32 @@ class ContextState:
         self.seen = 0  # tokens pushed in all
         self.collapsed_by_policy = torch.zeros(batch_size, dtype=torch.long, **z)
         self.collapsed_by_age = torch.zeros(batch_size, dtype=torch.long, **z)
+        self.moved = False  # since the last push: the ladder moved (every slot of the window may have changed)
+
+    @property
+    def length(self) -> int:
+        """The window's slots: summary + hard + soft."""
+        return self.layout.n_summary + self.hard.shape[1] + self.soft_vec.shape[1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the batch."""
+        for name in ("soft_vec", "soft_id", "soft_done", "soft_score", "hard", "seg", "agg", "collapsed_by_policy",
+                     "collapsed_by_age"):
+            setattr(self, name, getattr(self, name)[rows])
 
     # -- moving tokens down the ladder ------------------------------------------------------------------------------
     def extend_hard(self, ids: torch.Tensor) -> None:
-        """Append given tokens [B, n] (a prompt) to the hard region; overflow flows down."""
+        """Append given tokens [B, n] (a prompt) to the hard region; exactly the overflow flows down."""
         self.seen += ids.shape[1]
-        self._to_hard(ids)
+        self._to_hard(ids, block=1)
 
-    def _to_hard(self, ids: torch.Tensor) -> None:
+    def _to_hard(self, ids: torch.Tensor, block: int) -> None:
         self.hard = torch.cat([self.hard, ids], dim=1)
         over = self.hard.shape[1] - self.layout.hard
         if over > 0:
-            evicted, self.hard = self.hard[:, :over], self.hard[:, over:]
+            n = min(max(over, block), self.hard.shape[1])
+            evicted, self.hard = self.hard[:, :n], self.hard[:, n:]
+            self.moved = True
             self._to_segments(evicted)
 
     def _to_segments(self, ids: torch.Tensor) -> None:
@@ -223,29 +281,45 @@ class ContextState:
         self.agg_n += k
 
     def push(self, vec: torch.Tensor, ids: torch.Tensor, collapsed: torch.Tensor, score: torch.Tensor,
-             E: torch.Tensor, policy: CollapsePolicy | None = None) -> None:
+             E: torch.Tensor, policy: CollapsePolicy | None = None) -> torch.Tensor:
         """Add one generated token to the soft region: its soft vector [B, m], the id it collapses to [B], whether
         it is collapsed right away [B] (hard mode, or its OOD score passed the threshold) and its score [B]. Then
         the policy's budget collapses the highest-scoring soft tokens beyond it, and when the soft region overflows
-        its oldest token becomes the newest hard token."""
+        its oldest tokens move down the ladder (`shift_every` at a time).
+
+        -> [B] bool: the rows whose window changed other than by one new slot at its end (the ladder moved, or the
+        budget collapsed an older soft token in place); the other rows' windows gained exactly `new_slot()`."""
         self.seen += 1
+        self.moved = False
         vec = torch.where(collapsed[:, None], E[ids].to(vec.dtype), vec)
         self.soft_vec = torch.cat([self.soft_vec, vec[:, None]], dim=1)
         self.soft_id = torch.cat([self.soft_id, ids[:, None]], dim=1)
         self.soft_done = torch.cat([self.soft_done, collapsed[:, None]], dim=1)
         self.soft_score = torch.cat([self.soft_score, score[:, None].float()], dim=1)
         self.collapsed_by_policy += collapsed.long()
+        changed = torch.zeros_like(collapsed)
         if policy is not None and policy.budget >= 0:
             extra = policy.over_budget(self.soft_score, self.soft_done)
             self.soft_vec = torch.where(extra[..., None], E[self.soft_id].to(vec.dtype), self.soft_vec)
             self.soft_done |= extra
             self.collapsed_by_policy += extra.sum(1)
-        if self.soft_vec.shape[1] > self.layout.soft:
-            self.collapsed_by_age += (~self.soft_done[:, 0]).long()
-            oldest = self.soft_id[:, 0:1]
-            self.soft_vec, self.soft_id = self.soft_vec[:, 1:], self.soft_id[:, 1:]
-            self.soft_done, self.soft_score = self.soft_done[:, 1:], self.soft_score[:, 1:]
-            self._to_hard(oldest)
+            changed = extra[:, :-1].any(1)  # the newest token's slot is new either way
+        over = self.soft_vec.shape[1] - self.layout.soft
+        if over > 0:  # with no soft slots the new token goes straight to the hard region: still one new slot
+            n = min(max(over, self.shift_every if self.layout.soft else 1), self.soft_vec.shape[1])
+            self.moved = self.layout.soft > 0
+            self.collapsed_by_age += (~self.soft_done[:, :n]).sum(1)
+            oldest = self.soft_id[:, :n]
+            self.soft_vec, self.soft_id = self.soft_vec[:, n:], self.soft_id[:, n:]
+            self.soft_done, self.soft_score = self.soft_done[:, n:], self.soft_score[:, n:]
+            self._to_hard(oldest, 1 if self.layout.soft else self.shift_every)  # the hard region stays full
+        return changed | self.moved
+
+    def new_slot(self, E: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The slot the last push added at the window's end: (its vector [B, m], its kind)."""
+        if self.layout.soft:
+            return self.soft_vec[:, -1], SOFT
+        return E[self.hard[:, -1]], HARD
 
     def tier(self, age: int) -> str:
         """Where the token pushed `age` tokens before the newest one sits now: soft, hard, segment<i> (0 newest),
