@@ -34,7 +34,7 @@ OUT_OF_RANGE = {
     "context.aggregate": "2", "context.segments": "-1", "context.soft": "-1", "context.segment_len": "0",
     "context.segment_growth": "0", "context.aggregate_all": None, "context.op": '"max"', "context.decay": "1.0",
     "context.project": None, "context.kind_embeddings": None, "context.max_history": "-1",
-    "context.soft_fill": '"twice"', "context.fill_draw": "1.5",
+    "context.soft_fill": '"twice"', "context.fill_draw": "1.5", "context.shift_every": "0",
 }
 FIELDS = {f"{s}.{k}": type(v) for s, sec in Config().to_dict().items() for k, v in sec.items()}
 

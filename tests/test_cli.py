@@ -71,7 +71,9 @@ def test_bench(char_data, tmp_path):
     train_r = json.loads((tmp_path / "bench_train.json").read_text())
     assert train_r["tokens_per_s"] > 0 and train_r["fraction_of_peak"] > 0
     assert train_r["achieved_flops"] == pytest.approx(train_r["tokens_per_s"] * train_r["flops_per_token"])
-    assert json.loads((tmp_path / "bench_sample.json").read_text())["tokens_per_s_kv_cache"] > 0
+    sample = json.loads((tmp_path / "bench_sample.json").read_text())
+    keys = ("tokens_per_s_batch1", "tokens_per_s_batch64", "hf_tokens_per_s_batch1", "hf_tokens_per_s_batch64")
+    assert all(sample[k] > 0 for k in keys)
 
 
 def test_prepare_bad_corpora(tmp_path):
@@ -162,6 +164,7 @@ def test_layout_run_end_to_end(char_data, tmp_path, trained_run):
     assert proc.returncode == 0, proc.stderr
     bench = json.loads(proc.stdout.strip().splitlines()[-1])
     assert bench["ms_per_token_history_1000"] > 0 and bench["ms_per_token_history_100000"] > 0
+    assert bench["block_cache_speedup"] > 0 and bench["tokens_per_s_batch64"] > 0
 
 
 def test_quickstart_end_to_end(tmp_path):
