@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import torch
 
+from softar import SoftarError
 from softar.config import Config, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
 from softar.device import autocast, pick_device, set_threads
@@ -107,11 +108,11 @@ BATCHES = (1, 64)
 def hf_gpt2(cfg: Config, device: torch.device):
     """A Hugging Face GPT-2 of the config's shape (layers, heads, width, window, vocabulary) with random weights:
     the yardstick a user would otherwise pick. None without the optional extra ('softar[hf]')."""
-    try:
-        from softar.model.hf import _transformers
+    from softar.model.hf import _transformers
 
+    try:
         transformers = _transformers()
-    except Exception:  # the optional extra is not installed
+    except SoftarError:  # the optional extra is not installed
         return None
     m = cfg.model
     conf = transformers.GPT2Config(vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.d_model,

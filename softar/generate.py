@@ -146,7 +146,7 @@ def _cat(parts: list[Outputs]) -> Outputs:
     return Outputs(*(cat([getattr(o, f) for o in parts]) for f in ("logits", "h_m", "y", "c")))
 
 
-def _as_prompts(prompts, device) -> list[torch.Tensor]:
+def _as_prompts(prompts, device, vocab_size: int) -> list[torch.Tensor]:
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2:
             raise ValueError(f"prompts: expected ids [B, T] or a list of sequences, got a tensor of shape "
@@ -156,6 +156,8 @@ def _as_prompts(prompts, device) -> list[torch.Tensor]:
         rows = [torch.as_tensor(p, dtype=torch.long, device=device) for p in prompts]
     if not rows or any(r.dim() != 1 or r.numel() == 0 for r in rows):
         raise ValueError("prompts: every prompt must be a non-empty sequence of ids")
+    if any(int(r.min()) < 0 or int(r.max()) >= vocab_size for r in rows):
+        raise ValueError(f"prompts: ids must be in [0, {vocab_size})")
     return rows
 
 
@@ -178,7 +180,7 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
               use_cache: bool, return_vectors: bool, shift_every: int | None) -> Generation:
     E, lm = model.E, model.lm
     device = E.device
-    prompts = _as_prompts(prompts, device)
+    prompts = _as_prompts(prompts, device, E.shape[0])
     B, N = len(prompts), dec.max_new_tokens
     seeds = [seed + i for i in range(B)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != B:
@@ -256,8 +258,10 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
             else:
                 moved.append(torch.full((b - a,), lane.state.push(v[a:b].to(E.dtype)), device=device))
         moved = torch.cat(moved)  # [R]: windows that changed other than by one slot at their end
-        ended = torch.isin(nxt, stop) if len(stop) else torch.zeros_like(moved)
-        stopped[alive] = ended
+        ended = torch.zeros_like(moved)
+        if len(stop):
+            ended = torch.isin(nxt, stop)
+            stopped[alive] = ended
         if g == N - 1:
             ended = torch.ones_like(ended)
         if ended.any():
@@ -289,7 +293,7 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
                 pos = torch.cat([positions[lane.length - 1].expand(lane.rows) for lane in lanes])[:, None]
             step = model.outputs(lm.hidden(x, positions=pos, cache=ring)).at(LAST)
             for lane, a, b in spans():
-                part = Outputs(*(None if t is None else t[a:b] for t in (step.logits, step.h_m, step.y, step.c)))
+                part = step.at(slice(a, b))
                 rows = moved[a:b].nonzero()[:, 0]
                 parts.append(_put(part, rows, recompute(lane, a, rows)) if len(rows) else part)
         else:

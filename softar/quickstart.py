@@ -78,7 +78,7 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
     for name, run in runs.items():
         g = generate(run.model, prompts[:1, :PROMPT_LEN], decodings[name], seed=run.cfg.train.seed)
         ids = g.tokens[0].tolist()
-        marks = (~g.collapsed[0]).tolist() if name == "seed_layout" else [False] * len(ids)
+        marks = (~g.collapsed[0]).tolist()  # what re-entered soft (nothing, in hard mode)
         soft = marks if name == "seed_layout" else soft
         brier[name] = shown_brier(run.model, prompts[:, :PROMPT_LEN], prompts[:, PROMPT_LEN:], decodings[name])
         print(f"--- {name} " + "-" * 48 + "\n" + mark_soft(tokenizer, ids, marks))

@@ -59,8 +59,8 @@ class KVCache:
 class RingCache:
     """The decode-time cache: `size` key/value slots per sequence used as a ring. A step writes every sequence's new
     slot at the same index `slot` and attends to the slots its row of `valid` [B, size] allows. A key already holds
-    its position, so where it sits does not matter, and no shape ever changes: a step allocates nothing in Python
-    and can be captured as a CUDA graph. Whole windows come in through `write_rows` (see `softar.generate`)."""
+    its position, so where it sits does not matter, and no shape ever changes: the cache allocates nothing per step,
+    as a CUDA-graph capture would need. Whole windows come in through `write_rows` (see `softar.generate`)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, size: int, device=None, dtype=torch.float32):
         hd = cfg.d_model // cfg.n_head
