@@ -95,6 +95,14 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     _emit({"data_dir": str(a.out), **meta}, None)
 
 
+def cmd_task_prepare(a: argparse.Namespace) -> None:
+    from softar.tasks.data import SPLITS, prepare_task
+
+    counts = {"train": a.train, "valid": a.valid, "test": a.test}
+    meta = prepare_task(a.task, a.out, counts if counts != SPLITS else None, a.seed, force=a.force)
+    _emit({"data_dir": str(a.out), **meta}, None)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from softar import config, distributed
     from softar.train import train
@@ -117,6 +125,14 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from softar.evaluate.run import evaluate_run
 
+    if a.task:
+        from softar.evaluate.reasoning import evaluate_task_run
+
+        if not a.data:
+            raise SoftarError("--task needs --data FILE.json, a file of the task's records")
+        result = evaluate_task_run(a.run_dir, a.task, a.data, a.device, a.seed)
+        _emit(result, Path(a.run_dir) / f"eval_{a.task}_{Path(a.data).stem}.json")
+        return
     horizons = tuple(a.horizons) if a.horizons else None
     result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device,
                           gap_runs=tuple(a.gap) if a.gap else None, reference=a.reference,
@@ -143,7 +159,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     from softar.generate import Decoding, generate
     from softar.rundir import load_hf, load_run
     from softar.soft.collapse import CollapsePolicy, similarity
-    from softar.soft.tokens import spec_problem
+    from softar.soft.tokens import heads_of, spec_problem
 
     device = pick_device(a.device)
     if a.hf:
@@ -165,7 +181,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     soft = dataclasses.replace(run.cfg.soft, **{k: v for k, v in flags.items() if v is not None})
     if soft.kind != run.cfg.soft.kind and not a.soft_arg:
         soft.args = {}  # the run's parameters belong to its own kind
-    problem = spec_problem(soft, vector_head=run.model.lm.vector_head is not None)
+    problem = spec_problem(soft, heads_of(run.model.lm))
     if problem:
         flag = {"soft.kind": "--soft", "soft.args": "--soft-arg", "soft.top_k": "--soft-top-k", "soft.noise": "--noise",
                 "soft.noise_scale": "--noise-scale"}[problem[0]]
@@ -254,6 +270,8 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from softar.tasks import TASK_NAMES
+
     p = _Parser(prog="softar", description="Autoregressive language models that think in soft tokens.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -267,6 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a different dataset already in --out")
     s.set_defaults(fn=cmd_prepare)
 
+    s = sub.add_parser("task", help="reasoning tasks: `softar task prepare prosqa --out DIR`")
+    task_sub = s.add_subparsers(dest="task_command", required=True, parser_class=_Parser)
+    t = task_sub.add_parser("prepare", help="generate a task's train/valid/test JSON (Coconut's ProsQA format)")
+    t.add_argument("task", choices=list(TASK_NAMES))
+    t.add_argument("--out", required=True, help="dataset folder to write")
+    t.add_argument("--seed", type=_seed, default=0)
+    for split, n in (("train", 17_000), ("valid", 300), ("test", 500)):
+        t.add_argument(f"--{split}", type=_int_at_least(1, 10**6), default=n, help=f"records (default {n})")
+    t.add_argument("--force", action="store_true", help="replace a different task dataset already in --out")
+    t.set_defaults(fn=cmd_task_prepare)
+
     s = sub.add_parser("train", help="train a model from a TOML config")
     s.add_argument("config", help="TOML config file")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -275,10 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("eval", help="loss and bits over a whole split")
+    s = sub.add_parser("eval", help="loss and bits over a whole split; or a reasoning task's accuracy (--task)")
     s.add_argument("run_dir")
     s.add_argument("--split", choices=["val", "train"], default="val")
-    s.add_argument("--data", help="dataset folder (default: the run's data.dir)")
+    s.add_argument("--data", help="dataset folder (default: the run's data.dir); with --task, a JSON file of the "
+                                  "task's records")
+    s.add_argument("--task", choices=list(TASK_NAMES), help="a task run: greedy accuracy on --data FILE.json")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--windows", type=_int_at_least(2, 65536), default=256,
                    help="random windows for the soft-output, BrierLM and open-loop metrics (2 to 65536: a standard "

@@ -145,6 +145,27 @@ class ContextConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A reasoning task (`softar/tasks`) instead of a text corpus: data.dir holds `softar task prepare`'s JSON. Each
+    example is [question] <bot> [thoughts or pauses] <eot> [steps] <ans> [answer] <eos>, trained on what follows
+    <eot>. Modes: no_cot (no steps), cot (every step), pause (`pauses` learned <pause> slots, no steps), thoughts
+    (Coconut's curriculum: at stage k the first k steps are replaced by k * thoughts_per_step continuous thoughts,
+    each the soft token `soft.kind` of the position before it; kind "hidden" is Coconut's fed-back last hidden
+    state)."""
+
+    name: str = ""  # "" trains a language model on data.dir; else a name in softar.tasks.TASKS
+    render: Literal["text", "symbolic"] = "text"  # the task's words, or node-id tokens for the same graphs
+    mode: Literal["no_cot", "cot", "pause", "thoughts"] = "cot"
+    thoughts_per_step: int = 1  # c
+    max_stage: int = 6  # the curriculum's last stage (k thoughts replace k steps; later steps stay)
+    stage_iters: int = 0  # optimizer steps per curriculum stage before the last; 0: max_iters // (max_stage + 1),
+    # resolved into the saved config so a resumed run keeps its curriculum
+    pauses: int = 6  # pause mode: <pause> slots between question and answer
+    eval_examples: int = 100  # periodic evals: greedy accuracy on this many valid examples (the final eval: all)
+    max_answer_tokens: int = 64  # greedy decoding stops after this many tokens without <eos>
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,6 +173,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
     soft: SoftConfig = field(default_factory=SoftConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,6 +309,8 @@ def resolve(cfg: Config, vocab_size: int) -> Config:
         cfg.train.lr_decay_iters = cfg.train.max_iters
     if cfg.train.ckpt_interval == 0:
         cfg.train.ckpt_interval = cfg.train.eval_interval
+    if cfg.task.name and cfg.task.mode == "thoughts" and cfg.task.stage_iters == 0:  # the curriculum, fixed now
+        cfg.task = dataclasses.replace(cfg.task, stage_iters=max(1, cfg.train.max_iters // (cfg.task.max_stage + 1)))
     return cfg
 
 
@@ -364,6 +388,21 @@ def validate(cfg: Config) -> None:
          f"{c.aggregate + c.segments + c.soft}")
     need(c.plain or c.max_history > 0 or c.soft > 0, "context.max_history",
          "must be positive when the layout has aggregate or segment slots")
+    k = cfg.task
+    from softar.tasks import TASK_NAMES
+
+    need(not k.name or k.name in TASK_NAMES, "task.name", f"expected '' or one of {', '.join(TASK_NAMES)}, got "
+         f"{k.name!r}")
+    if k.name:
+        need(c.plain, "task.name", "reasoning tasks train a plain model (context.aggregate = segments = soft = 0)")
+        need(lc.ce > 0 and lc.mse == lc.cosine == lc.infonce == lc.vmf == lc.collapse == 0, "task.name",
+             "reasoning tasks train with loss.ce only")
+        need(lc.soft_inputs == 0, "loss.soft_inputs", "must be 0 for a reasoning task")
+        need(t.parallel == "ddp", "train.parallel", "reasoning tasks run with ddp (their evaluation reads the "
+             "unsharded model)")
+    for key, low, high in (("thoughts_per_step", 1, 64), ("max_stage", 0, 64), ("stage_iters", 0, 2**31),
+                           ("pauses", 0, 4096), ("eval_examples", 1, 10**6), ("max_answer_tokens", 1, 4096)):
+        need(low <= getattr(k, key) <= high, f"task.{key}", f"must be in [{low}, {high}]")
 
 
 def diff(a: Config, b: Config) -> list[str]:

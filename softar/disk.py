@@ -56,6 +56,19 @@ def clean_stale_temps(folder: Path, stems: tuple[str, ...] | None = None) -> lis
     return removed
 
 
+def install_folder(tmp: Path, out: Path, replace: bool) -> None:
+    """Move a finished temp folder into place. With `replace`, an existing `out` is replaced atomically (it moves
+    aside, the new one moves in, then the old one goes); otherwise a rename, which fails if `out` is a non-empty
+    folder (another process may have written it meanwhile)."""
+    if replace and out.exists():
+        old = temp_name(out.with_name(out.name + ".old"))
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = temp_name(path)
     try:

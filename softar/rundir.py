@@ -20,6 +20,7 @@ from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from softar.disk import read_json
 from softar.evaluate.lm import fit_readout
 from softar.soft.model import SoftAR, build_model, upgrade_param_name
+from softar.tasks.data import TASK_FILE, is_task_dir, load_task_meta
 
 CONFIG_FILE = "config.json"  # the resolved config
 RUN_FILE = "run.json"  # seed, versions, data fingerprint, command line
@@ -29,6 +30,11 @@ CHECKPOINTS = "checkpoints"
 
 
 def data_fingerprint(data_dir: str | Path) -> dict:
+    if is_task_dir(data_dir):  # a reasoning task's JSON splits: task.json holds their checksums
+        meta = load_task_meta(data_dir)
+        return {"text_sha256": sha256_file(Path(data_dir) / TASK_FILE),
+                "tokenizer_sha256": sha256_file(Path(data_dir) / TOKENIZER_FILE), "vocab_size": meta["vocab_size"],
+                "tokens": meta["counts"]}
     meta = load_meta(data_dir)
     return {"text_sha256": meta["text_sha256"], "tokenizer_sha256": sha256_file(Path(data_dir) / TOKENIZER_FILE),
             "vocab_size": meta["vocab_size"], "tokens": meta["tokens"]}
@@ -119,7 +125,7 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     cfg = read_config(run_dir)
     data_dir = data_dir or cfg.data.dir
     check_data(run_dir, data_dir)
-    vocab = load_meta(data_dir)["vocab_size"]
+    vocab = data_fingerprint(data_dir)["vocab_size"]
     if not cfg.model.vocab_size >= vocab:
         raise SoftarError(f"{run_dir / CONFIG_FILE}: model.vocab_size {cfg.model.vocab_size} does not cover the "
                           f"data's {vocab} tokens (not a config softar train wrote)")

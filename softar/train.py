@@ -35,6 +35,7 @@ from softar.device import autocast, set_threads
 from softar.disk import check_fields, read_jsonl, write_text_atomic
 from softar.distributed import World, init_world, no_sync, wrap
 from softar.evaluate.lm import estimate_loss, evaluate_split, fit_readout
+from softar.evaluate.reasoning import TaskData, evaluate_task, task_loss_on
 from softar.losses import part_names
 from softar.model.embedding import embedding_stats
 from softar.rundir import (
@@ -51,6 +52,7 @@ from softar.rundir import (
     read_config,
 )
 from softar.soft.model import SoftAR, build_model
+from softar.tasks.data import TaskSampler
 
 # keys a resumed run may change without changing its history (batch_size: per rank, when the world size changes
 # and the global batch stays the same, which _load checks)
@@ -257,18 +259,28 @@ class Trainer:
                  stack: contextlib.ExitStack | None = None):
         """`stack` keeps the run directory's lock until the caller is done with the run."""
         self.out, self.quiet = Path(out), quiet
-        self.meta = load_meta(cfg.data.dir)
-        load_tokenizer(cfg.data.dir, self.meta["vocab_size"])  # a corrupt tokenizer fails now, not at sampling
+        self.task: TaskData | None = None  # a reasoning task's data (task.name), instead of a text corpus
+        if cfg.task.name:
+            self.task = TaskData.open(cfg)
+            vocab = self.task.meta["vocab_size"]
+        else:
+            self.meta = load_meta(cfg.data.dir)
+            load_tokenizer(cfg.data.dir, self.meta["vocab_size"])  # a corrupt tokenizer fails now, not at sampling
+            vocab = self.meta["vocab_size"]
         derived_decay = cfg.train.lr_decay_iters == 0
-        cfg = resolve(cfg, self.meta["vocab_size"])
+        cfg = resolve(cfg, vocab)
         self.world, self.device = init_world(cfg.train.device)
         _check_run_dir(self.out, cfg, resume, derived_decay)  # every rank checks before any rank writes
         self.cfg, m, t = cfg, cfg.model, cfg.train
-        self.train_data, self.val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
-        for name, data in (("train", self.train_data), ("val", self.val_data)):
-            if len(data) <= m.block_size:
-                raise ConfigError(f"model.block_size: {m.block_size} is not smaller than the {name} split "
-                                  f"({len(data)} tokens)")
+        if self.task:
+            for split in ("train", "valid"):
+                self.task.check_fits(split, m.block_size, f"model.block_size ({split}.json)")
+        else:
+            self.train_data, self.val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
+            for name, data in (("train", self.train_data), ("val", self.val_data)):
+                if len(data) <= m.block_size:
+                    raise ConfigError(f"model.block_size: {m.block_size} is not smaller than the {name} split "
+                                      f"({len(data)} tokens)")
         asked_resume = resume
         resume = resume and latest_checkpoint(self.out / CHECKPOINTS) is not None  # none yet: start at step 0
         self.world.barrier()
@@ -280,7 +292,7 @@ class Trainer:
         self.net: SoftAR = build_model(cfg).to(self.device)  # the model; self.model may be its DDP/FSDP wrapper
         self.layout = self.net.layout
         self.part_names = part_names(cfg.loss)  # the loss parts logged beside the total
-        if len(self.train_data) <= self.layout.token_slots + self.layout.history:
+        if not self.task and len(self.train_data) <= self.layout.token_slots + self.layout.history:
             raise ConfigError(f"context.max_history: {self.layout.history} tokens of history plus a window do not "
                               f"fit in the train split ({len(self.train_data)} tokens)")
         if m.embedding in ("checkpoint", "pretrained"):
@@ -290,10 +302,14 @@ class Trainer:
         self.model = wrap(self.net, self.world, self.device, t.parallel, blocks)  # FSDP2 shards in place
         self.opt = make_optimizer(self.model, t, self.device)
         torch.manual_seed(t.seed + self.world.rank)  # dropout draws differ per rank
-        # sampled evals: as much history as the (smaller) val split allows
-        self.eval_history = min(self.layout.history, len(self.val_data) - self.layout.token_slots - 1)
-        self.sampler = WindowSampler(self.train_data, self.layout.token_slots, t.batch_size, t.seed, self.world.rank,
-                                     self.world.size, self.layout.history)
+        if self.task:
+            self.sampler = TaskSampler(self.task.encoder, self.task.examples["train"], t.batch_size, t.seed,
+                                       t.max_iters, t.grad_accum, self.world.rank, self.world.size)
+        else:
+            # sampled evals: as much history as the (smaller) val split allows
+            self.eval_history = min(self.layout.history, len(self.val_data) - self.layout.token_slots - 1)
+            self.sampler = WindowSampler(self.train_data, self.layout.token_slots, t.batch_size, t.seed,
+                                         self.world.rank, self.world.size, self.layout.history)
         self.fwd = torch.compile(self.model) if t.compile else self.model
         self.amp = autocast(self.device, t.dtype)
         self.step, self.wall_before, self.train_s, self.skipped = 0, 0.0, 0.0, 0
@@ -378,6 +394,12 @@ class Trainer:
 
     def evaluate(self) -> dict:
         t = self.cfg.train
+        if self.task:  # the stage just trained: loss and greedy accuracy on the first task.eval_examples valid ones
+            k, limit = self.task.encoder.stage_at(max(self.step - 1, 0), t.max_iters), self.cfg.task.eval_examples
+            report = evaluate_task(self.net, self.task, "valid", [k], limit)
+            return {"kind": "eval", "step": self.step, "stage": k,
+                    "val_loss": task_loss_on(self.net, self.task, "valid", k, t.batch_size, limit, self.device),
+                    "val_accuracy": report[f"stage_{k}"]["accuracy"]}
         kw = dict(token_slots=self.layout.token_slots, batch_size=t.batch_size, iters=t.eval_iters,
                   device=self.device, autocast_ctx=self.amp, history=self.eval_history)
         E = self.net.E
@@ -403,7 +425,9 @@ class Trainer:
         t = self.cfg.train
         main = self.world.is_main
         log = MetricsLog(self.out, self.step) if main else None
-        tokens_per_step = t.batch_size * t.grad_accum * self.layout.token_slots * self.world.size  # predicted
+        # throughput counts predicted tokens, or examples for a task (their lengths vary)
+        unit = "examples" if self.task else "tokens"
+        tokens_per_step = t.batch_size * t.grad_accum * self.world.size * (1 if self.task else self.layout.token_slots)
         pending: list[tuple[int, float, torch.Tensor]] = []  # [loss, *parts] stays on device until a log flush
         bar = tqdm(total=t.max_iters, initial=self.step, disable=self.quiet or not main or None,
                    dynamic_ncols=True, unit="it")
@@ -423,7 +447,7 @@ class Trainer:
                 for (s, lr_s, _), v in zip(pending, values, strict=True):
                     log.write({"kind": "train", "step": s, "loss": v[0], "lr": lr_s,
                                **dict(zip(self.part_names, v[1:], strict=True))})
-                log.write({"kind": "perf", "step": self.step, "tokens_per_s": tok_s})
+                log.write({"kind": "perf", "step": self.step, f"{unit}_per_s": tok_s})
                 log.flush()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
             bar.update(len(pending))
@@ -460,8 +484,9 @@ class Trainer:
                 if main:
                     log.write(last_eval)
                 if main and not self.quiet:
-                    bar.write(f"step {self.step}: train loss {last_eval['train_loss']:.4f}, "
-                              f"val loss {last_eval['val_loss']:.4f}")
+                    bar.write(f"step {self.step}: " + ", ".join(
+                        f"{k.replace('_', ' ')} {last_eval[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy")
+                        if k in last_eval))
             if do_save:
                 self.save(self.wall_before + time.perf_counter() - t0)
             clock["other"] += time.perf_counter() - e0
@@ -477,11 +502,14 @@ class Trainer:
 
         try:  # the checkpoint of the last step is saved: a signal now stops at once, and --resume evaluates
             preempt.set_immediate(True)
-            if self.net.regression_only:  # its LM head never trained: the val loss goes through the cosine readout
-                fit_readout(self.net, self.train_data)
-            full_val = evaluate_split(self.model, self.val_data, self.layout.token_slots, self.device, self.amp,
-                                      self.meta["characters"]["val"], world=self.world, history=self.layout.history,
-                                      soft=self.layout.soft)
+            if self.task:  # every valid example, at every curriculum stage in thoughts mode
+                full_val = self._task_final()
+            else:
+                if self.net.regression_only:  # its LM head never trained: the val loss goes through the cosine readout
+                    fit_readout(self.net, self.train_data)
+                full_val = evaluate_split(self.model, self.val_data, self.layout.token_slots, self.device, self.amp,
+                                          self.meta["characters"]["val"], world=self.world,
+                                          history=self.layout.history, soft=self.layout.soft)
         except Preempted as stopped:
             if main:
                 log.close()
@@ -495,15 +523,16 @@ class Trainer:
             "run_dir": str(self.out),
             "step": self.step,
             "val_loss": full_val["loss"],
-            "val_bits_per_token": full_val["bits_per_token"],
-            "val_bits_per_char": full_val.get("bits_per_char"),
+            **({"val_accuracy": full_val["accuracy"], "stage": full_val["stage"]} if self.task else {
+                "val_bits_per_token": full_val["bits_per_token"],
+                "val_bits_per_char": full_val.get("bits_per_char")}),
             **{f"val_{k}": full_val[k] for k in ("loss_hard_slots", "loss_soft_slots") if k in full_val},
             "val_loss_sampled": last_eval["val_loss"] if last_eval else None,
-            "train_loss_sampled": last_eval["train_loss"] if last_eval else None,
+            "train_loss_sampled": last_eval.get("train_loss") if last_eval else None,
             "skipped_steps": self.skipped,
             "world_size": self.world.size,
             "train_wall_s": train_wall,
-            "tokens_per_s": self.step * tokens_per_step / self.train_s if self.train_s > 0 else None,
+            f"{unit}_per_s": self.step * tokens_per_step / self.train_s if self.train_s > 0 else None,
             "params": self.params,
         }
         if main:
@@ -511,6 +540,17 @@ class Trainer:
             log.close()
             write_text_atomic(self.out / RESULT_FILE, json.dumps(result, indent=2))
         return result
+
+
+    def _task_final(self) -> dict:
+        """The final evaluation of a task run on the whole valid split (never test): the loss and greedy accuracy
+        at the mode's final stage, and in thoughts mode the accuracy at every stage of the curriculum."""
+        enc, t = self.task.encoder, self.cfg.train
+        final = enc.final_stage()
+        stages = list(range(final + 1)) if self.cfg.task.mode == "thoughts" else [final]
+        report = evaluate_task(self.net, self.task, "valid", stages)
+        loss = task_loss_on(self.net, self.task, "valid", final, t.batch_size, None, self.device)
+        return {"loss": loss, "accuracy": report["accuracy"], "stage": final, "report": report}
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:

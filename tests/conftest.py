@@ -57,3 +57,26 @@ def soft_model(cfg: ModelConfig, context: ContextConfig | None = None, loss: Los
     """softAR's GPT with a layout, made by `softar.soft.model.build_model`."""
     return build_model(Config(model=cfg, context=context or ContextConfig(), loss=loss or LossConfig(),
                               soft=soft or SoftConfig()))
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> Path:
+    """A small ProsQA-format dataset (`softar task prepare`), 64 train questions."""
+    from softar.tasks.data import prepare_task
+
+    out = tmp_path_factory.mktemp("task") / "prosqa"
+    prepare_task("prosqa", out, {"train": 64, "valid": 8, "test": 8}, seed=0)
+    return out
+
+
+def task_overrides(data_dir: Path, **extra) -> list[str]:
+    """A 1-layer, d=32 model on the symbolic rendering, thoughts mode with a 2-stage curriculum."""
+    values = {
+        "data.dir": f'"{data_dir}"', "task.name": '"prosqa"', "task.render": '"symbolic"', "task.mode": '"thoughts"',
+        "task.max_stage": 2, "task.stage_iters": 1, "task.eval_examples": 4, "task.max_answer_tokens": 8,
+        "model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.block_size": 200,
+        "train.batch_size": 4, "train.max_iters": 4, "train.warmup_iters": 1, "train.eval_interval": 2,
+        "train.log_interval": 1, "train.threads": 1, "train.device": '"cpu"', "soft.kind": '"hidden"',
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

@@ -35,6 +35,9 @@ OUT_OF_RANGE = {
     "context.segment_growth": "0", "context.aggregate_all": None, "context.op": '"max"', "context.decay": "1.0",
     "context.project": None, "context.kind_embeddings": None, "context.max_history": "-1",
     "context.soft_fill": '"twice"', "context.fill_draw": "1.5", "context.shift_every": "0",
+    "task.name": '"chess"', "task.render": '"latex"', "task.mode": '"tree"', "task.thoughts_per_step": "0",
+    "task.max_stage": "-1", "task.stage_iters": "-1", "task.pauses": "-1", "task.eval_examples": "0",
+    "task.max_answer_tokens": "0",
 }
 FIELDS = {f"{s}.{k}": type(v) for s, sec in Config().to_dict().items() for k, v in sec.items()}
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from softar.config import ModelConfig
 from softar.data.dataset import random_windows
-from softar.evaluate.soft_tokens import brier_lm, open_loop_loss, soft_output_metrics
+from softar.evaluate.soft_tokens import brier_lm, open_loop_loss, soft_kinds, soft_output_metrics
 from softar.model import Hidden, Outputs, VectorLM
 from softar.soft.model import SoftAR
 from softar.soft.tokens import SOFT_TOKENS
@@ -61,8 +61,9 @@ def test_open_loop_with_teacher_feedback_is_the_teacher_forced_loss():
     per_step = F.cross_entropy(logits.flatten(0, 1), ids[:, -4:].flatten(), reduction="none").view(16, 4).mean(0)
     assert got["per_step"]["teacher"] == pytest.approx(per_step.tolist(), abs=1e-5)
     assert np.mean(got["per_window"]["teacher"]) == pytest.approx(got["teacher"], abs=1e-6)
+    assert set(SOFT_TOKENS) - set(soft_kinds(model)) == {"collapse"}  # every kind but the collapse head's
     for mode in ("greedy", *(f"sampled_avg_{s}" for s in (1, 2, 4, 16)), "constant_mean", "constant_unigram",
-                 "zero", "unigram", *(f"soft_{k}" for k in SOFT_TOKENS)):
+                 "zero", "unigram", *(f"soft_{k}" for k in soft_kinds(model))):
         assert np.isfinite(got[mode]), mode
         if mode != got["soft_feedback"]:
             d = got["vs_soft"][mode]
@@ -156,7 +157,7 @@ def test_soft_output_metrics_match_a_direct_computation():
 
     model, data = model_and_data()
     m = soft_output_metrics(model, data, windows=8, seed=2)
-    assert set(m) == {"lm_top1", "nn_spacing", *SOFT_TOKENS}  # every registered soft token (it has a vector head)
+    assert set(m) == {"lm_top1", "nn_spacing", *soft_kinds(model)}  # every kind it can make (it has a vector head)
     ids = random_windows(data, 13, 8, 2, "cpu")
     with torch.no_grad():
         out = model.lm.heads(model.lm.hidden(model.E[ids[:, :-1]]))
@@ -210,7 +211,7 @@ def test_brier_of_the_shown_text_for_every_feedback_mode():
     model, data = model_and_data()
     got = open_loop_loss(model, data, horizon=4, windows=16, seed=3)["brier_shown"]
     assert set(got) == {"greedy", "sampled", "constant_mean", "constant_unigram", "zero",
-                        *(f"soft_{k}" for k in SOFT_TOKENS)}
+                        *(f"soft_{k}" for k in soft_kinds(model))}
     for cell in got.values():
         assert all(-1 <= cell[f"brier{n}"] <= 1 and cell[f"brier{n}_se"] >= 0 for n in range(1, 5))
     oracle = SoftAR(Oracle(5, 3, 1.0), 12)  # certain and right: every mode shows the truth

@@ -77,11 +77,14 @@ def test_noise_kinds_are_seeded_and_shaped():
 
 
 def test_spec_problems_name_the_key():
-    assert spec_problem(SoftConfig(), vector_head=False) is None
-    assert spec_problem(SoftConfig(kind="nope"), False)[0] == "soft.kind"
-    assert spec_problem(SoftConfig(kind="regress"), False) == ("soft.kind", "'regress' needs model.vector_head = true")
-    assert spec_problem(SoftConfig(kind="moi", args={"gamma": 1.0}), False)[0] == "soft.args"
-    assert spec_problem(SoftConfig(kind="moi", args={"beta": 2.0}), False) is None
-    assert spec_problem(SoftConfig(kind="moi", args={"beta": -1.0}), False)[0] == "soft.args"
-    assert spec_problem(SoftConfig(noise="uniform"), False)[0] == "soft.noise"
+    assert spec_problem(SoftConfig(), set()) is None
+    assert spec_problem(SoftConfig(kind="nope"), set())[0] == "soft.kind"
+    assert spec_problem(SoftConfig(kind="regress"), set()) == ("soft.kind", "'regress' needs model.vector_head = true")
+    assert spec_problem(SoftConfig(kind="collapse"), {"vector_head"}) == (
+        "soft.kind", "'collapse' needs model.collapse_head = true")
+    assert spec_problem(SoftConfig(kind="collapse"), {"collapse_head"}) is None
+    assert spec_problem(SoftConfig(kind="moi", args={"gamma": 1.0}), set())[0] == "soft.args"
+    assert spec_problem(SoftConfig(kind="moi", args={"beta": 2.0}), set()) is None
+    assert spec_problem(SoftConfig(kind="moi", args={"beta": -1.0}), set())[0] == "soft.args"
+    assert spec_problem(SoftConfig(noise="uniform"), set())[0] == "soft.noise"
     assert set(SOFT_TOKENS) >= {"expected", "regress", "hidden", "gated", "moi"}

@@ -111,3 +111,33 @@ def test_report_paths_are_checked_before_any_run(char_data, tmp_path):
             sweep([str(tmp_path / "a.toml")], 1, overrides, out, windows=2, horizons=(2,), report=report)
         assert not (out / "runs").exists()
     assert (tmp_path / "notes" / "results.csv").read_text() == "my precious csv"
+
+
+def test_a_reasoning_sweep_reports_accuracy_against_cot_paired_by_seed_and_question(task_data, char_data, tmp_path):
+    from softar import SoftarError
+
+    from .conftest import task_overrides
+
+    for name, mode in (("cot", "cot"), ("coconut", "thoughts")):
+        (tmp_path / f"{name}.toml").write_text(f'[task]\nmode = "{mode}"\n')
+    overrides = [o for o in task_overrides(task_data, **{"train.max_iters": 2}) if not o.startswith("task.mode")]
+    out, report = tmp_path / "sweep", tmp_path / "docs" / "reasoning.md"
+    configs = [str(tmp_path / "cot.toml"), str(tmp_path / "coconut.toml")]
+    result = sweep(configs, 2, overrides, out, report=report)
+    text = report.read_text()
+    for section in ("## Accuracy", "## By number of reasoning steps", "## By curriculum stage",
+                    "## Thought vectors and the superposition probe", "## What it shows", "Budget here"):
+        assert section in text
+    runs = [json.loads((out / "runs" / f"{n}_s{s}" / "eval.json").read_text()) for n in ("cot", "coconut")
+            for s in (1337, 1338)]
+    assert all(r["examples"] == 8 and r["data"].endswith("test.json") for r in runs)  # the test split
+    cot = np.array([r["correct"] for r in runs[:2]])
+    coconut = np.array([r["correct"] for r in runs[2:]])
+    diff = (coconut - cot).mean()
+    assert "| coconut | thoughts (hidden) | " in text and f"{diff:+.3f} [" in text
+    assert result["table"]["coconut"]["accuracy"][0] == pytest.approx(coconut.mean())
+    assert (out / "accuracy_curves.png").stat().st_size > 0 and (report.parent / "reasoning" / "results.csv").is_file()
+    with pytest.raises(SoftarError, match="separate sweeps"):
+        (tmp_path / "lm.toml").write_text(f'[data]\ndir = "{char_data}"\n')
+        (tmp_path / "task.toml").write_text(f'[data]\ndir = "{task_data}"\n[task]\nname = "prosqa"\n')
+        sweep([str(tmp_path / "lm.toml"), str(tmp_path / "task.toml")], 1, [], tmp_path / "mixed")

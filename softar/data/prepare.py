@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from softar.data.corpus import read_corpus
 from softar.data.dataset import META_FILE, SPLITS, load_meta, load_split, sha256_bytes, token_dtype
 from softar.data.glove import PRETRAINED_FILE, glove_vectors, pretrained_table
 from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
-from softar.disk import clean_stale_temps, temp_name
+from softar.disk import clean_stale_temps, install_folder, temp_name
 
 DATASET_FILES = {META_FILE, "train.bin", "val.bin", TOKENIZER_FILE, PRETRAINED_FILE}  # all a dataset folder holds
 
@@ -89,13 +88,7 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
             "val_fraction": VAL_FRACTION,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if out.exists() and force:  # replace atomically: the old dataset moves aside, the new one in, then it goes
-            old = temp_name(out.with_name(out.name + ".old"))
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:  # fails if another process wrote a dataset there meanwhile (a non-empty folder is never replaced)
-            os.rename(tmp, out)
+        install_folder(tmp, out, replace=force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SoftarError(f"--out {out}: cannot write the dataset ({e.strerror or e})") from None

@@ -133,7 +133,38 @@ class WordTokenizer:
         path.write_text(json.dumps({"type": "word", "words": self.words}), encoding="utf-8")
 
 
-Tokenizer = CharTokenizer | BPETokenizer | WordTokenizer
+class TaskTokenizer:
+    """A reasoning task's fixed, case-kept vocabulary of words, punctuation and <special> tokens (`softar.tasks`).
+    A word outside it is an error, not <unk>: a task's text is generated, so an unknown word is a wrong file."""
+
+    kind = "task"
+    PATTERN = re.compile(r"<[a-z]+>|[A-Za-z0-9]+|[^\sA-Za-z0-9]")
+
+    def __init__(self, words: list[str]):
+        self.words = words
+        self.stoi = {w: i for i, w in enumerate(words)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[w] for w in self.PATTERN.findall(text)]
+        except KeyError as e:
+            raise SoftarError(f"word {e.args[0]!r} is not in the task's vocabulary") from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids).replace(" .", ".").replace(" ?", "?")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"type": "task", "words": self.words}), encoding="utf-8")
+
+
+Tokenizer = CharTokenizer | BPETokenizer | WordTokenizer | TaskTokenizer
 
 
 def _strings(raw: dict, key: str, path: Path, length: int | None) -> list[str]:
@@ -158,6 +189,8 @@ def load_tokenizer(data_dir: str | Path, vocab_size: int | None = None) -> Token
         tok = CharTokenizer(_strings(raw, "chars", path, 1))
     elif raw.get("type") == "word":
         tok = WordTokenizer(_strings(raw, "words", path, None))
+    elif raw.get("type") == "task":
+        tok = TaskTokenizer(_strings(raw, "words", path, None))
     else:
         from tokenizers import Tokenizer as HFTokenizer
 

@@ -28,6 +28,9 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
     a long-window run) adds the fraction of the gap closed; `reference` (a plain run) adds the generation report."""
     device = pick_device(device_name)
     run = load_run(run_dir, device, data_dir)
+    if run.cfg.task.name:
+        raise SoftarError(f"{run_dir} trained on the {run.cfg.task.name} task; evaluate it with --task "
+                          f"{run.cfg.task.name} --data FILE.json")
     data_dir = data_dir or run.cfg.data.dir
     model = run.model
     lay = model.layout

@@ -21,7 +21,7 @@ from softar.generate import LAST
 from softar.model import Outputs
 from softar.soft.collapse import nearest, round_trip_gap
 from softar.soft.model import SoftAR
-from softar.soft.tokens import SOFT_TOKENS, make_soft_token, sample_ids
+from softar.soft.tokens import SOFT_TOKENS, heads_of, make_soft_token, sample_ids
 
 AVERAGED = (1, 2, 4, 16)  # sampled rollouts averaged in probability: sampled_avg_S
 CONSTANTS = ("constant_mean", "constant_unigram", "zero")  # one fixed vector fed back at every step
@@ -30,8 +30,8 @@ BRIER_N = 4  # BrierLM is the geometric mean of Brier-1..4
 
 def soft_kinds(model: SoftAR) -> list[str]:
     """The registered soft-token definitions this model can make."""
-    has_y = model.lm.vector_head is not None
-    return [name for name, d in SOFT_TOKENS.items() if has_y or not d.needs_vector_head]
+    heads = heads_of(model.lm)
+    return [name for name, d in SOFT_TOKENS.items() if not d.needs_head or d.needs_head in heads]
 
 
 def unigram(data: np.ndarray, vocab_size: int) -> torch.Tensor:

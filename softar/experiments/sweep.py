@@ -12,12 +12,13 @@ import statistics
 from pathlib import Path
 
 from softar import SoftarError, config
-from softar.data.dataset import load_meta
 from softar.disk import read_json, read_jsonl, read_text, strict_json, write_text_atomic
+from softar.evaluate.reasoning import evaluate_task_run
 from softar.evaluate.run import evaluate_run
 from softar.evaluate.stats import mean_std
-from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, read_config
+from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, data_fingerprint, read_config
 from softar.soft.model import check_soft_spec
+from softar.soft.tokens import heads_of
 from softar.train import Preempted, Preemption, train
 
 EVAL_FILE = "eval.json"
@@ -42,7 +43,7 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
     run_dir = out / "runs" / f"{Path(cfg_path).stem}_s{seed}"
     cfg = config.load(cfg_path, [*overrides, f"train.seed={seed}"])
     if (run_dir / CONFIG_FILE).is_file():
-        changed = config.diff(read_config(run_dir), config.resolve(cfg, load_meta(cfg.data.dir)["vocab_size"]))
+        changed = config.diff(read_config(run_dir), config.resolve(cfg, data_fingerprint(cfg.data.dir)["vocab_size"]))
         if [k for k in changed if k != "train.lr_decay_iters" or cfg.train.lr_decay_iters]:
             raise SoftarError(f"{run_dir} was made with other settings (differs in {', '.join(changed)}); "
                               "choose another --out")
@@ -53,8 +54,11 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
         if result.get("preempted"):
             raise Preempted(signal.Signals[result["signal"]], saved=True,
                             how="run the same softar sweep command again to continue")
-        fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may differ in windows
-        result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
+        if cfg.task.name:  # a reasoning task: the test split, once, with the final checkpoint (chosen on nothing)
+            result = evaluate_task_run(run_dir, cfg.task.name, Path(cfg.data.dir) / "test.json", cfg.train.device)
+        else:
+            fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may differ in windows
+            result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
         write_text_atomic(run_dir / EVAL_FILE, strict_json(result, indent=2))
     return result
 
@@ -67,7 +71,7 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     fraction of the gap closed, per seed; `generation` = (generator, reference) adds the collapse-threshold
     trade-off of the generator's runs scored by the reference's (see `softar.experiments.context_study`). Either
     makes the report the context-layout study instead of the soft-token one."""
-    from softar.experiments import context_study, soft_study
+    from softar.experiments import context_study, reasoning_study, soft_study
 
     stems = [Path(c).stem for c in configs]
     if len(set(stems)) != len(stems):
@@ -78,7 +82,12 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
                 raise SoftarError(f"sweep {flag}: {name!r} is not one of the configs ({', '.join(stems)})")
     loaded = {Path(c).stem: config.load(c, overrides) for c in configs}  # fail on a bad config before any run
     for cfg in loaded.values():
-        check_soft_spec(cfg.soft, cfg.model.vector_head)
+        check_soft_spec(cfg.soft, heads_of(cfg.model))
+    reasoning = any(cfg.task.name for cfg in loaded.values())
+    if reasoning and not all(cfg.task.name for cfg in loaded.values()):
+        raise SoftarError("sweep: reasoning-task configs and language-model configs go in separate sweeps")
+    if reasoning and (gap or generation):
+        raise SoftarError("sweep: --gap and --generation are for language-model configs, not reasoning tasks")
     if generation is not None and not loaded[generation[1]].context.plain:
         raise SoftarError(f"sweep --generation: the reference {generation[1]!r} has a context layout; it must be a "
                           "plain hard-token config")
@@ -93,6 +102,18 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
         for c in configs:
             raw[Path(c).stem] = [run_one(c, base_seed + s, overrides, out, windows, horizons) for s in range(seeds)]
     rows = {name: [flatten(r) for r in runs] for name, runs in raw.items()}
+    if reasoning:
+        table = {name: {col: mean_std([r[col] for r in runs if col in r]) for col in reasoning_study.columns()
+                        if any(col in r for r in runs)} for name, runs in rows.items()}
+        write_tables(table, reasoning_study.columns(), out)
+        plot(configs, seeds, base_seed, table, out, reasoning_study.BAR_METRICS)
+        reasoning_study.plot_accuracy(list(table), seeds, base_seed, out, loaded)
+        if report is not None:
+            write_report(report, command, configs, overrides, seeds, table, out,
+                         reasoning_study.report_sections(table, raw, loaded),
+                         ["loss_curves.png", "accuracy_curves.png", "metrics.png"], setup=reasoning_study.SETUP)
+        return {"sweep": str(out), "configs": [Path(c).stem for c in configs], "seeds": seeds,
+                "table": {n: {c: list(v) for c, v in cols.items()} for n, cols in table.items()}}
     study = gap is not None or generation is not None
     if gap is not None:
         context_study.add_gap_closed(rows, *gap)
@@ -166,8 +187,8 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
 
 
 SWEEP_MARK = ".softar-sweep"  # in every --out a sweep made: what it may overwrite there is its own
-SWEEP_FILES = {"runs", "results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png", "sweep.json",
-               SWEEP_MARK}
+SWEEP_FILES = {"runs", "results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png",
+               "accuracy_curves.png", "sweep.json", SWEEP_MARK}
 REPORT_MARK = "<!-- written by softar sweep -->"
 
 
@@ -191,7 +212,7 @@ def claim_out(out: Path) -> None:
             raise SoftarError(f"--out {out}: {name} is not a plain file a sweep wrote")
 
 
-REPORT_ASSETS = {"loss_curves.png", "metrics.png", "tradeoff.png", "results.csv"}
+REPORT_ASSETS = {"loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png", "results.csv"}
 
 
 def check_report(path: Path, out: Path) -> None:
@@ -226,9 +247,9 @@ def check_report(path: Path, out: Path) -> None:
 
 
 def write_report(path: Path, command: str, configs: list[str], overrides: list[str], seeds: int, table: dict,
-                 out: Path, sections: list[str], pngs: list[str]) -> None:
-    """A Markdown report: the command that regenerates it, the table, the plots (copied beside it), then the
-    study's own sections."""
+                 out: Path, sections: list[str], pngs: list[str], setup: str | None = None) -> None:
+    """A Markdown report: the command that regenerates it, the setup (`setup`, or the language-model studies'
+    one), the plots (copied beside it), then the study's own sections."""
     import shutil
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +259,12 @@ def write_report(path: Path, command: str, configs: list[str], overrides: list[s
         shutil.copy(out / name, assets / name)
     cfg = config.load(configs[0], overrides)
     t, m = cfg.train, cfg.model
+    setup = setup or (
+        f"Every run: {m.n_layer} layers, d_model {m.d_model}, {t.max_iters} steps; window size and batch as in "
+        f"each config (the first: block {m.block_size}, batch {t.batch_size}), with the same number of predicted "
+        f"tokens per step for every config unless its header says otherwise; {seeds} seeds (train.seed = 1337, "
+        "1338, ...). Metrics on the val split; sampled ones on the same random windows for every run. Every "
+        "metric of every config, mean and standard deviation over seeds: [results.csv]({assets}/results.csv).")
     text = [
         f"# Results: {', '.join(Path(c).stem for c in configs)}",
         "",
@@ -247,11 +274,7 @@ def write_report(path: Path, command: str, configs: list[str], overrides: list[s
         command or "softar sweep ...",
         "```",
         "",
-        f"Every run: {m.n_layer} layers, d_model {m.d_model}, {t.max_iters} steps; window size and batch as in "
-        f"each config (the first: block {m.block_size}, batch {t.batch_size}), with the same number of predicted "
-        f"tokens per step for every config unless its header says otherwise; {seeds} seeds (train.seed = 1337, "
-        "1338, ...). Metrics on the val split; sampled ones on the same random windows for every run. Every "
-        f"metric of every config, mean and standard deviation over seeds: [results.csv]({assets.name}/results.csv).",
+        setup.replace("{assets}", assets.name),
         "",
         *[f"![{png[:-4]}]({assets.name}/{png})\n" for png in pngs],
         *sections,

@@ -29,28 +29,30 @@ def init_normal(module: nn.Module) -> None:
 
 
 class KVCache:
-    """Keys and values appended in order for all layers: kv [n_layer, 2, B, H, max_len, head_dim], `len` filled."""
+    """Keys and values appended in order for every layer: k[l], v[l] [B, H, len, hd]. Appending concatenates
+    instead of writing into a buffer, so a forward through the cache keeps its autograd graph: continuous thoughts
+    train through it (`softar.soft.thoughts`), as Coconut's do through Hugging Face's cache."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        hd = cfg.d_model // cfg.n_head
-        self.kv = torch.zeros(cfg.n_layer, 2, batch_size, cfg.n_head, max_len, hd, device=device, dtype=dtype)
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
         self.len = 0  # filled positions
-        self.max_len = max_len
         self._mask: torch.Tensor | None = None
 
     def prepare(self, T: int) -> None:
         """Before a forward of T new slots: their queries see the whole cache plus the new keys up to themselves."""
+        device = self.k[0].device if self.len else None
         self._mask = None if T == 1 or self.len == 0 else \
-            torch.ones(T, self.len + T, dtype=torch.bool, device=self.kv.device).tril(diagonal=self.len)
+            torch.ones(T, self.len + T, dtype=torch.bool, device=device).tril(diagonal=self.len)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v [B, H, T, hd] after what the cache holds and attend q to everything so far."""
-        start, end = self.len, self.len + q.shape[2]
-        kv = self.kv[layer]  # [2, B, H, max_len, hd]
-        kv[0, :, :, start:end], kv[1, :, :, start:end] = k, v
-        if start == 0:  # an empty cache: the very computation of the uncached forward
+        if self.len == 0:  # an empty cache: the very computation of the uncached forward
+            self.k[layer], self.v[layer] = k, v
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=self._mask)
+        k = self.k[layer] = torch.cat((self.k[layer], k), dim=2)
+        v = self.v[layer] = torch.cat((self.v[layer], v), dim=2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask)
 
     def advance(self, T: int) -> None:
         self.len += T
@@ -87,12 +89,13 @@ class RingCache:
         self.slot.add_(1).remainder_(self.size)
 
     def write_rows(self, rows: torch.Tensor, window: KVCache) -> None:
-        """Replace rows [R] of the ring with the L-slot windows a `KVCache` [.., R, H, L, hd] holds, in the L slots
-        just before `slot`; every other slot of those rows becomes invalid."""
+        """Replace rows [R] of the ring with the L-slot windows a `KVCache` (k, v [R, H, L, hd] per layer) holds, in
+        the L slots just before `slot`; every other slot of those rows becomes invalid."""
         L = window.len
         slots = (self.slot - L + torch.arange(L, device=self.slot.device)).remainder(self.size)  # [L]
         r, s = rows[:, None], slots[None, :]
-        self.kv[:, :, r, :, s] = window.kv[:, :, :, :, :L].permute(2, 4, 0, 1, 3, 5)  # [R, L, n_layer, 2, H, hd]
+        kv = torch.stack([torch.stack(kv) for kv in zip(window.k, window.v, strict=True)])  # [n_layer, 2, R, H, L, hd]
+        self.kv[:, :, r, :, s] = kv.permute(2, 4, 0, 1, 3, 5)  # [R, L, n_layer, 2, H, hd]
         self.valid[rows] = False
         self.valid[r, s] = True
 
@@ -268,7 +271,7 @@ class GPT(nn.Module):
                        else None)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch_size, max_len, self.E.device, self.E.dtype)
+        return KVCache(self.cfg.n_layer)  # it grows as it fills: no size to fix
 
     def new_ring_cache(self, batch_size: int, size: int) -> RingCache:
         return RingCache(self.cfg, batch_size, size, self.E.device, self.E.dtype)

@@ -13,8 +13,10 @@ from softar.config import Config, ConfigError, ContextConfig, LossConfig, SoftCo
 from softar.losses import objective
 from softar.model import GPT, Hidden, Outputs
 from softar.model.gpt import init_normal
-from softar.soft.tokens import add_noise, make_soft_token, spec_problem
+from softar.soft.thoughts import forward_thoughts, task_loss
+from softar.soft.tokens import add_noise, heads_of, make_soft_token, spec_problem
 from softar.soft.window import SOFT, Layout, WindowBuilder, summary_slots
+from softar.tasks import VOCABULARY
 
 History = tuple[torch.Tensor, torch.Tensor]  # ids [B, h] right-aligned (the newest last), lengths [B]
 
@@ -30,6 +32,9 @@ class SoftAR(nn.Module):
         self.layout = Layout.from_config(self.context_cfg, window_slots)
         self.slots = WindowBuilder(self.layout, lm.E.shape[1], self.context_cfg.kind_embeddings,
                                    self.context_cfg.project)
+        # a reasoning task's <thought> token, whose slots the model fills with its own continuous thoughts
+        # (softar.soft.thoughts); None for a language model
+        self.thought_id: int | None = None
         # a regression-only model (ce weight 0) never trains its LM head: evaluation reads its distribution as
         # softmax(cos(y, E) / tau) instead, with tau fitted on train (`softar.evaluate.lm.fit_readout`)
         self.cosine_readout: float | None = None
@@ -124,6 +129,8 @@ class SoftAR(nn.Module):
         the logits of the token slots [B, n, V], the soft region filled by `soft_fill` (a real rollout unless told
         otherwise). With targets [B, n]: (loss, parts) of the training objective at the token slots, the soft region
         filled as `context.soft_fill` says; with `context.fill_draw` a batch may see a partly full hard region."""
+        if self.thought_id is not None:  # a reasoning task: its targets are -1 up to <eot>
+            return forward_thoughts(self, x)[0] if targets is None else task_loss(self, x, targets)
         if targets is not None:
             soft_fill = self.context_cfg.soft_fill
             if self.context_cfg.fill_draw and torch.rand(()) < self.context_cfg.fill_draw:
@@ -149,10 +156,10 @@ class SoftAR(nn.Module):
         return per_slot * T / lay.token_slots * two_pass
 
 
-def check_soft_spec(spec: SoftConfig, vector_head: bool) -> None:
+def check_soft_spec(spec: SoftConfig, heads: set[str]) -> None:
     """A ConfigError naming the key if the soft-token spec names no registered definition or noise, or cannot run on
-    the model."""
-    problem = spec_problem(spec, vector_head)
+    a model with these optional heads (`softar.soft.tokens.heads_of`)."""
+    problem = spec_problem(spec, heads)
     if problem:
         raise ConfigError(f"{problem[0]}: {problem[1]}")
 
@@ -162,13 +169,15 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
     into it), or the given VectorLM (a pretrained Hugging Face model, say) with a fresh window builder. The GPT and
     its window builder draw their initial weights in one fixed order, the one softAR has always used."""
     if lm is None:
-        check_soft_spec(cfg.soft, cfg.model.vector_head)
+        check_soft_spec(cfg.soft, heads_of(cfg.model))
         model = SoftAR(GPT(cfg.model, init=False), cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
         model.lm.init_weights(model.slots)
-        return model
-    check_soft_spec(cfg.soft, lm.vector_head is not None)
-    model = SoftAR(lm, cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
-    model.slots.apply(init_normal)
+    else:
+        check_soft_spec(cfg.soft, heads_of(lm))
+        model = SoftAR(lm, cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
+        model.slots.apply(init_normal)
+    if cfg.task.name:
+        model.thought_id = VOCABULARY.index("<thought>")
     return model
 
 

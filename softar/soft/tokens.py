@@ -27,18 +27,26 @@ class SoftTokenDef:
     fn: Callable  # (out: Outputs, E, spec: SoftConfig, generator) -> [..., m]
     doc: str
     params: dict[str, float] = field(default_factory=dict)  # parameter -> default (config: soft.args)
-    needs_vector_head: bool = False
+    needs_head: str = ""  # the optional model head it reads: "vector_head" or "collapse_head"
 
 
 SOFT_TOKENS: dict[str, SoftTokenDef] = {}
 
 
-def soft_token(name: str, params: dict[str, float] | None = None, needs_vector_head: bool = False):
+HEADS = ("vector_head", "collapse_head")  # a model's optional heads (`softar.model.Outputs.y`, `.c`)
+
+
+def heads_of(obj) -> set[str]:
+    """The optional heads a `ModelConfig` asks for, or a `VectorLM` has."""
+    return {h for h in HEADS if getattr(obj, h, None) not in (None, False)}
+
+
+def soft_token(name: str, params: dict[str, float] | None = None, needs_head: str = ""):
     """Register a soft-token definition under `name`."""
 
     def register(fn: Callable) -> Callable:
         doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph, on one line
-        SOFT_TOKENS[name] = SoftTokenDef(name, fn, doc, dict(params or {}), needs_vector_head)
+        SOFT_TOKENS[name] = SoftTokenDef(name, fn, doc, dict(params or {}), needs_head)
         return fn
 
     return register
@@ -125,7 +133,7 @@ def expected(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tenso
     return probs(out.logits, spec.top_k) @ E
 
 
-@soft_token("regress", needs_vector_head=True)
+@soft_token("regress", needs_head="vector_head")
 def regress(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
     """The vector head's y, trained by regression to the next token's embedding."""
     return out.y
@@ -135,6 +143,12 @@ def regress(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor
 def hidden(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
     """The last hidden state mapped to R^m, fed back as it is (Coconut's continuous thought)."""
     return out.h_m
+
+
+@soft_token("collapse", needs_head="collapse_head")
+def collapse(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
+    """The collapse head's c: a learned map onto R^m from a layer where the whole context is mixed."""
+    return out.c
 
 
 @soft_token("gated")
@@ -198,13 +212,13 @@ def add_noise(spec, v: torch.Tensor, E: torch.Tensor, logits: torch.Tensor,
     return v if fn is None or spec.noise_scale == 0 else fn(v, E, logits, spec.noise_scale, generator)
 
 
-def spec_problem(spec, vector_head: bool) -> tuple[str, str] | None:
+def spec_problem(spec, heads: set[str]) -> tuple[str, str] | None:
     """(config key, message) if a soft-token spec cannot run on a model, else None."""
     if spec.kind not in SOFT_TOKENS:
         return "soft.kind", f"expected one of {', '.join(map(repr, SOFT_TOKENS))}, got {spec.kind!r}"
     d = SOFT_TOKENS[spec.kind]
-    if d.needs_vector_head and not vector_head:
-        return "soft.kind", f"{spec.kind!r} needs model.vector_head = true"
+    if d.needs_head and d.needs_head not in heads:
+        return "soft.kind", f"{spec.kind!r} needs model.{d.needs_head} = true"
     unknown = sorted(set(spec.args) - set(d.params))
     if unknown:
         return "soft.args", (f"{spec.kind!r} takes {', '.join(d.params) or 'no parameters'}, "

@@ -1,0 +1,249 @@
+"""Reasoning tasks: greedy answers (continuous thoughts through the KV cache), exact-match accuracy overall, by
+number of reasoning steps and by curriculum stage, thought and step tokens, time per question, thought norms against
+the embeddings', and a probe of superposition: how many breadth-first frontier nodes each thought holds."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from softar import SoftarError
+from softar.config import Config
+from softar.data.tokenizer import load_tokenizer
+from softar.evaluate.stats import mean_se
+from softar.soft.thoughts import forward_thoughts, task_loss, thought, thought_span
+from softar.tasks import Task, get_task
+from softar.tasks.data import Encoder, Example, load_records, load_task_meta
+from softar.tasks.graphs import frontiers
+
+
+@dataclass
+class TaskData:
+    """A task run's data: the task, its tokenizer and encoder, and the examples of its splits."""
+
+    task: Task
+    encoder: Encoder
+    meta: dict
+    records: dict[str, list[dict]]
+    examples: dict[str, list[Example]]
+
+    @classmethod
+    def open(cls, cfg: Config, data_dir: str | Path | None = None, splits: tuple[str, ...] = ("train", "valid"),
+             files: dict[str, Path] | None = None) -> TaskData:
+        """The task of `cfg.task` on `data_dir` (default cfg.data.dir); `files` maps a split name to another file
+        in the same format (e.g. `softar eval --data FILE.json`)."""
+        data_dir = Path(data_dir or cfg.data.dir)
+        meta = load_task_meta(data_dir)
+        if meta["task"] != cfg.task.name:
+            raise SoftarError(f"task.name: {cfg.task.name!r}, but {data_dir} holds the {meta['task']!r} task")
+        task = get_task(cfg.task.name)
+        encoder = Encoder(task, load_tokenizer(data_dir, meta["vocab_size"]), cfg.task.render, cfg.task)
+        paths = {s: data_dir / f"{s}.json" for s in splits} | (files or {})
+        records = {s: load_records(p) for s, p in paths.items()}
+        examples = {s: [encoder.example(r, f"{paths[s]}: record {i}") for i, r in enumerate(rs)]
+                    for s, rs in records.items()}
+        return cls(task, encoder, meta, records, examples)
+
+    def longest(self, split: str) -> int:
+        """Slots the longest sequence of a split needs, at any curriculum stage."""
+        enc = self.encoder
+        return max(len(enc.sequence(ex, k)[0]) - 1 for ex in self.examples[split]
+                   for k in range(enc.final_stage() + 1))
+
+    def check_fits(self, split: str, slots: int, what: str) -> None:
+        need = self.longest(split)
+        if need > slots:
+            raise SoftarError(f"{what}: its longest sequence needs {need} slots, the model has {slots} "
+                              "(model.block_size)")
+
+
+MAX_BATCH = 256  # questions decoded at once
+
+
+@torch.inference_mode()
+def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new: int, use_cache: bool = True,
+          seed: int = 0) -> list[dict]:
+    """Greedy answers at a curriculum stage: each prompt (question, <bot>, thought or pause slots, <eot>) runs with
+    its thoughts, then decodes until <eos> or `max_new` tokens. Prompts of equal length go as one batch. Without
+    the cache every step recomputes the whole sequence (the reference the cache is tested against). Returns per
+    example: generated ids (without <eos>), thoughts [n, m], seconds (its batch's time over its size)."""
+    lm, E, eos = model.lm, model.E, encoder.id["<eos>"]
+    prompts = [encoder.prompt(ex, stage) for ex in examples]
+    lanes: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        lanes.setdefault(len(p), []).append(i)
+    lanes = {(P, j): rows[j : j + MAX_BATCH] for P, rows in lanes.items() for j in range(0, len(rows), MAX_BATCH)}
+    results: list[dict] = [{} for _ in examples]
+    for (P, _), rows in lanes.items():
+        if model.window_slots < P + 1:
+            raise SoftarError(f"a prompt of {P} tokens leaves no room to answer in the model's {model.window_slots} "
+                              "slots")
+        t0 = time.perf_counter()
+        gen = torch.Generator(E.device).manual_seed(seed)
+        ids = torch.tensor([prompts[i] for i in rows], device=E.device)  # [b, P]
+        if use_cache:
+            cache = lm.new_cache(*ids.shape)
+            logits, thoughts = forward_thoughts(model, ids, cache, gen)
+            last = logits[:, -1]
+        else:
+            vectors = F.embedding(ids, E)
+            start, n = thought_span(ids, model.thought_id)
+            seq, kept = vectors[:, :start], []
+            for _ in range(n):
+                kept.append(thought(model, model.read(seq, last=True), gen).to(vectors.dtype))
+                seq = torch.cat([seq, kept[-1]], dim=1)
+            seq = torch.cat([seq, vectors[:, start + n :]], dim=1)
+            thoughts = torch.cat(kept, dim=1) if kept else vectors[:, :0]
+            last = model.read(seq, last=True).logits[:, -1]
+        out, done = [], torch.zeros(len(rows), dtype=torch.bool, device=E.device)
+        for _ in range(min(max_new, model.window_slots - P)):
+            tok = last.argmax(-1)  # [b]
+            out.append(tok)
+            done |= tok == eos
+            if done.all():
+                break
+            v = E[tok][:, None]  # [b, 1, m]
+            if use_cache:
+                last = model.outputs(lm.hidden(v, cache=cache)).logits[:, -1]
+            else:
+                seq = torch.cat([seq, v], dim=1)
+                last = model.read(seq, last=True).logits[:, -1]
+        seconds = (time.perf_counter() - t0) / len(rows)
+        gen_ids = torch.stack(out, dim=1).tolist()  # [b, N]
+        for j, i in enumerate(rows):
+            ids_i = gen_ids[j]
+            results[i] = {"ids": ids_i[: ids_i.index(eos)] if eos in ids_i else ids_i,
+                          "thoughts": thoughts[j].float().cpu(), "seconds": seconds}
+    return results
+
+
+def split_answer(encoder: Encoder, ids: list[int]) -> tuple[list[str], int]:
+    """(the answer's words: what follows the last <ans>, the number of step tokens before it). Without <ans> the
+    answer is empty (malformed)."""
+    words = [encoder.tok.words[i] for i in ids]
+    if "<ans>" not in words:
+        return [], len(words)
+    at = len(words) - 1 - words[::-1].index("<ans>")
+    return words[at + 1 :], at
+
+
+def frontier_probe(model, encoder: Encoder, record: dict, thoughts: torch.Tensor) -> list[dict]:
+    """For the last thought of each replaced step k (thoughts k*c .. k*c + c-1, c = thoughts_per_step): the nodes of
+    this graph ranked by the thought's dot product with their embeddings (the LM head's reading, for Coconut's
+    thoughts); of the |F| top-ranked nodes, how many lie in the breadth-first frontier F at depth k + 1; and the
+    count expected by chance, |F|^2 / n."""
+    names = encoder.task.node_tokens(record, encoder.rendering)
+    ids = torch.tensor([encoder.tok.stoi[w] for w in names])
+    scores = thoughts.float() @ model.E.detach().float().cpu()[ids].T  # [n_thoughts, n_nodes]
+    fronts = frontiers(len(names), [tuple(e) for e in record["edges"]], record["root"])
+    rows, c = [], encoder.cfg.thoughts_per_step
+    for k in range(thoughts.shape[0] // c):
+        if k + 1 >= len(fronts) or not fronts[k + 1]:
+            break
+        F_k = fronts[k + 1]
+        top = set(scores[k * c + c - 1].topk(len(F_k)).indices.tolist())
+        rows.append({"depth": k + 1, "frontier": len(F_k), "held": len(top & F_k),
+                     "chance": len(F_k) ** 2 / len(names)})
+    return rows
+
+
+def evaluate_task(model, data: TaskData, split: str, stages: list[int] | None = None, limit: int | None = None,
+                  seed: int = 0) -> dict:
+    """Accuracy and its breakdowns on a split at each stage in `stages` (default: the mode's final stage, which is
+    the headline), over the first `limit` examples (default all). Greedy and deterministic under `seed`."""
+    enc, cfg = data.encoder, data.encoder.cfg
+    final = enc.final_stage()
+    stages = stages if stages is not None else [final]
+    records, examples = data.records[split][:limit], data.examples[split][:limit]
+    was_training = model.training
+    model.eval()
+    report: dict = {"split": split, "examples": len(examples), "mode": cfg.mode, "render": enc.rendering}
+    try:
+        for stage in stages:
+            res = solve(model, enc, examples, stage, cfg.max_answer_tokens, seed=seed)
+            correct, by_steps, steps_tok, probe, named = [], {}, [], {}, []
+            for r, out in zip(records, res, strict=True):
+                words, n_steps = split_answer(enc, out["ids"])
+                ok = float(enc.task.check(r, words, enc.rendering))
+                correct.append(ok)
+                if hasattr(enc.task, "options"):  # a choice between options: did it name one at all?
+                    named.append(float(enc.task.answer_node(r, words, enc.rendering) in enc.task.options(r)))
+                by_steps.setdefault(len(r["steps"]), []).append(ok)
+                steps_tok.append(n_steps)
+                if out["thoughts"].shape[0]:
+                    for row in frontier_probe(model, enc, r, out["thoughts"]):
+                        probe.setdefault(row["depth"], []).append(row)
+            acc, acc_se = mean_se(correct)
+            entry = {"accuracy": acc, "accuracy_se": acc_se,
+                     "accuracy_by_steps": {str(k): statistics.fmean(v) for k, v in sorted(by_steps.items())},
+                     "thought_tokens": len(enc.middle(stage)[0]) if cfg.mode == "thoughts" else 0,
+                     "pause_tokens": cfg.pauses if cfg.mode == "pause" else 0,
+                     "step_tokens": statistics.fmean(steps_tok),
+                     "seconds_per_question": statistics.fmean(o["seconds"] for o in res),
+                     "correct": correct}  # per question, in file order: paired comparisons across runs
+            if named:  # chance is 0.5 among the answers that name an option
+                entry["option_rate"] = statistics.fmean(named)
+                entry["accuracy_when_option"] = (sum(correct) / sum(named)) if sum(named) else None
+                entry["named_option"] = named
+            thoughts = [o["thoughts"] for o in res if o["thoughts"].shape[0]]
+            if thoughts:
+                norms = torch.cat(thoughts).norm(dim=-1)
+                entry["thought_norm"] = norms.mean().item()
+                entry["embedding_norm"] = model.E.detach().float().norm(dim=-1).mean().item()
+                entry["probe"] = {str(d): {k: statistics.fmean(r[k] for r in rows) for k in ("frontier", "held",
+                                                                                            "chance")}
+                                  for d, rows in sorted(probe.items())}
+            report[f"stage_{stage}"] = entry
+        report.update(report[f"stage_{final}"] if final in stages else {})
+    finally:
+        model.train(was_training)
+    return report
+
+
+@torch.no_grad()
+def task_loss_on(model, data: TaskData, split: str, stage: int, batch_size: int, limit: int | None,
+                 device) -> float:
+    """Mean cross-entropy on what follows <eot>, over the first `limit` examples of a split at a stage."""
+    was_training = model.training
+    model.eval()
+    exs = data.examples[split][:limit]
+    groups: dict[int, list[Example]] = {}
+    for ex in exs:
+        groups.setdefault(len(ex.question), []).append(ex)
+    total, count = 0.0, 0
+    try:
+        for group in groups.values():
+            for i in range(0, len(group), batch_size):
+                x, y = data.encoder.batch(group[i : i + batch_size], stage)
+                n = int((y >= 0).sum())
+                total += task_loss(model, x.to(device), y.to(device))[0].item() * n
+                count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def evaluate_task_run(run_dir: str | Path, task: str, data_file: str | Path, device_name: str = "auto",
+                      seed: int = 0) -> dict:
+    """`softar eval RUN --task NAME --data FILE.json`: a task run's latest checkpoint on any file in the task's
+    format; in thoughts mode at every curriculum stage (the headline is the last)."""
+    from softar.device import pick_device
+    from softar.rundir import load_run
+
+    run = load_run(run_dir, pick_device(device_name))
+    if not run.cfg.task.name:
+        raise SoftarError(f"{run_dir} is a language-model run, not a reasoning task's; evaluate it without --task")
+    if task != run.cfg.task.name:
+        raise SoftarError(f"--task {task}: {run_dir} was trained on {run.cfg.task.name!r}")
+    data = TaskData.open(run.cfg, splits=(), files={"eval": Path(data_file)})
+    data.check_fits("eval", run.model.window_slots, f"--data {data_file}")
+    final = data.encoder.final_stage()
+    stages = list(range(final + 1)) if run.cfg.task.mode == "thoughts" else [final]
+    report = evaluate_task(run.model, data, "eval", stages, seed=seed)
+    loss = task_loss_on(run.model, data, "eval", final, run.cfg.train.batch_size, None, run.model.E.device)
+    return {"run_dir": str(run_dir), "step": run.step, "data": str(data_file), "loss": loss, **report}

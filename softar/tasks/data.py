@@ -1,0 +1,286 @@
+"""Task datasets: `softar task prepare` writes train/valid/test JSON in Coconut's format; loading checks every
+record; examples become token sequences [question] <bot> [thoughts | pauses] <eot> [steps] <ans> [answer] <eos>;
+`TaskSampler` draws training batches, with Coconut's curriculum stage following the step."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softar import SoftarError
+from softar.data.dataset import sha256_file
+from softar.data.tokenizer import TOKENIZER_FILE, TaskTokenizer, load_tokenizer
+from softar.disk import check_fields, clean_stale_temps, install_folder, read_json, temp_name
+from softar.tasks import get_task
+from softar.tasks.base import MAX_NODES, VOCABULARY, Task
+from softar.tasks.graphs import EDGES, NODES
+
+TASK_FILE = "task.json"
+SPLITS = {"train": 17_000, "valid": 300, "test": 500}  # about Coconut's ProsQA sizes (17,886 / 300 / 500)
+TASK_FILES = {TASK_FILE, TOKENIZER_FILE, *(f"{s}.json" for s in SPLITS)}
+RECORD_FIELDS = {"question": str, "answer": str, "steps": list, "edges": list, "root": int, "target": int,
+                 "neg_target": int, "idx_to_symbol": list}
+MAX_RECORDS = 10**7
+
+
+def check_record(r: dict, where: str) -> None:
+    """A record in Coconut's format with a consistent graph; anything else is a one-line error."""
+    check_fields(r, RECORD_FIELDS, where)
+    sym = r["idx_to_symbol"]
+    n = len(sym)
+    if not 2 <= n <= MAX_NODES or not all(isinstance(s, str) and s for s in sym):
+        raise SoftarError(f"{where}: idx_to_symbol must be 2 to {MAX_NODES} non-empty strings")
+    if len(r["edges"]) > 100_000 or not all(
+            isinstance(e, list) and len(e) == 2 and all(type(x) is int and 0 <= x < n for x in e) for e in r["edges"]):
+        raise SoftarError(f"{where}: edges must be pairs of node indices in [0, {n})")
+    for key in ("root", "target", "neg_target"):
+        if not 0 <= r[key] < n:
+            raise SoftarError(f"{where}: {key} {r[key]} is not a node index in [0, {n})")
+    if len(r["steps"]) > 1000 or not all(isinstance(s, str) for s in r["steps"]):
+        raise SoftarError(f"{where}: steps must be a list of strings")
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """The records of a task JSON file (a list of objects in Coconut's format), each checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise SoftarError(f"task data {path} not found")
+    records = read_json(path, "task data")
+    if not isinstance(records, list) or not records or len(records) > MAX_RECORDS:
+        raise SoftarError(f"task data {path}: expected a non-empty JSON list of records")
+    for i, r in enumerate(records):
+        check_record(r, f"task data {path}: record {i}")
+    return records
+
+
+def graph_stats(records: list[dict]) -> dict:
+    """Nodes, edges and reasoning steps per record: min, mean, max."""
+    def summary(xs: list[int]) -> dict:
+        return {"min": min(xs), "mean": statistics.fmean(xs), "max": max(xs)}
+
+    return {"nodes": summary([len(r["idx_to_symbol"]) for r in records]),
+            "edges": summary([len(r["edges"]) for r in records]),
+            "steps": summary([len(r["steps"]) for r in records])}
+
+
+def check_stats(stats: dict, records: int) -> None:
+    """The generator's statistics must match Coconut's ProsQA: 14-28 nodes (mean about 23), 16-54 edges (about
+    36), chains of 3-6 steps (about 3.8); the means only over 1,000 records or more, where they are stable."""
+    want = {"nodes": (*NODES, 23.0, 1.5), "edges": (*EDGES, 36.0, 3.0), "steps": (3, 6, 3.8, 0.3)}
+    for key, (low, high, mean, tol) in want.items():
+        s = stats[key]
+        if s["min"] < low or s["max"] > high or records >= 1000 and abs(s["mean"] - mean) > tol:
+            raise SoftarError(f"generated {key}: {s} is outside [{low}, {high}] with mean {mean} ± {tol}")
+
+
+def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = None, seed: int = 0,
+                 force: bool = False) -> dict:
+    """Generate a task's splits into `out` (train.json, valid.json, test.json, tokenizer.json, task.json), written
+    into a temp folder first; an existing different dataset is replaced only with `force`, and only a folder that
+    holds nothing but a task dataset's own files."""
+    from softar.tasks.prosqa import make_record
+
+    get_task(name)
+    counts = counts or dict(SPLITS)
+    out = Path(out).absolute()
+    if out.is_symlink() or out.exists() and not out.is_dir():
+        raise SoftarError(f"--out {out} exists and is not a directory")
+    clean_stale_temps(out.parent, (out.name, out.name + ".old"))
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in TASK_FILES or not p.is_file())
+        if foreign:
+            raise SoftarError(f"{out} holds files that are not a softar task dataset's ({', '.join(foreign[:3])}); "
+                              "choose another --out")
+        if (out / TASK_FILE).is_file() and not force:
+            try:
+                old = load_task_meta(out)
+            except SoftarError:
+                old = None
+            if old and old["task"] == name and old["seed"] == seed and old["counts"] == counts:
+                return old
+            raise SoftarError(f"{out} already holds a different or incomplete task dataset; choose another --out "
+                              "or pass --force to replace it")
+    rng = random.Random(seed)
+    splits = {split: [make_record(rng) for _ in range(k)] for split, k in counts.items()}
+    stats = graph_stats(splits["train"])
+    check_stats(stats, len(splits["train"]))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        for split, records in splits.items():
+            (tmp / f"{split}.json").write_text(json.dumps(records), encoding="utf-8")
+        TaskTokenizer(VOCABULARY).save(tmp / TOKENIZER_FILE)
+        meta = {"task": name, "seed": seed, "counts": counts, "vocab_size": len(VOCABULARY), "stats": stats,
+                "sha256": {s: sha256_file(tmp / f"{s}.json") for s in splits}}
+        (tmp / TASK_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        install_folder(tmp, out, replace=force)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SoftarError(f"--out {out}: cannot write the task dataset ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+TASK_META_FIELDS = {"task": str, "seed": int, "counts": dict, "vocab_size": int, "sha256": dict}
+
+
+def is_task_dir(data_dir: str | Path) -> bool:
+    return (Path(data_dir) / TASK_FILE).is_file()
+
+
+def load_task_meta(data_dir: str | Path) -> dict:
+    """task.json, checked against the files beside it."""
+    path = Path(data_dir) / TASK_FILE
+    if not path.is_file():
+        raise SoftarError(f"no task dataset in {data_dir} (expected {path}; run `softar task prepare`)")
+    meta = read_json(path, "task dataset", TASK_META_FIELDS)
+    get_task(meta["task"])
+    for split in ("train", "valid", "test"):
+        file = Path(data_dir) / f"{split}.json"
+        if split != "test" and not file.is_file():
+            raise SoftarError(f"task dataset {data_dir}: missing {split}.json")
+        if file.is_file() and sha256_file(file) != meta["sha256"].get(split):
+            raise SoftarError(f"task dataset {data_dir}: {split}.json is not the file task.json records (changed "
+                              "since `softar task prepare`?)")
+    tok = load_tokenizer(data_dir, meta["vocab_size"])
+    if getattr(tok, "words", None) != VOCABULARY:
+        raise SoftarError(f"task dataset {data_dir}: its tokenizer is not softar's task vocabulary")
+    return meta
+
+
+def stage_iters(task, max_iters: int) -> int:
+    """Optimizer steps per curriculum stage: task.stage_iters, or max_iters // (max_stage + 1) when it is 0 (a
+    resolved config holds the number, so a resumed run keeps its curriculum)."""
+    return task.stage_iters or max(1, max_iters // (task.max_stage + 1))
+
+
+@dataclass(frozen=True)
+class Example:
+    """A record as token ids: question + <bot>, each step, <ans> + answer + <eos>."""
+
+    question: list[int]
+    steps: list[list[int]]
+    answer: list[int]
+
+
+class Encoder:
+    """Renders a task's records and builds the token sequences of each training mode and curriculum stage."""
+
+    def __init__(self, task: Task, tokenizer, rendering: str, cfg):
+        if rendering not in task.renders:
+            raise SoftarError(f"task.render: {task.name} offers {', '.join(task.renders)}, not {rendering!r}")
+        self.task, self.tok, self.rendering, self.cfg = task, tokenizer, rendering, cfg
+        self.id = {w: tokenizer.stoi[w] for w in ("<eos>", "<bot>", "<eot>", "<thought>", "<pause>", "<ans>")}
+
+    def example(self, record: dict, where: str = "") -> Example:
+        """A record as ids; a word outside the vocabulary, or a special token (<thought>, <ans>, ...) written in
+        its text, is a one-line error naming the record."""
+        try:
+            r = self.task.render(record, self.rendering)
+            ex = Example(self.tok.encode(r.question) + [self.id["<bot>"]], [self.tok.encode(s) for s in r.steps],
+                         [self.id["<ans>"], *self.tok.encode(r.answer), self.id["<eos>"]])
+            for name in self.task.node_tokens(record, self.rendering):  # the probe reads every node's embedding
+                self.tok.encode(name)
+        except SoftarError as e:
+            raise SoftarError(f"{where}: {e}") from None
+        specials = set(self.id.values())
+        if any(i in specials for i in ex.question[:-1] + [i for s in ex.steps for i in s] + ex.answer[1:-1]):
+            raise SoftarError(f"{where}: its text holds a special token ({', '.join(self.id)})")
+        return ex
+
+    def middle(self, stage: int) -> tuple[list[int], int]:
+        """The slots between <bot> and <eot> at a curriculum stage, and how many steps they replace."""
+        c = self.cfg
+        if c.mode == "pause":
+            return [self.id["<pause>"]] * c.pauses, 0
+        if c.mode == "thoughts":
+            return [self.id["<thought>"]] * (c.thoughts_per_step * stage), stage
+        return [], 0
+
+    def prompt(self, ex: Example, stage: int) -> list[int]:
+        """What generation starts from: question, <bot>, the thought or pause slots, <eot>."""
+        return ex.question + self.middle(stage)[0] + [self.id["<eot>"]]
+
+    def sequence(self, ex: Example, stage: int) -> tuple[list[int], int]:
+        """The whole training sequence and the index of its <eot> (the loss covers what follows it)."""
+        mid, skip = self.middle(stage)
+        steps = [] if self.cfg.mode in ("no_cot", "pause") else [t for s in ex.steps[skip:] for t in s]
+        prompt = ex.question + mid + [self.id["<eot>"]]
+        return prompt + steps + ex.answer, len(prompt) - 1
+
+    def stage_at(self, step: int, max_iters: int) -> int:
+        """The curriculum stage at an optimizer step (thoughts mode; 0 otherwise): stage k for stage_iters steps
+        each, the last stage for the rest."""
+        c = self.cfg
+        if c.mode != "thoughts":
+            return 0
+        return min(step // stage_iters(c, max_iters), c.max_stage)
+
+    def final_stage(self) -> int:
+        return self.cfg.max_stage if self.cfg.mode == "thoughts" else 0
+
+    def batch(self, examples: list[Example], stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets [B, L] (right-padded with <eos> and -1); targets are -1 up to <eot>."""
+        seqs = [self.sequence(ex, stage) for ex in examples]
+        L = max(len(s) for s, _ in seqs) - 1
+        x = torch.full((len(seqs), L), self.id["<eos>"], dtype=torch.long)
+        y = torch.full((len(seqs), L), -1, dtype=torch.long)
+        for i, (s, eot) in enumerate(seqs):
+            t = torch.tensor(s)
+            x[i, : len(s) - 1], y[i, eot : len(s) - 1] = t[:-1], t[eot + 1 :]
+        return x, y
+
+
+class TaskSampler:
+    """Random training batches of examples whose questions have one length, so the thought slots of a batch sit
+    at the same positions and continuous thoughts run through the KV cache for the whole batch (an example is
+    drawn uniformly, then its batch from its length group). Under data parallelism every rank draws the same
+    global batch and keeps its own slice. Its state (a generator and the batches drawn, which set the curriculum
+    stage) checkpoints as one uint8 tensor and resumes exactly."""
+
+    def __init__(self, encoder: Encoder, examples: list[Example], batch_size: int, seed: int, max_iters: int,
+                 grad_accum: int = 1, rank: int = 0, world: int = 1):
+        self.enc, self.examples, self.batch_size = encoder, examples, batch_size
+        self.max_iters, self.grad_accum, self.rank, self.world = max_iters, grad_accum, rank, world
+        groups: dict[int, list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(len(ex.question), []).append(i)
+        self.group_of = [groups[len(ex.question)] for ex in examples]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.drawn = 0
+
+    @property
+    def stage(self) -> int:
+        return self.enc.stage_at(self.drawn // self.grad_accum, self.max_iters)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.batch_size * self.world
+        first = int(torch.randint(len(self.examples), (1,), generator=self.gen))
+        group = self.group_of[first]
+        picks = torch.randint(len(group), (n,), generator=self.gen).tolist()
+        mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        batch = self.enc.batch([self.examples[group[j]] for j in mine], self.stage)
+        self.drawn += 1
+        return batch
+
+    def state(self) -> torch.Tensor:
+        count = torch.from_numpy(np.array([self.drawn], dtype=np.int64).view(np.uint8).copy())
+        return torch.cat([self.gen.get_state(), count])
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.gen.set_state(state[:-8].clone())
+        self.drawn = int(state[-8:].numpy().view(np.int64)[0])
+
