@@ -5,10 +5,12 @@ process are recognised and cleaned by the next one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +58,33 @@ def clean_stale_temps(folder: Path, stems: tuple[str, ...] | None = None) -> lis
     return removed
 
 
-def install_folder(tmp: Path, out: Path, replace: bool) -> None:
-    """Move a finished temp folder into place. With `replace`, an existing `out` is replaced atomically (it moves
-    aside, the new one moves in, then the old one goes); otherwise a rename, which fails if `out` is a non-empty
-    folder (another process may have written it meanwhile)."""
-    if replace and out.exists():
-        old = temp_name(out.with_name(out.name + ".old"))
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+@contextlib.contextmanager
+def staged_folder(out: Path, replace: bool, what: str) -> Iterator[Path]:
+    """A temp folder beside `out` to write a whole dataset into. Leaving the block without an error moves it into
+    place: with `replace`, an existing `out` is replaced atomically (it moves aside, the new one moves in, then the
+    old one goes); otherwise by a rename, which fails if `out` is a non-empty folder (another process may have
+    written it meanwhile). On any error the temp folder goes, and an OSError becomes a one-line error."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        yield tmp
+        if replace and out.exists():
+            old = temp_name(out.with_name(out.name + ".old"))
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SoftarError(f"--out {out}: cannot write the {what} ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -13,7 +12,7 @@ from softar.data.corpus import read_corpus
 from softar.data.dataset import META_FILE, SPLITS, load_meta, load_split, sha256_bytes, token_dtype
 from softar.data.glove import PRETRAINED_FILE, glove_vectors, pretrained_table
 from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
-from softar.disk import clean_stale_temps, install_folder, temp_name
+from softar.disk import clean_stale_temps, staged_folder
 
 DATASET_FILES = {META_FILE, "train.bin", "val.bin", TOKENIZER_FILE, PRETRAINED_FILE}  # all a dataset folder holds
 
@@ -61,13 +60,7 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
         table = pretrained_table(tok.words, words, vectors)
     dtype = token_dtype(tok.vocab_size)
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_name(out)
-        tmp.mkdir()
-    except OSError as e:
-        raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    try:
+    with staged_folder(out, force, "dataset") as tmp:
         counts = {}
         for name, part in (("train", train_text), ("val", val_text)):
             ids = tok.encode_array(part)
@@ -88,13 +81,6 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
             "val_fraction": VAL_FRACTION,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        install_folder(tmp, out, replace=force)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SoftarError(f"--out {out}: cannot write the dataset ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from softar import SoftarError
 from softar.data.dataset import sha256_file
 from softar.data.tokenizer import TOKENIZER_FILE, TaskTokenizer, load_tokenizer
-from softar.disk import check_fields, clean_stale_temps, install_folder, read_json, temp_name
+from softar.disk import check_fields, clean_stale_temps, read_json, staged_folder
 from softar.tasks import get_task
 from softar.tasks.base import MAX_NODES, VOCABULARY, Task
 from softar.tasks.graphs import EDGES, NODES
@@ -111,26 +110,13 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
     splits = {split: [make_record(rng) for _ in range(k)] for split, k in counts.items()}
     stats = graph_stats(splits["train"])
     check_stats(stats, len(splits["train"]))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_name(out)
-        tmp.mkdir()
-    except OSError as e:
-        raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    try:
+    with staged_folder(out, force, "task dataset") as tmp:
         for split, records in splits.items():
             (tmp / f"{split}.json").write_text(json.dumps(records), encoding="utf-8")
         TaskTokenizer(VOCABULARY).save(tmp / TOKENIZER_FILE)
         meta = {"task": name, "seed": seed, "counts": counts, "vocab_size": len(VOCABULARY), "stats": stats,
                 "sha256": {s: sha256_file(tmp / f"{s}.json") for s in splits}}
         (tmp / TASK_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        install_folder(tmp, out, replace=force)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SoftarError(f"--out {out}: cannot write the task dataset ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
