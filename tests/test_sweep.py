@@ -141,3 +141,13 @@ def test_a_reasoning_sweep_reports_accuracy_against_cot_paired_by_seed_and_quest
         (tmp_path / "lm.toml").write_text(f'[data]\ndir = "{char_data}"\n')
         (tmp_path / "task.toml").write_text(f'[data]\ndir = "{task_data}"\n[task]\nname = "prosqa"\n')
         sweep([str(tmp_path / "lm.toml"), str(tmp_path / "task.toml")], 1, [], tmp_path / "mixed")
+
+
+def test_beyond_chance_is_the_accuracy_among_answers_that_name_an_option():
+    from softar.experiments.reasoning_study import beyond_chance
+
+    runs = [{"named_option": [1, 1, 0, 1] * 25, "correct": [1, 0, 0, 1] * 25} for _ in range(3)]
+    r = beyond_chance(runs)
+    assert r["mean"] == pytest.approx(2 / 3) and r["option_rate"] == 0.75 and r["lo"] < 2 / 3 < r["hi"]
+    assert beyond_chance([{"correct": [1]}]) is None
+    assert beyond_chance([{"named_option": [0, 0], "correct": [0, 0]}]) is None
