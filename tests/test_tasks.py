@@ -68,6 +68,11 @@ def test_loader_reads_the_generators_files_and_a_coconut_record(tmp_path):
     assert prepare_task("prosqa", tmp_path / "d", {"train": 20, "valid": 5, "test": 5}, seed=3) == meta  # reused
     with pytest.raises(SoftarError, match="different or incomplete task dataset"):
         prepare_task("prosqa", tmp_path / "d", {"train": 21, "valid": 5, "test": 5}, seed=3)
+    for missing in ("test.json", "task.json"):  # an incomplete dataset is refused, not reused or half-written
+        (tmp_path / "d" / missing).rename(tmp_path / missing)
+        with pytest.raises(SoftarError, match="different or incomplete task dataset"):
+            prepare_task("prosqa", tmp_path / "d", {"train": 20, "valid": 5, "test": 5}, seed=3)
+        (tmp_path / missing).rename(tmp_path / "d" / missing)
     path = tmp_path / "coconut.json"
     path.write_text(json.dumps([COCONUT]))
     (r,) = load_records(path)

@@ -97,13 +97,13 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
         if foreign:
             raise SoftarError(f"{out} holds files that are not a softar task dataset's ({', '.join(foreign[:3])}); "
                               "choose another --out")
-        if (out / TASK_FILE).is_file() and not force:
+        if any(out.iterdir()) and not force:
             try:
-                old = load_task_meta(out)
+                old = load_task_meta(out) if all((out / f"{s}.json").is_file() for s in counts) else None
             except SoftarError:
                 old = None
             if old and old["task"] == name and old["seed"] == seed and old["counts"] == counts:
-                return old
+                return old  # already prepared, every file there and as recorded
             raise SoftarError(f"{out} already holds a different or incomplete task dataset; choose another --out "
                               "or pass --force to replace it")
     rng = random.Random(seed)
