@@ -310,7 +310,9 @@ def resolve(cfg: Config, vocab_size: int) -> Config:
     if cfg.train.ckpt_interval == 0:
         cfg.train.ckpt_interval = cfg.train.eval_interval
     if cfg.task.name and cfg.task.mode == "thoughts" and cfg.task.stage_iters == 0:  # the curriculum, fixed now
-        cfg.task = dataclasses.replace(cfg.task, stage_iters=max(1, cfg.train.max_iters // (cfg.task.max_stage + 1)))
+        from softar.tasks.data import stage_iters
+
+        cfg.task = dataclasses.replace(cfg.task, stage_iters=stage_iters(cfg.task, cfg.train.max_iters))
     return cfg
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from softar.config import Config
 from softar.disk import read_jsonl
 from softar.evaluate.stats import paired_bootstrap_2way
+from softar.tasks.data import stage_iters
 
 STAGES, DEPTHS, STEPS = range(7), range(1, 7), range(3, 7)
 BAR_METRICS = ["accuracy", "step_tokens", "seconds_per_question"]
@@ -46,8 +47,7 @@ def plot_accuracy(names: list[str], seeds: int, base_seed: int, out: Path, cfgs:
         ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], marker="o", label=name)
     staged = [cfgs[n] for n in names if cfgs[n].task.mode == "thoughts"]
     if staged:
-        t = staged[0].train
-        per = staged[0].task.stage_iters or max(1, t.max_iters // (staged[0].task.max_stage + 1))
+        per = stage_iters(staged[0].task, staged[0].train.max_iters)
         for k in range(1, staged[0].task.max_stage + 1):
             ax.axvline(k * per, color="grey", lw=0.5, ls=":")
     ax.set(xlabel="step", ylabel="valid accuracy (first task.eval_examples, greedy)",
