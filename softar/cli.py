@@ -7,8 +7,13 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from softar import SoftarError
+
+if TYPE_CHECKING:
+    from softar.generate import Decoding
+    from softar.rundir import LoadedRun
 
 
 def one_line(message: str) -> str:
@@ -153,28 +158,12 @@ def _soft_args(pairs: list[str]) -> dict[str, float]:
     return out
 
 
-def cmd_sample(a: argparse.Namespace) -> None:
-
-    from softar.device import pick_device
-    from softar.generate import Decoding, generate
-    from softar.rundir import load_hf, load_run
-    from softar.soft.collapse import CollapsePolicy, similarity
+def decoding_from_flags(a: argparse.Namespace, run: LoadedRun) -> Decoding:
+    """The decoding flags of `softar sample` and `softar inspect`, checked against the run they decode."""
+    from softar.generate import Decoding
+    from softar.soft.collapse import CollapsePolicy
     from softar.soft.tokens import heads_of, spec_problem
 
-    device = pick_device(a.device)
-    if a.hf:
-        if a.run_dir and "=" not in a.run_dir:
-            raise SoftarError("give either a run directory or --hf DIR, not both")
-        run = load_hf(a.hf, device, ([a.run_dir] if a.run_dir else []) + a.overrides)
-    elif not a.run_dir:
-        raise SoftarError("give a run directory, or --hf DIR for a Hugging Face model")
-    else:
-        if a.overrides:
-            raise SoftarError(f"unrecognized arguments: {' '.join(a.overrides)}")
-        run = load_run(a.run_dir, device)
-    ids = run.tokenizer.encode(a.prompt)
-    if not ids:
-        raise SoftarError("--prompt encodes to no tokens; give at least one character")
     # the run's own [soft] spec (for --hf: its soft.* overrides), with what the flags say on top
     flags = {"kind": "gated" if a.mode == "gated" else a.soft, "top_k": a.soft_top_k, "noise": a.noise,
              "noise_scale": a.noise_scale, "args": _soft_args(a.soft_arg) if a.soft_arg else None}
@@ -201,10 +190,39 @@ def cmd_sample(a: argparse.Namespace) -> None:
         if len(token) != 1:
             raise SoftarError(f"--stop {text!r}: encodes to {len(token)} tokens; a stop must be exactly one")
         stop += token
-    dec = Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
-                   top_p=a.top_p, soft=soft, collapse=a.collapse,
-                   policy=CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget, a.keep_uncertain),
-                   max_new_tokens=a.max_new_tokens, stop_tokens=tuple(stop))
+    return Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
+                    top_p=a.top_p, soft=soft, collapse=a.collapse,
+                    policy=CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget, a.keep_uncertain),
+                    max_new_tokens=a.max_new_tokens, stop_tokens=tuple(stop))
+
+
+def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
+    ids = run.tokenizer.encode(prompt)
+    if not ids:
+        raise SoftarError("--prompt encodes to no tokens; give at least one character")
+    return ids
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    from softar.device import pick_device
+    from softar.generate import generate
+    from softar.rundir import load_hf, load_run
+    from softar.soft.collapse import similarity
+
+    device = pick_device(a.device)
+    if a.hf:
+        if a.run_dir and "=" not in a.run_dir:
+            raise SoftarError("give either a run directory or --hf DIR, not both")
+        run = load_hf(a.hf, device, ([a.run_dir] if a.run_dir else []) + a.overrides)
+    elif not a.run_dir:
+        raise SoftarError("give a run directory, or --hf DIR for a Hugging Face model")
+    else:
+        if a.overrides:
+            raise SoftarError(f"unrecognized arguments: {' '.join(a.overrides)}")
+        run = load_run(a.run_dir, device)
+    ids = encode_prompt(run, a.prompt)
+    dec = decoding_from_flags(a, run)
+    lay = run.model.layout
     E = run.model.E
     layout = not lay.plain
     for i in range(a.num_samples):
@@ -237,6 +255,47 @@ def cmd_sample(a: argparse.Namespace) -> None:
                       f"{where}nearest: {cells}")
 
 
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from softar.device import pick_device
+    from softar.inspect import task_payload, text_payload, write_page
+    from softar.rundir import load_run
+
+    out = Path(a.out)
+    if out.suffix != ".html":
+        raise SoftarError(f"--out {a.out}: the page must be a .html file")
+    if not out.parent.is_dir():
+        raise SoftarError(f"--out {a.out}: folder {out.parent} does not exist")
+    if a.screenshot and not Path(a.screenshot).parent.is_dir():
+        raise SoftarError(f"--screenshot {a.screenshot}: folder {Path(a.screenshot).parent} does not exist")
+    run = load_run(a.run_dir, pick_device(a.device))
+    if run.cfg.task.name:
+        if a.prompt is not None:
+            raise SoftarError(f"{a.run_dir} is a reasoning-task run: give --task-example FILE:INDEX, not --prompt")
+        if not a.task_example:
+            raise SoftarError(f"{a.run_dir} is a reasoning-task run: give --task-example FILE:INDEX")
+        file, sep, index = a.task_example.rpartition(":")
+        if not sep or not file or not index.isdigit():
+            raise SoftarError(f"--task-example {a.task_example!r}: expected FILE:INDEX, e.g. data/prosqa/test.json:0")
+        payload = task_payload(run, a.run_dir, Path(file), int(index))
+    else:
+        if a.task_example:
+            raise SoftarError(f"{a.run_dir} is a language-model run: --task-example needs a reasoning-task run")
+        prompt = "\n" if a.prompt is None else a.prompt
+        payload = text_payload(run, a.run_dir, encode_prompt(run, prompt), decoding_from_flags(a, run), a.seed,
+                               a.shift_every)
+    write_page(payload, out)
+    result = {"page": str(out), "json": str(out.with_suffix(".json")), "tokens": len(payload["tokens"])}
+    if a.screenshot:
+        from softar.inspect.browser import click_token, render
+
+        gen = [t for t in payload["tokens"] if t["source"] != "prompt"]  # pin the first soft one, if any
+        shown = next((t for t in gen if t["tier"] == "soft" and not t["collapsed"] and t["text"].strip()),
+                     gen[0] if gen else None)
+        pin = click_token(shown["i"]) if shown else None
+        result["screenshot"] = str(render(out, Path(a.screenshot), pin).screenshot)
+    _emit(result, None)
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from softar import config
     from softar.bench import bench_sample, bench_train
@@ -267,6 +326,49 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
     from softar.quickstart import quickstart
 
     quickstart(Path(a.out), Path(a.data), a.overrides)
+
+
+def _add_decoding_flags(s: argparse.ArgumentParser) -> None:
+    """The flags of `decoding_from_flags`, shared by `softar sample` and `softar inspect`."""
+    from softar.soft.collapse import COLLAPSES, OOD_SCORES
+    from softar.soft.tokens import NOISES, SOFT_TOKENS
+
+    s.add_argument("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500)
+    s.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy; else in [1e-3, 1e3]")
+    s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
+    s.add_argument("--seed", type=_seed, default=1337, help="below 2**32")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample after this text, which must be one token (repeatable)")
+    s.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1]; 1 disables")
+    s.add_argument("--mode", choices=["hard", "soft", "gated"], default="hard",
+                   help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
+                        "gated: soft with the entropy-gated soft token")
+    s.add_argument("--soft", choices=list(SOFT_TOKENS), default=None,
+                   help="soft mode: what re-enters the context (default: the run's soft.kind): " + "; ".join(
+                       f"{d.name}: {d.doc}" for d in SOFT_TOKENS.values()).replace("%", "%%"))
+    s.add_argument("--soft-arg", action="append", default=[], metavar="NAME=NUMBER",
+                   help="a parameter of the soft token, e.g. beta=2 for moi (repeatable)")
+    s.add_argument("--soft-top-k", type=_nonneg_int, default=None,
+                   help="expected/gated over the top-k; 0: all (default: the run's soft.top_k)")
+    s.add_argument("--collapse", choices=list(COLLAPSES),
+                   default="nn_l2", help="soft mode: how a soft token becomes the token shown")
+    s.add_argument("--noise", choices=list(NOISES), default=None,
+                   help="soft mode: noise on each soft token before it re-enters (default: the run's soft.noise)")
+    s.add_argument("--noise-scale", type=_nonneg_float, default=None,
+                   help="in [0, 100] (default: the run's soft.noise_scale)")
+    s.add_argument("--collapse-score", choices=list(OOD_SCORES), default="entropy",
+                   help="layout models: the OOD score that collapses a soft token in place")
+    s.add_argument("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
+                   help="layout models: collapse a soft token in place when its score is above this (inf: never)")
+    s.add_argument("--keep-uncertain", action="store_true",
+                   help="layout models: collapse the tokens whose score is *below* the threshold instead, so the "
+                        "uncertain ones stay soft")
+    s.add_argument("--soft-budget", type=_int_at_least(-1), default=-1,
+                   help="layout models: at most this many soft tokens stay uncollapsed (-1: no cap)")
+    s.add_argument("--shift-every", type=_positive_int, default=None,
+                   help="layout models: the memory hierarchy moves this many tokens at a time, so the KV cache "
+                        "serves between moves (default: the run's context.shift_every; 1: every token)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,56 +427,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 0,2,4,5,6,inf)")
     s.set_defaults(fn=cmd_eval)
 
-    from softar.soft.collapse import COLLAPSES, OOD_SCORES
-    from softar.soft.tokens import NOISES, SOFT_TOKENS
-
     s = sub.add_parser("sample", help="generate text from a trained run (or a Hugging Face model: --hf DIR)")
     s.add_argument("run_dir", nargs="?", help="a run directory (with --hf: context.* / soft.* overrides follow)")
     s.add_argument("--hf", metavar="DIR", help="a Hugging Face causal LM saved with save_pretrained "
                                               "(pip install 'softar[hf]')")
     s.add_argument("--prompt", default="\n")
-    s.add_argument("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500)
-    s.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy; else in [1e-3, 1e3]")
-    s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
-    s.add_argument("--seed", type=_seed, default=1337, help="below 2**32")
     s.add_argument("--num-samples", type=_int_at_least(1, 10**5), default=1,
                    help="generated as one batch (64 at a time); sample i draws from stream seed + i")
-    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample after this text, which must be one token (repeatable)")
-    s.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1]; 1 disables")
-    s.add_argument("--mode", choices=["hard", "soft", "gated"], default="hard",
-                   help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
-                        "gated: soft with the entropy-gated soft token")
-    s.add_argument("--soft", choices=list(SOFT_TOKENS), default=None,
-                   help="soft mode: what re-enters the context (default: the run's soft.kind): " + "; ".join(
-                       f"{d.name}: {d.doc}" for d in SOFT_TOKENS.values()).replace("%", "%%"))
-    s.add_argument("--soft-arg", action="append", default=[], metavar="NAME=NUMBER",
-                   help="a parameter of the soft token, e.g. beta=2 for moi (repeatable)")
-    s.add_argument("--soft-top-k", type=_nonneg_int, default=None,
-                   help="expected/gated over the top-k; 0: all (default: the run's soft.top_k)")
-    s.add_argument("--collapse", choices=list(COLLAPSES),
-                   default="nn_l2", help="soft mode: how a soft token becomes the token shown")
-    s.add_argument("--noise", choices=list(NOISES), default=None,
-                   help="soft mode: noise on each soft token before it re-enters (default: the run's soft.noise)")
-    s.add_argument("--noise-scale", type=_nonneg_float, default=None,
-                   help="in [0, 100] (default: the run's soft.noise_scale)")
-    s.add_argument("--collapse-score", choices=list(OOD_SCORES), default="entropy",
-                   help="layout models: the OOD score that collapses a soft token in place")
-    s.add_argument("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
-                   help="layout models: collapse a soft token in place when its score is above this (inf: never)")
-    s.add_argument("--keep-uncertain", action="store_true",
-                   help="layout models: collapse the tokens whose score is *below* the threshold instead, so the "
-                        "uncertain ones stay soft")
-    s.add_argument("--soft-budget", type=_int_at_least(-1), default=-1,
-                   help="layout models: at most this many soft tokens stay uncollapsed (-1: no cap)")
-    s.add_argument("--shift-every", type=_positive_int, default=None,
-                   help="layout models: the memory hierarchy moves this many tokens at a time, so the KV cache "
-                        "serves between moves (default: the run's context.shift_every; 1: every token)")
+    _add_decoding_flags(s)
     s.add_argument("--show-soft", action="store_true",
                    help="print each position's nearest tokens and distances (and, for layout models, where it "
                         "sits in the memory hierarchy)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.set_defaults(fn=cmd_sample, overrides=[])
+
+    s = sub.add_parser("inspect", help="one generation as an interactive, self-contained HTML page (and its JSON)")
+    s.add_argument("run_dir", help="a run directory")
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--prompt", help="language-model runs: the text to continue (default: a line break)")
+    what.add_argument("--task-example", metavar="FILE:INDEX",
+                      help="reasoning-task runs: record INDEX (from 0) of a JSON file in the task's format, solved "
+                           "greedily as `softar eval --task` does")
+    _add_decoding_flags(s)
+    s.set_defaults(max_new_tokens=200)
+    s.add_argument("--out", required=True, help="the page to write, PAGE.html (PAGE.json beside it)")
+    s.add_argument("--screenshot", metavar="PNG",
+                   help="also render the page in headless Chromium to this PNG (needs Debian's chromium and "
+                        "pip install 'softar[dev]')")
+    s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("bench", help="measure training throughput, sampling speed, or fault tolerance")
     s.add_argument("kind", choices=["train", "sample", "faults"])

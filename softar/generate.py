@@ -18,6 +18,8 @@ How it runs:
   the reference the cached path is tested against, and the path a Hugging Face network takes.
 - **Randomness.** Sequence i draws from its own stream, seeded `seed + i` (`RowGenerators`). A sequence's text
   does not depend on its batch: alone or among others, it is the same.
+- **Tracing.** `return_trace=True` also keeps, per step, the top-k of the distribution, its entropy, and the
+  window that produced the token (`WindowView`): what `softar inspect` draws.
 - **Stopping.** A sequence ends at a stop token or after `max_new_tokens`; it leaves the batch at once, so finished
   sequences cost nothing more.
 """
@@ -33,10 +35,11 @@ from softar.config import SoftConfig
 from softar.model import Outputs
 from softar.soft.collapse import CollapsePolicy, Sampling, collapse
 from softar.soft.model import SoftAR
-from softar.soft.tokens import Generator, RowGenerators, add_noise, make_soft_token
+from softar.soft.tokens import Generator, RowGenerators, add_noise, entropy, make_soft_token
 from softar.soft.window import HARD, ContextState, SlidingWindow
 
 LAST = (slice(None), -1)  # index of the last position of [B, T, ...]
+TRACE_TOP_K = 10
 
 
 @dataclass
@@ -53,6 +56,17 @@ class Decoding:
 
 
 @dataclass
+class WindowView:
+    """The window as one sequence saw it: its regions newest first (name, first age, end age; age 0 is the newest
+    token pushed, see `ContextState.regions`), how many tokens the sequence had pushed, prompt included (token
+    index = seen - 1 - age), and which soft-region tokens are collapsed in place, oldest first."""
+
+    regions: list[tuple[str, int, int]]
+    seen: int
+    soft_collapsed: list[bool]
+
+
+@dataclass
 class Generation:
     """What `generate` returns, one row per prompt, in the order given. N = max_new_tokens."""
 
@@ -66,6 +80,11 @@ class Generation:
     vectors: torch.Tensor | None = None  # [B, N, m] what re-entered the context (return_vectors=True)
     tiers: list[list[str]] | None = None  # layouts: where each generated token sat when its sequence ended
     collapsed_by_age: torch.Tensor | None = None  # [B] layouts: soft tokens collapsed on leaving the soft region
+    # return_trace=True (k = TRACE_TOP_K); scores then hold the policy's OOD score in every mode
+    top_ids: torch.Tensor | None = None  # [B, N, k] the most likely next tokens at each step
+    top_probs: torch.Tensor | None = None  # [B, N, k] their probabilities (temperature 1, unfiltered)
+    entropy: torch.Tensor | None = None  # [B, N] nats, of the distribution each token was drawn from
+    windows: list[list[WindowView]] | None = None  # per sequence: the window before each step, then the last one
 
     def sequences(self) -> list[list[int]]:
         """Prompt + generated ids of each sequence."""
@@ -120,6 +139,11 @@ class _Lane:
             return self.model.slots(*self.state.window(self.model.E))
         return self.state.window()
 
+    def views(self) -> list[WindowView]:
+        """The window of each row, as `WindowView`s."""
+        done = self.state.soft_done.tolist() if self.layout else [[]] * self.rows
+        return [WindowView(self.state.regions(), self.state.seen, d) for d in done]
+
     def new_slot(self) -> torch.Tensor:
         """The slot the last push added [R, 1, m]."""
         if self.layout:
@@ -162,13 +186,15 @@ def _as_prompts(prompts, device, vocab_size: int) -> list[torch.Tensor]:
 
 
 def generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, seed: int | Sequence[int] = 0,
-             use_cache: bool = True, return_vectors: bool = False, shift_every: int | None = None) -> Generation:
+             use_cache: bool = True, return_vectors: bool = False, shift_every: int | None = None,
+             return_trace: bool = False) -> Generation:
     """Continue each prompt (ids [B, T0], or a list of id sequences of any lengths) under `dec`; sequence i draws
     from its own stream seeded `seed + i` (or `seed[i]`). `shift_every` overrides the model's
     `context.shift_every` (how many tokens the memory hierarchy takes per move). Runs without autograd; what it
     returns are ordinary tensors, ready to index a loss with (RL)."""
-    g = _generate(model, prompts, dec, seed, use_cache, return_vectors, shift_every)
-    for name in ("tokens", "lengths", "logprobs", "stopped", "collapsed", "scores", "vectors", "collapsed_by_age"):
+    g = _generate(model, prompts, dec, seed, use_cache, return_vectors, shift_every, return_trace)
+    for name in ("tokens", "lengths", "logprobs", "stopped", "collapsed", "scores", "vectors", "collapsed_by_age",
+                 "top_ids", "top_probs", "entropy"):
         if getattr(g, name) is not None:
             setattr(g, name, getattr(g, name).clone())  # out of inference mode
     g.prompts = [p.clone() for p in g.prompts]
@@ -177,7 +203,7 @@ def generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, see
 
 @torch.inference_mode()
 def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, seed: int | Sequence[int],
-              use_cache: bool, return_vectors: bool, shift_every: int | None) -> Generation:
+              use_cache: bool, return_vectors: bool, shift_every: int | None, trace: bool) -> Generation:
     E, lm = model.E, model.lm
     device = E.device
     prompts = _as_prompts(prompts, device, E.shape[0])
@@ -211,6 +237,16 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
     layout = not model.layout.plain
     tiers: list[list[str]] | None = [[] for _ in range(B)] if layout else None
     by_age = torch.zeros(B, dtype=torch.long, device=device) if layout else None
+    k = min(TRACE_TOP_K, E.shape[0])
+    top_ids = torch.full((B, N, k), -1, dtype=torch.long, device=device) if trace else None
+    top_probs = torch.zeros(B, N, k, device=device) if trace else None
+    entropies = torch.zeros(B, N, device=device) if trace else None
+    windows: list[list[WindowView]] | None = [[] for _ in range(B)] if trace else None
+
+    def view(lanes_now: list[_Lane]) -> None:
+        """Append each active row's window to its sequence's views."""
+        for row, w in zip(alive.tolist(), (w for lane in lanes_now for w in lane.views()), strict=True):
+            windows[row].append(w)
 
     def recompute(lane: _Lane, start: int, rows: torch.Tensor | None = None) -> Outputs:
         """The outputs at the end of a lane's whole window (rows: only these rows of the lane), written into the ring
@@ -241,8 +277,14 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
         tokens[rows, g], logprobs[rows, g] = nxt, logp
         score = torch.zeros_like(logp)
         entered = torch.full_like(nxt, dec.mode == "hard", dtype=torch.bool)  # a plain model's soft tokens stay soft
-        if layout and dec.mode == "soft":
+        if trace:
+            view(lanes)
+            top = out.logits.float().softmax(-1).topk(k)
+            top_ids[rows, g], top_probs[rows, g] = top.indices, top.values
+            entropies[rows, g] = entropy(out.logits.float())
+        if trace or (layout and dec.mode == "soft"):
             score = dec.policy.score_of(v, out.logits, nxt, E)
+        if layout and dec.mode == "soft":
             entered = dec.policy.at_entry(score)
             v = torch.where(entered[:, None], E[nxt].to(v.dtype), v)  # what re-enters
         scores[rows, g], collapsed[rows, g] = score, entered
@@ -266,6 +308,10 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
             ended = torch.ones_like(ended)
         if ended.any():
             lengths[alive[ended]] = g + 1
+            if trace:  # the last window of each finished sequence
+                views, rows_now = [w for lane in lanes for w in lane.views()], alive.tolist()
+                for r in ended.nonzero()[:, 0].tolist():
+                    windows[rows_now[r]].append(views[r])
             for lane, a, b in spans():
                 done = ended[a:b].nonzero()[:, 0]
                 if layout and len(done):
@@ -299,5 +345,6 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
         else:
             parts = [recompute(lane, a) for lane, a, _ in spans()]
         out = _cat(parts)
-    return Generation(prompts, tokens, lengths, logprobs, stopped, collapsed, scores, vectors, tiers, by_age)
+    return Generation(prompts, tokens, lengths, logprobs, stopped, collapsed, scores, vectors, tiers, by_age, top_ids,
+                      top_probs, entropies, windows)
 

@@ -4,6 +4,7 @@ the same token budget, generate with soft tokens, and compare the two val losses
 from __future__ import annotations
 
 import json
+import shlex
 from importlib import resources
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def mark_soft(tokenizer, ids: list[int], soft: list[bool]) -> str:
     if run:
         out.append("[" + tokenizer.decode(run) + "]")
     return "".join(out)
+
+
+def inspect_command(run_dir: Path, page: Path) -> str:
+    """The `softar inspect` command that draws the seed layout's soft generation, as the quickstart ran it."""
+    return (f"softar inspect {shlex.quote(str(run_dir))} --prompt ROMEO: --mode soft --collapse lm_sample "
+            f"--collapse-threshold {SOFT_THRESHOLD} --max-new-tokens 300 --out {shlex.quote(str(page))}")
 
 
 def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
@@ -98,7 +105,10 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
     print(f"\ndata:        {data}\nruns:        {base_dir}, {seed_dir}\n"
           f"metrics:     <run>/metrics.jsonl (TensorBoard: tensorboard --logdir {out})\n"
           f"next:        softar sample {seed_dir} --mode soft --show-soft   |   softar eval {seed_dir}")
+    see = inspect_command(seed_dir, out / "inspect.html")
+    print(f"see it:      {see}")
     summary = {"data_dir": str(data), "baseline": base, "seed_layout": seed, "soft_fraction": sum(soft) / len(soft),
-               "brier2": {name: {"mean": m, "se": se} for name, (m, se) in brier.items()}}
+               "brier2": {name: {"mean": m, "se": se} for name, (m, se) in brier.items()},
+               "inspect": see}  # the last line names the command that draws the soft generation as a page
     print(json.dumps(summary))
     return summary

@@ -155,6 +155,16 @@ CASES = [
     (["eval", "{run}", "--reference", "{tmp}/missing"], "--reference: the generation report is for a run with a"),
     (["eval", "{run}", "--thresholds", "1,x"], "--thresholds"),
     (["sweep", "configs/soft/char_ce.toml", "--gap", "char_ce", "char_w128"], "'char_w128' is not one of"),
+    (["inspect", "{run}", "--out", "{tmp}/missing/page.html"], "missing does not exist"),
+    (["inspect", "{run}", "--out", "{tmp}/page.txt"], "must be a .html file"),
+    (["inspect", "{run}", "--prompt", "\u00e9", "--out", "{tmp}/p.html"], "not in the tokenizer's vocabulary"),
+    (["inspect", "{run}", "--prompt", "", "--out", "{tmp}/p.html"], "encodes to no tokens"),
+    (["inspect", "{run}", "--task-example", "{tmp}/x.json:0", "--out", "{tmp}/p.html"], "needs a reasoning-task run"),
+    (["inspect", "{run}", "--collapse-threshold", "2", "--out", "{tmp}/p.html"], "no layout"),
+    (["inspect", "{run}", "--screenshot", "{tmp}/missing/p.png", "--out", "{tmp}/p.html"], "--screenshot"),
+    (["inspect", "{run}"], "--out"),
+    (["inspect", "{tmp}/missing", "--out", "{tmp}/p.html"], "is not a softar run"),
+    (["inspect", "{run}", "--out", "{data}"], "must be a .html file"),
     ([], "command"),
 ]
 
@@ -180,3 +190,16 @@ def test_eval_without_checkpoint(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "checkpoints")
     assert "has no checkpoint yet" in run_cli(["eval", copy], capsys)
+    assert "has no checkpoint yet" in run_cli(["inspect", copy, "--out", tmp_path / "page.html"], capsys)
+    assert not (tmp_path / "page.html").exists()
+
+
+def test_inspect_keeps_files_it_did_not_write(run_dir, tmp_path, capsys):
+    """--out naming someone else's file (or its PAGE.json) is refused, and the file is untouched."""
+    for name in ("page.html", "page.json"):
+        mine = tmp_path / name
+        mine.write_text("my notes")
+        assert "is not a softar inspect file" in run_cli(["inspect", run_dir, "--out", tmp_path / "page.html"],
+                                                         capsys)
+        assert mine.read_text() == "my notes" and len(list(tmp_path.iterdir())) == 1
+        mine.unlink()

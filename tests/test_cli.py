@@ -2,6 +2,7 @@
 one line on stderr with exit code 2 and nothing written."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -182,3 +183,8 @@ def test_quickstart_end_to_end(tmp_path):
         b = summary["brier2"][name]
         assert -1 <= b["mean"] <= 1 and b["se"] >= 0
     assert 0 <= summary["soft_fraction"] <= 1
+    command = shlex.split(summary["inspect"])  # the last line names the page's command, and it runs
+    assert command[:2] == ["softar", "inspect"] and f"see it:      {summary['inspect']}" in out
+    proc = softar(*command[1:])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs" / "inspect.html").is_file() and (tmp_path / "runs" / "inspect.json").is_file()

@@ -15,7 +15,7 @@ LAYERS = [
     ["softar.losses"],
     ["softar.soft"],
     ["softar.generate", "softar.evaluate", "softar.rundir", "softar.train"],
-    ["softar.bench", "softar.faults", "softar.experiments", "softar.quickstart"],
+    ["softar.bench", "softar.faults", "softar.experiments", "softar.inspect", "softar.quickstart"],
     ["softar.cli", "softar.__main__", "softar.inject"],
 ]
 

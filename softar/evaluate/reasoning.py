@@ -17,6 +17,7 @@ from softar.config import Config
 from softar.data.tokenizer import load_tokenizer
 from softar.evaluate.stats import mean_se
 from softar.soft.thoughts import forward_thoughts, task_loss, thought, thought_span
+from softar.soft.tokens import entropy
 from softar.tasks import Task, get_task
 from softar.tasks.data import Encoder, Example, load_records, load_task_meta
 from softar.tasks.graphs import frontiers
@@ -67,11 +68,13 @@ MAX_BATCH = 256  # questions decoded at once
 
 @torch.inference_mode()
 def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new: int, use_cache: bool = True,
-          seed: int = 0) -> list[dict]:
+          seed: int = 0, top_k: int = 0) -> list[dict]:
     """Greedy answers at a curriculum stage: each prompt (question, <bot>, thought or pause slots, <eot>) runs with
     its thoughts, then decodes until <eos> or `max_new` tokens. Prompts of equal length go as one batch. Without
     the cache every step recomputes the whole sequence (the reference the cache is tested against). Returns per
-    example: generated ids (without <eos>), thoughts [n, m], seconds (its batch's time over its size)."""
+    example: generated ids (without <eos>), thoughts [n, m], seconds (its batch's time over its size); with
+    `top_k`, also each step's distribution: "top" (ids [N, k], probabilities [N, k]) and "entropy" [N], <eos>
+    included."""
     lm, E, eos = model.lm, model.E, encoder.id["<eos>"]
     prompts = [encoder.prompt(ex, stage) for ex in examples]
     lanes: dict[int, list[int]] = {}
@@ -100,8 +103,11 @@ def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new:
             seq = torch.cat([seq, vectors[:, start + n :]], dim=1)
             thoughts = torch.cat(kept, dim=1) if kept else vectors[:, :0]
             last = model.read(seq, last=True).logits[:, -1]
-        out, done = [], torch.zeros(len(rows), dtype=torch.bool, device=E.device)
+        out, done, dists = [], torch.zeros(len(rows), dtype=torch.bool, device=E.device), []
         for _ in range(min(max_new, model.window_slots - P)):
+            if top_k:
+                p = last.float().softmax(-1)
+                dists.append((*p.topk(min(top_k, p.shape[-1])), entropy(last.float())))
             tok = last.argmax(-1)  # [b]
             out.append(tok)
             done |= tok == eos
@@ -119,6 +125,10 @@ def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new:
             ids_i = gen_ids[j]
             results[i] = {"ids": ids_i[: ids_i.index(eos)] if eos in ids_i else ids_i,
                           "thoughts": thoughts[j].float().cpu(), "seconds": seconds}
+            if top_k:
+                n = len(results[i]["ids"]) + (eos in ids_i)
+                results[i]["top"] = tuple(torch.stack([d[f][j] for d in dists[:n]]).cpu() for f in (1, 0))
+                results[i]["entropy"] = torch.stack([d[2][j] for d in dists[:n]]).cpu()
     return results
 
 
@@ -132,15 +142,23 @@ def split_answer(encoder: Encoder, ids: list[int]) -> tuple[list[str], int]:
     return words[at + 1 :], at
 
 
-def frontier_probe(model, encoder: Encoder, record: dict, thoughts: torch.Tensor) -> list[dict]:
-    """For the last thought of each replaced step k (thoughts k*c .. k*c + c-1, c = thoughts_per_step): the nodes of
-    this graph ranked by the thought's dot product with their embeddings (the LM head's reading, for Coconut's
-    thoughts); of the |F| top-ranked nodes, how many lie in the breadth-first frontier F at depth k + 1; and the
-    count expected by chance, |F|^2 / n."""
+def node_readout(model, encoder: Encoder, record: dict,
+                 thoughts: torch.Tensor) -> tuple[list[str], torch.Tensor, list[set[int]]]:
+    """How thoughts [n, m] read as this graph's nodes: (the node tokens, scores [n, nodes]: each thought's dot product
+    with the node embeddings, the LM head's reading for Coconut's thoughts, and the breadth-first frontiers from the
+    root, frontier d being the nodes at distance d). Thought t stands for step t // thoughts_per_step, so its
+    frontier is at depth t // thoughts_per_step + 1."""
     names = encoder.task.node_tokens(record, encoder.rendering)
     ids = torch.tensor([encoder.tok.stoi[w] for w in names])
     scores = thoughts.float() @ model.E.detach().float().cpu()[ids].T  # [n_thoughts, n_nodes]
-    fronts = frontiers(len(names), [tuple(e) for e in record["edges"]], record["root"])
+    return names, scores, frontiers(len(names), [tuple(e) for e in record["edges"]], record["root"])
+
+
+def frontier_probe(model, encoder: Encoder, record: dict, thoughts: torch.Tensor) -> list[dict]:
+    """For the last thought of each replaced step k (thoughts k*c .. k*c + c-1, c = thoughts_per_step): of the |F|
+    nodes it scores highest (`node_readout`), how many lie in the breadth-first frontier F at depth k + 1; and the
+    count expected by chance, |F|^2 / n."""
+    names, scores, fronts = node_readout(model, encoder, record, thoughts)
     rows, c = [], encoder.cfg.thoughts_per_step
     for k in range(thoughts.shape[0] // c):
         if k + 1 >= len(fronts) or not fronts[k + 1]:

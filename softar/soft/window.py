@@ -177,6 +177,7 @@ class SlidingWindow:
         self.buf = prompt.new_zeros(B, size, m)
         self.len = min(n, size)
         self.buf[:, : self.len] = prompt[:, n - self.len :]
+        self.seen = n  # tokens pushed in all, the prompt's included
 
     @property
     def length(self) -> int:
@@ -184,6 +185,7 @@ class SlidingWindow:
 
     def push(self, vec: torch.Tensor) -> bool:
         """Add one fed-back vector [B, m] -> whether the window moved (every row alike)."""
+        self.seen += 1
         if self.len < self.size:
             self.buf[:, self.len] = vec
             self.len += 1
@@ -195,6 +197,10 @@ class SlidingWindow:
 
     def window(self) -> torch.Tensor:
         return self.buf[:, : self.len]  # [B, len, m]
+
+    def regions(self) -> list[tuple[str, int, int]]:
+        """As `ContextState.regions`: one region of token slots, the newest `len` tokens."""
+        return [("tokens", 0, self.len)]
 
     def select(self, rows: torch.Tensor) -> None:
         self.buf = self.buf[rows]
@@ -321,17 +327,24 @@ class ContextState:
             return self.soft_vec[:, -1], SOFT
         return E[self.hard[:, -1]], HARD
 
+    def regions(self) -> list[tuple[str, int, int]]:
+        """What each part of the window holds, newest first: (name, first age, end age), where age 0 is the newest
+        token pushed. Names: soft, hard, segment<i> (0 newest), aggregate. Every region is listed, empty ones too;
+        with `aggregate_all` the aggregate also holds the segments' tokens, and is listed for those older only."""
+        parts = [("soft", self.soft_vec.shape[1]), ("hard", self.hard.shape[1])]
+        parts += [(f"segment{i}", n) for i, n in enumerate(self._segment_fill())]
+        if self.layout.aggregate:
+            parts.append(("aggregate", self.agg_n - (self.seg.shape[1] if self.layout.aggregate_all else 0)))
+        out, age = [], 0
+        for name, n in parts:
+            out.append((name, age, age + n))
+            age += n
+        return out
+
     def tier(self, age: int) -> str:
-        """Where the token pushed `age` tokens before the newest one sits now: soft, hard, segment<i> (0 newest),
-        aggregate, or gone (no slot holds it any more)."""
-        regions = [("soft", self.soft_vec.shape[1]), ("hard", self.hard.shape[1])]
-        regions += [(f"segment{i}", n) for i, n in enumerate(self._segment_fill())]
-        for name, n in regions:
-            if age < n:
-                return name
-            age -= n
-        merged = self.agg_n - (self.seg.shape[1] if self.layout.aggregate_all else 0)  # older than the segments
-        return "aggregate" if self.layout.aggregate and age < merged else "gone"
+        """Where the token pushed `age` tokens before the newest one sits now: a region of `regions()`, or gone
+        (no slot holds it any more)."""
+        return next((name for name, lo, hi in self.regions() if lo <= age < hi), "gone")
 
     def _segment_fill(self) -> list[int]:
         left, fill = self.seg.shape[1], []

@@ -1,0 +1,171 @@
+"""`softar inspect`: the generation trace it draws from, its payload, and the page itself in headless Chromium."""
+
+import json
+
+import pytest
+import torch
+
+from softar import config
+from softar.config import ContextConfig, ModelConfig
+from softar.generate import Decoding, generate
+from softar.inspect import render_html
+from softar.inspect.browser import chromium
+from softar.inspect.payload import region_of, window_regions
+from softar.soft.collapse import CollapsePolicy
+from softar.train import train
+
+from .conftest import soft_model, task_overrides, tiny_overrides
+from .test_cli import assert_one_line_error, softar
+
+LAYOUT = {"context.aggregate": 1, "context.segments": 2, "context.segment_len": 4, "context.soft": 4}
+
+
+@pytest.mark.parametrize("extra", [{}, {"aggregate_all": True, "op": "decay"}])
+def test_a_trace_changes_nothing_and_its_windows_agree_with_the_tiers(extra):
+    """return_trace=True gives the same tokens; the last window's regions put every generated token in the tier
+    generate reports; every window has the slots the model read; greedy picks the top of the traced distribution."""
+    torch.manual_seed(0)
+    model = soft_model(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=24, vocab_size=12),
+                       ContextConfig(aggregate=1, segments=2, soft=5, segment_len=3, **extra)).eval()
+    lay = model.layout
+    for dec in (Decoding(mode="soft", max_new_tokens=40, policy=CollapsePolicy(threshold=2.45, budget=3),
+                         stop_tokens=(5,)),
+                Decoding(mode="hard", temperature=0, max_new_tokens=40)):
+        prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2]]
+        g = generate(model, prompts, dec, seed=3, return_trace=True)
+        plain = generate(model, prompts, dec, seed=3)
+        assert torch.equal(g.tokens, plain.tokens) and torch.equal(g.collapsed, plain.collapsed)
+        for b, prompt in enumerate(prompts):
+            n, P = int(g.lengths[b]), len(prompt)
+            views = g.windows[b]
+            assert len(views) == n + 1 and [v.seen for v in views] == list(range(P, P + n + 1))
+            assert [region_of(views[-1], P + j) for j in range(n)] == g.tiers[b]
+            for v in views:
+                regions = window_regions(v, lay.aggregate_all)
+                soft = min(v.seen - P, lay.soft)  # generated tokens enter the soft region, the prompt the hard one
+                assert sum(r["slots"] for r in regions) == lay.n_summary + min(v.seen - soft, lay.hard) + soft
+                assert [r["name"] for r in regions] == ["aggregate", "segment1", "segment0", "hard", "soft"]
+                ends = [r["to"] for r in regions[1:]]
+                assert ends[-1] == v.seen and all(r["from"] <= r["to"] for r in regions)
+                assert len(v.soft_collapsed) == regions[-1]["to"] - regions[-1]["from"]
+        if dec.temperature == 0:  # greedy: the token is the top of the traced distribution
+            n = int(g.lengths[0])
+            assert torch.equal(g.top_ids[0, :n, 0], g.tokens[0, :n])
+        probs = g.top_probs[0, : int(g.lengths[0])]
+        assert (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(-1) <= 1 + 1e-5).all()
+        assert (g.entropy[0, : int(g.lengths[0])] > 0).all()
+
+
+def test_a_plain_window_is_traced_as_it_slides():
+    torch.manual_seed(0)
+    model = soft_model(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=12)).eval()
+    g = generate(model, [[1, 2, 3]], Decoding(mode="soft", max_new_tokens=20), return_trace=True)
+    size, length = 8, 3
+    for step, v in enumerate(g.windows[0]):
+        assert v.regions == [("tokens", 0, length)] and v.seen == 3 + step and v.soft_collapsed == []
+        length = length + 1 if length < size else size // 2  # a full window keeps its newest half, then the new one
+
+
+@pytest.fixture(scope="module")
+def layout_run(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inspect") / "run"
+    train(config.load(None, tiny_overrides(char_data, **LAYOUT)), out, quiet=True)
+    return out
+
+
+def inspect(*args):
+    proc = softar("inspect", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_inspect_writes_a_page_and_its_payload(layout_run, tmp_path):
+    page = tmp_path / "page.html"
+    result = inspect(layout_run, "--prompt", "ROMEO:", "--mode", "soft", "--collapse-threshold", "3.5",
+                     "--max-new-tokens", "40", "--out", page)
+    payload = json.loads((tmp_path / "page.json").read_text())
+    assert result["tokens"] == len(payload["tokens"]) == 6 + 40 and payload["prompt_tokens"] == 6
+    tiers = [t["tier"] for t in payload["tokens"]]
+    assert set(tiers) <= {"soft", "hard", "segment", "aggregate", "gone"} and tiers[-1] == "soft"
+    assert {"segment", "aggregate"} <= set(tiers)  # 46 tokens overflow 9 hard + 4 soft + 2x4 segment slots
+    gen = payload["tokens"][6:]
+    assert all(len(t["topk"]) == 10 and len(t["nearest"]) == 5 for t in gen)
+    assert any(t["collapsed"] for t in gen) and len(payload["steps"]) == 41
+    assert payload["metrics"]["curves"]["train_loss_step"][0][0] == 1
+    text = page.read_text()
+    assert "<link" not in text and "src=" not in text and "default-src 'none'" in text  # self-contained, offline
+    again = inspect(layout_run, "--prompt", "ROMEO:", "--mode", "soft", "--collapse-threshold", "3.5",
+                    "--max-new-tokens", "40", "--out", page)  # its own page it replaces
+    assert again == result and json.loads((tmp_path / "page.json").read_text()) == payload  # deterministic
+
+
+def test_a_task_run_shows_each_thought_with_its_nodes_and_frontier(task_data, tmp_path):
+    run = tmp_path / "run"
+    train(config.load(None, task_overrides(task_data)), run, quiet=True)
+    inspect(run, "--task-example", f"{task_data / 'test.json'}:3", "--out", tmp_path / "page.html")
+    payload = json.loads((tmp_path / "page.json").read_text())
+    record = json.loads((task_data / "test.json").read_text())[3]
+    thoughts = [t for t in payload["tokens"] if t["source"] == "thought"]
+    assert len(thoughts) == 2 and payload["task"]["question"] == record["question"]  # 2 stages x 1 thought
+    adjacent = {}
+    for a, b in record["edges"]:
+        adjacent.setdefault(a, set()).add(b)
+    frontier = visited = {record["root"]}
+    for k, t in enumerate(thoughts):  # breadth-first by hand: the nodes first reached at depth k + 1
+        frontier = {b for a in frontier for b in adjacent.get(a, ())} - visited
+        visited = visited | frontier
+        assert t["depth"] == k + 1 and len(t["nodes"]) == 5 and t["tier"] == "soft" and t["norm"] > 0
+        assert t["frontier"] == [f"n{i}" for i in sorted(frontier)], (k, t["frontier"])
+        assert [s for _, s in t["nodes"]] == sorted((s for _, s in t["nodes"]), reverse=True)
+    assert all(t["topk"] for t in payload["tokens"] if t["source"] == "generated")
+    for args, message in (([f"{task_data / 'test.json'}:999"], "holds 8 records"),
+                          ([f"{task_data / 'test.json'}:x"], "expected FILE:INDEX"),
+                          ([f"{task_data / 'nothing.json'}:0"], "nothing.json"),
+                          (["x:0", "--prompt", "A"], "not allowed with argument"),
+                          ([f"{task_data / 'test.json'}:0", "--out", tmp_path / "no" / "p.html"], "does not exist")):
+        out = [] if "--out" in args else ["--out", tmp_path / "p.html"]
+        assert_one_line_error(softar("inspect", run, "--task-example", *args, *out), message)
+    assert_one_line_error(softar("inspect", run, "--prompt", "A", "--out", tmp_path / "p.html"), "--task-example")
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_page_in_headless_chromium(layout_run, tmp_path):
+    """The page renders with one element per token carrying its tier, a click shows the token's top-k, the console
+    stays clean and no request leaves the page, even with a token that tries to close the script."""
+    pytest.importorskip("playwright")
+    from softar.inspect.browser import render
+
+    page = tmp_path / "page.html"
+    inspect(layout_run, "--prompt", "ROMEO:", "--mode", "soft", "--collapse-threshold", "3.5", "--max-new-tokens",
+            "40", "--out", page)
+    payload = json.loads((tmp_path / "page.json").read_text())
+    payload["tokens"][0]["text"] = "</script><img src='https://example.com/x.png'><script>"
+    page.write_text(render_html(payload))
+
+    def look(tab):
+        spans = tab.locator("#text .tok")
+        classes = [spans.nth(i).get_attribute("class").split() for i in range(spans.count())]
+        before = tab.locator("#detail .topk .barrow").count()
+        spans.nth(20).click()
+        tab.locator("#step").fill("10")
+        return {"classes": classes, "before": before, "bars": tab.locator("#detail .topk .barrow").count(),
+                "selected": tab.locator("#detail").get_attribute("data-token"),
+                "first": spans.nth(0).text_content(), "slots": tab.locator("#strip .slot").count()}
+
+    shot = tmp_path / "page.png"
+    seen = render(page, shot, look)
+    got = seen.result
+    assert len(got["classes"]) == len(payload["tokens"])
+    for cls, token in zip(got["classes"], payload["tokens"], strict=True):
+        assert f"tier-{token['tier']}" in cls and ("collapsed" in cls) == token["collapsed"]
+    assert got["before"] == 0 and got["bars"] == len(payload["tokens"][20]["topk"]) and got["selected"] == "20"
+    assert got["first"] == payload["tokens"][0]["text"]  # shown as text, not run as markup
+    assert got["slots"] == sum(r["slots"] for r in payload["steps"][10]["regions"])
+    assert seen.console_errors == [] and seen.requests == []
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    control = tmp_path / "control.html"  # the check itself: a page that does fetch is caught
+    control.write_text("<!doctype html><body data-ready='1'><img src='https://example.com/x.png'>"
+                       "<script>console.error('boom')</script></body>")
+    caught = render(control, tmp_path / "control.png")
+    assert caught.requests == ["https://example.com/x.png"] and "boom" in caught.console_errors
