@@ -43,6 +43,7 @@ def _int_at_least(low: int, high: int = 2**63 - 1):
 _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 _seed = _int_at_least(0, 2**32 - 1)  # torch's CPU generator keeps 32 bits of a seed: larger ones would alias
 MAX_NEW_TOKENS = 10**6  # a generation's ids and scores are kept in memory
+MAX_INSPECT_TOKENS = 4096  # a page holds every step's window and distribution
 
 
 def _top_p(text: str) -> float:
@@ -207,7 +208,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     from softar.device import pick_device
     from softar.generate import generate
     from softar.rundir import load_hf, load_run
-    from softar.soft.collapse import similarity
+    from softar.soft.collapse import nearest_k
 
     device = pick_device(a.device)
     if a.hf:
@@ -243,10 +244,9 @@ def cmd_sample(a: argparse.Namespace) -> None:
                   f"{g.collapsed_by_age[j].item()} collapsed by age", file=sys.stderr)
         if a.show_soft:  # each generated position: the token shown, and the tokens nearest to what re-entered
             for t in range(int(g.lengths[j])):
-                d = (-similarity(g.vectors[j, t], E, "l2")).clamp_min(0).sqrt()
-                near = d.topk(3, largest=False)
+                dists, near = nearest_k(g.vectors[j, t], E, 3)
                 cells = " | ".join(f"{run.tokenizer.decode([tok])!r} {dist:.3f}"
-                                   for dist, tok in zip(near.values.tolist(), near.indices.tolist(), strict=True))
+                                   for dist, tok in zip(dists.tolist(), near.tolist(), strict=True))
                 where = ""
                 if layout:  # where the token sits in the hierarchy now, and whether it re-entered soft
                     how = "collapsed by policy" if g.collapsed[j, t] else "entered soft"
@@ -267,16 +267,22 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         raise SoftarError(f"--out {a.out}: folder {out.parent} does not exist")
     if a.screenshot and not Path(a.screenshot).parent.is_dir():
         raise SoftarError(f"--screenshot {a.screenshot}: folder {Path(a.screenshot).parent} does not exist")
+    if a.max_new_tokens > MAX_INSPECT_TOKENS:
+        raise SoftarError(f"--max-new-tokens: a page shows at most {MAX_INSPECT_TOKENS} generated tokens")
     run = load_run(a.run_dir, pick_device(a.device))
     if run.cfg.task.name:
         if a.prompt is not None:
             raise SoftarError(f"{a.run_dir} is a reasoning-task run: give --task-example FILE:INDEX, not --prompt")
         if not a.task_example:
             raise SoftarError(f"{a.run_dir} is a reasoning-task run: give --task-example FILE:INDEX")
+        changed = [d for d, v in a.decoding_defaults.items() if getattr(a, d) != v]
+        if changed:
+            raise SoftarError(f"--{changed[0].replace('_', '-')}: a reasoning-task run is solved greedily, as "
+                              "`softar eval --task` solves it; only --seed and --device apply")
         file, sep, index = a.task_example.rpartition(":")
         if not sep or not file or not index.isdigit():
             raise SoftarError(f"--task-example {a.task_example!r}: expected FILE:INDEX, e.g. data/prosqa/test.json:0")
-        payload = task_payload(run, a.run_dir, Path(file), int(index))
+        payload = task_payload(run, a.run_dir, Path(file), int(index), a.seed)
     else:
         if a.task_example:
             raise SoftarError(f"{a.run_dir} is a language-model run: --task-example needs a reasoning-task run")
@@ -328,8 +334,8 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
     quickstart(Path(a.out), Path(a.data), a.overrides)
 
 
-def _add_decoding_flags(s: argparse.ArgumentParser) -> None:
-    """The flags of `decoding_from_flags`, shared by `softar sample` and `softar inspect`."""
+def _add_decoding_flags(s: argparse.ArgumentParser) -> list[str]:
+    """The flags of `decoding_from_flags`, shared by `softar sample` and `softar inspect` -> their destinations."""
     from softar.soft.collapse import COLLAPSES, OOD_SCORES
     from softar.soft.tokens import NOISES, SOFT_TOKENS
 
@@ -369,6 +375,9 @@ def _add_decoding_flags(s: argparse.ArgumentParser) -> None:
                    help="layout models: the memory hierarchy moves this many tokens at a time, so the KV cache "
                         "serves between moves (default: the run's context.shift_every; 1: every token)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return ["max_new_tokens", "temperature", "top_k", "stop", "top_p", "mode", "soft", "soft_arg", "soft_top_k",
+            "collapse", "noise", "noise_scale", "collapse_score", "collapse_threshold", "keep_uncertain",
+            "soft_budget", "shift_every"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--task-example", metavar="FILE:INDEX",
                       help="reasoning-task runs: record INDEX (from 0) of a JSON file in the task's format, solved "
                            "greedily as `softar eval --task` does")
-    _add_decoding_flags(s)
+    decoding = _add_decoding_flags(s)
     s.set_defaults(max_new_tokens=200)
+    s.set_defaults(decoding_defaults={d: s.get_default(d) for d in decoding})
     s.add_argument("--out", required=True, help="the page to write, PAGE.html (PAGE.json beside it)")
     s.add_argument("--screenshot", metavar="PNG",
                    help="also render the page in headless Chromium to this PNG (needs Debian's chromium and "

@@ -35,7 +35,7 @@ from softar.config import SoftConfig
 from softar.model import Outputs
 from softar.soft.collapse import CollapsePolicy, Sampling, collapse
 from softar.soft.model import SoftAR
-from softar.soft.tokens import Generator, RowGenerators, add_noise, entropy, make_soft_token
+from softar.soft.tokens import Generator, RowGenerators, add_noise, make_soft_token, top_probs
 from softar.soft.window import HARD, ContextState, SlidingWindow
 
 LAST = (slice(None), -1)  # index of the last position of [B, T, ...]
@@ -80,10 +80,12 @@ class Generation:
     vectors: torch.Tensor | None = None  # [B, N, m] what re-entered the context (return_vectors=True)
     tiers: list[list[str]] | None = None  # layouts: where each generated token sat when its sequence ended
     collapsed_by_age: torch.Tensor | None = None  # [B] layouts: soft tokens collapsed on leaving the soft region
-    # return_trace=True (k = TRACE_TOP_K); scores then hold the policy's OOD score in every mode
-    top_ids: torch.Tensor | None = None  # [B, N, k] the most likely next tokens at each step
-    top_probs: torch.Tensor | None = None  # [B, N, k] their probabilities (temperature 1, unfiltered)
-    entropy: torch.Tensor | None = None  # [B, N] nats, of the distribution each token was drawn from
+    # return_trace=True (k = TRACE_TOP_K): the model's next-token distribution at each step (temperature 1,
+    # unfiltered, as logprobs), the policy's OOD score in every mode, and the window that produced each token
+    top_ids: torch.Tensor | None = None  # [B, N, k] the most likely next tokens
+    top_probs: torch.Tensor | None = None  # [B, N, k] their probabilities
+    entropy: torch.Tensor | None = None  # [B, N] nats
+    ood: torch.Tensor | None = None  # [B, N] the collapse policy's score (`scores` only where the policy applies)
     windows: list[list[WindowView]] | None = None  # per sequence: the window before each step, then the last one
 
     def sequences(self) -> list[list[int]]:
@@ -140,7 +142,7 @@ class _Lane:
         return self.state.window()
 
     def views(self) -> list[WindowView]:
-        """The window of each row, as `WindowView`s."""
+        """The window of each row, as `WindowView`s (tracing only: it reads soft_done back from the device)."""
         done = self.state.soft_done.tolist() if self.layout else [[]] * self.rows
         return [WindowView(self.state.regions(), self.state.seen, d) for d in done]
 
@@ -194,7 +196,7 @@ def generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, see
     returns are ordinary tensors, ready to index a loss with (RL)."""
     g = _generate(model, prompts, dec, seed, use_cache, return_vectors, shift_every, return_trace)
     for name in ("tokens", "lengths", "logprobs", "stopped", "collapsed", "scores", "vectors", "collapsed_by_age",
-                 "top_ids", "top_probs", "entropy"):
+                 "top_ids", "top_probs", "entropy", "ood"):
         if getattr(g, name) is not None:
             setattr(g, name, getattr(g, name).clone())  # out of inference mode
     g.prompts = [p.clone() for p in g.prompts]
@@ -238,9 +240,10 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
     tiers: list[list[str]] | None = [[] for _ in range(B)] if layout else None
     by_age = torch.zeros(B, dtype=torch.long, device=device) if layout else None
     k = min(TRACE_TOP_K, E.shape[0])
-    top_ids = torch.full((B, N, k), -1, dtype=torch.long, device=device) if trace else None
-    top_probs = torch.zeros(B, N, k, device=device) if trace else None
+    trace_ids = torch.full((B, N, k), -1, dtype=torch.long, device=device) if trace else None
+    trace_probs = torch.zeros(B, N, k, device=device) if trace else None
     entropies = torch.zeros(B, N, device=device) if trace else None
+    ood = torch.zeros(B, N, device=device) if trace else None
     windows: list[list[WindowView]] | None = [[] for _ in range(B)] if trace else None
 
     def view(lanes_now: list[_Lane]) -> None:
@@ -279,12 +282,10 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
         entered = torch.full_like(nxt, dec.mode == "hard", dtype=torch.bool)  # a plain model's soft tokens stay soft
         if trace:
             view(lanes)
-            top = out.logits.float().softmax(-1).topk(k)
-            top_ids[rows, g], top_probs[rows, g] = top.indices, top.values
-            entropies[rows, g] = entropy(out.logits.float())
-        if trace or (layout and dec.mode == "soft"):
-            score = dec.policy.score_of(v, out.logits, nxt, E)
+            trace_ids[rows, g], trace_probs[rows, g], entropies[rows, g] = top_probs(out.logits, k)
+            ood[rows, g] = dec.policy.score_of(v, out.logits, nxt, E)
         if layout and dec.mode == "soft":
+            score = dec.policy.score_of(v, out.logits, nxt, E)
             entered = dec.policy.at_entry(score)
             v = torch.where(entered[:, None], E[nxt].to(v.dtype), v)  # what re-enters
         scores[rows, g], collapsed[rows, g] = score, entered
@@ -345,6 +346,6 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
         else:
             parts = [recompute(lane, a) for lane, a, _ in spans()]
         out = _cat(parts)
-    return Generation(prompts, tokens, lengths, logprobs, stopped, collapsed, scores, vectors, tiers, by_age, top_ids,
-                      top_probs, entropies, windows)
+    return Generation(prompts, tokens, lengths, logprobs, stopped, collapsed, scores, vectors, tiers, by_age,
+                      trace_ids, trace_probs, entropies, ood, windows)
 

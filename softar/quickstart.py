@@ -52,7 +52,8 @@ def mark_soft(tokenizer, ids: list[int], soft: list[bool]) -> str:
 
 
 def inspect_command(run_dir: Path, page: Path) -> str:
-    """The `softar inspect` command that draws the seed layout's soft generation, as the quickstart ran it."""
+    """The `softar inspect` command that draws a soft generation of the seed layout with the quickstart's decoding
+    (temperature 0.8, top-k 200, the collapse threshold), from the prompt ROMEO: rather than the val window."""
     return (f"softar inspect {shlex.quote(str(run_dir))} --prompt ROMEO: --mode soft --collapse lm_sample "
             f"--collapse-threshold {SOFT_THRESHOLD} --max-new-tokens 300 --out {shlex.quote(str(page))}")
 

@@ -101,6 +101,9 @@ def test_eviction_order_moves_each_token_one_step_down_the_ladder():
         assert state.seg[0].tolist() == seen[max(0, n - 11) : max(0, n - 5)]
         in_agg = seen[: max(0, n - 11)]
         assert state.agg[0].nonzero().flatten().tolist() == in_agg and state.agg_n == len(in_agg)
+        spans = {name: seen[n - hi : n - lo] for name, lo, hi in state.regions()}  # ages -> the tokens held
+        assert spans["soft"] == state.soft_id[0].tolist() and spans["hard"] == state.hard[0].tolist()
+        assert spans["segment1"] + spans["segment0"] == state.seg[0].tolist() and spans["aggregate"] == in_agg
     tiers = [state.tier(age) for age in range(30)]
     assert tiers == ["soft"] * 2 + ["hard"] * 3 + ["segment0"] * 2 + ["segment1"] * 4 + ["aggregate"] * 19
     assert state.tier(30) == "gone"

@@ -17,7 +17,7 @@ from softar.config import Config
 from softar.data.tokenizer import load_tokenizer
 from softar.evaluate.stats import mean_se
 from softar.soft.thoughts import forward_thoughts, task_loss, thought, thought_span
-from softar.soft.tokens import entropy
+from softar.soft.tokens import top_probs
 from softar.tasks import Task, get_task
 from softar.tasks.data import Encoder, Example, load_records, load_task_meta
 from softar.tasks.graphs import frontiers
@@ -73,8 +73,8 @@ def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new:
     its thoughts, then decodes until <eos> or `max_new` tokens. Prompts of equal length go as one batch. Without
     the cache every step recomputes the whole sequence (the reference the cache is tested against). Returns per
     example: generated ids (without <eos>), thoughts [n, m], seconds (its batch's time over its size); with
-    `top_k`, also each step's distribution: "top" (ids [N, k], probabilities [N, k]) and "entropy" [N], <eos>
-    included."""
+    `top_k`, also each step's next-token distribution (`top_probs`): "top" (ids [N, k], probabilities [N, k]) and
+    "entropy" [N], <eos> included."""
     lm, E, eos = model.lm, model.E, encoder.id["<eos>"]
     prompts = [encoder.prompt(ex, stage) for ex in examples]
     lanes: dict[int, list[int]] = {}
@@ -106,8 +106,7 @@ def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new:
         out, done, dists = [], torch.zeros(len(rows), dtype=torch.bool, device=E.device), []
         for _ in range(min(max_new, model.window_slots - P)):
             if top_k:
-                p = last.float().softmax(-1)
-                dists.append((*p.topk(min(top_k, p.shape[-1])), entropy(last.float())))
+                dists.append(top_probs(last, top_k))
             tok = last.argmax(-1)  # [b]
             out.append(tok)
             done |= tok == eos
@@ -127,7 +126,7 @@ def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new:
                           "thoughts": thoughts[j].float().cpu(), "seconds": seconds}
             if top_k:
                 n = len(results[i]["ids"]) + (eos in ids_i)
-                results[i]["top"] = tuple(torch.stack([d[f][j] for d in dists[:n]]).cpu() for f in (1, 0))
+                results[i]["top"] = tuple(torch.stack([d[f][j] for d in dists[:n]]).cpu() for f in (0, 1))
                 results[i]["entropy"] = torch.stack([d[2][j] for d in dists[:n]]).cpu()
     return results
 

@@ -86,7 +86,7 @@ function detail(t) {
   const table = el("table");
   for (const [k, v] of rows) table.append(el("tr", {}, el("td", { class: "k", text: k }), el("td", { text: String(v) })));
   box.append(table);
-  if (t.topk) box.append(el("div", { class: "topk" }, bars("the distribution it was drawn from (top-k)", t.topk, t.text, "p")));
+  if (t.topk) box.append(el("div", { class: "topk" }, bars("the model's next-token distribution here (top 10; temperature 1, unfiltered)", t.topk, t.text, "p")));
   if (t.nearest) box.append(el("div", { class: "nearest" }, bars("nearest vocabulary tokens to the vector that re-entered (L2)", t.nearest, null, "dist")));
   if (t.nodes) {
     const inF = new Set(t.frontier);
@@ -127,8 +127,9 @@ function drawWindow(s) {
     }
     for (let i = r.from; i < r.to; i++) {
       const tok = P.tokens[i];
-      const k = kind === "tokens" ? (tok.source === "prompt" || tok.tier === "hard" ? "hard" : "soft") : kind;
-      const collapsed = kind === "soft" && step.soft_collapsed[softIndex++];
+      // a token slot (plain window or soft region) holds what re-entered; a soft slot collapsed in place is hatched
+      const k = kind === "tokens" || kind === "soft" ? tok.entered : kind;
+      const collapsed = kind === "soft" && step.soft_collapsed[softIndex++] && tok.entered === "soft";
       strip.append(el("div", { class: `slot kind-${k}` + (collapsed ? " collapsed" : ""),
         title: `${kind}: #${i} ${JSON.stringify(tok.text)}` + (collapsed ? " (collapsed)" : "") }));
       inwin.add(i);
@@ -144,10 +145,9 @@ function chart(title, series, opts = {}) {
   const pts = series.flatMap((s) => s.points);
   const box = el("div", { class: "chart" }, el("h3", { text: title }));
   if (!pts.length) { box.append(el("div", { class: "note", text: "no data" })); return box; }
-  let [x0, x1] = [Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
-  let ys = pts.map((p) => p[1]);
-  if (opts.hline !== undefined && opts.hline !== null) ys = ys.concat([opts.hline]);
-  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  const range = (xs) => xs.reduce(([lo, hi], x) => [Math.min(lo, x), Math.max(hi, x)], [Infinity, -Infinity]);
+  let [x0, x1] = range(pts.map((p) => p[0]));
+  let [y0, y1] = range(pts.map((p) => p[1]).concat(opts.hline === undefined || opts.hline === null ? [] : [opts.hline]));
   if (x1 === x0) x1 = x0 + 1; if (y1 === y0) { y0 -= 1; y1 += 1; }
   const X = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R), Y = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" },
@@ -173,7 +173,8 @@ function overTime() {
   const gen = P.tokens.filter((t) => t.source === "generated");
   const series = [{ name: "entropy (nats)", points: gen.map((t, s) => [s, t.entropy]) }];
   if (P.policy.score !== "none" && P.policy.score !== "entropy")
-    series.push({ name: `OOD score (${P.policy.score})`, points: gen.filter((t) => t.score !== null).map((t) => [gen.indexOf(t), t.score]) });
+    series.push({ name: `OOD score (${P.policy.score})`,
+      points: gen.map((t, s) => [s, t.score]).filter((p) => p[1] !== null) });
   const hline = P.policy.applies ? P.policy.threshold : null;
   document.getElementById("time").append(chart("per generated token", series,
     { xlabel: "step", hline, hlabel: `collapse threshold ${fmt(hline, 2)}`, width: 920 }));

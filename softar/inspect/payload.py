@@ -4,12 +4,13 @@ and the run's training curves.
 The payload (also written as PAGE.json; `PAYLOAD_VERSION` says its format):
 - `run`: directory, step, model and layout; `decoding`: the settings; `policy`: the OOD score and threshold.
 - `tokens`: every token of the sequence, prompt first. Each has its text, `source` (prompt | generated | thought),
-  `tier` when generation ended (soft | hard | segment | aggregate | gone; a plain window's slots are soft or hard
-  by what re-entered) and `region` (segment0 is the newest segment), and `collapsed` (the policy collapsed it in
-  place). A generated token also has its log-probability, the `entropy` and OOD `score` of its distribution and
-  that distribution's `topk` ([text, p]); in soft mode the `nearest` vocabulary tokens to the vector that
-  re-entered ([text, L2 distance]); a thought its `nodes` (the graph nodes it reads as, [name, score]), its
-  `depth` and that depth's `frontier`.
+  `entered` (soft | hard: what re-entered the context), `tier` when generation ended (soft | hard | segment |
+  aggregate | gone; a token slot, in a plain window or a soft region, is as it entered) and `region` (segment0 is
+  the newest segment), and `collapsed` (the policy collapsed it in place). A generated token also has its
+  log-probability and the model's next-token distribution there (temperature 1, unfiltered, as `generate`'s
+  logprobs): its `entropy`, its `topk` ([text, p]), and the policy's OOD `score`; in soft mode the `nearest`
+  vocabulary tokens to the vector that re-entered ([text, L2 distance]); a thought its `nodes` (the graph nodes it
+  reads as, [name, score]), its `depth` and that depth's `frontier`.
 - `steps`: the window before each generated token, then the last one: its regions, oldest first, each the token
   range [from, to) it covers and the slots it takes (a summary is one slot; hard, soft and plain token regions
   one slot per token), and which tokens of the soft region are collapsed.
@@ -28,7 +29,7 @@ from softar import SoftarError
 from softar.disk import read_jsonl
 from softar.generate import TRACE_TOP_K, Decoding, Generation, WindowView, generate
 from softar.rundir import METRICS_FILE, LoadedRun
-from softar.soft.collapse import similarity
+from softar.soft.collapse import nearest_k
 
 PAYLOAD_VERSION = 1
 NEAREST = 5  # vocabulary tokens listed per soft vector
@@ -50,7 +51,7 @@ def region_of(view: WindowView, index: int) -> str:
 def window_regions(view: WindowView, aggregate_all: bool) -> list[dict]:
     """The window's regions oldest first, as token ranges [from, to) with the slots each takes."""
     out = []
-    hard_end = next((hi for name, _, hi in view.regions if name == "hard"), 0)  # the oldest age in the hard region
+    hard_end = next((hi for name, _, hi in view.regions if name == "hard"), 0)  # the end age of the hard region
     for name, lo, hi in reversed(view.regions):
         first, end = view.seen - hi, view.seen - lo
         summary = name == "aggregate" or name.startswith("segment")
@@ -66,14 +67,13 @@ def _text(tokenizer, i: int) -> str:
 
 def _nearest(vectors: torch.Tensor, E: torch.Tensor, tokenizer) -> list[list[list]]:
     """For each vector [n, m]: its NEAREST vocabulary tokens by L2, [text, distance]."""
-    d = (-similarity(vectors.float(), E.float(), "l2")).clamp_min(0).sqrt()
-    near = d.topk(min(NEAREST, E.shape[0]), largest=False)
-    return [[[_text(tokenizer, t), round(v, 4)] for v, t in zip(vs, ts, strict=True)]
-            for vs, ts in zip(near.values.tolist(), near.indices.tolist(), strict=True)]
+    dists, ids = nearest_k(vectors.float(), E.float(), NEAREST)
+    return [[[_text(tokenizer, t), round(d, 4)] for d, t in zip(ds, ts, strict=True)]
+            for ds, ts in zip(dists.tolist(), ids.tolist(), strict=True)]
 
 
-def _topk(tokenizer, ids: torch.Tensor, probs: torch.Tensor) -> list[list]:
-    return [[_text(tokenizer, i), round(p, 5)] for i, p in zip(ids.tolist(), probs.tolist(), strict=True) if i >= 0]
+def _topk(tokenizer, ids: list[int], probs: list[float]) -> list[list]:
+    return [[_text(tokenizer, i), round(p, 5)] for i, p in zip(ids, probs, strict=True) if i >= 0]
 
 
 def _finite(x: float) -> float | None:
@@ -134,23 +134,29 @@ def text_payload(run: LoadedRun, run_dir: str | Path, prompt: list[int], dec: De
     views = g.windows[0]
     final = views[-1]
     soft_mode = dec.mode == "soft"
+
+    def tier_of(region: str, entered: str) -> str:
+        if region in ("tokens", "soft"):  # a token slot holds what re-entered (hard mode: hard tokens throughout)
+            return entered
+        return tier_name(region)
+
     tokens = []
     for i, t in enumerate(prompt):
         region = region_of(final, i)
-        tokens.append({"i": i, "text": _text(tok, t), "source": "prompt", "tier": "hard" if region == "tokens" else
-                       tier_name(region), "region": region, "collapsed": False})
+        tokens.append({"i": i, "text": _text(tok, t), "source": "prompt", "entered": "hard",
+                       "tier": tier_of(region, "hard"), "region": region, "collapsed": False})
+    entered = "soft" if soft_mode else "hard"
     nearest = _nearest(g.vectors[0, :n], E, tok) if soft_mode else [None] * n
+    ids, logprobs, entropy = g.tokens[0, :n].tolist(), g.logprobs[0, :n].tolist(), g.entropy[0, :n].tolist()
+    ood, collapsed = g.ood[0, :n].tolist(), g.collapsed[0, :n].tolist()
+    top_ids, top_probs = g.top_ids[0, :n].tolist(), g.top_probs[0, :n].tolist()
     for j in range(n):
-        i = P + j
-        region = region_of(final, i)
-        tier = tier_name(region)
-        if region == "tokens":  # a plain window: each slot is what re-entered
-            tier = "soft" if soft_mode else "hard"
-        entry = {"i": i, "text": _text(tok, g.tokens[0, j]), "source": "generated", "tier": tier, "region": region,
-                 "collapsed": soft_mode and not model.layout.plain and bool(g.collapsed[0, j]),
-                 "logprob": round(float(g.logprobs[0, j]), 5), "entropy": round(float(g.entropy[0, j]), 5),
-                 "score": _finite(round(float(g.scores[0, j]), 5)),
-                 "topk": _topk(tok, g.top_ids[0, j], g.top_probs[0, j])}
+        region = region_of(final, P + j)
+        entry = {"i": P + j, "text": _text(tok, ids[j]), "source": "generated", "entered": entered,
+                 "tier": tier_of(region, entered), "region": region,
+                 "collapsed": soft_mode and not model.layout.plain and collapsed[j],
+                 "logprob": round(logprobs[j], 5), "entropy": round(entropy[j], 5), "score": _finite(round(ood[j], 5)),
+                 "topk": _topk(tok, top_ids[j], top_probs[j])}
         if soft_mode:  # the vector that re-entered (a token collapsed at entry re-entered as itself)
             entry["nearest"] = nearest[j]
         tokens.append(entry)
@@ -165,7 +171,7 @@ def text_payload(run: LoadedRun, run_dir: str | Path, prompt: list[int], dec: De
             "tokens": tokens, "steps": steps, "metrics": read_curves(Path(run_dir))}
 
 
-def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int) -> dict:
+def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int, seed: int = 0) -> dict:
     """Record `index` of a task file solved greedily at the run's final curriculum stage, as `softar eval --task`
     solves it: the question, each continuous thought (the nodes it reads as and the breadth-first frontier at its
     depth), and the answer with each step's distribution."""
@@ -179,7 +185,7 @@ def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int) ->
     data.check_fits("example", run.model.window_slots, f"--task-example {file}")
     enc, record, example = data.encoder, records[index], data.examples["example"][index]
     stage = enc.final_stage()
-    solved = solve(run.model, enc, [example], stage, run.cfg.task.max_answer_tokens, top_k=TRACE_TOP_K)[0]
+    solved = solve(run.model, enc, [example], stage, run.cfg.task.max_answer_tokens, seed=seed, top_k=TRACE_TOP_K)[0]
     prompt, words = enc.prompt(example, stage), enc.tok.words
     thoughts = solved["thoughts"]
     names, scores, fronts = node_readout(run.model, enc, record, thoughts) if thoughts.shape[0] else ([], None, [])
@@ -187,13 +193,13 @@ def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int) ->
     c = enc.cfg.thoughts_per_step
     tokens, t = [], 0
     for i, token in enumerate(prompt):
-        entry = {"i": i, "text": words[token], "source": "prompt", "tier": "hard", "region": "tokens",
-                 "collapsed": False}
+        entry = {"i": i, "text": words[token], "source": "prompt", "entered": "hard", "tier": "hard",
+                 "region": "tokens", "collapsed": False}
         if token == run.model.thought_id and enc.cfg.mode == "thoughts":
             depth = t // c + 1
             top = scores[t].topk(min(NODES, len(names)))
             frontier = sorted(fronts[depth]) if depth < len(fronts) else []
-            entry.update(source="thought", tier="soft", text=f"thought {t + 1}", nearest=nearest[t],
+            entry.update(source="thought", entered="soft", tier="soft", text=f"thought {t + 1}", nearest=nearest[t],
                          norm=round(float(thoughts[t].norm()), 4), depth=depth,
                          nodes=[[names[j], round(v, 4)] for v, j in zip(top.values.tolist(), top.indices.tolist(),
                                                                          strict=True)],
@@ -201,10 +207,10 @@ def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int) ->
             t += 1
         tokens.append(entry)
     answer = solved["ids"] + ([enc.id["<eos>"]] if len(solved["entropy"]) > len(solved["ids"]) else [])
-    top_ids, top_probs = solved["top"]
+    top_ids, top_probs = (x.tolist() for x in solved["top"])
     for j, token in enumerate(answer):
-        tokens.append({"i": len(prompt) + j, "text": words[token], "source": "generated", "tier": "hard",
-                       "region": "tokens", "collapsed": False,
+        tokens.append({"i": len(prompt) + j, "text": words[token], "source": "generated", "entered": "hard",
+                       "tier": "hard", "region": "tokens", "collapsed": False,
                        "entropy": round(float(solved["entropy"][j]), 5), "score": None,
                        "topk": _topk(run.tokenizer, top_ids[j], top_probs[j])})
     answer_words, _ = split_answer(enc, solved["ids"])
@@ -212,7 +218,7 @@ def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int) ->
              for n in range(len(prompt), len(prompt) + len(answer) + 1)]
     return {"softar_inspect": PAYLOAD_VERSION, "kind": "task", "run": _run_info(run, run_dir),
             "decoding": {"mode": "greedy", "task_mode": enc.cfg.mode, "stage": stage},
-            "seed": 0, "prompt_tokens": len(prompt), "generated_tokens": len(answer),
+            "seed": seed, "prompt_tokens": len(prompt), "generated_tokens": len(answer),
             "stopped": len(answer) > len(solved["ids"]),
             "task": {"name": run.cfg.task.name, "file": str(file), "index": index, "question": record["question"],
                      "target": enc.task.render(record, enc.rendering).answer, "answer": " ".join(answer_words),

@@ -29,6 +29,13 @@ def nearest(v: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
     return similarity(v, E, "l2").argmax(-1)
 
 
+def nearest_k(v: torch.Tensor, E: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest embeddings to v [..., m] by L2: (distances [..., k], ids [..., k]), nearest first."""
+    d = (-similarity(v, E, "l2")).clamp_min(0).sqrt()
+    near = d.topk(min(k, E.shape[0]), largest=False)
+    return near.values, near.indices
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How a stochastic operator draws: temperature (0: greedy), top-k (0: all), top-p (1: all)."""

@@ -121,6 +121,14 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def top_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a reader wants of a next-token distribution logits [..., V] (temperature 1, unfiltered): its k most
+    likely ids [..., k], their probabilities [..., k], and its entropy [...] in nats."""
+    logits = logits.float()
+    top = logits.softmax(-1).topk(min(k, logits.shape[-1]))
+    return top.indices, top.values, entropy(logits)
+
+
 def probs(logits: torch.Tensor, top_k: int = 0) -> torch.Tensor:
     """softmax(logits), optionally over the top-k renormalised (Soft Thinking)."""
     return filter_logits(logits, top_k).softmax(-1)
