@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -257,16 +259,11 @@ def cmd_sample(a: argparse.Namespace) -> None:
 
 def cmd_inspect(a: argparse.Namespace) -> None:
     from softar.device import pick_device
-    from softar.inspect import task_payload, text_payload, write_page
+    from softar.inspect import check_targets, task_payload, text_payload, write_page
     from softar.rundir import load_run
 
-    out = Path(a.out)
-    if out.suffix != ".html":
-        raise SoftarError(f"--out {a.out}: the page must be a .html file")
-    if not out.parent.is_dir():
-        raise SoftarError(f"--out {a.out}: folder {out.parent} does not exist")
-    if a.screenshot and not Path(a.screenshot).parent.is_dir():
-        raise SoftarError(f"--screenshot {a.screenshot}: folder {Path(a.screenshot).parent} does not exist")
+    out, screenshot = Path(a.out), Path(a.screenshot) if a.screenshot else None
+    check_targets(out, screenshot)  # before any work
     if a.max_new_tokens > MAX_INSPECT_TOKENS:
         raise SoftarError(f"--max-new-tokens: a page shows at most {MAX_INSPECT_TOKENS} generated tokens")
     run = load_run(a.run_dir, pick_device(a.device))
@@ -280,7 +277,7 @@ def cmd_inspect(a: argparse.Namespace) -> None:
             raise SoftarError(f"--{changed[0].replace('_', '-')}: a reasoning-task run is solved greedily, as "
                               "`softar eval --task` solves it; only --seed and --device apply")
         file, sep, index = a.task_example.rpartition(":")
-        if not sep or not file or not index.isdigit():
+        if not sep or not file or not re.fullmatch("[0-9]{1,9}", index):
             raise SoftarError(f"--task-example {a.task_example!r}: expected FILE:INDEX, e.g. data/prosqa/test.json:0")
         payload = task_payload(run, a.run_dir, Path(file), int(index), a.seed)
     else:
@@ -292,13 +289,14 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     write_page(payload, out)
     result = {"page": str(out), "json": str(out.with_suffix(".json")), "tokens": len(payload["tokens"])}
     if a.screenshot:
+        from softar.inspect import write_png
         from softar.inspect.browser import click_token, render
 
         gen = [t for t in payload["tokens"] if t["source"] != "prompt"]  # pin the first soft one, if any
         shown = next((t for t in gen if t["tier"] == "soft" and not t["collapsed"] and t["text"].strip()),
                      gen[0] if gen else None)
         pin = click_token(shown["i"]) if shown else None
-        result["screenshot"] = str(render(out, Path(a.screenshot), pin).screenshot)
+        result["screenshot"] = str(write_png(render(out, pin).png, screenshot))
     _emit(result, None)
 
 
@@ -499,6 +497,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupted = False
+
+    def on_interrupt(signum, frame) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        return _main(argv)
+    except BaseException:
+        # Ctrl-C while the parser's imports (torch, numpy) load: the interrupted import can surface as any error
+        if not interrupted:
+            raise
+        print("softar: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may come after options (`train c.toml --out r a.b=1`), which argparse leaves unparsed

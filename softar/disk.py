@@ -87,18 +87,47 @@ def staged_folder(out: Path, replace: bool, what: str) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def stage_bytes(path: Path, data: bytes) -> Path:
+    """Write `data` to this process's temp sibling of `path`, synced: half of an atomic write (`commit` is the
+    other), so that several files can be written first and then moved into place together."""
     tmp = temp_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SoftarError(f"cannot write {path}: {e.strerror or e}") from None
+    return tmp
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Move a staged file into place."""
+    try:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SoftarError(f"cannot write {path}: {e.strerror or e}") from None
     fsync_path(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    commit(stage_bytes(path, text.encode("utf-8")), path)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on a folder itself (flock on its descriptor; nothing is created), so that two
+    processes replacing files that belong together there do so one after the other."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_text(path: Path, what: str, limit: int = 1 << 28) -> str:

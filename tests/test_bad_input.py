@@ -162,6 +162,7 @@ CASES = [
     (["inspect", "{run}", "--task-example", "{tmp}/x.json:0", "--out", "{tmp}/p.html"], "needs a reasoning-task run"),
     (["inspect", "{run}", "--collapse-threshold", "2", "--out", "{tmp}/p.html"], "no layout"),
     (["inspect", "{run}", "--screenshot", "{tmp}/missing/p.png", "--out", "{tmp}/p.html"], "--screenshot"),
+    (["inspect", "{run}", "--max-new-tokens", "5000", "--out", "{tmp}/p.html"], "at most 4096"),
     (["inspect", "{run}"], "--out"),
     (["inspect", "{tmp}/missing", "--out", "{tmp}/p.html"], "is not a softar run"),
     (["inspect", "{run}", "--out", "{data}"], "must be a .html file"),
@@ -199,7 +200,7 @@ def test_inspect_keeps_files_it_did_not_write(run_dir, tmp_path, capsys):
     for name in ("page.html", "page.json"):
         mine = tmp_path / name
         mine.write_text("my notes")
-        assert "is not a softar inspect file" in run_cli(["inspect", run_dir, "--out", tmp_path / "page.html"],
+        assert "is not a file softar inspect wrote" in run_cli(["inspect", run_dir, "--out", tmp_path / "page.html"],
                                                          capsys)
         assert mine.read_text() == "my notes" and len(list(tmp_path.iterdir())) == 1
         mine.unlink()

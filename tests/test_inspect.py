@@ -144,7 +144,7 @@ def test_a_task_run_shows_each_thought_with_its_nodes_and_frontier(task_data, tm
         tab.locator("#text .tok.source-thought").nth(1).click()
         return tab.locator("#detail .nodes .barrow").count(), tab.locator("#text .tok.source-thought").count()
 
-    seen = render(tmp_path / "page.html", tmp_path / "page.png", look)
+    seen = render(tmp_path / "page.html", look)
     assert seen.result == (5, 2) and seen.console_errors == [] and seen.requests == []
 
 
@@ -173,8 +173,9 @@ def test_the_page_in_headless_chromium(layout_run, char_data, tmp_path):
                 "selected": tab.locator("#detail").get_attribute("data-token"),
                 "first": spans.nth(0).text_content(), "slots": tab.locator("#strip .slot").count()}
 
+    seen = render(page, look)
     shot = tmp_path / "page.png"
-    seen = render(page, shot, look)
+    shot.write_bytes(seen.png)  # kept in the test's folder, to look at
     got = seen.result
     assert len(got["classes"]) == len(payload["tokens"])
     for cls, token in zip(got["classes"], payload["tokens"], strict=True):
@@ -197,7 +198,7 @@ def test_the_page_in_headless_chromium(layout_run, char_data, tmp_path):
                     for i in range(tab.locator("#strip .slot").count())]
         return look
 
-    at = render(tmp_path / "plain.html", tmp_path / "plain.png", strip_at(25))
+    at = render(tmp_path / "plain.html", strip_at(25))
     region = plain_payload["steps"][25]["regions"][0]
     assert at.result == ["slot kind-hard"] * (region["to"] - region["from"]) and at.console_errors == []
     assert region["to"] == 6 + 25 and region["to"] - region["from"] < 16  # it slid
@@ -205,5 +206,27 @@ def test_the_page_in_headless_chromium(layout_run, char_data, tmp_path):
     control = tmp_path / "control.html"  # the check itself: a page that does fetch is caught
     control.write_text("<!doctype html><body data-ready='1'><img src='https://example.com/x.png'>"
                        "<script>console.error('boom')</script></body>")
-    caught = render(control, tmp_path / "control.png")
+    caught = render(control)
     assert caught.requests == ["https://example.com/x.png"] and "boom" in caught.console_errors
+
+
+def test_screenshots_and_pages_replace_only_their_own_files(layout_run, tmp_path):
+    """--screenshot writes a marked PNG and replaces only such a PNG; PAGE.html and PAGE.json replace only their
+    own kind; a link at any of them is refused; all of it is checked before the model runs."""
+    from softar.inspect import write_png
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(25) + b"IDAT"
+    shot = tmp_path / "shot.png"
+    write_png(png, shot)
+    assert shot.read_bytes()[33:41] == (23).to_bytes(4, "big") + b"tEXt"  # the chunk that marks it as ours
+    write_png(png, shot)  # its own screenshot it replaces
+    (tmp_path / "photo.png").write_bytes(png)  # someone else's PNG it does not
+    (tmp_path / "link.html").symlink_to(tmp_path / "nowhere.html")
+    for args, message in ((["--screenshot", tmp_path / "photo.png"], "photo.png exists and is not a file"),
+                          (["--screenshot", tmp_path / "shot.jpg"], "must be a .png file"),
+                          (["--out", tmp_path / "link.html"], "link.html exists and is not a file")):
+        out = [] if "--out" in args else ["--out", tmp_path / "page.html"]
+        before = sorted(tmp_path.iterdir())
+        assert_one_line_error(softar("inspect", layout_run, "--max-new-tokens", "2", *out, *args), message)
+        assert sorted(tmp_path.iterdir()) == before and (tmp_path / "photo.png").read_bytes() == png
+    assert (tmp_path / "link.html").is_symlink() and not (tmp_path / "nowhere.html").exists()

@@ -25,7 +25,7 @@ def chromium() -> str | None:
 
 @dataclass
 class Rendered:
-    screenshot: Path
+    png: bytes = b""  # a full-page screenshot
     console_errors: list[str] = field(default_factory=list)  # console.error calls and uncaught exceptions
     requests: list[str] = field(default_factory=list)  # every URL requested but the page's own (all refused)
     result: Any = None  # what `actions` returned
@@ -38,9 +38,9 @@ def click_token(index: int) -> Callable[[Any], None]:
     return click
 
 
-def render(page: Path, screenshot: Path, actions: Callable[[Any], Any] | None = None) -> Rendered:
+def render(page: Path, actions: Callable[[Any], Any] | None = None) -> Rendered:
     """Load `page` from disk, wait until its script has drawn everything, run `actions(playwright_page)` if given,
-    and write a full-page screenshot. Any request beyond the page itself is recorded and refused."""
+    and take a full-page screenshot. Any request beyond the page itself is recorded and refused."""
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
@@ -49,7 +49,7 @@ def render(page: Path, screenshot: Path, actions: Callable[[Any], Any] | None = 
     if exe is None:
         raise SoftarError("rendering a page needs Chromium: apt-get install chromium (or set SOFTAR_CHROMIUM)")
     url = page.resolve().as_uri()
-    out = Rendered(screenshot)
+    out = Rendered()
 
     def route(r) -> None:
         if r.request.url == url:
@@ -71,7 +71,7 @@ def render(page: Path, screenshot: Path, actions: Callable[[Any], Any] | None = 
                 tab.wait_for_selector("body[data-ready='1']", timeout=30_000)
                 if actions is not None:
                     out.result = actions(tab)
-                tab.screenshot(path=str(screenshot), full_page=True)
+                out.png = tab.screenshot(full_page=True)
             finally:
                 browser.close()
     except Error as e:

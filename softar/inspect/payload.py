@@ -80,6 +80,17 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _plottable(value) -> float | None:
+    """A logged number a chart can draw (finite, and small enough that a range over it stays finite), or None."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return value if math.isfinite(value) and abs(value) < 1e100 else None
+
+
 def read_curves(run_dir: Path) -> dict:
     """Training curves from metrics.jsonl: {name: [[step, value], ...]} for the training loss (train_loss_step),
     each periodic eval metric and the embedding diagnostics (E_*). A missing or unreadable log leaves the curves
@@ -98,8 +109,8 @@ def read_curves(run_dir: Path) -> dict:
             continue  # the periodic rows only: a run's final report is one point, not a curve
         names = ("loss",) if row.get("kind") == "train" else tuple(k for k in row if k not in ("kind", "step"))
         for name in names:
-            value = row.get(name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            value = _plottable(row.get(name))
+            if value is not None:
                 curves.setdefault("train_loss_step" if name == "loss" else name, []).append([step, value])
     for name, points in curves.items():
         if len(points) > MAX_CURVE_POINTS:
