@@ -206,23 +206,29 @@ def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
     return ids
 
 
-def cmd_sample(a: argparse.Namespace) -> None:
+def load_for_decoding(a: argparse.Namespace) -> LoadedRun:
+    """The run directory, or the Hugging Face model of --hf with its context.* / soft.* overrides (`sample` and
+    `inspect`)."""
     from softar.device import pick_device
-    from softar.generate import generate
     from softar.rundir import load_hf, load_run
-    from softar.soft.collapse import nearest_k
 
     device = pick_device(a.device)
     if a.hf:
         if a.run_dir and "=" not in a.run_dir:
             raise SoftarError("give either a run directory or --hf DIR, not both")
-        run = load_hf(a.hf, device, ([a.run_dir] if a.run_dir else []) + a.overrides)
-    elif not a.run_dir:
+        return load_hf(a.hf, device, ([a.run_dir] if a.run_dir else []) + a.overrides)
+    if not a.run_dir:
         raise SoftarError("give a run directory, or --hf DIR for a Hugging Face model")
-    else:
-        if a.overrides:
-            raise SoftarError(f"unrecognized arguments: {' '.join(a.overrides)}")
-        run = load_run(a.run_dir, device)
+    if a.overrides:
+        raise SoftarError(f"unrecognized arguments: {' '.join(a.overrides)}")
+    return load_run(a.run_dir, device)
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    from softar.generate import generate
+    from softar.soft.collapse import nearest_k
+
+    run = load_for_decoding(a)
     ids = encode_prompt(run, a.prompt)
     dec = decoding_from_flags(a, run)
     lay = run.model.layout
@@ -258,15 +264,14 @@ def cmd_sample(a: argparse.Namespace) -> None:
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
-    from softar.device import pick_device
     from softar.inspect import check_targets, task_payload, text_payload, write_page
-    from softar.rundir import load_run
 
     out, screenshot = Path(a.out), Path(a.screenshot) if a.screenshot else None
     check_targets(out, screenshot)  # before any work
     if a.max_new_tokens > MAX_INSPECT_TOKENS:
         raise SoftarError(f"--max-new-tokens: a page shows at most {MAX_INSPECT_TOKENS} generated tokens")
-    run = load_run(a.run_dir, pick_device(a.device))
+    run = load_for_decoding(a)
+    source = a.run_dir if not a.hf else a.hf
     if run.cfg.task.name:
         if a.prompt is not None:
             raise SoftarError(f"{a.run_dir} is a reasoning-task run: give --task-example FILE:INDEX, not --prompt")
@@ -279,12 +284,12 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         file, sep, index = a.task_example.rpartition(":")
         if not sep or not file or not re.fullmatch("[0-9]{1,9}", index):
             raise SoftarError(f"--task-example {a.task_example!r}: expected FILE:INDEX, e.g. data/prosqa/test.json:0")
-        payload = task_payload(run, a.run_dir, Path(file), int(index), a.seed)
+        payload = task_payload(run, source, Path(file), int(index), a.seed)
     else:
         if a.task_example:
-            raise SoftarError(f"{a.run_dir} is a language-model run: --task-example needs a reasoning-task run")
+            raise SoftarError(f"{source} is a language-model run: --task-example needs a reasoning-task run")
         prompt = "\n" if a.prompt is None else a.prompt
-        payload = text_payload(run, a.run_dir, encode_prompt(run, prompt), decoding_from_flags(a, run), a.seed,
+        payload = text_payload(run, source, encode_prompt(run, prompt), decoding_from_flags(a, run), a.seed,
                                a.shift_every)
     write_page(payload, out)
     result = {"page": str(out), "json": str(out.with_suffix(".json")), "tokens": len(payload["tokens"])}
@@ -448,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sample, overrides=[])
 
     s = sub.add_parser("inspect", help="one generation as an interactive, self-contained HTML page (and its JSON)")
-    s.add_argument("run_dir", help="a run directory")
+    s.add_argument("run_dir", nargs="?", help="a run directory (with --hf: context.* / soft.* overrides follow)")
+    s.add_argument("--hf", metavar="DIR", help="a Hugging Face causal LM saved with save_pretrained "
+                                              "(pip install 'softar[hf]')")
     what = s.add_mutually_exclusive_group()
     what.add_argument("--prompt", help="language-model runs: the text to continue (default: a line break)")
     what.add_argument("--task-example", metavar="FILE:INDEX",
@@ -461,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--screenshot", metavar="PNG",
                    help="also render the page in headless Chromium to this PNG (needs Debian's chromium and "
                         "pip install 'softar[dev]')")
-    s.set_defaults(fn=cmd_inspect)
+    s.set_defaults(fn=cmd_inspect, overrides=[])
 
     s = sub.add_parser("bench", help="measure training throughput, sampling speed, or fault tolerance")
     s.add_argument("kind", choices=["train", "sample", "faults"])

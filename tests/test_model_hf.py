@@ -2,6 +2,8 @@
 save_pretrained (nothing is downloaded). Greedy hard decoding equals transformers' own `generate`; cached soft
 generation equals uncached; `softar sample --hf` runs every mode and a context layout."""
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,14 @@ def test_hf_folders_that_would_run_on_random_weights_are_refused(hf_dir, tmp_pat
         f.rename(f.with_suffix(".bin"))
     assert cli.main(["sample", "--hf", str(pickled), "--device", "cpu"]) == 2
     assert "only safetensors are loaded" in capsys.readouterr().err
+
+
+def test_inspect_on_a_hugging_face_model(hf_dir, tmp_path, capsys):
+    page = tmp_path / "page.html"
+    assert cli.main(["inspect", "--hf", str(hf_dir), "context.aggregate=1", "context.segments=1",
+                     "context.segment_len=8", "context.soft=3", "model.block_size=24", "--mode", "soft",
+                     "--collapse-threshold", "2.5", "--prompt", "to be", "--max-new-tokens", "30", "--device", "cpu",
+                     "--out", str(page)]) == 0
+    payload = json.loads(page.with_suffix(".json").read_text())
+    assert len(payload["tokens"]) == 5 + 30 and payload["run"]["model"]["n_layer"] == 2
+    assert payload["metrics"]["curves"] == {} and {"segment", "soft"} <= {t["tier"] for t in payload["tokens"]}

@@ -120,10 +120,14 @@ def read_curves(run_dir: Path) -> dict:
 
 
 def _run_info(run: LoadedRun, run_dir: str | Path) -> dict:
-    m, lay = run.cfg.model, run.model.layout
+    m, lay, lm = run.cfg.model, run.model.layout, run.model.lm
+    hf = getattr(lm, "model", None)  # a Hugging Face network (`softar.model.hf`): its own config says its size
+    shape = ({"n_layer": hf.config.num_hidden_layers, "n_head": hf.config.num_attention_heads,
+              "d_model": hf.config.hidden_size, "hf": type(hf).__name__} if hf is not None else
+             {"n_layer": m.n_layer, "n_head": m.n_head, "d_model": m.d_model})
     return {"dir": str(run_dir), "step": run.step, "softar": softar.__version__,
-            "model": {"n_layer": m.n_layer, "n_head": m.n_head, "d_model": m.d_model, "block_size": m.block_size,
-                      "vocab_size": run.model.E.shape[0], "embedding_dim": run.model.E.shape[1]},
+            "model": {**shape, "block_size": m.block_size, "vocab_size": run.model.E.shape[0],
+                      "embedding_dim": run.model.E.shape[1]},
             "layout": {"plain": lay.plain, "aggregate": lay.aggregate, "segments": list(lay.segments),
                        "hard": lay.hard, "soft": lay.soft, "op": lay.op, "aggregate_all": lay.aggregate_all,
                        "window_slots": run.model.window_slots}}
