@@ -98,6 +98,8 @@ def test_inspect_writes_a_page_and_its_payload(layout_run, tmp_path):
     gen = payload["tokens"][6:]
     assert all(len(t["topk"]) == 10 and len(t["nearest"]) == 5 for t in gen)
     assert any(t["collapsed"] for t in gen) and len(payload["steps"]) == 41
+    for t in gen:  # threshold 3.5, no budget: every collapse is at entry, above the threshold
+        assert t["collapsed"] == (t["score"] > 3.5) and ("why" in t) == t["collapsed"]
     assert payload["metrics"]["curves"]["train_loss_step"][0][0] == 1
     text = page.read_text()
     assert "<link" not in text and "src=" not in text and "default-src 'none'" in text  # self-contained, offline
@@ -230,3 +232,12 @@ def test_screenshots_and_pages_replace_only_their_own_files(layout_run, tmp_path
         assert_one_line_error(softar("inspect", layout_run, "--max-new-tokens", "2", *out, *args), message)
         assert sorted(tmp_path.iterdir()) == before and (tmp_path / "photo.png").read_bytes() == png
     assert (tmp_path / "link.html").is_symlink() and not (tmp_path / "nowhere.html").exists()
+
+
+def test_the_reason_for_a_collapse():
+    from softar.inspect.payload import collapse_reason
+
+    policy = CollapsePolicy(threshold=2.0, budget=1)
+    assert collapse_reason(policy, 3.0) == "at entry: entropy 3.000 > threshold 2"
+    assert collapse_reason(policy, 1.0).startswith("later, by the budget: at most 1")
+    assert collapse_reason(CollapsePolicy(threshold=2.0, keep_uncertain=True), 1.0).startswith("at entry: entropy 1.000 <")

@@ -78,7 +78,7 @@ function detail(t) {
   box.setAttribute("data-token", t.i);
   const rows = [["token", `#${t.i} ${JSON.stringify(t.text)}`], ["source", t.source],
     ["tier", t.region === t.tier || t.region === "tokens" ? t.tier : `${t.tier} (${t.region})`]];
-  if (t.collapsed) rows.push(["collapsed", "in place, by the policy"]);
+  if (t.collapsed) rows.push(["collapsed", `in place, ${t.why}`]);
   if ("logprob" in t) rows.push(["log p", fmt(t.logprob)]);
   if ("entropy" in t) rows.push(["entropy", `${fmt(t.entropy)} nats`]);
   if (t.score !== null && t.score !== undefined && P.policy.score !== "none") rows.push([`OOD (${P.policy.score})`, fmt(t.score)]);

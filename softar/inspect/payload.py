@@ -6,11 +6,11 @@ The payload (also written as PAGE.json; `PAYLOAD_VERSION` says its format):
 - `tokens`: every token of the sequence, prompt first. Each has its text, `source` (prompt | generated | thought),
   `entered` (soft | hard: what re-entered the context), `tier` when generation ended (soft | hard | segment |
   aggregate | gone; a token slot, in a plain window or a soft region, is as it entered) and `region` (segment0 is
-  the newest segment), and `collapsed` (the policy collapsed it in place). A generated token also has its
-  log-probability and the model's next-token distribution there (temperature 1, unfiltered, as `generate`'s
-  logprobs): its `entropy`, its `topk` ([text, p]), and the policy's OOD `score`; in soft mode the `nearest`
-  vocabulary tokens to the vector that re-entered ([text, L2 distance]); a thought its `nodes` (the graph nodes it
-  reads as, [name, score]), its `depth` and that depth's `frontier`.
+  the newest segment), and `collapsed` (the policy collapsed it in place; `why`: at entry or by the budget). A
+  generated token also has its log-probability and the model's next-token distribution there (temperature 1,
+  unfiltered, as `generate`'s logprobs): its `entropy`, its `topk` ([text, p]), and the policy's OOD `score`; in
+  soft mode the `nearest` vocabulary tokens to the vector that re-entered ([text, L2 distance]); a thought its
+  `nodes` (the graph nodes it reads as, [name, score]), its `depth` and that depth's `frontier`.
 - `steps`: the window before each generated token, then the last one: its regions, oldest first, each the token
   range [from, to) it covers and the slots it takes (a summary is one slot; hard, soft and plain token regions
   one slot per token), and which tokens of the soft region are collapsed.
@@ -29,7 +29,7 @@ from softar import SoftarError
 from softar.disk import read_jsonl
 from softar.generate import TRACE_TOP_K, Decoding, Generation, WindowView, generate
 from softar.rundir import METRICS_FILE, LoadedRun
-from softar.soft.collapse import nearest_k
+from softar.soft.collapse import CollapsePolicy, nearest_k
 
 PAYLOAD_VERSION = 1
 NEAREST = 5  # vocabulary tokens listed per soft vector
@@ -139,6 +139,15 @@ def _decoding_info(dec: Decoding) -> dict:
             None, "collapse": dec.collapse if dec.mode == "soft" else None, "max_new_tokens": dec.max_new_tokens}
 
 
+def collapse_reason(policy: CollapsePolicy, score: float) -> str:
+    """Why the policy collapsed a soft token in place: its score passed the threshold as it entered, or the budget
+    collapsed it later."""
+    sign = "<" if policy.keep_uncertain else ">"
+    if bool(policy.at_entry(torch.tensor(score))):
+        return f"at entry: {policy.score} {score:.3f} {sign} threshold {policy.threshold:g}"
+    return f"later, by the budget: at most {policy.budget} soft tokens stay uncollapsed"
+
+
 def text_payload(run: LoadedRun, run_dir: str | Path, prompt: list[int], dec: Decoding, seed: int,
                  shift_every: int | None = None) -> dict:
     """One generation from `prompt` under `dec` (seed as `softar sample --seed`), traced."""
@@ -172,6 +181,8 @@ def text_payload(run: LoadedRun, run_dir: str | Path, prompt: list[int], dec: De
                  "collapsed": soft_mode and not model.layout.plain and collapsed[j],
                  "logprob": round(logprobs[j], 5), "entropy": round(entropy[j], 5), "score": _finite(round(ood[j], 5)),
                  "topk": _topk(tok, top_ids[j], top_probs[j])}
+        if entry["collapsed"]:
+            entry["why"] = collapse_reason(dec.policy, ood[j])
         if soft_mode:  # the vector that re-entered (a token collapsed at entry re-entered as itself)
             entry["nearest"] = nearest[j]
         tokens.append(entry)
