@@ -240,4 +240,5 @@ def test_the_reason_for_a_collapse():
     policy = CollapsePolicy(threshold=2.0, budget=1)
     assert collapse_reason(policy, 3.0) == "at entry: entropy 3.000 > threshold 2"
     assert collapse_reason(policy, 1.0).startswith("later, by the budget: at most 1")
-    assert collapse_reason(CollapsePolicy(threshold=2.0, keep_uncertain=True), 1.0).startswith("at entry: entropy 1.000 <")
+    uncertain = CollapsePolicy(threshold=2.0, keep_uncertain=True)
+    assert collapse_reason(uncertain, 1.0).startswith("at entry: entropy 1.000 <")
