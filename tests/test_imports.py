@@ -15,7 +15,8 @@ LAYERS = [
     ["softar.losses"],
     ["softar.soft"],
     ["softar.generate", "softar.evaluate", "softar.rundir", "softar.train"],
-    ["softar.bench", "softar.faults", "softar.experiments", "softar.inspect", "softar.quickstart"],
+    ["softar.bench", "softar.faults", "softar.experiments", "softar.inspect", "softar.quickstart",
+     "softar.rl"],
     ["softar.cli", "softar.__main__", "softar.inject"],
 ]
 

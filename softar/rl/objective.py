@@ -1,0 +1,63 @@
+"""GRPO's pieces as pure functions: group-normalised advantages, PPO's clipped objective over a rollout's actions,
+a KL estimate to a reference policy, the log-density of a Gaussian-noised soft thought, and pass@k.
+
+An *action* is anything a rollout drew: a sampled token, or a noisy soft thought (Soft Tokens, Hard Truths: the
+thought x = mu + sigma * eps has log-density log N(x; mu, sigma^2 I), so it is a stochastic action with a likelihood
+like a token's). Shapes: N rollouts, T action slots per rollout; `mask` [N, T] marks the real actions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [P, G] (P prompts, a group of G rollouts each) -> advantages [P, G]: the reward minus its group's
+    mean, divided by the group's standard deviation (population) when `scale` (GRPO; Dr. GRPO leaves it out). A
+    group whose rewards are all equal carries no signal: its advantages are 0."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(-1, correction=0, keepdim=True) + eps)
+
+
+def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, per action, averaged over each rollout's actions and then over rollouts (GRPO).
+
+    logp, logp_old, mask [N, T]; advantages [N]. Returns (the loss to minimise, the clipped fraction of actions).
+    The ratio exp(logp - logp_old) is exactly 1 on the first inner step, where logp_old is logp detached."""
+    ratio = (logp - logp_old).exp()
+    a = advantages[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    m = mask.to(surrogate.dtype)
+    per_rollout = (surrogate * m).sum(-1) / m.sum(-1).clamp_min(1)
+    clipped = (((ratio - 1).abs() > clip) & mask).sum() / mask.sum().clamp_min(1)
+    return -per_rollout.mean(), clipped.detach()
+
+
+def kl_to_reference(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate of KL(policy || reference) per action, exp(r) - r - 1 with r = logp_ref - logp (unbiased,
+    never negative), averaged as `clipped_objective` averages: over each rollout's actions, then over rollouts."""
+    r = logp_ref - logp
+    k3 = r.exp() - r - 1
+    m = mask.to(k3.dtype)
+    return ((k3 * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()
+
+
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log N(x; mean, sigma^2 I) over the last dimension [..., m] -> [...]: a noisy soft thought's log-probability."""
+    m = x.shape[-1]
+    return -(x - mean).pow(2).sum(-1) / (2 * sigma**2) - m * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which `correct` passed (Chen et al. 2021): the chance
+    that k of the n, drawn without replacement, hold at least one correct one."""
+    if not 0 <= correct <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= correct <= n and 1 <= k <= n, got n={n}, correct={correct}, k={k}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.prod(1 - k / i for i in range(n - correct + 1, n + 1))

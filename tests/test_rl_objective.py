@@ -1,0 +1,89 @@
+"""GRPO's pure pieces against hand-built cases, slow references and closed forms."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from softar.rl.objective import clipped_objective, gaussian_log_density, group_advantages, kl_to_reference, pass_at_k
+
+
+def test_advantages_of_a_hand_built_group():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
+    a = group_advantages(rewards)
+    torch.testing.assert_close(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+    assert torch.equal(a[1], torch.zeros(4))  # no spread, no signal
+    std = math.sqrt((2.25**2 + 3 * 0.75**2) / 4)  # mean 0.75, population std
+    torch.testing.assert_close(a[2], torch.tensor([2.25, -0.75, -0.75, -0.75]) / std, atol=1e-5, rtol=0)
+    assert torch.equal(group_advantages(rewards, scale=False)[2], torch.tensor([2.25, -0.75, -0.75, -0.75]))
+
+
+def slow_objective(logp, logp_old, adv, mask, clip):
+    """The clipped surrogate written out action by action."""
+    total = 0.0
+    for n in range(logp.shape[0]):
+        acts = [t for t in range(logp.shape[1]) if mask[n, t]]
+        per = 0.0
+        for t in acts:
+            ratio = torch.exp(logp[n, t] - logp_old[n, t])
+            unclipped, clipped = ratio * adv[n], torch.clamp(ratio, 1 - clip, 1 + clip) * adv[n]
+            per = per + (unclipped if unclipped <= clipped else clipped)
+        total = total + per / max(len(acts), 1)
+    return -total / logp.shape[0]
+
+
+def test_the_clipped_objective_and_its_gradient_against_a_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    logp_old = -torch.rand(6, 5, generator=g) * 3
+    base = (logp_old + torch.randn(6, 5, generator=g) * 0.4).detach()  # ratios on both sides of the clip range
+    adv = torch.randn(6, generator=g)
+    mask = torch.rand(6, 5, generator=g) < 0.7
+    mask[0] = False  # a rollout without actions counts as 0
+    fast_in, slow_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+    loss, clipped = clipped_objective(fast_in, logp_old, adv, mask, 0.2)
+    ref = slow_objective(slow_in, logp_old, adv, mask, 0.2)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(fast_in.grad, slow_in.grad)
+    assert (fast_in.grad[~mask] == 0).all() and 0 < clipped < 1
+    ratio = (base - logp_old).exp()
+    beyond = mask & (((ratio > 1.2) & (adv[:, None] > 0)) | ((ratio < 0.8) & (adv[:, None] < 0)))
+    assert beyond.any() and (fast_in.grad[beyond] == 0).all()  # clipped on the side that would gain: no gradient
+
+
+def test_the_ratio_is_exactly_one_on_the_first_inner_step():
+    g = torch.Generator().manual_seed(1)
+    logp = (-torch.rand(4, 3, generator=g)).requires_grad_()
+    adv, mask = torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.ones(4, 3, dtype=torch.bool)
+    loss, clipped = clipped_objective(logp, logp.detach(), adv, mask, 0.2)
+    assert torch.equal(torch.exp(logp - logp.detach()), torch.ones(4, 3)) and clipped == 0
+    assert loss.item() == pytest.approx(-adv.mean().item())
+    loss.backward()  # the policy gradient: -A / (actions per rollout x rollouts) on each action
+    torch.testing.assert_close(logp.grad, -adv[:, None].expand(4, 3) / 12)
+
+
+def test_the_kl_estimate_is_exact_in_expectation():
+    """E_p[exp(r) - r - 1], r = log q - log p, is KL(p || q): summed over actions weighted by p, exactly."""
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])
+    one = torch.ones(1, 1, dtype=torch.bool)
+    expected = sum(p[a] * kl_to_reference(p[a].log().view(1, 1), q[a].log().view(1, 1), one) for a in range(3))
+    torch.testing.assert_close(expected, (p * (p / q).log()).sum())
+    assert kl_to_reference(p.log()[None], p.log()[None], torch.ones(1, 3, dtype=torch.bool)) == 0
+
+
+def test_the_noisy_thought_log_density_is_the_gaussian_closed_form():
+    g = torch.Generator().manual_seed(2)
+    mean, x = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    for sigma in (0.1, 1.0, 3.0):
+        closed = torch.distributions.Normal(mean, sigma).log_prob(x).sum(-1)
+        torch.testing.assert_close(gaussian_log_density(x, mean, sigma), closed)
+
+
+def test_pass_at_k_is_the_chance_that_k_draws_hold_a_correct_one():
+    for n, correct, k in [(5, 0, 1), (5, 1, 1), (5, 2, 3), (6, 3, 4), (6, 6, 2), (4, 1, 4)]:
+        draws = list(itertools.combinations([True] * correct + [False] * (n - correct), k))
+        assert pass_at_k(n, correct, k) == pytest.approx(sum(any(d) for d in draws) / len(draws))
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
