@@ -163,8 +163,13 @@ def collapse(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tenso
 def gated(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
     """w * expected + (1 - w) * E[sampled], w the entropy normalised by log V: a confident step is nearly its
     sampled token, an uncertain one keeps the blend."""
+    return gated_mix(out, E, spec, sample_ids(out.logits, generator))
+
+
+def gated_mix(out: Outputs, E: torch.Tensor, spec, ids: torch.Tensor) -> torch.Tensor:
+    """The gated soft token for given sampled ids [...] (a policy replays its own draws through it)."""
     w = (entropy(out.logits) / math.log(out.logits.shape[-1])).unsqueeze(-1)
-    return w * expected(out, E, spec) + (1 - w) * E[sample_ids(out.logits, generator)]
+    return w * expected(out, E, spec) + (1 - w) * E[ids]
 
 
 @soft_token("moi", params={"beta": 1.0})

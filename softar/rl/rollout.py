@@ -1,0 +1,144 @@
+"""Rollouts of a task prompt under a policy over thoughts, and their replay with gradients.
+
+A prompt is a task's `question <bot> [<thought> slots] <eot>` (`softar.tasks.data.Encoder.prompt`). Each thought slot
+is filled by the policy, then the answer is sampled token by token until <eos>:
+
+- **hard**: the thought is E[y] for a token y sampled from the model's distribution; its log-probability is y's.
+- **soft**: the thought is the model's own soft token (`soft.kind`, e.g. Coconut's hidden state), deterministic;
+  only the answer's tokens are actions.
+- **noisy_soft**: the soft token plus Gaussian noise, x = mu + sigma * eps (sigma in units of E's root-mean-square
+  coordinate); x is an action with log-density log N(x; mu, sigma^2 I) (Soft Tokens, Hard Truths).
+- **gated**: the `gated` soft token, an entropy-weighted blend of the expected embedding and E[y] for a sampled y
+  (the action). It stands in for HRPO's gate, which is learned; this one is not.
+
+`rollout` samples a group of continuations of one prompt, without gradients, and records every action. `replay`
+runs the same prompt with the recorded actions and returns each action's log-probability under the current weights,
+with gradients: called before the update it gives the old log-probabilities, so the importance ratio of the first
+inner step is exactly 1. Both run through the KV cache, one forward per thought and one for the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from softar.model import Outputs
+from softar.rl.objective import gaussian_log_density
+from softar.soft.tokens import Generator, gated_mix, make_soft_token, normal, sample_ids
+
+POLICIES = ("hard", "soft", "noisy_soft", "gated")
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str = "soft"  # one of POLICIES
+    sigma: float = 0.5  # noisy_soft: the noise's std, in units of E's root-mean-square coordinate
+    temperature: float = 1.0  # of every sampled token (thought or answer)
+    max_answer: int = 16  # answer tokens at most, <eos> included
+
+    def __post_init__(self):
+        if self.kind not in POLICIES:
+            raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {self.kind!r}")
+
+
+@dataclass
+class Actions:
+    """What a group of G rollouts drew. n thought slots, A answer slots."""
+
+    thought_ids: torch.Tensor  # [G, n] hard / gated: the sampled tokens (0 for other policies)
+    thought_vectors: torch.Tensor  # [G, n, m] the thoughts that entered (noisy_soft: with their noise)
+    answers: torch.Tensor  # [G, A] answer tokens, <eos> included; -1 after it
+
+
+def _noise_std(E: torch.Tensor, sigma: float) -> float:
+    return sigma * (E.detach().float().norm(dim=-1).mean() / math.sqrt(E.shape[-1])).item()
+
+
+def _thought(model, out: Outputs, policy: Policy, generator: Generator, drawn_id: torch.Tensor | None,
+             drawn_vector: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One thought from the outputs at the slot before it [G, ...]: (vector [G, m], sampled id [G] or zeros,
+    log-probability [G] or None for a deterministic thought). Given the recorded draw, it replays it."""
+    E, spec = model.E, model.soft_spec
+    logp_all = (out.logits.float() / policy.temperature).log_softmax(-1)
+    zeros = torch.zeros(out.logits.shape[0], dtype=torch.long, device=E.device)
+    if policy.kind in ("hard", "gated"):
+        y = drawn_id if drawn_id is not None else sample_ids(logp_all, generator)
+        v = E[y] if policy.kind == "hard" else gated_mix(out, E, spec, y)
+        return v, y, logp_all.gather(-1, y[:, None])[:, 0]
+    mu = make_soft_token(out, E, spec)
+    if policy.kind == "soft":
+        return mu, zeros, None
+    std = _noise_std(E, policy.sigma)
+    x = drawn_vector if drawn_vector is not None else mu + std * normal(mu.shape, generator, mu.device).to(mu.dtype)
+    return x, zeros, gaussian_log_density(x.float(), mu.float(), std)
+
+
+def _prefix(model, prompt: torch.Tensor, policy: Policy, generator: Generator, recorded: Actions | None):
+    """Run the prompt [G, L] through a fresh cache, the policy filling its thought slots -> (outputs at the last
+    slot [G, 1, ...], cache, thought ids [G, n], thought vectors [G, n, m], thought log-probs [G, n] or None)."""
+    lm, E = model.lm, model.E
+    vectors = F.embedding(prompt, E)
+    slots = (prompt[0] == model.thought_id).nonzero()[:, 0].tolist() if model.thought_id is not None else []
+    start, n = (slots[0], len(slots)) if slots else (prompt.shape[1], 0)
+    cache = lm.new_cache(*prompt.shape)
+    out = model.outputs(lm.hidden(vectors[:, :start], cache=cache))
+    ids, vecs, logps = [], [], []
+    for t in range(n):
+        v, y, logp = _thought(model, out.at((slice(None), -1)), policy, generator,
+                              None if recorded is None else recorded.thought_ids[:, t],
+                              None if recorded is None else recorded.thought_vectors[:, t])
+        ids.append(y)
+        vecs.append(v.to(vectors.dtype))
+        logps.append(logp)
+        out = model.outputs(lm.hidden(vecs[-1][:, None], cache=cache))
+    if start + n < prompt.shape[1]:
+        out = model.outputs(lm.hidden(vectors[:, start + n :], cache=cache))
+    G, m = prompt.shape[0], E.shape[1]
+    thought_ids = torch.stack(ids, 1) if ids else prompt.new_zeros(G, 0)
+    thought_vectors = torch.stack(vecs, 1) if vecs else vectors.new_zeros(G, 0, m)
+    thought_logp = torch.stack(logps, 1) if logps and logps[0] is not None else None
+    return out.at((slice(None), slice(-1, None))), cache, thought_ids, thought_vectors, thought_logp
+
+
+@torch.no_grad()
+def rollout(model, prompt: list[int], group: int, policy: Policy, eos: int, generator: Generator = None) -> Actions:
+    """G = `group` continuations of one prompt under `policy`: its thoughts, then answer tokens sampled until
+    <eos> or `policy.max_answer` tokens."""
+    lm, E = model.lm, model.E
+    ids = torch.tensor([prompt] * group, device=E.device)
+    last, cache, thought_ids, thought_vectors, _ = _prefix(model, ids, policy, generator, None)
+    answers = torch.full((group, policy.max_answer), -1, dtype=torch.long, device=E.device)
+    done = torch.zeros(group, dtype=torch.bool, device=E.device)
+    for a in range(policy.max_answer):
+        y = sample_ids(last.logits[:, -1].float() / policy.temperature, generator)
+        answers[:, a] = torch.where(done, -1, y)
+        done |= y == eos
+        if done.all():
+            break
+        last = model.outputs(lm.hidden(E[y][:, None], cache=cache))
+    return Actions(thought_ids, thought_vectors, answers)
+
+
+def replay(model, prompt: list[int], actions: Actions, policy: Policy, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability of every action of a group under the current weights, with gradients:
+    (logp [G, n + A], mask [G, n + A]): the thoughts' (masked out for the deterministic soft policy), then the
+    answer tokens' up to and including <eos>."""
+    E = model.E
+    G, A = actions.answers.shape
+    ids = torch.tensor([prompt] * G, device=E.device)
+    last, cache, _, _, thought_logp = _prefix(model, ids, policy, None, actions)
+    n = actions.thought_ids.shape[1]
+    answer_mask = actions.answers >= 0
+    fed = actions.answers[:, :-1].clamp_min(0).masked_fill(~answer_mask[:, :-1], eos)  # filler after <eos>
+    logits = last.logits
+    if A > 1:
+        logits = torch.cat([logits, model.outputs(model.lm.hidden(E[fed], cache=cache)).logits], dim=1)
+    logp_all = (logits.float() / policy.temperature).log_softmax(-1)  # [G, A, V]
+    answer_logp = logp_all.gather(-1, actions.answers.clamp_min(0)[..., None])[..., 0]
+    if thought_logp is None:
+        thought_logp = answer_logp.new_zeros(G, n)
+    thought_mask = torch.full((G, n), policy.kind != "soft", device=E.device)
+    return torch.cat([thought_logp, answer_logp], 1), torch.cat([thought_mask, answer_mask], 1)
