@@ -130,6 +130,25 @@ def cmd_train(a: argparse.Namespace) -> None:
     _emit(result, None)
 
 
+def cmd_rl(a: argparse.Namespace) -> None:
+    from softar import distributed
+    from softar.rl.trainer import RLTrainer, rl_config
+    from softar.train import train
+
+    cfg = rl_config(a.config, a.overrides)
+    out = Path(a.out) if a.out else Path("runs") / Path(a.config).stem
+    try:
+        result = train(cfg, out, resume=a.resume, quiet=a.quiet, trainer=RLTrainer)
+    finally:
+        distributed.shutdown()
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if result.get("preempted"):
+        print(f"softar: stopped by {result['signal']} after step {result['step']}; saved {result['checkpoint']}; "
+              f"continue with: softar rl ... --out {out} --resume", file=sys.stderr)
+    _emit(result, None)
+
+
 def cmd_eval(a: argparse.Namespace) -> None:
     from softar.evaluate.run import evaluate_run
 
@@ -417,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("rl", help="reinforcement learning (GRPO) over thoughts, from a trained task run")
+    s.add_argument("config", help="TOML config: [rl] init_from and the policy, [train] the optimizer and budget")
+    s.add_argument("overrides", nargs="*", help="rl.* / train.* / data.* overrides")
+    s.add_argument("--out", help="run directory (default: runs/<config name>)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_rl)
 
     s = sub.add_parser("eval", help="loss and bits over a whole split; or a reasoning task's accuracy (--task)")
     s.add_argument("run_dir")

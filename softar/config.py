@@ -166,6 +166,23 @@ class TaskConfig:
 
 
 @dataclass
+class RLConfig:
+    """Reinforcement learning from a trained task run (`softar rl`, GRPO; `softar/rl`). Each step draws
+    train.batch_size prompts, samples group_size rollouts of each under the thought policy, scores them with the
+    task's reward, and takes inner_steps clipped-objective updates at train.lr."""
+
+    init_from: str = ""  # the task run to start from (its model, task and data; its latest checkpoint's weights)
+    policy: Literal["hard", "soft", "noisy_soft", "gated"] = "soft"  # what fills the thought slots
+    group_size: int = 8  # rollouts per prompt (G)
+    inner_steps: int = 1  # updates per batch of rollouts (the ratio is exactly 1 on the first)
+    clip: float = 0.2  # PPO's clip range
+    kl_coef: float = 0.0  # weight of the KL estimate to the initial policy
+    sigma: float = 0.5  # noisy_soft: noise std, in units of E's root-mean-square coordinate
+    temperature: float = 1.0  # of every sampled token
+    eval_samples: int = 32  # periodic evals: samples per valid prompt, for pass@1..pass@eval_samples
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +191,7 @@ class Config:
     context: ContextConfig = field(default_factory=ContextConfig)
     soft: SoftConfig = field(default_factory=SoftConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -272,6 +290,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a TOML (or resolved JSON) config, apply overrides, resolve defaults and validate."""
+    return from_dict(load_raw(path, overrides))
+
+
+def load_raw(path: str | Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The sections and keys a config file and its overrides set, as written (not yet checked)."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -287,7 +310,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: expected a table")
         raw.setdefault(section, {})[key] = value
-    return from_dict(raw)
+    return raw
 
 
 def resolve(cfg: Config, vocab_size: int) -> Config:
@@ -405,6 +428,13 @@ def validate(cfg: Config) -> None:
     for key, low, high in (("thoughts_per_step", 1, 64), ("max_stage", 0, 64), ("stage_iters", 0, 2**31),
                            ("pauses", 0, 4096), ("eval_examples", 1, 10**6), ("max_answer_tokens", 1, 4096)):
         need(low <= getattr(k, key) <= high, f"task.{key}", f"must be in [{low}, {high}]")
+    r = cfg.rl
+    for key, low, high in (("group_size", 2, 4096), ("inner_steps", 1, 64), ("eval_samples", 1, 4096)):
+        need(low <= getattr(r, key) <= high, f"rl.{key}", f"must be in [{low}, {high}]")
+    need(0 < r.clip < 1, "rl.clip", "must be in (0, 1)")
+    need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
+    need(0 < r.sigma <= 100, "rl.sigma", "must be in (0, 100]")
+    need(1e-3 <= r.temperature <= 1e3, "rl.temperature", "must be in [1e-3, 1e3]")
 
 
 def diff(a: Config, b: Config) -> list[str]:

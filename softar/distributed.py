@@ -36,6 +36,15 @@ class World:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.size
 
+    def mean_grads(self, model: nn.Module) -> None:
+        """Average the gradients over ranks in place, for updates that run outside DDP's forward (RL's replays)."""
+        if not self.active:
+            return
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= self.size
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank if it is true on any rank."""
         if not self.active:

@@ -302,14 +302,9 @@ class Trainer:
         self.model = wrap(self.net, self.world, self.device, t.parallel, blocks)  # FSDP2 shards in place
         self.opt = make_optimizer(self.model, t, self.device)
         torch.manual_seed(t.seed + self.world.rank)  # dropout draws differ per rank
-        if self.task:
-            self.sampler = TaskSampler(self.task.encoder, self.task.examples["train"], t.batch_size, t.seed,
-                                       t.max_iters, t.grad_accum, self.world.rank, self.world.size)
-        else:
-            # sampled evals: as much history as the (smaller) val split allows
+        if not self.task:  # sampled evals: as much history as the (smaller) val split allows
             self.eval_history = min(self.layout.history, len(self.val_data) - self.layout.token_slots - 1)
-            self.sampler = WindowSampler(self.train_data, self.layout.token_slots, t.batch_size, t.seed,
-                                         self.world.rank, self.world.size, self.layout.history)
+        self.sampler = self.make_sampler()
         self.fwd = torch.compile(self.model) if t.compile else self.model
         self.amp = autocast(self.device, t.dtype)
         self.step, self.wall_before, self.train_s, self.skipped = 0, 0.0, 0.0, 0
@@ -325,6 +320,15 @@ class Trainer:
         if self.world.is_main:
             write_text_atomic(self.out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))  # max_iters may grow
         self.world.barrier()
+
+    def make_sampler(self):
+        """What `train_step` draws its batches from; its `state()` tensor checkpoints with the run."""
+        t = self.cfg.train
+        if self.task:
+            return TaskSampler(self.task.encoder, self.task.examples["train"], t.batch_size, t.seed, t.max_iters,
+                               t.grad_accum, self.world.rank, self.world.size)
+        return WindowSampler(self.train_data, self.layout.token_slots, t.batch_size, t.seed, self.world.rank,
+                             self.world.size, self.layout.history)
 
     def _start_run_dir(self) -> None:
         info = {
@@ -527,7 +531,7 @@ class Trainer:
                 "val_bits_per_token": full_val["bits_per_token"],
                 "val_bits_per_char": full_val.get("bits_per_char")}),
             **{f"val_{k}": full_val[k] for k in ("loss_hard_slots", "loss_soft_slots") if k in full_val},
-            "val_loss_sampled": last_eval["val_loss"] if last_eval else None,
+            "val_loss_sampled": last_eval.get("val_loss") if last_eval else None,
             "train_loss_sampled": last_eval.get("train_loss") if last_eval else None,
             "skipped_steps": self.skipped,
             "world_size": self.world.size,
@@ -553,12 +557,13 @@ class Trainer:
         return {"loss": loss, "accuracy": report["accuracy"], "stage": final, "report": report}
 
 
-def train(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
+def train(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,
+          trainer: type[Trainer] = Trainer) -> dict:
     """Train (or resume) a run in `out`, holding its lock; returns the result also written to `out/result.json`,
     or one with `preempted` when SIGTERM/SIGINT stopped it with its state saved. A signal before training starts
     raises `Preempted`."""
     with Preemption() as preempt, contextlib.ExitStack() as stack:
-        return Trainer(cfg, out, resume, quiet, stack).run(preempt)
+        return trainer(cfg, out, resume, quiet, stack).run(preempt)
 
 
 def check_memory(cfg: Config, device: torch.device) -> None:

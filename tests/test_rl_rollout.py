@@ -1,12 +1,14 @@
-"""Rollouts over thoughts and their replay: the replay's log-probabilities against a plain full forward, the
-importance ratio exactly 1 on the first inner step, and a toy bandit that GRPO solves under every policy."""
+"""Rollouts over thoughts and their replay: every policy's replayed log-probabilities against a plain full forward over
+the drawn sequence, thoughts replayed as they were drawn, the importance ratio exactly 1 on the first inner step, and
+toy bandits that GRPO solves under every policy, through the answer and through the thoughts themselves."""
 
 import pytest
 import torch
 
 from softar.config import ModelConfig, SoftConfig
-from softar.rl.objective import clipped_objective, group_advantages
-from softar.rl.rollout import POLICIES, Policy, replay, rollout
+from softar.rl.objective import clipped_objective, gaussian_log_density, group_advantages
+from softar.rl.rollout import POLICIES, Policy, _prefix, replay, rollout
+from softar.soft.tokens import gated_mix, make_soft_token
 
 from .conftest import soft_model
 
@@ -23,46 +25,72 @@ def toy_model(kind: str = "hidden", seed: int = 0):
 
 
 @pytest.mark.parametrize("kind", POLICIES)
-def test_the_first_inner_step_has_a_ratio_of_exactly_one(kind):
-    model, policy = toy_model(), Policy(kind, max_answer=4)
+@pytest.mark.parametrize("soft_kind", ["hidden", "expected"])
+def test_a_replay_reproduces_its_rollout_and_the_first_ratio_is_exactly_one(kind, soft_kind):
+    model, policy = toy_model(soft_kind), Policy(kind, max_answer=4, temperature=0.8)
     actions = rollout(model, PROMPT, 6, policy, EOS, torch.Generator().manual_seed(1))
+    ids = torch.tensor([PROMPT] * 6)
     with torch.no_grad():
+        _, _, again, _ = _prefix(model, ids, policy, None, actions)
         old, mask = replay(model, PROMPT, actions, policy, EOS)
+    torch.testing.assert_close(again.thought_vectors, actions.thought_vectors)  # the same thoughts, recomputed
     new, mask2 = replay(model, PROMPT, actions, policy, EOS)
     assert torch.equal(mask, mask2) and torch.equal(new.detach(), old) and new.requires_grad
-    assert torch.equal(torch.exp(new - old)[mask], torch.ones(int(mask.sum())))
-    n_thought = 2 if kind != "soft" else 0
-    assert int(mask[:, :2].sum()) == 6 * n_thought and mask[:, 2].all()  # the first answer token always counts
+    assert int(mask[:, :2].sum()) == (0 if kind == "soft" else 12) and mask[:, 2].all()
 
 
-def test_replayed_log_probs_equal_a_plain_forward_over_the_drawn_sequence():
-    """hard policy: the thoughts are E[y]; the replay through the cache gives the log-probs a full forward over
-    [question, E[y1], E[y2], <eot>, answer] gives."""
-    model, policy = toy_model(), Policy("hard", max_answer=4, temperature=0.7)
-    actions = rollout(model, PROMPT, 5, policy, EOS, torch.Generator().manual_seed(2))
-    logp, mask = replay(model, PROMPT, actions, policy, EOS)
-    E = model.E
-    for g in range(5):
-        answer = [a for a in actions.answers[g].tolist() if a >= 0]
-        y = actions.thought_ids[g].tolist()
-        seq = torch.cat([E[[Q, BOT]], E[y], E[[EOT]], E[answer[:-1]]])[None]
-        ref = (model.read(seq).logits[0].float() / 0.7).log_softmax(-1)  # position t predicts slot t + 1
-        targets = [(1, y[0]), (2, y[1])] + [(4 + i, a) for i, a in enumerate(answer)]  # <eot> predicts answer[0]
-        expected = torch.stack([ref[pos, tok] for pos, tok in targets])
-        torch.testing.assert_close(logp[g][mask[g]], expected, atol=1e-5, rtol=1e-5)
+def reference_log_probs(model, policy, actions, g):
+    """Row g's actions scored by one plain forward (no cache) over [question, thoughts as drawn, <eot>, answer]."""
+    E, T = model.E, policy.temperature
+    answer = [a for a in actions.answers[g].tolist() if a >= 0]
+    seq = torch.cat([E[[Q, BOT]], actions.thought_vectors[g], E[[EOT]], E[answer[:-1]]])[None]
+    out = model.read(seq)
+    logp = (out.logits[0].float() / T).log_softmax(-1)  # position t predicts slot t + 1
+    thoughts = []
+    for t in range(2):  # thought t is drawn from the outputs at position t + 1
+        at = out.at((0, slice(t + 1, t + 2)))
+        if policy.kind in ("hard", "gated"):
+            y = actions.thought_ids[g, t]
+            thoughts.append(logp[t + 1, y])
+            vector = E[y] if policy.kind == "hard" else gated_mix(at, E, model.soft_spec, y[None])[0]
+            torch.testing.assert_close(vector, actions.thought_vectors[g, t], atol=1e-5, rtol=1e-5)
+        elif policy.kind == "noisy_soft":
+            mu = make_soft_token(at, E, model.soft_spec)[0]
+            thoughts.append(gaussian_log_density(actions.thought_vectors[g, t], mu, float(actions.noise_std[t])))
+    answers = [logp[4 + i, a] for i, a in enumerate(answer)]  # <eot>, at position 4, predicts answer[0]
+    return torch.stack(thoughts + answers)
 
 
 @pytest.mark.parametrize("kind", POLICIES)
-def test_grpo_solves_a_toy_bandit_under_every_policy(kind):
-    """Reward 1 for answering token 6 first, else 0: a few dozen GRPO steps take the policy from chance (1/8) to
-    answering it nearly always."""
-    model, policy = toy_model(), Policy(kind, max_answer=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(3)
-    rewards = []
-    for _ in range(40):
+def test_replayed_log_probs_equal_a_plain_forward_over_the_drawn_sequence(kind):
+    model, policy = toy_model(), Policy(kind, max_answer=4, temperature=0.7)
+    actions = rollout(model, PROMPT, 5, policy, EOS, torch.Generator().manual_seed(2))
+    logp, mask = replay(model, PROMPT, actions, policy, EOS)
+    assert len({len([a for a in row if a >= 0]) for row in actions.answers.tolist()}) > 1  # rows end apart
+    for g in range(5):
+        torch.testing.assert_close(logp[g][mask[g]], reference_log_probs(model, policy, actions, g), atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_policies_refuse_what_they_cannot_replay():
+    with pytest.raises(ValueError, match="draws a token"):
+        rollout(toy_model("gated"), PROMPT, 2, Policy("noisy_soft"), EOS)
+    with pytest.raises(ValueError, match="model.eval"):
+        rollout(toy_model().train(), PROMPT, 2, Policy("hard"), EOS)
+    with pytest.raises(ValueError, match="exceed"):
+        rollout(toy_model(), PROMPT, 2, Policy("hard", max_answer=12), EOS)
+    with pytest.raises(ValueError, match="one run"):
+        rollout(toy_model(), [Q, THOUGHT, BOT, THOUGHT, EOT], 2, Policy("hard", max_answer=2), EOS)
+    with pytest.raises(ValueError, match="positive"):
+        Policy("hard", temperature=0)
+
+
+def grpo(model, policy, reward_of, steps, lr=1e-2, seed=3):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen, rewards = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
         actions = rollout(model, PROMPT, 16, policy, EOS, gen)
-        reward = (actions.answers[:, 0] == 6).float()
+        reward = reward_of(actions)
         rewards.append(reward.mean().item())
         advantages = group_advantages(reward[None])[0]
         if not advantages.any():  # a group that agrees carries no signal; Adam's momentum would still move
@@ -74,4 +102,27 @@ def test_grpo_solves_a_toy_bandit_under_every_policy(kind):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return rewards
+
+
+@pytest.mark.parametrize("kind", POLICIES)
+def test_grpo_solves_a_toy_bandit_under_every_policy(kind):
+    """Reward 1 for answering token 6 first, else 0: a few dozen GRPO steps take the policy from chance (1/8) to
+    answering it nearly always."""
+    rewards = grpo(toy_model(), Policy(kind, max_answer=2), lambda a: (a.answers[:, 0] == 6).float(), 40)
     assert rewards[0] < 0.5 and sum(rewards[-5:]) / 5 > 0.9, rewards
+
+
+def test_grpo_learns_through_the_thoughts_themselves():
+    """The reward reads only the thoughts: hard thoughts learn to be token 6; noisy soft thoughts move their mean
+    toward a target vector (their log-density carries the whole gradient)."""
+    hard = grpo(toy_model(), Policy("hard", max_answer=1), lambda a: (a.thought_ids[:, 0] == 6).float(), 40)
+    assert hard[0] < 0.5 and sum(hard[-5:]) / 5 > 0.9, hard
+    model = toy_model("expected")
+    target = model.E[6].detach() * 3
+    def closeness(a):
+        return -(a.thought_vectors[:, 0] - target).norm(dim=-1)
+    soft = grpo(model, Policy("noisy_soft", max_answer=1, sigma=0.3), closeness, 60, lr=3e-2)
+    assert sum(soft[-5:]) / 5 > soft[0] + 0.5 * abs(soft[0]), soft
+    null = grpo(toy_model("expected"), Policy("soft", max_answer=1), closeness, 10, lr=3e-2)
+    assert len(set(null)) == 1  # deterministic thoughts: a thought-only reward is the same for the whole group

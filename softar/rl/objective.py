@@ -17,7 +17,8 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
     """rewards [P, G] (P prompts, a group of G rollouts each) -> advantages [P, G]: the reward minus its group's
     mean, divided by the group's standard deviation (population) when `scale` (GRPO; Dr. GRPO leaves it out). A
     group whose rewards are all equal carries no signal: its advantages are 0."""
-    centred = rewards - rewards.mean(-1, keepdim=True)
+    same = (rewards == rewards[..., :1]).all(-1, keepdim=True)  # exactly: a float mean would leave rounding
+    centred = torch.where(same, 0.0, rewards - rewards.mean(-1, keepdim=True))
     if not scale:
         return centred
     return centred / (rewards.std(-1, correction=0, keepdim=True) + eps)

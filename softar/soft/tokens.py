@@ -28,6 +28,7 @@ class SoftTokenDef:
     doc: str
     params: dict[str, float] = field(default_factory=dict)  # parameter -> default (config: soft.args)
     needs_head: str = ""  # the optional model head it reads: "vector_head" or "collapse_head"
+    samples: bool = False  # it draws a token (from `generator`): the same outputs can give different vectors
 
 
 SOFT_TOKENS: dict[str, SoftTokenDef] = {}
@@ -41,12 +42,12 @@ def heads_of(obj) -> set[str]:
     return {h for h in HEADS if getattr(obj, h, None) not in (None, False)}
 
 
-def soft_token(name: str, params: dict[str, float] | None = None, needs_head: str = ""):
+def soft_token(name: str, params: dict[str, float] | None = None, needs_head: str = "", samples: bool = False):
     """Register a soft-token definition under `name`."""
 
     def register(fn: Callable) -> Callable:
         doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph, on one line
-        SOFT_TOKENS[name] = SoftTokenDef(name, fn, doc, dict(params or {}), needs_head)
+        SOFT_TOKENS[name] = SoftTokenDef(name, fn, doc, dict(params or {}), needs_head, samples)
         return fn
 
     return register
@@ -159,7 +160,7 @@ def collapse(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tenso
     return out.c
 
 
-@soft_token("gated")
+@soft_token("gated", samples=True)
 def gated(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
     """w * expected + (1 - w) * E[sampled], w the entropy normalised by log V: a confident step is nearly its
     sampled token, an uncertain one keeps the blend."""
@@ -172,7 +173,7 @@ def gated_mix(out: Outputs, E: torch.Tensor, spec, ids: torch.Tensor) -> torch.T
     return w * expected(out, E, spec) + (1 - w) * E[ids]
 
 
-@soft_token("moi", params={"beta": 1.0})
+@soft_token("moi", params={"beta": 1.0}, samples=True)
 def mixture_of_inputs(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
     """Mixture of Inputs (Zhuang et al. 2025): Bayesian estimation with the model's distribution p as the prior and
     the sampled token y as the observation, weighted by how unsure the model is (H, the entropy over log V):

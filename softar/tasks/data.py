@@ -252,15 +252,18 @@ class TaskSampler:
     def stage(self) -> int:
         return self.enc.stage_at(self.drawn // self.grad_accum, self.max_iters)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_indices(self) -> list[int]:
+        """This rank's examples of the next batch, as indices into `examples`."""
         n = self.batch_size * self.world
         first = int(torch.randint(len(self.examples), (1,), generator=self.gen))
         group = self.group_of[first]
         picks = torch.randint(len(group), (n,), generator=self.gen).tolist()
-        mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        batch = self.enc.batch([self.examples[group[j]] for j in mine], self.stage)
         self.drawn += 1
-        return batch
+        return [group[j] for j in picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        stage = self.stage  # of the batch about to be drawn
+        return self.enc.batch([self.examples[i] for i in self.next_indices()], stage)
 
     def state(self) -> torch.Tensor:
         count = torch.from_numpy(np.array([self.drawn], dtype=np.int64).view(np.uint8).copy())

@@ -1,0 +1,90 @@
+"""`softar rl` end to end: GRPO from a trained task run through the same Trainer as `softar train`, with its metrics,
+exact resume, and one-line errors for configs it cannot run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from softar import config
+from softar.train import train
+
+from .conftest import task_overrides, tiny_overrides
+from .test_cli import assert_one_line_error, softar
+from .test_train import final_weights
+
+
+@pytest.fixture(scope="module")
+def init_run(task_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl") / "init"
+    train(config.load(None, task_overrides(task_data)), out, quiet=True)
+    return out
+
+
+def rl_file(tmp_path, init, policy="noisy_soft", **extra) -> str:
+    lines = ["[rl]", f'init_from = "{init}"', f'policy = "{policy}"', "group_size = 4", "eval_samples = 4",
+             "inner_steps = 2", "kl_coef = 0.1", "[train]", "max_iters = 4", "batch_size = 2", "eval_interval = 2",
+             "lr = 1e-3", "warmup_iters = 0", "threads = 1", "seed = 5", "[task]", "eval_examples = 2"]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    path = tmp_path / f"rl_{policy}_{Path(init).name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def rows(run, kind):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("policy", ["noisy_soft", "gated"])
+def test_an_rl_run_logs_its_metrics_and_resumes_exactly(init_run, tmp_path, policy):
+    cfg = rl_file(tmp_path, init_run, policy)
+    full, split = tmp_path / "full", tmp_path / "split"
+    proc = softar("rl", cfg, "--out", full, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 4 and 0 <= result["val_accuracy"] <= 1
+    train_rows = rows(full, "train")
+    for r in train_rows:
+        assert 0 <= r["reward"] <= 1 and r["kl"] >= 0 and 0 <= r["clipped"] <= 1 and r["rollout_tokens_per_s"] > 0
+        assert 0 <= r["answer_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    assert train_rows[0]["thought_norm"] > 0 and train_rows[0]["kl"] == 0  # the first rollouts: the initial policy
+    assert train_rows[-1]["kl"] > 0  # later ones: updated weights
+    evals = rows(full, "eval")
+    assert [e["step"] for e in evals] == [2, 4] and all({"val_pass@1", "val_pass@4"} <= set(e) for e in evals)
+    assert all(e["val_pass@1"] <= e["val_pass@4"] for e in evals)
+    # stopped after 2 steps and resumed: the same rollouts, the same updates, the same weights
+    assert softar("rl", cfg, "train.max_iters=2", "train.lr_decay_iters=4", "--out", split, "--quiet").returncode == 0
+    assert softar("rl", cfg, "train.lr_decay_iters=4", "--out", split, "--resume", "--quiet").returncode == 0
+    assert [(r["step"], r["loss"], r["reward"]) for r in rows(split, "train")] == \
+           [(r["step"], r["loss"], r["reward"]) for r in train_rows]
+    a, b = final_weights(full), final_weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("policy", ["hard", "soft"])
+def test_every_policy_runs(init_run, tmp_path, policy):
+    from softar.rl.trainer import RLTrainer, rl_config
+
+    result = train(rl_config(rl_file(tmp_path, init_run, policy), ["train.max_iters=2"]), tmp_path / "run",
+                   quiet=True, trainer=RLTrainer)
+    assert result["step"] == 2 and len(rows(tmp_path / "run", "train")) == 2
+
+
+def test_rl_configs_it_cannot_run_are_one_line_errors(init_run, char_data, tmp_path):
+    lm_run = tmp_path / "lm"
+    train(config.load(None, tiny_overrides(char_data, **{"train.max_iters": 1})), lm_run, quiet=True)
+    cfg = rl_file(tmp_path, init_run)
+    cases = [
+        ([cfg, "data.dir=" + json.dumps(str(char_data))], "rl.init_from: vocabulary mismatch"),
+        ([rl_file(tmp_path, lm_run)], "is a language-model run; RL needs a reasoning-task run"),
+        ([cfg, 'rl.init_from=""'], "rl.init_from: must name"),
+        ([cfg, "model.n_layer=3"], "an RL run keeps the model"),
+        ([cfg, "task.mode=cot"], "task.mode: an RL run keeps its initial run's task"),
+        ([cfg, "rl.group_size=1"], "rl.group_size"),
+        ([cfg, "rl.policy=beam"], "rl.policy"),
+        ([cfg, f'rl.init_from="{tmp_path / "nothing"}"'], "is not a softar run"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(softar("rl", *args, "--out", tmp_path / "out"), message)
+        assert not (tmp_path / "out").exists()
