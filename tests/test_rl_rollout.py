@@ -77,8 +77,10 @@ def test_policies_refuse_what_they_cannot_replay():
         rollout(toy_model("gated"), PROMPT, 2, Policy("noisy_soft"), EOS)
     with pytest.raises(ValueError, match="model.eval"):
         rollout(toy_model().train(), PROMPT, 2, Policy("hard"), EOS)
-    with pytest.raises(ValueError, match="exceed"):
-        rollout(toy_model(), PROMPT, 2, Policy("hard", max_answer=12), EOS)
+    long = [Q] * 10 + PROMPT[1:]  # 14 of the 16 slots: room for 2 answer tokens, whatever max_answer says
+    with pytest.raises(ValueError, match="leaves no room"):
+        rollout(toy_model(), [Q] * 12 + PROMPT[1:], 2, Policy("hard"), EOS)
+    assert rollout(toy_model(), long, 2, Policy("hard", max_answer=12), EOS).answers.shape == (2, 2)
     with pytest.raises(ValueError, match="one run"):
         rollout(toy_model(), [Q, THOUGHT, BOT, THOUGHT, EOT], 2, Policy("hard", max_answer=2), EOS)
     with pytest.raises(ValueError, match="positive"):

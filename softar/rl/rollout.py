@@ -43,7 +43,7 @@ class Policy:
     kind: str = "soft"  # one of POLICIES
     sigma: float = 0.5  # noisy_soft: the noise's std, relative to the soft tokens' root-mean-square coordinate
     temperature: float = 1.0  # of every sampled token (thought or answer)
-    max_answer: int = 16  # answer tokens at most, <eos> included
+    max_answer: int = 16  # answer tokens at most, <eos> included (and at most what the window has room for)
 
     def __post_init__(self):
         if self.kind not in POLICIES:
@@ -58,9 +58,9 @@ class Policy:
         if self.kind in ("soft", "noisy_soft") and SOFT_TOKENS[model.soft_spec.kind].samples:
             raise ValueError(f"policy {self.kind!r}: soft.kind {model.soft_spec.kind!r} draws a token, so a replay "
                              "would not reproduce its thoughts; use expected, hidden, regress or collapse")
-        if prompt_len + self.max_answer > model.window_slots:
-            raise ValueError(f"a prompt of {prompt_len} slots and {self.max_answer} answer tokens exceed the "
-                             f"model's {model.window_slots} slots")
+        if prompt_len >= model.window_slots:
+            raise ValueError(f"a prompt of {prompt_len} slots leaves no room to answer in the model's "
+                             f"{model.window_slots} slots")
 
 
 @dataclass
@@ -129,13 +129,14 @@ def _prefix(model, prompt: torch.Tensor, policy: Policy, generator: Generator, r
 @torch.no_grad()
 def rollout(model, prompt: list[int], group: int, policy: Policy, eos: int, generator: Generator = None) -> Actions:
     """G = `group` continuations of one prompt under `policy`: its thoughts, then answer tokens sampled until
-    <eos> or `policy.max_answer` tokens."""
+    <eos>, `policy.max_answer` tokens, or the end of the window."""
     lm, E = model.lm, model.E
     ids = torch.tensor([prompt] * group, device=E.device)
     last, cache, thoughts, _ = _prefix(model, ids, policy, generator, None)
-    answers = torch.full((group, policy.max_answer), -1, dtype=torch.long, device=E.device)
+    limit = min(policy.max_answer, model.window_slots - len(prompt))
+    answers = torch.full((group, limit), -1, dtype=torch.long, device=E.device)
     done = torch.zeros(group, dtype=torch.bool, device=E.device)
-    for a in range(policy.max_answer):
+    for a in range(limit):
         y = sample_ids(last.logits[:, -1].float() / policy.temperature, generator)
         answers[:, a] = torch.where(done, -1, y)
         done |= y == eos

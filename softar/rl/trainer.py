@@ -21,8 +21,8 @@ import torch
 
 from softar import SoftarError
 from softar.checkpoint import check_state
-from softar.config import Config, ConfigError, from_dict, load_raw
-from softar.evaluate.reasoning import evaluate_task, split_answer
+from softar.config import Config, ConfigError, from_dict, load_raw, resolve
+from softar.evaluate.reasoning import TaskData, evaluate_task, split_answer
 from softar.rl.objective import clipped_objective, group_advantages, kl_to_reference, pass_at_k
 from softar.rl.rollout import Actions, Policy, replay, rollout
 from softar.rundir import check_data, load_latest, read_config
@@ -62,7 +62,24 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
         check_data(Path(init), cfg.data.dir)
     except SoftarError as e:  # another tokenizer or dataset than the run was trained on
         raise ConfigError(f"rl.init_from: {e}") from None
+    check_policy(cfg)
     return cfg
+
+
+def check_policy(cfg: Config) -> None:
+    """Before a run directory is touched: the policy can run on this model and task, and the initial checkpoint
+    loads into it."""
+    data = TaskData.open(cfg)
+    enc = data.encoder
+    longest = max(len(enc.prompt(ex, enc.final_stage())) for split in ("train", "valid")
+                  for ex in data.examples[split])
+    model = build_model(resolve(cfg, data.meta["vocab_size"])).eval()
+    try:
+        Policy(cfg.rl.policy, cfg.rl.sigma, cfg.rl.temperature, cfg.task.max_answer_tokens).check(model, longest)
+    except ValueError as e:
+        raise ConfigError(f"rl.policy: {e}") from None
+    init = load_latest(Path(cfg.rl.init_from))
+    check_state(model.state_dict(), init.tensors.get("model", {}), f"rl.init_from: checkpoint {init.path}")
 
 
 def answer_entropy(answers: list[tuple[int, ...]]) -> float:
@@ -83,15 +100,7 @@ class RLTrainer(Trainer):
         self.policy = Policy(r.policy, r.sigma, r.temperature, task.max_answer_tokens)
         self.part_names = list(PARTS)
         self.net.eval()  # no dropout: a replay reproduces its rollout, and the first ratio is exactly 1
-        longest = max(len(self.enc.prompt(ex, self.stage)) for split in ("train", "valid")
-                      for ex in self.task.examples[split])
-        try:
-            self.policy.check(self.net, longest)
-        except ValueError as e:
-            raise ConfigError(f"rl.policy: {e}") from None
-        init = load_latest(Path(r.init_from), self.device)
-        where = f"rl.init_from: checkpoint {init.path}"
-        check_state(self.net.state_dict(), init.tensors.get("model", {}), where)
+        init = load_latest(Path(r.init_from), self.device)  # `check_policy` has checked it fits
         if self.step == 0:  # a resumed run keeps its own weights
             self.net.load_state_dict(init.tensors["model"])
         self.reference = build_model(self.cfg).to(self.device).eval()  # the initial policy, for the KL
