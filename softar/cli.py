@@ -158,8 +158,17 @@ def cmd_eval(a: argparse.Namespace) -> None:
         if not a.data:
             raise SoftarError("--task needs --data FILE.json, a file of the task's records")
         result = evaluate_task_run(a.run_dir, a.task, a.data, a.device, a.seed)
-        _emit(result, Path(a.run_dir) / f"eval_{a.task}_{Path(a.data).stem}.json")
+        name = f"eval_{a.task}_{Path(a.data).stem}"
+        if a.samples:  # sampled answers under a thought policy: pass@k
+            from softar.rl.trainer import sampled_eval
+
+            result["sampled"] = sampled_eval(a.run_dir, a.data, a.policy, a.samples, a.temperature, a.device,
+                                             a.seed)
+            name += f"_{a.policy}_n{a.samples}"
+        _emit(result, Path(a.run_dir) / f"{name}.json")
         return
+    if a.samples:
+        raise SoftarError("--samples: pass@k is for a reasoning-task run (--task)")
     horizons = tuple(a.horizons) if a.horizons else None
     result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device,
                           gap_runs=tuple(a.gap) if a.gap else None, reference=a.reference,
@@ -461,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gap", nargs=2, metavar=("SHORT_RUN", "LONG_RUN"),
                    help="add the fraction of the gap closed: (L_short - L_this) / (L_short - L_long)")
     s.add_argument("--reference", help="a plain run: add the free-running generation report scored by it")
+    s.add_argument("--samples", type=_int_at_least(0, 4096), default=0,
+                   help="with --task: also sample this many answers per question under --policy and report "
+                        "pass@1/4/16/32 and the mean reward")
+    s.add_argument("--policy", choices=["hard", "soft", "noisy_soft", "gated"], default="soft",
+                   help="with --samples: what fills the thought slots (hard: sampled tokens; soft: the run's soft "
+                        "token; noisy_soft: with rl.sigma = 0.5 noise; gated)")
+    s.add_argument("--temperature", type=_temperature, default=1.0,
+                   help="with --samples: of every sampled token (above 0)")
     s.add_argument("--thresholds", type=_float_list, default=None,
                    help="collapse thresholds (entropy, nats) for the generation report "
                         "(default: 0,2,4,5,6,inf)")

@@ -168,6 +168,8 @@ CASES = [
     (["inspect", "{run}"], "--out"),
     (["inspect", "{tmp}/missing", "--out", "{tmp}/p.html"], "is not a softar run"),
     (["inspect", "{run}", "--out", "{data}"], "must be a .html file"),
+    (["rl", "{tmp}/missing.toml"], "config file not found"),
+    (["rl", CONFIG, "--out", "{tmp}/r"], "model: an RL run keeps the model"),
     ([], "command"),
 ]
 

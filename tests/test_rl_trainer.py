@@ -88,3 +88,14 @@ def test_rl_configs_it_cannot_run_are_one_line_errors(init_run, char_data, tmp_p
     for args, message in cases:
         assert_one_line_error(softar("rl", *args, "--out", tmp_path / "out"), message)
         assert not (tmp_path / "out").exists()
+
+
+def test_eval_reports_pass_at_k_under_any_thought_policy(init_run, task_data):
+    proc = softar("eval", init_run, "--task", "prosqa", "--data", task_data / "test.json", "--samples", "4",
+                  "--policy", "hard", "--temperature", "0.7")
+    assert proc.returncode == 0, proc.stderr
+    sampled = json.loads(proc.stdout.strip().splitlines()[-1])["sampled"]
+    assert sampled == json.loads((init_run / "eval_prosqa_test_hard_n4.json").read_text())["sampled"]
+    assert sampled["policy"] == "hard" and 0 <= sampled["pass@1"] <= sampled["pass@4"] <= 1
+    assert sampled["pass@1"] == pytest.approx(sampled["reward"])  # prosqa's reward is 1 or 0: pass@1 is its mean
+    assert_one_line_error(softar("eval", init_run, "--samples", "4"), "--samples: pass@k is for a reasoning-task")

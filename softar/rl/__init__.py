@@ -1,4 +1,3 @@
-"""Reinforcement learning over thoughts (GRPO). `objective` holds the algorithm's pure pieces, each tested against a
-slow reference or a closed form; `rollout` samples a group of continuations of a task prompt under a policy over
-thoughts (hard, soft, noisy-soft, gated) and replays them with gradients. The trainer and a `softar rl` command are
-not built yet."""
+"""Reinforcement learning over thoughts (GRPO): `objective` holds the algorithm's pure pieces, `rollout` samples
+and replays groups of rollouts under a policy over thoughts (hard, soft, noisy-soft, gated), and `trainer` is
+`softar rl`, the Trainer with a GRPO step."""

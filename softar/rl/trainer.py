@@ -108,14 +108,6 @@ class RLTrainer(Trainer):
         self.reference.thought_id = self.net.thought_id
         self.reference.requires_grad_(False)
 
-    def reward(self, record: dict, answer: torch.Tensor) -> float:
-        ids = [a for a in answer.tolist() if a >= 0 and a != self.eos]
-        words, _ = split_answer(self.enc, ids)
-        task = self.enc.task
-        if hasattr(task, "reward"):
-            return float(task.reward(record, words))
-        return float(task.check(record, words, self.enc.rendering))
-
     def _generator(self, salt: int) -> torch.Generator:
         seed = (self.cfg.train.seed * 1_000_003 + salt * 65_537 + self.world.rank) % 2**63
         return torch.Generator(self.device).manual_seed(seed)
@@ -132,7 +124,7 @@ class RLTrainer(Trainer):
             prompt = self.enc.prompt(examples[i], self.stage)
             actions = rollout(self.net, prompt, r.group_size, self.policy, self.eos, gen)
             groups.append((prompt, actions))
-            rewards.append([self.reward(records[i], a) for a in actions.answers])
+            rewards.append([reward_of(self.task, records[i], a) for a in actions.answers])
         seconds = time.perf_counter() - t0
         tokens = sum(int((a.answers >= 0).sum()) + a.thought_ids.numel() for _, a in groups)
         rewards = torch.tensor(rewards, device=self.device)  # [P, G]
@@ -171,19 +163,62 @@ class RLTrainer(Trainer):
     def evaluate(self) -> dict:
         """The first task.eval_examples valid prompts: greedy accuracy (soft thoughts, as `softar eval --task`)
         and pass@k of rl.eval_samples rollouts under the policy, with their mean reward."""
-        limit, n = self.cfg.task.eval_examples, self.cfg.rl.eval_samples
+        limit = self.cfg.task.eval_examples
         greedy = evaluate_task(self.net, self.task, "valid", [self.stage], limit)[f"stage_{self.stage}"]
         self.net.eval()
-        gen = self._generator(-1 - self.step)
-        passes = {k: [] for k in PASS_K if k <= n}
-        rewards = []
-        for ex, rec in zip(self.task.examples["valid"][:limit], self.task.records["valid"][:limit], strict=True):
-            actions = rollout(self.net, self.enc.prompt(ex, self.stage), n, self.policy, self.eos, gen)
-            scores = [self.reward(rec, a) for a in actions.answers]
-            rewards += scores
-            right = sum(s == 1.0 for s in scores)
-            for k in passes:
-                passes[k].append(pass_at_k(n, right, k))
+        sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, limit,
+                             self._generator(-1 - self.step))
         return {"kind": "eval", "step": self.step, "val_accuracy": greedy["accuracy"],
-                "val_reward": sum(rewards) / len(rewards),
-                **{f"val_pass@{k}": sum(v) / len(v) for k, v in passes.items()}}
+                **{f"val_{k}": v for k, v in sampled.items()}}
+
+
+def reward_of(data: TaskData, record: dict, answer: torch.Tensor) -> float:
+    """A rollout's reward: the task's `reward` where it has one (partial credit), else 1 for a right answer."""
+    enc = data.encoder
+    ids = [a for a in answer.tolist() if a >= 0 and a != enc.id["<eos>"]]
+    words, _ = split_answer(enc, ids)
+    if hasattr(enc.task, "reward"):
+        return float(enc.task.reward(record, words))
+    return float(enc.task.check(record, words, enc.rendering))
+
+
+def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, limit: int | None,
+               generator: torch.Generator) -> dict:
+    """`samples` rollouts of each of the first `limit` questions of a split under `policy`, at the final curriculum
+    stage: pass@k for k in 1, 4, 16, 32 up to `samples` (a rollout passes when its reward is 1; the unbiased
+    estimator, averaged over questions) and the mean reward."""
+    enc = data.encoder
+    stage, eos = enc.final_stage(), enc.id["<eos>"]
+    passes: dict[int, list[float]] = {k: [] for k in PASS_K if k <= samples}
+    rewards: list[float] = []
+    for ex, rec in zip(data.examples[split][:limit], data.records[split][:limit], strict=True):
+        actions = rollout(model, enc.prompt(ex, stage), samples, policy, eos, generator)
+        scores = [reward_of(data, rec, a) for a in actions.answers]
+        rewards += scores
+        right = sum(s == 1.0 for s in scores)
+        for k in passes:
+            passes[k].append(pass_at_k(samples, right, k))
+    return {"reward": sum(rewards) / len(rewards), **{f"pass@{k}": sum(v) / len(v) for k, v in passes.items()}}
+
+
+def sampled_eval(run_dir: str | Path, data_file: str | Path, policy: str, samples: int, temperature: float,
+                 device_name: str = "auto", seed: int = 0) -> dict:
+    """`softar eval RUN --task NAME --data FILE --samples N --policy P`: pass@k of a task run (supervised or RL) on
+    every question of a file, with thoughts filled by the policy P (inference hard or soft, whatever it was
+    trained with)."""
+    from softar.device import pick_device
+    from softar.rundir import load_run
+
+    if temperature <= 0:
+        raise SoftarError("--temperature: sampling needs a temperature above 0")
+    run = load_run(run_dir, pick_device(device_name))
+    data = TaskData.open(run.cfg, splits=(), files={"eval": Path(data_file)})
+    pol = Policy(policy, 0.5, temperature, run.cfg.task.max_answer_tokens)
+    try:
+        pol.check(run.model, max(len(data.encoder.prompt(ex, data.encoder.final_stage()))
+                                 for ex in data.examples["eval"]))
+    except ValueError as e:
+        raise SoftarError(f"--policy: {e}") from None
+    gen = torch.Generator(run.model.E.device).manual_seed(seed)
+    return {"policy": policy, "samples": samples, "temperature": temperature,
+            **pass_rates(run.model, data, "eval", pol, samples, None, gen)}
