@@ -157,6 +157,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
         if not a.data:
             raise SoftarError("--task needs --data FILE.json, a file of the task's records")
+        if not a.samples and (a.policy != "soft" or a.temperature != 1.0):
+            raise SoftarError("--policy and --temperature choose how --samples draws; give --samples N too")
         result = evaluate_task_run(a.run_dir, a.task, a.data, a.device, a.seed)
         name = f"eval_{a.task}_{Path(a.data).stem}"
         if a.samples:  # sampled answers under a thought policy: pass@k
@@ -164,11 +166,13 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
             result["sampled"] = sampled_eval(a.run_dir, a.data, a.policy, a.samples, a.temperature, a.device,
                                              a.seed)
-            name += f"_{a.policy}_n{a.samples}"
+            name += f"_{a.policy}_n{a.samples}_t{a.temperature:g}_s{a.seed}"
         _emit(result, Path(a.run_dir) / f"{name}.json")
         return
     if a.samples:
         raise SoftarError("--samples: pass@k is for a reasoning-task run (--task)")
+    if a.policy != "soft" or a.temperature != 1.0:
+        raise SoftarError("--policy and --temperature choose how --samples draws; give --task and --samples too")
     horizons = tuple(a.horizons) if a.horizons else None
     result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device,
                           gap_runs=tuple(a.gap) if a.gap else None, reference=a.reference,

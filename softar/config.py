@@ -177,7 +177,7 @@ class RLConfig:
     inner_steps: int = 1  # updates per batch of rollouts (the ratio is exactly 1 on the first)
     clip: float = 0.2  # PPO's clip range
     kl_coef: float = 0.0  # weight of the KL estimate to the initial policy
-    sigma: float = 0.5  # noisy_soft: noise std, in units of E's root-mean-square coordinate
+    sigma: float = 0.5  # noisy_soft: noise std, relative to the soft tokens' root-mean-square coordinate
     temperature: float = 1.0  # of every sampled token
     eval_samples: int = 32  # periodic evals: samples per valid prompt, for pass@1..pass@eval_samples
 

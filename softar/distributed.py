@@ -40,10 +40,13 @@ class World:
         """Average the gradients over ranks in place, for updates that run outside DDP's forward (RL's replays)."""
         if not self.active:
             return
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= self.size
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # every rank reduces every parameter, whichever ones its step reached
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        torch.nn.utils.vector_to_parameters(flat / self.size, [p.grad for p in params])
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank if it is true on any rank."""

@@ -527,7 +527,8 @@ class Trainer:
             "run_dir": str(self.out),
             "step": self.step,
             "val_loss": full_val["loss"],
-            **({"val_accuracy": full_val["accuracy"], "stage": full_val["stage"]} if self.task else {
+            **({"val_accuracy": full_val["accuracy"], "stage": full_val["stage"],
+                **({"val_sampled": full_val["sampled"]} if "sampled" in full_val else {})} if self.task else {
                 "val_bits_per_token": full_val["bits_per_token"],
                 "val_bits_per_char": full_val.get("bits_per_char")}),
             **{f"val_{k}": full_val[k] for k in ("loss_hard_slots", "loss_soft_slots") if k in full_val},

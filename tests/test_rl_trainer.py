@@ -44,6 +44,7 @@ def test_an_rl_run_logs_its_metrics_and_resumes_exactly(init_run, tmp_path, poli
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 4 and 0 <= result["val_accuracy"] <= 1
+    assert 0 <= result["val_sampled"]["pass@1"] <= result["val_sampled"]["pass@4"] <= 1
     train_rows = rows(full, "train")
     for r in train_rows:
         assert 0 <= r["reward"] <= 1 and r["kl"] >= 0 and 0 <= r["clipped"] <= 1 and r["rollout_tokens_per_s"] > 0
@@ -52,7 +53,7 @@ def test_an_rl_run_logs_its_metrics_and_resumes_exactly(init_run, tmp_path, poli
     assert train_rows[-1]["kl"] > 0  # later ones: updated weights
     evals = rows(full, "eval")
     assert [e["step"] for e in evals] == [2, 4] and all({"val_pass@1", "val_pass@4"} <= set(e) for e in evals)
-    assert all(e["val_pass@1"] <= e["val_pass@4"] for e in evals)
+    assert all(e["val_pass@1"] <= e["val_pass@4"] and 0 <= e["val_accuracy_greedy_soft"] <= 1 for e in evals)
     # stopped after 2 steps and resumed: the same rollouts, the same updates, the same weights
     assert softar("rl", cfg, "train.max_iters=2", "train.lr_decay_iters=4", "--out", split, "--quiet").returncode == 0
     assert softar("rl", cfg, "train.lr_decay_iters=4", "--out", split, "--resume", "--quiet").returncode == 0
@@ -69,6 +70,8 @@ def test_every_policy_runs(init_run, tmp_path, policy):
     result = train(rl_config(rl_file(tmp_path, init_run, policy), ["train.max_iters=2"]), tmp_path / "run",
                    quiet=True, trainer=RLTrainer)
     assert result["step"] == 2 and len(rows(tmp_path / "run", "train")) == 2
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["lr_decay_iters"] == saved["max_iters"] == 2  # the RL run's own schedule, not the initial run's 4
 
 
 def test_rl_configs_it_cannot_run_are_one_line_errors(init_run, char_data, tmp_path):
@@ -83,6 +86,7 @@ def test_rl_configs_it_cannot_run_are_one_line_errors(init_run, char_data, tmp_p
         ([cfg, "task.mode=cot"], "task.mode: an RL run keeps its initial run's task"),
         ([cfg, "rl.group_size=1"], "rl.group_size"),
         ([cfg, "rl.policy=beam"], "rl.policy"),
+        ([cfg, "train.grad_accum=2"], "train.grad_accum: not used by an RL run"),
         ([cfg, f'rl.init_from="{tmp_path / "nothing"}"'], "is not a softar run"),
     ]
     for args, message in cases:
@@ -95,7 +99,7 @@ def test_eval_reports_pass_at_k_under_any_thought_policy(init_run, task_data):
                   "--policy", "hard", "--temperature", "0.7")
     assert proc.returncode == 0, proc.stderr
     sampled = json.loads(proc.stdout.strip().splitlines()[-1])["sampled"]
-    assert sampled == json.loads((init_run / "eval_prosqa_test_hard_n4.json").read_text())["sampled"]
+    assert sampled == json.loads((init_run / "eval_prosqa_test_hard_n4_t0.7_s0.json").read_text())["sampled"]
     assert sampled["policy"] == "hard" and 0 <= sampled["pass@1"] <= sampled["pass@4"] <= 1
     assert sampled["pass@1"] == pytest.approx(sampled["reward"])  # prosqa's reward is 1 or 0: pass@1 is its mean
     assert_one_line_error(softar("eval", init_run, "--samples", "4"), "--samples: pass@k is for a reasoning-task")

@@ -40,9 +40,10 @@ def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, advantages: to
 
 
 def kl_to_reference(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The k3 estimate of KL(policy || reference) per action, exp(r) - r - 1 with r = logp_ref - logp (unbiased,
-    never negative), averaged as `clipped_objective` averages: over each rollout's actions, then over rollouts."""
-    r = logp_ref - logp
+    """The k3 estimate of KL(policy || reference) per action, exp(r) - r - 1 with r = logp_ref - logp clamped to
+    [-20, 20] (unbiased within it, never negative), averaged as `clipped_objective` averages: over each rollout's
+    actions, then over rollouts."""
+    r = (logp_ref - logp).clamp(-20, 20)  # a noisy thought's log-density ratio can be large: no overflow
     k3 = r.exp() - r - 1
     m = mask.to(k3.dtype)
     return ((k3 * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()

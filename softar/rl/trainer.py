@@ -12,6 +12,7 @@ uninterrupted one drew.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ import torch
 
 from softar import SoftarError
 from softar.checkpoint import check_state
-from softar.config import Config, ConfigError, from_dict, load_raw, resolve
+from softar.config import Config, ConfigError, TrainConfig, from_dict, load_raw, resolve
 from softar.evaluate.reasoning import TaskData, evaluate_task, split_answer
 from softar.rl.objective import clipped_objective, group_advantages, kl_to_reference, pass_at_k
 from softar.rl.rollout import Actions, Policy, replay, rollout
@@ -31,6 +32,7 @@ from softar.train import Trainer, lr_at
 
 PARTS = ("reward", "reward_std", "kl", "clipped", "answer_entropy", "thought_norm", "rollout_tokens_per_s")
 RL_KEYS = {"rl": None, "train": None, "data": None, "task": ("eval_examples", "max_answer_tokens")}
+UNUSED_TRAIN_KEYS = ("grad_accum", "dtype", "compile")
 PASS_K = (1, 4, 16, 32)
 
 
@@ -53,8 +55,13 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not base.task.name:
         raise ConfigError(f"rl.init_from: {init} is a language-model run; RL needs a reasoning-task run "
                           "(task.name)")
+    unused = sorted(set(raw.get("train") or {}) & set(UNUSED_TRAIN_KEYS)) if isinstance(raw.get("train"), dict) else []
+    if unused:
+        raise ConfigError(f"train.{unused[0]}: not used by an RL run (it rolls out and updates in float32, one batch "
+                          "a step, uncompiled)")
     merged = base.to_dict()
-    for section, values in raw.items():
+    merged["train"] = dataclasses.asdict(TrainConfig())
+    for section, values in raw.items():  # [train] starts from the defaults: the schedule is the RL run's own
         if isinstance(values, dict):
             merged[section].update(values)
     cfg = from_dict(merged)
@@ -93,6 +100,7 @@ class RLTrainer(Trainer):
     """A `Trainer` whose step is a GRPO step and whose periodic eval reports pass@k."""
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False, stack=None):
+        init = load_latest(Path(cfg.rl.init_from))  # before the run directory is touched (`check_policy` checked it)
         super().__init__(cfg, out, resume, quiet, stack)
         r, task = self.cfg.rl, self.cfg.task
         self.enc = self.task.encoder
@@ -100,7 +108,6 @@ class RLTrainer(Trainer):
         self.policy = Policy(r.policy, r.sigma, r.temperature, task.max_answer_tokens)
         self.part_names = list(PARTS)
         self.net.eval()  # no dropout: a replay reproduces its rollout, and the first ratio is exactly 1
-        init = load_latest(Path(r.init_from), self.device)  # `check_policy` has checked it fits
         if self.step == 0:  # a resumed run keeps its own weights
             self.net.load_state_dict(init.tensors["model"])
         self.reference = build_model(self.cfg).to(self.device).eval()  # the initial policy, for the KL
@@ -132,33 +139,47 @@ class RLTrainer(Trainer):
         with torch.no_grad():
             old = [replay(self.net, p, a, self.policy, self.eos)[0] for p, a in groups]
             ref = [replay(self.reference, p, a, self.policy, self.eos)[0] for p, a in groups]
-        bad, kl = False, 0.0
-        for inner in range(r.inner_steps):  # kl: of the policy that drew the rollouts; clipped: of the last update
-            total, clipped = torch.zeros((), device=self.device), 0.0
+        bad, kl, clipped, first = False, 0.0, 0.0, torch.zeros((), device=self.device)
+        for inner in range(r.inner_steps):  # loss and kl: at the rollouts' policy; clipped: in the later updates
+            total = torch.zeros((), device=self.device)
             for k, (prompt, actions) in enumerate(groups):
                 logp, mask = replay(self.net, prompt, actions, self.policy, self.eos)
                 loss, frac = clipped_objective(logp, old[k], advantages[k], mask, r.clip)
                 div = kl_to_reference(logp, ref[k], mask)
-                loss = (loss + r.kl_coef * div) / len(groups)
-                loss.backward()
-                total = total + loss.detach()
-                kl += div.item() / len(groups) if inner == 0 else 0.0
-                clipped += frac.item() / len(groups)
+                if r.kl_coef > 0:
+                    loss = loss + r.kl_coef * div
+                (loss / len(groups)).backward()
+                total = total + loss.detach() / len(groups)
+                if inner == 0:
+                    kl += div.item() / len(groups)
+                else:
+                    clipped += frac.item() / len(groups) / (r.inner_steps - 1)
             self.world.mean_grads(self.net)
             norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-            bad = self.world.any(not (math.isfinite(total.item()) and math.isfinite(norm.item())), self.device)
-            if not bad:
+            nonfinite = self.world.any(not (math.isfinite(total.item()) and math.isfinite(norm.item())), self.device)
+            if not nonfinite:
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            if bad:
-                break
+            if inner == 0:
+                first, bad = total, nonfinite  # a skipped step: no update at all
+            if nonfinite:
+                break  # later inner steps stop at a non-finite one; the updates before it stand
         self.step += 1
         norms = torch.cat([a.thought_vectors.norm(dim=-1).flatten() for _, a in groups])
         entropy = sum(answer_entropy([tuple(x.tolist()) for x in a.answers]) for _, a in groups) / len(groups)
         parts = torch.tensor([rewards.mean().item(), rewards.std(-1, correction=0).mean().item(), kl, clipped,
                               entropy, norms.mean().item() if norms.numel() else 0.0, tokens / max(seconds, 1e-9)],
                              device=self.device)
-        return self.world.mean(total[None])[0], self.world.mean(parts), bad
+        return self.world.mean(first[None])[0], self.world.mean(parts), bad
+
+    def _task_final(self) -> dict:
+        """The supervised final evaluation (greedy, soft thoughts, every curriculum stage), and pass@k under the
+        policy on the whole valid split."""
+        final = super()._task_final()
+        self.net.eval()
+        final["sampled"] = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, None,
+                                      self._generator(-(2**40)))
+        return final
 
     def evaluate(self) -> dict:
         """The first task.eval_examples valid prompts: greedy accuracy (soft thoughts, as `softar eval --task`)
@@ -168,7 +189,7 @@ class RLTrainer(Trainer):
         self.net.eval()
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, limit,
                              self._generator(-1 - self.step))
-        return {"kind": "eval", "step": self.step, "val_accuracy": greedy["accuracy"],
+        return {"kind": "eval", "step": self.step, "val_accuracy_greedy_soft": greedy["accuracy"],
                 **{f"val_{k}": v for k, v in sampled.items()}}
 
 
@@ -213,7 +234,7 @@ def sampled_eval(run_dir: str | Path, data_file: str | Path, policy: str, sample
         raise SoftarError("--temperature: sampling needs a temperature above 0")
     run = load_run(run_dir, pick_device(device_name))
     data = TaskData.open(run.cfg, splits=(), files={"eval": Path(data_file)})
-    pol = Policy(policy, 0.5, temperature, run.cfg.task.max_answer_tokens)
+    pol = Policy(policy, run.cfg.rl.sigma, temperature, run.cfg.task.max_answer_tokens)
     try:
         pol.check(run.model, max(len(data.encoder.prompt(ex, data.encoder.final_stage()))
                                  for ex in data.examples["eval"]))
