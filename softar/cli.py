@@ -112,13 +112,25 @@ def cmd_task_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from softar import config, distributed
-    from softar.train import train
+    from softar import config
 
-    cfg = config.load(a.config, a.overrides)
+    _run_trainer(a, config.load(a.config, a.overrides), "train")
+
+
+def cmd_rl(a: argparse.Namespace) -> None:
+    from softar.rl.trainer import RLTrainer, rl_config
+
+    _run_trainer(a, rl_config(a.config, a.overrides), "rl", RLTrainer)
+
+
+def _run_trainer(a: argparse.Namespace, cfg, command: str, trainer=None) -> None:
+    """`softar train` and `softar rl`: one run in --out (default runs/<config name>), its result on stdout."""
+    from softar import distributed
+    from softar.train import Trainer, train
+
     out = Path(a.out) if a.out else Path("runs") / Path(a.config).stem
     try:
-        result = train(cfg, out, resume=a.resume, quiet=a.quiet)  # train writes result.json itself
+        result = train(cfg, out, resume=a.resume, quiet=a.quiet, trainer=trainer or Trainer)  # writes result.json
     finally:
         distributed.shutdown()
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
@@ -126,26 +138,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     if result.get("preempted"):
         phase = f" during {result['phase']}" if "phase" in result else ""
         print(f"softar: stopped by {result['signal']}{phase} after step {result['step']}; saved "
-              f"{result['checkpoint']}; continue with: softar train ... --out {out} --resume", file=sys.stderr)
-    _emit(result, None)
-
-
-def cmd_rl(a: argparse.Namespace) -> None:
-    from softar import distributed
-    from softar.rl.trainer import RLTrainer, rl_config
-    from softar.train import train
-
-    cfg = rl_config(a.config, a.overrides)
-    out = Path(a.out) if a.out else Path("runs") / Path(a.config).stem
-    try:
-        result = train(cfg, out, resume=a.resume, quiet=a.quiet, trainer=RLTrainer)
-    finally:
-        distributed.shutdown()
-    if os.environ.get("RANK", "0") != "0":
-        return
-    if result.get("preempted"):
-        print(f"softar: stopped by {result['signal']} after step {result['step']}; saved {result['checkpoint']}; "
-              f"continue with: softar rl ... --out {out} --resume", file=sys.stderr)
+              f"{result['checkpoint']}; continue with: softar {command} ... --out {out} --resume", file=sys.stderr)
     _emit(result, None)
 
 
@@ -442,21 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace a different task dataset already in --out")
     t.set_defaults(fn=cmd_task_prepare)
 
-    s = sub.add_parser("train", help="train a model from a TOML config")
-    s.add_argument("config", help="TOML config file")
-    s.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    s.add_argument("--out", help="run directory (default: runs/<config name>)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(fn=cmd_train)
-
-    s = sub.add_parser("rl", help="reinforcement learning (GRPO) over thoughts, from a trained task run")
-    s.add_argument("config", help="TOML config: [rl] init_from and the policy, [train] the optimizer and budget")
-    s.add_argument("overrides", nargs="*", help="rl.* / train.* / data.* overrides")
-    s.add_argument("--out", help="run directory (default: runs/<config name>)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(fn=cmd_rl)
+    for name, fn, what, help_ in (
+            ("train", cmd_train, "TOML config file", "train a model from a TOML config"),
+            ("rl", cmd_rl, "TOML config: [rl] init_from and the policy, [train] the optimizer and budget",
+             "reinforcement learning (GRPO) over thoughts, from a trained task run")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help=what)
+        s.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        s.add_argument("--out", help="run directory (default: runs/<config name>)")
+        s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.set_defaults(fn=fn)
 
     s = sub.add_parser("eval", help="loss and bits over a whole split; or a reasoning task's accuracy (--task)")
     s.add_argument("run_dir")
