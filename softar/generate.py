@@ -144,7 +144,8 @@ class _Lane:
     def views(self) -> list[WindowView]:
         """The window of each row, as `WindowView`s (tracing only: it reads soft_done back from the device)."""
         done = self.state.soft_done.tolist() if self.layout else [[]] * self.rows
-        return [WindowView(self.state.regions(), self.state.seen, d) for d in done]
+        regions = self.state.regions()  # the lane's rows advance in lockstep: one set of regions
+        return [WindowView(regions, self.state.seen, d) for d in done]
 
     def new_slot(self) -> torch.Tensor:
         """The slot the last push added [R, 1, m]."""
@@ -280,12 +281,15 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
         tokens[rows, g], logprobs[rows, g] = nxt, logp
         score = torch.zeros_like(logp)
         entered = torch.full_like(nxt, dec.mode == "hard", dtype=torch.bool)  # a plain model's soft tokens stay soft
+        policy_applies = layout and dec.mode == "soft"
+        if trace or policy_applies:
+            policy_score = dec.policy.score_of(v, out.logits, nxt, E)
         if trace:
             view(lanes)
             trace_ids[rows, g], trace_probs[rows, g], entropies[rows, g] = top_probs(out.logits, k)
-            ood[rows, g] = dec.policy.score_of(v, out.logits, nxt, E)
-        if layout and dec.mode == "soft":
-            score = dec.policy.score_of(v, out.logits, nxt, E)
+            ood[rows, g] = policy_score
+        if policy_applies:
+            score = policy_score
             entered = dec.policy.at_entry(score)
             v = torch.where(entered[:, None], E[nxt].to(v.dtype), v)  # what re-enters
         scores[rows, g], collapsed[rows, g] = score, entered

@@ -137,13 +137,15 @@ class RLTrainer(Trainer):
         rewards = torch.tensor(rewards, device=self.device)  # [P, G]
         advantages = group_advantages(rewards)
         with torch.no_grad():
-            old = [replay(self.net, p, a, self.policy, self.eos)[0] for p, a in groups]
             ref = [replay(self.reference, p, a, self.policy, self.eos)[0] for p, a in groups]
+        old: list[torch.Tensor] = []  # the rollouts' log-probs: the first inner step's replay, detached (ratio 1)
         bad, kl, clipped, first = False, 0.0, 0.0, torch.zeros((), device=self.device)
         for inner in range(r.inner_steps):  # loss and kl: at the rollouts' policy; clipped: in the later updates
             total = torch.zeros((), device=self.device)
             for k, (prompt, actions) in enumerate(groups):
                 logp, mask = replay(self.net, prompt, actions, self.policy, self.eos)
+                if inner == 0:
+                    old.append(logp.detach())
                 loss, frac = clipped_objective(logp, old[k], advantages[k], mask, r.clip)
                 div = kl_to_reference(logp, ref[k], mask)
                 if r.kl_coef > 0:
@@ -175,8 +177,7 @@ class RLTrainer(Trainer):
     def _task_final(self) -> dict:
         """The supervised final evaluation (greedy, soft thoughts, every curriculum stage), and pass@k under the
         policy on the whole valid split."""
-        final = super()._task_final()
-        self.net.eval()
+        final = super()._task_final()  # evaluate_task leaves the model in eval mode, as it found it
         final["sampled"] = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, None,
                                       self._generator(-(2**40)))
         return final
@@ -186,7 +187,6 @@ class RLTrainer(Trainer):
         and pass@k of rl.eval_samples rollouts under the policy, with their mean reward."""
         limit = self.cfg.task.eval_examples
         greedy = evaluate_task(self.net, self.task, "valid", [self.stage], limit)[f"stage_{self.stage}"]
-        self.net.eval()
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, limit,
                              self._generator(-1 - self.step))
         return {"kind": "eval", "step": self.step, "val_accuracy_greedy_soft": greedy["accuracy"],
