@@ -367,45 +367,48 @@ def _add_decoding_flags(s: argparse.ArgumentParser) -> list[str]:
     from softar.soft.collapse import COLLAPSES, OOD_SCORES
     from softar.soft.tokens import NOISES, SOFT_TOKENS
 
-    s.add_argument("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500)
-    s.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy; else in [1e-3, 1e3]")
-    s.add_argument("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
-    s.add_argument("--seed", type=_seed, default=1337, help="below 2**32")
-    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample after this text, which must be one token (repeatable)")
-    s.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1]; 1 disables")
-    s.add_argument("--mode", choices=["hard", "soft", "gated"], default="hard",
-                   help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
-                        "gated: soft with the entropy-gated soft token")
-    s.add_argument("--soft", choices=list(SOFT_TOKENS), default=None,
-                   help="soft mode: what re-enters the context (default: the run's soft.kind): " + "; ".join(
-                       f"{d.name}: {d.doc}" for d in SOFT_TOKENS.values()).replace("%", "%%"))
-    s.add_argument("--soft-arg", action="append", default=[], metavar="NAME=NUMBER",
-                   help="a parameter of the soft token, e.g. beta=2 for moi (repeatable)")
-    s.add_argument("--soft-top-k", type=_nonneg_int, default=None,
-                   help="expected/gated over the top-k; 0: all (default: the run's soft.top_k)")
-    s.add_argument("--collapse", choices=list(COLLAPSES),
-                   default="nn_l2", help="soft mode: how a soft token becomes the token shown")
-    s.add_argument("--noise", choices=list(NOISES), default=None,
-                   help="soft mode: noise on each soft token before it re-enters (default: the run's soft.noise)")
-    s.add_argument("--noise-scale", type=_nonneg_float, default=None,
-                   help="in [0, 100] (default: the run's soft.noise_scale)")
-    s.add_argument("--collapse-score", choices=list(OOD_SCORES), default="entropy",
-                   help="layout models: the OOD score that collapses a soft token in place")
-    s.add_argument("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
-                   help="layout models: collapse a soft token in place when its score is above this (inf: never)")
-    s.add_argument("--keep-uncertain", action="store_true",
-                   help="layout models: collapse the tokens whose score is *below* the threshold instead, so the "
-                        "uncertain ones stay soft")
-    s.add_argument("--soft-budget", type=_int_at_least(-1), default=-1,
-                   help="layout models: at most this many soft tokens stay uncollapsed (-1: no cap)")
-    s.add_argument("--shift-every", type=_positive_int, default=None,
-                   help="layout models: the memory hierarchy moves this many tokens at a time, so the KV cache "
-                        "serves between moves (default: the run's context.shift_every; 1: every token)")
+    dests: list[str] = []
+
+    def add(*names: str, **kw) -> None:
+        dests.append(s.add_argument(*names, **kw).dest)
+
+    add("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500)
+    add("--temperature", type=_temperature, default=0.8, help="0 is greedy; else in [1e-3, 1e3]")
+    add("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
+    add("--seed", type=_seed, default=1337, help="below 2**32")
+    add("--stop", action="append", default=[], metavar="TEXT",
+        help="end a sample after this text, which must be one token (repeatable)")
+    add("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1]; 1 disables")
+    add("--mode", choices=["hard", "soft", "gated"], default="hard",
+        help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
+             "gated: soft with the entropy-gated soft token")
+    add("--soft", choices=list(SOFT_TOKENS), default=None,
+        help="soft mode: what re-enters the context (default: the run's soft.kind): " + "; ".join(
+            f"{d.name}: {d.doc}" for d in SOFT_TOKENS.values()).replace("%", "%%"))
+    add("--soft-arg", action="append", default=[], metavar="NAME=NUMBER",
+        help="a parameter of the soft token, e.g. beta=2 for moi (repeatable)")
+    add("--soft-top-k", type=_nonneg_int, default=None,
+        help="expected/gated over the top-k; 0: all (default: the run's soft.top_k)")
+    add("--collapse", choices=list(COLLAPSES),
+        default="nn_l2", help="soft mode: how a soft token becomes the token shown")
+    add("--noise", choices=list(NOISES), default=None,
+        help="soft mode: noise on each soft token before it re-enters (default: the run's soft.noise)")
+    add("--noise-scale", type=_nonneg_float, default=None,
+        help="in [0, 100] (default: the run's soft.noise_scale)")
+    add("--collapse-score", choices=list(OOD_SCORES), default="entropy",
+        help="layout models: the OOD score that collapses a soft token in place")
+    add("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
+        help="layout models: collapse a soft token in place when its score is above this (inf: never)")
+    add("--keep-uncertain", action="store_true",
+        help="layout models: collapse the tokens whose score is *below* the threshold instead, so the "
+             "uncertain ones stay soft")
+    add("--soft-budget", type=_int_at_least(-1), default=-1,
+        help="layout models: at most this many soft tokens stay uncollapsed (-1: no cap)")
+    add("--shift-every", type=_positive_int, default=None,
+        help="layout models: the memory hierarchy moves this many tokens at a time, so the KV cache "
+             "serves between moves (default: the run's context.shift_every; 1: every token)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return ["max_new_tokens", "temperature", "top_k", "stop", "top_p", "mode", "soft", "soft_arg", "soft_top_k",
-            "collapse", "noise", "noise_scale", "collapse_score", "collapse_threshold", "keep_uncertain",
-            "soft_budget", "shift_every"]
+    return dests
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "greedily as `softar eval --task` does")
     decoding = _add_decoding_flags(s)
     s.set_defaults(max_new_tokens=200)
-    s.set_defaults(decoding_defaults={d: s.get_default(d) for d in decoding})
+    s.set_defaults(decoding_defaults={d: s.get_default(d) for d in decoding if d != "seed"})  # seed applies
     s.add_argument("--out", required=True, help="the page to write, PAGE.html (PAGE.json beside it)")
     s.add_argument("--screenshot", metavar="PNG",
                    help="also render the page in headless Chromium to this PNG (needs Debian's chromium and "
