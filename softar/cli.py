@@ -129,10 +129,12 @@ def _run_trainer(a: argparse.Namespace, cfg, command: str, trainer=None) -> None
     from softar.train import Trainer, train
 
     out = Path(a.out) if a.out else Path("runs") / Path(a.config).stem
+    finished = False
     try:
         result = train(cfg, out, resume=a.resume, quiet=a.quiet, trainer=trainer or Trainer)  # writes result.json
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return
     if result.get("preempted"):

@@ -4,6 +4,7 @@ the training loop needs. A plain `python` run is world size 1 and touches none o
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -82,9 +83,17 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
     return World(rank, size, local_rank), device
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(finished: bool) -> None:
+    """Leave the process group. After a finished run the ranks first meet at a barrier, so that none tears down its
+    connections while another still writes its results; the collected garbage drops DDP's references to the group
+    first, so that gloo's worker threads are joined here rather than during interpreter exit (where a stray one
+    aborts the process)."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, world: World, device: torch.device, strategy: str,
