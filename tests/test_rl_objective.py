@@ -3,10 +3,18 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from softar.rl.objective import clipped_objective, gaussian_log_density, group_advantages, kl_to_reference, pass_at_k
+from softar.rl.objective import (
+    clipped_objective,
+    gaussian_log_density,
+    group_advantages,
+    guessed_pass_at_k,
+    kl_to_reference,
+    pass_at_k,
+)
 
 
 def test_advantages_of_a_hand_built_group():
@@ -96,3 +104,19 @@ def test_pass_at_k_is_the_chance_that_k_draws_hold_a_correct_one():
         assert pass_at_k(n, correct, k) == pytest.approx(sum(any(d) for d in draws) / len(draws))
     with pytest.raises(ValueError):
         pass_at_k(4, 5, 1)
+
+
+def test_the_option_guessing_null_in_closed_form():
+    """Of n samples, m name one of two options at random: pass@1 is m / 2n, and pass@n is 1 - 2^-m; the general case
+    against drawing the coin flips and the k samples."""
+    for n, m in [(4, 0), (4, 3), (8, 8), (32, 20)]:
+        assert guessed_pass_at_k(n, m, 1) == pytest.approx(m / (2 * n))
+        assert guessed_pass_at_k(n, m, n) == pytest.approx(1 - 0.5**m)
+    rng = np.random.default_rng(0)
+    n, m, k, trials = 6, 4, 3, 40000
+    hits = 0
+    for _ in range(trials):
+        right = np.zeros(n, bool)
+        right[:m] = rng.random(m) < 0.5
+        hits += right[rng.choice(n, k, replace=False)].any()
+    assert guessed_pass_at_k(n, m, k) == pytest.approx(hits / trials, abs=0.01)

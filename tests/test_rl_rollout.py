@@ -7,8 +7,9 @@ import torch
 
 from softar.config import ModelConfig, SoftConfig
 from softar.rl.objective import clipped_objective, gaussian_log_density, group_advantages
-from softar.rl.rollout import POLICIES, Policy, _prefix, replay, rollout
-from softar.soft.tokens import gated_mix, make_soft_token
+from softar.rl.gate import GATE, ThoughtGate, load_initial
+from softar.rl.rollout import POLICIES, Policy, _prefix, gated_thought, replay, rollout
+from softar.soft.tokens import make_soft_token
 
 from .conftest import soft_model
 
@@ -17,10 +18,12 @@ PROMPT = [Q, BOT, THOUGHT, THOUGHT, EOT]
 
 
 def toy_model(kind: str = "hidden", seed: int = 0):
+    """A 1-layer model on the toy vocabulary, with the gated policy's learned gate (the other policies ignore it)."""
     torch.manual_seed(seed)
     model = soft_model(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=16, vocab_size=8),
                        soft=SoftConfig(kind=kind)).eval()
     model.thought_id = THOUGHT
+    model.add_module(GATE, ThoughtGate(16))
     return model
 
 
@@ -52,7 +55,7 @@ def reference_log_probs(model, policy, actions, g):
         if policy.kind in ("hard", "gated"):
             y = actions.thought_ids[g, t]
             thoughts.append(logp[t + 1, y])
-            vector = E[y] if policy.kind == "hard" else gated_mix(at, E, model.soft_spec, y[None])[0]
+            vector = E[y] if policy.kind == "hard" else gated_thought(model, at, y[None])[0]
             torch.testing.assert_close(vector, actions.thought_vectors[g, t], atol=1e-5, rtol=1e-5)
         elif policy.kind == "noisy_soft":
             mu = make_soft_token(at, E, model.soft_spec)[0]
@@ -85,6 +88,38 @@ def test_policies_refuse_what_they_cannot_replay():
         rollout(toy_model(), [Q, THOUGHT, BOT, THOUGHT, EOT], 2, Policy("hard", max_answer=2), EOS)
     with pytest.raises(ValueError, match="positive"):
         Policy("hard", temperature=0)
+    plain = toy_model()
+    delattr(plain, GATE)
+    with pytest.raises(ValueError, match="no learned gate"):
+        rollout(plain, PROMPT, 2, Policy("gated"), EOS)
+
+
+def test_the_gate_starts_near_the_sampled_token_and_learns_from_later_tokens():
+    """At its start a = 0.95 and i = 1/2 everywhere: x = 0.95 E[y] + sqrt(1 - 0.95^2) / 2 * s, with s the soft token
+    rescaled to the embeddings' RMS coordinate. The answer's log-probabilities depend on x, so they reach the gate."""
+    model = toy_model("expected")
+    E, gate = model.E, getattr(model, GATE)
+    h, y = torch.randn(3, 16), torch.tensor([1, 5, 7])
+    soft = torch.randn(3, 16) * 10
+    rms = E.pow(2).mean().sqrt()
+    expected = 0.95 * E[y] + (1 - 0.95**2) ** 0.5 / 2 * soft * rms / soft.pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(gate(h, E[y], soft, rms), expected)
+    policy = Policy("gated", max_answer=3)
+    actions = rollout(model, PROMPT, 4, policy, EOS, torch.Generator().manual_seed(0))
+    logp, mask = replay(model, PROMPT, actions, policy, EOS)
+    logp[:, 2:][mask[:, 2:]].sum().backward()  # the answer tokens only
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+
+
+def test_an_rl_model_takes_a_supervised_runs_weights_and_keeps_its_fresh_gate():
+    supervised, rl = toy_model(seed=1), toy_model(seed=2)
+    state = {k: v for k, v in supervised.state_dict().items() if not k.startswith(GATE)}
+    fresh = {k: v.clone() for k, v in rl.state_dict().items() if k.startswith(GATE)}
+    load_initial(rl, state)
+    for k, v in rl.state_dict().items():
+        assert torch.equal(v, fresh[k] if k.startswith(GATE) else state[k])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_initial(rl, {k: v for k, v in state.items() if k != "lm.backbone.ln_f.weight"})
 
 
 def grpo(model, policy, reward_of, steps, lr=1e-2, seed=3):

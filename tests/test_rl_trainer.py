@@ -103,3 +103,33 @@ def test_eval_reports_pass_at_k_under_any_thought_policy(init_run, task_data):
     assert sampled["policy"] == "hard" and 0 <= sampled["pass@1"] <= sampled["pass@4"] <= 1
     assert sampled["pass@1"] == pytest.approx(sampled["reward"])  # prosqa's reward is 1 or 0: pass@1 is its mean
     assert_one_line_error(softar("eval", init_run, "--samples", "4"), "--samples: pass@k is for a reasoning-task")
+
+
+def test_a_sweep_of_rl_configs_scores_every_policy_against_its_start(init_run, tmp_path):
+    """`softar sweep` over RL configs: each seed's run starts from that seed's supervised run (rl.init_from with
+    {seed}); both are scored on the test split under hard and soft inference, and a second call reuses it all."""
+    from softar.experiments.sweep import sweep
+    from softar.rundir import read_config
+
+    (tmp_path / "init_s1337").symlink_to(init_run)
+    configs = [rl_file(tmp_path, str(tmp_path / "init_s{seed}"), policy) for policy in ("hard", "soft")]
+    report = tmp_path / "rl.md"
+    first = sweep(configs, 1, [], tmp_path / "grid", report=report, command="softar sweep ...")
+    text = report.read_text()
+    for name in ("rl_hard_init_s{seed}", "rl_soft_init_s{seed}"):
+        run = tmp_path / "grid" / "runs" / f"{name}_s1337"
+        assert read_config(run).rl.init_from == str(tmp_path / "init_s1337") and read_config(run).train.seed == 1337
+        sampled = json.loads((run / "eval.json").read_text())["sampled"]
+        assert set(sampled) == {"hard", "soft"}
+        for s in sampled.values():  # 8 test questions, 4 samples each; a passing sample names an option
+            pairs = list(zip(s["right"], s["named"], strict=True))
+            assert len(pairs) == 8 and all(0 <= r <= m <= 4 for r, m in pairs)
+            assert s["pass@1"] == pytest.approx(sum(s["right"]) / 32)
+            assert s["option_guess"]["pass@1"] == pytest.approx(sum(s["named"]) / 64)
+        assert f"| `{name}` | hard |" in text and f"| `{name}` | soft |" in text
+    start = json.loads((init_run / "eval_prosqa_test_soft_n4_t1_s0.json").read_text())
+    assert "| start | soft | " + f"{start['sampled']['pass@1']:.3f} ± 0.000" in text
+    assert "Against RL on hard thoughts" in text and "guessing null" in text
+    assert (tmp_path / "rl" / "reward_curves.png").is_file()
+    assert sweep(configs, 1, [], tmp_path / "grid", report=report, command="softar sweep ...") == first
+    assert report.read_text() == text

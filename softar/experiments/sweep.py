@@ -16,10 +16,11 @@ from softar.disk import read_json, read_jsonl, read_text, strict_json, write_tex
 from softar.evaluate.reasoning import evaluate_task_run
 from softar.evaluate.run import evaluate_run
 from softar.evaluate.stats import mean_std
+from softar.experiments import rl_study
 from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, data_fingerprint, read_config
 from softar.soft.model import check_soft_spec
 from softar.soft.tokens import heads_of
-from softar.train import Preempted, Preemption, train
+from softar.train import Preempted, Preemption, Trainer, train
 
 EVAL_FILE = "eval.json"
 
@@ -36,12 +37,23 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def load_config(path: str, overrides: list[str]) -> config.Config:
+    """A sweep's config file: an RL run's (an [rl] table naming init_from), merged onto its initial run's config, or
+    a training config."""
+    raw = config.load_raw(path, overrides)
+    if isinstance(raw.get("rl"), dict) and "init_from" in raw["rl"]:
+        from softar.rl.trainer import rl_config
+
+        return rl_config(path, overrides)
+    return config.load(path, overrides)
+
+
 def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: int, horizons: tuple[int, ...],
             quiet: bool = True) -> dict:
     """Train and evaluate one config x seed in OUT/runs/<config>_s<seed>, or reuse what is there when it was made
     with the same resolved config (anything else is refused: a reused run must be the run asked for)."""
     run_dir = out / "runs" / f"{Path(cfg_path).stem}_s{seed}"
-    cfg = config.load(cfg_path, [*overrides, f"train.seed={seed}"])
+    cfg = load_config(cfg_path, [*overrides, f"train.seed={seed}"])
     if (run_dir / CONFIG_FILE).is_file():
         changed = config.diff(read_config(run_dir), config.resolve(cfg, data_fingerprint(cfg.data.dir)["vocab_size"]))
         if [k for k in changed if k != "train.lr_decay_iters" or cfg.train.lr_decay_iters]:
@@ -50,12 +62,18 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
     with RunLock(run_dir):
         if (run_dir / EVAL_FILE).is_file():
             return read_json(run_dir / EVAL_FILE, "sweep result", {"loss": float, "step": int})
-        result = train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet)
+        rl = bool(cfg.rl.init_from)
+        if rl:
+            from softar.rl.trainer import RLTrainer
+        result = train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet,
+                       trainer=RLTrainer if rl else Trainer)
         if result.get("preempted"):
             raise Preempted(signal.Signals[result["signal"]], saved=True,
                             how="run the same softar sweep command again to continue")
         if cfg.task.name:  # a reasoning task: the test split, once, with the final checkpoint (chosen on nothing)
-            result = evaluate_task_run(run_dir, cfg.task.name, Path(cfg.data.dir) / "test.json", cfg.train.device)
+            result = evaluate_task_run(run_dir, cfg.task.name, rl_study.test_file(cfg), cfg.train.device)
+            if rl:  # and pass@k under each inference policy
+                result["sampled"] = rl_study.sampled_results(run_dir, cfg)
         else:
             fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may differ in windows
             result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
@@ -80,9 +98,13 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
         for name in names or ():
             if name not in stems:
                 raise SoftarError(f"sweep {flag}: {name!r} is not one of the configs ({', '.join(stems)})")
-    loaded = {Path(c).stem: config.load(c, overrides) for c in configs}  # fail on a bad config before any run
+    # fail on a bad config before any run (as the first seed's run will load it)
+    loaded = {Path(c).stem: load_config(c, [*overrides, f"train.seed={base_seed}"]) for c in configs}
     for cfg in loaded.values():
         check_soft_spec(cfg.soft, heads_of(cfg.model))
+    rl = [bool(cfg.rl.init_from) for cfg in loaded.values()]
+    if any(rl) and not all(rl):
+        raise SoftarError("sweep: RL configs and training configs go in separate sweeps")
     reasoning = any(cfg.task.name for cfg in loaded.values())
     if reasoning and not all(cfg.task.name for cfg in loaded.values()):
         raise SoftarError("sweep: reasoning-task configs and language-model configs go in separate sweeps")
@@ -102,6 +124,25 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
         for c in configs:
             raw[Path(c).stem] = [run_one(c, base_seed + s, overrides, out, windows, horizons) for s in range(seeds)]
     rows = {name: [flatten(r) for r in runs] for name, runs in raw.items()}
+    if all(rl):
+        dirs = {name: [out / "runs" / f"{name}_s{base_seed + s}" for s in range(seeds)] for name in raw}
+        with Preemption():
+            starts = {}
+            for name, cfg in loaded.items():  # one start per task: every config of a task starts from the same runs
+                if cfg.task.name not in starts:
+                    starts[cfg.task.name] = rl_study.start_results(dirs[name], cfg)
+        for task, runs in starts.items():
+            rows[f"{task}_{rl_study.START}"] = [flatten(r) for r in runs]
+        columns = rl_study.columns()
+        table = {name: {col: mean_std([r[col] for r in runs if col in r]) for col in columns
+                        if any(col in r for r in runs)} for name, runs in rows.items()}
+        write_tables(table, columns, out)
+        rl_study.plot_curves(dirs, loaded, out)
+        if report is not None:
+            write_report(report, command, configs, overrides, seeds, table, out,
+                         rl_study.report_sections(raw, loaded, starts), ["reward_curves.png"], setup=rl_study.SETUP)
+        return {"sweep": str(out), "configs": [Path(c).stem for c in configs], "seeds": seeds,
+                "table": {n: {c: list(v) for c, v in cols.items()} for n, cols in table.items()}}
     if reasoning:
         table = {name: {col: mean_std([r[col] for r in runs if col in r]) for col in reasoning_study.columns()
                         if any(col in r for r in runs)} for name, runs in rows.items()}
@@ -188,7 +229,7 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
 
 SWEEP_MARK = ".softar-sweep"  # in every --out a sweep made: what it may overwrite there is its own
 SWEEP_FILES = {"runs", "results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png",
-               "accuracy_curves.png", "sweep.json", SWEEP_MARK}
+               "accuracy_curves.png", "reward_curves.png", "sweep.json", SWEEP_MARK}
 REPORT_MARK = "<!-- written by softar sweep -->"
 
 
@@ -212,7 +253,8 @@ def claim_out(out: Path) -> None:
             raise SoftarError(f"--out {out}: {name} is not a plain file a sweep wrote")
 
 
-REPORT_ASSETS = {"loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png", "results.csv"}
+REPORT_ASSETS = {"loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png", "reward_curves.png",
+                 "results.csv"}
 
 
 def check_report(path: Path, out: Path) -> None:
@@ -257,8 +299,9 @@ def write_report(path: Path, command: str, configs: list[str], overrides: list[s
     assets.mkdir(exist_ok=True)
     for name in (*pngs, "results.csv"):
         shutil.copy(out / name, assets / name)
-    cfg = config.load(configs[0], overrides)
-    t, m = cfg.train, cfg.model
+    if setup is None:
+        cfg = config.load(configs[0], overrides)
+        t, m = cfg.train, cfg.model
     setup = setup or (
         f"Every run: {m.n_layer} layers, d_model {m.d_model}, {t.max_iters} steps; window size and batch as in "
         f"each config (the first: block {m.block_size}, batch {t.batch_size}), with the same number of predicted "

@@ -55,6 +55,9 @@ def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, sigma: float) -> t
     return -(x - mean).pow(2).sum(-1) / (2 * sigma**2) - m * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
 
 
+PASS_K = (1, 4, 16, 32)  # the k of every pass@k softAR reports (up to the number of samples)
+
+
 def pass_at_k(n: int, correct: int, k: int) -> float:
     """The unbiased estimate of pass@k from n samples of which `correct` passed (Chen et al. 2021): the chance
     that k of the n, drawn without replacement, hold at least one correct one."""
@@ -63,3 +66,9 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     if n - correct < k:
         return 1.0
     return 1.0 - math.prod(1 - k / i for i in range(n - correct + 1, n + 1))
+
+
+def guessed_pass_at_k(n: int, guesses: int, k: int) -> float:
+    """The expected pass@k of n samples of which `guesses` name one of two options at random (each right with
+    probability 1/2) and the rest are wrong: the option-guessing null of a two-choice task."""
+    return sum(math.comb(guesses, r) / 2**guesses * pass_at_k(n, r, k) for r in range(guesses + 1))

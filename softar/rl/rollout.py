@@ -10,12 +10,13 @@ is filled by the policy, then the answer is sampled token by token until <eos>:
   coordinate of the group's soft tokens at that slot (so sigma means the same for Coconut's large hidden states and
   for expected embeddings; s is recorded and replayed as a constant); x is an action with log-density
   log N(x; mu, s^2 I) (Soft Tokens, Hard Truths).
-- **gated**: the `gated` soft token, an entropy-weighted blend of the expected embedding and E[y] for a sampled y
-  (the action). It stands in for HRPO's gate, which is learned; this one is not.
+- **gated**: HRPO's hybrid thought (`softar.rl.gate`): a learned gate mixes E[y], for a sampled y (the action),
+  with the model's soft token; RL trains the gate along with the model. Only a model with a gate (an RL run of this
+  policy) runs it.
 
-The soft policies need a soft token that draws nothing (`soft.kind` expected, hidden, regress, collapse): a kind that
-samples a token (gated, moi) would give a replay other vectors than its rollout. Both functions need the model in
-eval mode (dropout would do the same).
+The soft and gated policies need a soft token that draws nothing (`soft.kind` expected, hidden, regress, collapse): a
+kind that samples a token (gated, moi) would give a replay other vectors than its rollout. Both functions need the
+model in eval mode (dropout would do the same).
 
 `rollout` samples a group of continuations of one prompt, without gradients, and records every action. `replay`
 runs the same prompt with the recorded actions and returns each action's log-probability under the current weights,
@@ -31,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from softar.model import Outputs
+from softar.rl.gate import GATE
 from softar.rl.objective import gaussian_log_density
 from softar.soft.thoughts import thought_span
-from softar.soft.tokens import SOFT_TOKENS, Generator, gated_mix, make_soft_token, normal, sample_ids
+from softar.soft.tokens import SOFT_TOKENS, Generator, make_soft_token, normal, sample_ids
 
 POLICIES = ("hard", "soft", "noisy_soft", "gated")
 
@@ -55,7 +57,10 @@ class Policy:
         """That this policy can run on `model` for a prompt of `prompt_len` slots."""
         if model.training:
             raise ValueError("rollouts and replays need model.eval(): dropout would make a replay differ")
-        if self.kind in ("soft", "noisy_soft") and SOFT_TOKENS[model.soft_spec.kind].samples:
+        if self.kind == "gated" and getattr(model, GATE, None) is None:
+            raise ValueError("policy 'gated': the model has no learned gate (a run trained with rl.policy = "
+                             "\"gated\" has one)")
+        if self.kind in ("soft", "noisy_soft", "gated") and SOFT_TOKENS[model.soft_spec.kind].samples:
             raise ValueError(f"policy {self.kind!r}: soft.kind {model.soft_spec.kind!r} draws a token, so a replay "
                              "would not reproduce its thoughts; use expected, hidden, regress or collapse")
         if prompt_len >= model.window_slots:
@@ -84,7 +89,7 @@ def _thought(model, out: Outputs, policy: Policy, generator: Generator, drawn_id
     no_noise = torch.zeros((), device=E.device)
     if policy.kind in ("hard", "gated"):
         y = drawn_id if drawn_id is not None else sample_ids(logp_all, generator)
-        v = E[y] if policy.kind == "hard" else gated_mix(out, E, spec, y)
+        v = E[y] if policy.kind == "hard" else gated_thought(model, out, y)
         return v, y, logp_all.gather(-1, y[:, None])[:, 0], no_noise
     mu = make_soft_token(out, E, spec)
     if policy.kind == "soft":
@@ -92,6 +97,12 @@ def _thought(model, out: Outputs, policy: Policy, generator: Generator, drawn_id
     std = drawn_std if drawn_std is not None else policy.sigma * mu.detach().float().pow(2).mean().sqrt()
     x = drawn_vector if drawn_vector is not None else mu + std * normal(mu.shape, generator, mu.device).to(mu.dtype)
     return x, zeros, gaussian_log_density(x.float(), mu.float(), float(std)), std
+
+
+def gated_thought(model, out: Outputs, y: torch.Tensor) -> torch.Tensor:
+    """The gated policy's thought for sampled ids y [G] from the outputs at the slot before [G, ...]."""
+    E = model.E
+    return getattr(model, GATE)(out.h_m, E[y], make_soft_token(out, E, model.soft_spec), E.pow(2).mean().sqrt())
 
 
 def _prefix(model, prompt: torch.Tensor, policy: Policy, generator: Generator, recorded: Actions | None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +25,15 @@ from softar import SoftarError
 from softar.checkpoint import check_state
 from softar.config import Config, ConfigError, TrainConfig, from_dict, load_raw, resolve
 from softar.evaluate.reasoning import TaskData, evaluate_task, split_answer
-from softar.rl.objective import clipped_objective, group_advantages, kl_to_reference, pass_at_k
+from softar.rl.gate import load_initial, without_gate
+from softar.rl.objective import (
+    PASS_K,
+    clipped_objective,
+    group_advantages,
+    guessed_pass_at_k,
+    kl_to_reference,
+    pass_at_k,
+)
 from softar.rl.rollout import Actions, Policy, replay, rollout
 from softar.rundir import check_data, load_latest, read_config
 from softar.soft.model import build_model
@@ -33,7 +42,6 @@ from softar.train import Trainer, lr_at
 PARTS = ("reward", "reward_std", "kl", "clipped", "answer_entropy", "thought_norm", "rollout_tokens_per_s")
 RL_KEYS = {"rl": None, "train": None, "data": None, "task": ("eval_examples", "max_answer_tokens")}
 UNUSED_TRAIN_KEYS = ("grad_accum", "dtype", "compile")
-PASS_K = (1, 4, 16, 32)
 
 
 def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -51,6 +59,10 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
     init = (raw.get("rl") or {}).get("init_from") if isinstance(raw.get("rl"), dict) else None
     if not isinstance(init, str) or not init:
         raise ConfigError("rl.init_from: must name the trained task run to start from")
+    if "{seed}" in init:  # one initial run per seed: "runs/.../prosqa_coconut_s{seed}" with this run's train.seed
+        seed = (raw.get("train") or {}).get("seed", TrainConfig.seed) if isinstance(raw.get("train"), dict) \
+            else TrainConfig.seed
+        init = raw["rl"]["init_from"] = init.replace("{seed}", str(seed))
     base = read_config(Path(init))
     if not base.task.name:
         raise ConfigError(f"rl.init_from: {init} is a language-model run; RL needs a reasoning-task run "
@@ -86,7 +98,8 @@ def check_policy(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"rl.policy: {e}") from None
     init = load_latest(Path(cfg.rl.init_from))
-    check_state(model.state_dict(), init.tensors.get("model", {}), f"rl.init_from: checkpoint {init.path}")
+    check_state(without_gate(model.state_dict()), without_gate(init.tensors.get("model", {})),
+                f"rl.init_from: checkpoint {init.path}")
 
 
 def answer_entropy(answers: list[tuple[int, ...]]) -> float:
@@ -109,26 +122,29 @@ class RLTrainer(Trainer):
         self.part_names = list(PARTS)
         self.net.eval()  # no dropout: a replay reproduces its rollout, and the first ratio is exactly 1
         if self.step == 0:  # a resumed run keeps its own weights
-            self.net.load_state_dict(init.tensors["model"])
+            load_initial(self.net, init.tensors["model"])
         self.reference = build_model(self.cfg).to(self.device).eval()  # the initial policy, for the KL
-        self.reference.load_state_dict(init.tensors["model"])
+        load_initial(self.reference, init.tensors["model"])
         self.reference.thought_id = self.net.thought_id
         self.reference.requires_grad_(False)
 
-    def _generator(self, salt: int) -> torch.Generator:
-        seed = (self.cfg.train.seed * 1_000_003 + salt * 65_537 + self.world.rank) % 2**63
+    def _generator(self, salt: int, slot: int = 0) -> torch.Generator:
+        """The draws of one use (`salt`: a step, an evaluation), for one prompt of the global batch (`slot`): the
+        same on every rank layout, so that R ranks of B prompts roll out what one process of R x B does."""
+        seed = (self.cfg.train.seed * 1_000_003 + salt * 1_048_583 + slot) % 2**63
         return torch.Generator(self.device).manual_seed(seed)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         t, r = self.cfg.train, self.cfg.rl
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, t)
-        gen, t0 = self._generator(self.step), time.perf_counter()
+        t0 = time.perf_counter()
         examples, records = self.task.examples["train"], self.task.records["train"]
         groups: list[tuple[list[int], Actions]] = []
         rewards = []
-        for i in self.sampler.next_indices():
+        for b, i in enumerate(self.sampler.next_indices()):
             prompt = self.enc.prompt(examples[i], self.stage)
+            gen = self._generator(self.step, self.world.rank * t.batch_size + b)
             actions = rollout(self.net, prompt, r.group_size, self.policy, self.eos, gen)
             groups.append((prompt, actions))
             rewards.append([reward_of(self.task, records[i], a) for a in actions.answers])
@@ -178,8 +194,9 @@ class RLTrainer(Trainer):
         """The supervised final evaluation (greedy, soft thoughts, every curriculum stage), and pass@k under the
         policy on the whole valid split."""
         final = super()._task_final()  # evaluate_task leaves the model in eval mode, as it found it
-        final["sampled"] = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, None,
-                                      self._generator(-(2**40)))
+        sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, None,
+                             self._generator(-(2**40)))
+        final["sampled"] = {k: v for k, v in sampled.items() if k not in ("right", "named")}  # no per-question lists
         return final
 
     def evaluate(self) -> dict:
@@ -190,7 +207,8 @@ class RLTrainer(Trainer):
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, limit,
                              self._generator(-1 - self.step))
         return {"kind": "eval", "step": self.step, "val_accuracy_greedy_soft": greedy["accuracy"],
-                **{f"val_{k}": v for k, v in sampled.items()}}
+                **{f"val_{k}": v for k, v in sampled.items() if isinstance(v, float)},
+                **{f"val_option_guess_{k}": v for k, v in sampled.get("option_guess", {}).items()}}
 
 
 def reward_of(data: TaskData, record: dict, answer: torch.Tensor) -> float:
@@ -207,19 +225,52 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
                generator: torch.Generator) -> dict:
     """`samples` rollouts of each of the first `limit` questions of a split under `policy`, at the final curriculum
     stage: pass@k for k in 1, 4, 16, 32 up to `samples` (a rollout passes when its reward is 1; the unbiased
-    estimator, averaged over questions) and the mean reward."""
+    estimator, averaged over questions), the mean reward, and per question the number of passing rollouts (`right`).
+
+    For a choice between options (ProsQA) it also gives `named` (per question, the rollouts whose answer names one
+    of the options) and `option_guess`: the pass@k the same rollouts would get if each one that names an option
+    named one at random, which is what pass@k must beat to show more than guessing."""
     enc = data.encoder
     stage, eos = enc.final_stage(), enc.id["<eos>"]
-    passes: dict[int, list[float]] = {k: [] for k in PASS_K if k <= samples}
+    ks = [k for k in PASS_K if k <= samples]
     rewards: list[float] = []
+    right: list[int] = []
+    named: list[int] = []
     for ex, rec in zip(data.examples[split][:limit], data.records[split][:limit], strict=True):
         actions = rollout(model, enc.prompt(ex, stage), samples, policy, eos, generator)
         scores = [reward_of(data, rec, a) for a in actions.answers]
         rewards += scores
-        right = sum(s == 1.0 for s in scores)
-        for k in passes:
-            passes[k].append(pass_at_k(samples, right, k))
-    return {"reward": sum(rewards) / len(rewards), **{f"pass@{k}": sum(v) / len(v) for k, v in passes.items()}}
+        right.append(sum(s == 1.0 for s in scores))
+        if hasattr(enc.task, "options"):
+            words = [split_answer(enc, [i for i in a.tolist() if i >= 0 and i != eos])[0] for a in actions.answers]
+            named.append(sum(enc.task.answer_node(rec, w, enc.rendering) in enc.task.options(rec) for w in words))
+    result = {"reward": sum(rewards) / len(rewards),
+              **{f"pass@{k}": statistics.fmean(pass_at_k(samples, r, k) for r in right) for k in ks},
+              "right": right}
+    if named:
+        result["named"] = named
+        result["option_guess"] = {f"pass@{k}": statistics.fmean(guessed_pass_at_k(samples, m, k) for m in named)
+                                  for k in ks}
+    return result
+
+
+def task_eval(run_dir: str | Path, task: str, data_file: str | Path, device_name: str = "auto", seed: int = 0,
+              samples: int = 0, policy: str = "soft", temperature: float = 1.0) -> tuple[dict, str]:
+    """`softar eval RUN --task NAME --data FILE [--samples N --policy P --temperature T]`: greedy accuracy, and with
+    `samples` pass@k under a thought policy; with the name of the file the result is kept under in the run dir."""
+    from softar.evaluate.reasoning import evaluate_task_run
+
+    result = evaluate_task_run(run_dir, task, data_file, device_name, seed)
+    if samples:
+        result["sampled"] = sampled_eval(run_dir, data_file, policy, samples, temperature, device_name, seed)
+    return result, task_eval_name(task, data_file, seed, samples, policy, temperature)
+
+
+def task_eval_name(task: str, data_file: str | Path, seed: int = 0, samples: int = 0, policy: str = "soft",
+                   temperature: float = 1.0) -> str:
+    """The file `task_eval`'s result is kept under in the run dir."""
+    name = f"eval_{task}_{Path(data_file).stem}"
+    return f"{name}_{policy}_n{samples}_t{temperature:g}_s{seed}.json" if samples else f"{name}.json"
 
 
 def sampled_eval(run_dir: str | Path, data_file: str | Path, policy: str, samples: int, temperature: float,
