@@ -148,14 +148,21 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from softar.evaluate.run import evaluate_run
 
     if a.task:
-        from softar.rl.trainer import task_eval
+        from softar.evaluate.reasoning import evaluate_task_run
 
         if not a.data:
             raise SoftarError("--task needs --data FILE.json, a file of the task's records")
         if not a.samples and (a.policy != "soft" or a.temperature != 1.0):
             raise SoftarError("--policy and --temperature choose how --samples draws; give --samples N too")
-        result, name = task_eval(a.run_dir, a.task, a.data, a.device, a.seed, a.samples, a.policy, a.temperature)
-        _emit(result, Path(a.run_dir) / name)
+        result = evaluate_task_run(a.run_dir, a.task, a.data, a.device, a.seed)
+        name = f"eval_{a.task}_{Path(a.data).stem}"
+        if a.samples:  # sampled answers under a thought policy: pass@k
+            from softar.rl.trainer import sampled_eval
+
+            result["sampled"] = sampled_eval(a.run_dir, a.data, a.policy, a.samples, a.temperature, a.device,
+                                             a.seed)
+            name += f"_{a.policy}_n{a.samples}_t{a.temperature:g}_s{a.seed}"
+        _emit(result, Path(a.run_dir) / f"{name}.json")
         return
     if a.samples:
         raise SoftarError("--samples: pass@k is for a reasoning-task run (--task)")

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -84,16 +85,23 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
 
 
 def shutdown(finished: bool) -> None:
-    """Leave the process group. After a finished run the ranks first meet at a barrier, so that none tears down its
-    connections while another still writes its results; the collected garbage drops DDP's references to the group
-    first, so that gloo's worker threads are joined here rather than during interpreter exit (where a stray one
-    aborts the process)."""
+    """Leave the process group. After a run that finished on this rank the ranks first meet at a barrier (bounded:
+    a rank that failed is torchrun's to report), so that none tears down its connections while another still writes
+    its results; collecting garbage first lets a finished run's DDP wrapper release the group, so that gloo's
+    worker threads are joined here rather than during interpreter exit (where a stray one aborts the process)."""
     if not dist.is_initialized():
         return
-    if finished:
-        dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
+    try:
+        if finished:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=120))
+            else:
+                dist.barrier()
+    except Exception:  # a peer that failed: its own error is the one to show
+        pass
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, world: World, device: torch.device, strategy: str,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from softar.config import ModelConfig, SoftConfig
-from softar.rl.objective import clipped_objective, gaussian_log_density, group_advantages
 from softar.rl.gate import GATE, ThoughtGate, load_initial
+from softar.rl.objective import clipped_objective, gaussian_log_density, group_advantages
 from softar.rl.rollout import POLICIES, Policy, _prefix, gated_thought, replay, rollout
 from softar.soft.tokens import make_soft_token
 

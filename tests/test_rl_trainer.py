@@ -116,20 +116,66 @@ def test_a_sweep_of_rl_configs_scores_every_policy_against_its_start(init_run, t
     report = tmp_path / "rl.md"
     first = sweep(configs, 1, [], tmp_path / "grid", report=report, command="softar sweep ...")
     text = report.read_text()
-    for name in ("rl_hard_init_s{seed}", "rl_soft_init_s{seed}"):
+    for policy in ("hard", "soft"):
+        name = f"rl_{policy}_init_s{{seed}}"
         run = tmp_path / "grid" / "runs" / f"{name}_s1337"
         assert read_config(run).rl.init_from == str(tmp_path / "init_s1337") and read_config(run).train.seed == 1337
         sampled = json.loads((run / "eval.json").read_text())["sampled"]
         assert set(sampled) == {"hard", "soft"}
         for s in sampled.values():  # 8 test questions, 4 samples each; a passing sample names an option
             pairs = list(zip(s["right"], s["named"], strict=True))
-            assert len(pairs) == 8 and all(0 <= r <= m <= 4 for r, m in pairs)
-            assert s["pass@1"] == pytest.approx(sum(s["right"]) / 32)
+            assert len(pairs) == 8 and all(0 <= r <= m <= 4 for r, m in pairs) and s["options"] == 2
+            assert s["pass@1"] == pytest.approx(sum(s["right"]) / 32) and s["max_answer"] == 8
             assert s["option_guess"]["pass@1"] == pytest.approx(sum(s["named"]) / 64)
-        assert f"| `{name}` | hard |" in text and f"| `{name}` | soft |" in text
-    start = json.loads((init_run / "eval_prosqa_test_soft_n4_t1_s0.json").read_text())
-    assert "| start | soft | " + f"{start['sampled']['pass@1']:.3f} ± 0.000" in text
+        assert f"| `{name}` | {policy} | hard |" in text and f"| `{name}` | {policy} | soft |" in text
+    start = json.loads((tmp_path / "grid" / "starts" / "init_s1337.json").read_text())
+    assert start["key"]["max_answer"] == 8 and start["key"]["run"] == str(init_run.resolve())
+    assert start["sampled"]["soft"]["max_answer"] == 8  # scored as the RL runs are, not with its own 64
+    assert f"| start | supervised | soft | {start['sampled']['soft']['pass@1']:.3f} ± 0.000 |" in text
     assert "Against RL on hard thoughts" in text and "guessing null" in text
     assert (tmp_path / "rl" / "reward_curves.png").is_file()
     assert sweep(configs, 1, [], tmp_path / "grid", report=report, command="softar sweep ...") == first
     assert report.read_text() == text
+
+
+def test_rl_sweeps_refuse_grids_they_cannot_score(init_run, tmp_path):
+    """One start per task: its configs must agree on what the start is scored with; gated runs are refused; every
+    seed's start must exist before anything trains."""
+    (tmp_path / "init_s1337").symlink_to(init_run)
+    hard = rl_file(tmp_path, str(tmp_path / "init_s{seed}"), "hard")
+    gated = rl_file(tmp_path, str(tmp_path / "init_s{seed}"), "gated")
+    (tmp_path / "x").mkdir()
+    other = rl_file(tmp_path / "x", str(init_run), "soft")  # another start
+    for configs, seeds, message in [([hard, gated], 1, "trains the gated policy"),
+                                    ([hard, other], 1, "must share rl.init_from"),
+                                    ([hard], 2, "init_s1338 is not a softar run")]:
+        proc = softar("sweep", *configs, "--seeds", str(seeds), "--out", tmp_path / "grid")
+        assert_one_line_error(proc, message)
+    assert not (tmp_path / "grid").exists()
+
+
+def test_the_start_is_scored_again_when_what_it_is_scored_with_changes(init_run, tmp_path):
+    from softar.experiments.rl_study import start_results
+    from softar.rl.trainer import rl_config
+
+    cfg = rl_config(rl_file(tmp_path, init_run, "hard"))
+    out = tmp_path / "grid"
+    out.mkdir()
+    first = start_results([init_run], cfg, out)
+    path = out / "starts" / f"{init_run.name}.json"
+    stamp = path.stat().st_mtime_ns
+    assert start_results([init_run], cfg, out) == first and path.stat().st_mtime_ns == stamp  # reused
+    shorter = rl_config(rl_file(tmp_path, init_run, "hard", max_answer_tokens=2))
+    again = start_results([init_run], shorter, out)
+    assert json.loads(path.read_text())["key"]["max_answer"] == 2 and again[0]["sampled"]["hard"]["max_answer"] == 2
+
+
+def test_a_gated_runs_checkpoint_starts_only_a_gated_run(init_run, tmp_path):
+    gated = tmp_path / "gated"
+    assert softar("rl", rl_file(tmp_path, init_run, "gated"), "train.max_iters=1", "--out", gated,
+                  "--quiet").returncode == 0
+    proc = softar("rl", rl_file(tmp_path, gated, "hard"), "--out", tmp_path / "hard", "--quiet")
+    assert_one_line_error(proc, "rl.init_from")
+    assert not (tmp_path / "hard").exists()
+    assert softar("rl", rl_file(tmp_path, gated, "gated"), "train.max_iters=1", "--out", tmp_path / "again",
+                  "--quiet").returncode == 0  # a gated run continues from a gated run's gate

@@ -62,17 +62,17 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
     with RunLock(run_dir):
         if (run_dir / EVAL_FILE).is_file():
             return read_json(run_dir / EVAL_FILE, "sweep result", {"loss": float, "step": int})
-        rl = bool(cfg.rl.init_from)
-        if rl:
+        is_rl = bool(cfg.rl.init_from)
+        if is_rl:
             from softar.rl.trainer import RLTrainer
         result = train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet,
-                       trainer=RLTrainer if rl else Trainer)
+                       trainer=RLTrainer if is_rl else Trainer)
         if result.get("preempted"):
             raise Preempted(signal.Signals[result["signal"]], saved=True,
                             how="run the same softar sweep command again to continue")
         if cfg.task.name:  # a reasoning task: the test split, once, with the final checkpoint (chosen on nothing)
             result = evaluate_task_run(run_dir, cfg.task.name, rl_study.test_file(cfg), cfg.train.device)
-            if rl:  # and pass@k under each inference policy
+            if is_rl:  # and pass@k under each inference policy
                 result["sampled"] = rl_study.sampled_results(run_dir, cfg)
         else:
             fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may differ in windows
@@ -102,9 +102,17 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     loaded = {Path(c).stem: load_config(c, [*overrides, f"train.seed={base_seed}"]) for c in configs}
     for cfg in loaded.values():
         check_soft_spec(cfg.soft, heads_of(cfg.model))
-    rl = [bool(cfg.rl.init_from) for cfg in loaded.values()]
-    if any(rl) and not all(rl):
+    is_rl = [bool(cfg.rl.init_from) for cfg in loaded.values()]
+    if any(is_rl) and not all(is_rl):
         raise SoftarError("sweep: RL configs and training configs go in separate sweeps")
+    if all(is_rl):
+        from softar.rl.trainer import init_run_of
+
+        rl_study.check_grid(loaded)
+        inits = {name: [Path(init_run_of(config.load_raw(c, overrides)["rl"]["init_from"], base_seed + s))
+                        for s in range(seeds)] for name, c in zip(loaded, configs, strict=True)}
+        for d in {d for dirs in inits.values() for d in dirs}:  # every seed's start exists before a run trains
+            read_config(d)
     reasoning = any(cfg.task.name for cfg in loaded.values())
     if reasoning and not all(cfg.task.name for cfg in loaded.values()):
         raise SoftarError("sweep: reasoning-task configs and language-model configs go in separate sweeps")
@@ -124,15 +132,15 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
         for c in configs:
             raw[Path(c).stem] = [run_one(c, base_seed + s, overrides, out, windows, horizons) for s in range(seeds)]
     rows = {name: [flatten(r) for r in runs] for name, runs in raw.items()}
-    if all(rl):
+    if all(is_rl):
         dirs = {name: [out / "runs" / f"{name}_s{base_seed + s}" for s in range(seeds)] for name in raw}
         with Preemption():
             starts = {}
-            for name, cfg in loaded.items():  # one start per task: every config of a task starts from the same runs
+            for name, cfg in loaded.items():  # one start per task (`check_grid`): its configs share their starts
                 if cfg.task.name not in starts:
-                    starts[cfg.task.name] = rl_study.start_results(dirs[name], cfg)
+                    starts[cfg.task.name] = rl_study.start_results(inits[name], cfg, out)
         for task, runs in starts.items():
-            rows[f"{task}_{rl_study.START}"] = [flatten(r) for r in runs]
+            rows[rl_study.start_name(task)] = [flatten(r) for r in runs]
         columns = rl_study.columns()
         table = {name: {col: mean_std([r[col] for r in runs if col in r]) for col in columns
                         if any(col in r for r in runs)} for name, runs in rows.items()}
@@ -228,8 +236,9 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
 
 
 SWEEP_MARK = ".softar-sweep"  # in every --out a sweep made: what it may overwrite there is its own
-SWEEP_FILES = {"runs", "results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png",
-               "accuracy_curves.png", "reward_curves.png", "sweep.json", SWEEP_MARK}
+SWEEP_DIRS = {"runs", rl_study.STARTS}
+SWEEP_FILES = {"results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png",
+               "reward_curves.png", "sweep.json", SWEEP_MARK} | SWEEP_DIRS
 REPORT_MARK = "<!-- written by softar sweep -->"
 
 
@@ -248,9 +257,10 @@ def claim_out(out: Path) -> None:
         (out / SWEEP_MARK).touch()
     except OSError as e:
         raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    for name in SWEEP_FILES - {"runs", SWEEP_MARK}:
-        if (out / name).is_symlink() or (out / name).exists() and not (out / name).is_file():
-            raise SoftarError(f"--out {out}: {name} is not a plain file a sweep wrote")
+    for name in SWEEP_FILES - {SWEEP_MARK}:
+        path, kind = out / name, ("folder", Path.is_dir) if name in SWEEP_DIRS else ("plain file", Path.is_file)
+        if path.is_symlink() or path.exists() and not kind[1](path):
+            raise SoftarError(f"--out {out}: {name} is not a {kind[0]} a sweep wrote")
 
 
 REPORT_ASSETS = {"loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png", "reward_curves.png",

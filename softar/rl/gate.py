@@ -11,7 +11,7 @@ W_a, W_i and L through the later tokens' log-probabilities, which depend on x. T
 policy: W = 0, and L such that a = `start` (0.95) everywhere, so the soft part enters with weight about 0.16.
 
 A supervised run has no gate: an RL run with rl.policy = "gated" adds one (`build_model`) and starts it fresh
-(`load_initial`)."""
+(`load_initial`), unless it starts from a gated RL run, whose gate it continues."""
 
 from __future__ import annotations
 
@@ -45,13 +45,11 @@ class ThoughtGate(nn.Module):
 
 
 def load_initial(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a supervised run's weights into an RL model: everything but the gate (which the run never had), which
-    keeps its starting values."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    others = [k for k in missing if not k.startswith(GATE + ".")]
-    if others or unexpected:  # anything but the gate must match exactly, as a strict load would demand
-        model.load_state_dict(state)
+    """Load the initial run's weights into an RL model. A supervised run has no gate, so the model's keeps its
+    starting values; a gated RL run's gate is loaded with the rest (`check_policy` refuses a gate the model lacks)."""
+    model.load_state_dict({**gate_state(model.state_dict()), **state})  # strict: all else must match
 
 
-def without_gate(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if not k.startswith(GATE + ".")}
+def gate_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gate's entries of a state dict (none for a model without one)."""
+    return {k: v for k, v in state.items() if k.startswith(GATE + ".")}

@@ -68,7 +68,8 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     return 1.0 - math.prod(1 - k / i for i in range(n - correct + 1, n + 1))
 
 
-def guessed_pass_at_k(n: int, guesses: int, k: int) -> float:
-    """The expected pass@k of n samples of which `guesses` name one of two options at random (each right with
-    probability 1/2) and the rest are wrong: the option-guessing null of a two-choice task."""
-    return sum(math.comb(guesses, r) / 2**guesses * pass_at_k(n, r, k) for r in range(guesses + 1))
+def guessed_pass_at_k(n: int, guesses: int, k: int, chance: float = 0.5) -> float:
+    """The expected pass@k of n samples of which `guesses` name an option at random (each right with probability
+    `chance`: 1/2 between two options) and the rest are wrong: the option-guessing null of a multiple-choice task."""
+    return sum(math.comb(guesses, r) * chance**r * (1 - chance) ** (guesses - r) * pass_at_k(n, r, k)
+               for r in range(guesses + 1))

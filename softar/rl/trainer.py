@@ -6,8 +6,8 @@ max_answer_tokens); the model, the task and the data are the initial run's. Each
 prompts at the task's final curriculum stage, samples rl.group_size rollouts of each under the thought policy
 (`softar.rl.rollout`), scores them with the task's reward (its `reward` where it has one, else 1 for a right answer),
 and takes rl.inner_steps clipped-objective updates with a KL estimate to the initial policy (weight rl.kl_coef; it is
-logged either way). Rollouts draw from a generator seeded by (train.seed, step, rank), so a resumed run draws what the
-uninterrupted one drew.
+logged either way). Each prompt's rollouts draw from a generator seeded by (train.seed, step, the prompt's place in
+the global batch), so a resumed run draws what the uninterrupted one drew, and R ranks draw what one process does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from softar import SoftarError
 from softar.checkpoint import check_state
 from softar.config import Config, ConfigError, TrainConfig, from_dict, load_raw, resolve
 from softar.evaluate.reasoning import TaskData, evaluate_task, split_answer
-from softar.rl.gate import load_initial, without_gate
+from softar.rl.gate import gate_state, load_initial
 from softar.rl.objective import (
     PASS_K,
     clipped_objective,
@@ -59,10 +59,9 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
     init = (raw.get("rl") or {}).get("init_from") if isinstance(raw.get("rl"), dict) else None
     if not isinstance(init, str) or not init:
         raise ConfigError("rl.init_from: must name the trained task run to start from")
-    if "{seed}" in init:  # one initial run per seed: "runs/.../prosqa_coconut_s{seed}" with this run's train.seed
-        seed = (raw.get("train") or {}).get("seed", TrainConfig.seed) if isinstance(raw.get("train"), dict) \
-            else TrainConfig.seed
-        init = raw["rl"]["init_from"] = init.replace("{seed}", str(seed))
+    seed = (raw.get("train") or {}).get("seed", TrainConfig.seed) if isinstance(raw.get("train"), dict) \
+        else TrainConfig.seed
+    init = raw["rl"]["init_from"] = init_run_of(init, seed)
     base = read_config(Path(init))
     if not base.task.name:
         raise ConfigError(f"rl.init_from: {init} is a language-model run; RL needs a reasoning-task run "
@@ -85,6 +84,11 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def init_run_of(init_from: str, seed: int) -> str:
+    """rl.init_from for a seed: "runs/.../prosqa_coconut_s{seed}" names one initial run per seed."""
+    return init_from.replace("{seed}", str(seed))
+
+
 def check_policy(cfg: Config) -> None:
     """Before a run directory is touched: the policy can run on this model and task, and the initial checkpoint
     loads into it."""
@@ -98,8 +102,8 @@ def check_policy(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"rl.policy: {e}") from None
     init = load_latest(Path(cfg.rl.init_from))
-    check_state(without_gate(model.state_dict()), without_gate(init.tensors.get("model", {})),
-                f"rl.init_from: checkpoint {init.path}")
+    weights = {**gate_state(model.state_dict()), **init.tensors.get("model", {})}  # as `load_initial` loads it
+    check_state(model.state_dict(), weights, f"rl.init_from: checkpoint {init.path}")
 
 
 def answer_entropy(answers: list[tuple[int, ...]]) -> float:
@@ -211,11 +215,16 @@ class RLTrainer(Trainer):
                 **{f"val_option_guess_{k}": v for k, v in sampled.get("option_guess", {}).items()}}
 
 
+def answer_words(data: TaskData, answer: torch.Tensor) -> list[str]:
+    """A rollout's answer [A] (<eos> and -1 padding included) as the task's words."""
+    enc = data.encoder
+    return split_answer(enc, [a for a in answer.tolist() if a >= 0 and a != enc.id["<eos>"]])[0]
+
+
 def reward_of(data: TaskData, record: dict, answer: torch.Tensor) -> float:
     """A rollout's reward: the task's `reward` where it has one (partial credit), else 1 for a right answer."""
     enc = data.encoder
-    ids = [a for a in answer.tolist() if a >= 0 and a != enc.id["<eos>"]]
-    words, _ = split_answer(enc, ids)
+    words = answer_words(data, answer)
     if hasattr(enc.task, "reward"):
         return float(enc.task.reward(record, words))
     return float(enc.task.check(record, words, enc.rendering))
@@ -228,56 +237,48 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
     estimator, averaged over questions), the mean reward, and per question the number of passing rollouts (`right`).
 
     For a choice between options (ProsQA) it also gives `named` (per question, the rollouts whose answer names one
-    of the options) and `option_guess`: the pass@k the same rollouts would get if each one that names an option
-    named one at random, which is what pass@k must beat to show more than guessing."""
+    of the options), `options` (how many a question offers) and `option_guess`: the pass@k the same rollouts would
+    get if each one that names an option named one at random, which is what pass@k must beat to show more than
+    guessing."""
     enc = data.encoder
     stage, eos = enc.final_stage(), enc.id["<eos>"]
     ks = [k for k in PASS_K if k <= samples]
     rewards: list[float] = []
     right: list[int] = []
     named: list[int] = []
+    options: set[int] = set()
     for ex, rec in zip(data.examples[split][:limit], data.records[split][:limit], strict=True):
         actions = rollout(model, enc.prompt(ex, stage), samples, policy, eos, generator)
         scores = [reward_of(data, rec, a) for a in actions.answers]
         rewards += scores
         right.append(sum(s == 1.0 for s in scores))
         if hasattr(enc.task, "options"):
-            words = [split_answer(enc, [i for i in a.tolist() if i >= 0 and i != eos])[0] for a in actions.answers]
-            named.append(sum(enc.task.answer_node(rec, w, enc.rendering) in enc.task.options(rec) for w in words))
-    result = {"reward": sum(rewards) / len(rewards),
+            offered = enc.task.options(rec)
+            options.add(len(offered))
+            named.append(sum(enc.task.answer_node(rec, answer_words(data, a), enc.rendering) in offered
+                             for a in actions.answers))
+    result = {"samples": samples, "reward": sum(rewards) / len(rewards),
               **{f"pass@{k}": statistics.fmean(pass_at_k(samples, r, k) for r in right) for k in ks},
               "right": right}
-    if named:
-        result["named"] = named
-        result["option_guess"] = {f"pass@{k}": statistics.fmean(guessed_pass_at_k(samples, m, k) for m in named)
-                                  for k in ks}
+    if named and len(options) == 1:  # the null needs one chance level: every question offers as many options
+        result |= {"named": named, "options": options.pop()}
+        result["option_guess"] = {f"pass@{k}": option_guess(result, k) for k in ks}
     return result
 
 
-def task_eval(run_dir: str | Path, task: str, data_file: str | Path, device_name: str = "auto", seed: int = 0,
-              samples: int = 0, policy: str = "soft", temperature: float = 1.0) -> tuple[dict, str]:
-    """`softar eval RUN --task NAME --data FILE [--samples N --policy P --temperature T]`: greedy accuracy, and with
-    `samples` pass@k under a thought policy; with the name of the file the result is kept under in the run dir."""
-    from softar.evaluate.reasoning import evaluate_task_run
-
-    result = evaluate_task_run(run_dir, task, data_file, device_name, seed)
-    if samples:
-        result["sampled"] = sampled_eval(run_dir, data_file, policy, samples, temperature, device_name, seed)
-    return result, task_eval_name(task, data_file, seed, samples, policy, temperature)
-
-
-def task_eval_name(task: str, data_file: str | Path, seed: int = 0, samples: int = 0, policy: str = "soft",
-                   temperature: float = 1.0) -> str:
-    """The file `task_eval`'s result is kept under in the run dir."""
-    name = f"eval_{task}_{Path(data_file).stem}"
-    return f"{name}_{policy}_n{samples}_t{temperature:g}_s{seed}.json" if samples else f"{name}.json"
+def option_guess(sampled: dict, k: int, per_question: bool = False) -> float | list[float]:
+    """The option-guessing null of a `pass_rates` result: the pass@k of its samples if each that names an option
+    named one at random; averaged over questions, or per question."""
+    values = [guessed_pass_at_k(sampled["samples"], m, k, 1 / sampled["options"]) for m in sampled["named"]]
+    return values if per_question else statistics.fmean(values)
 
 
 def sampled_eval(run_dir: str | Path, data_file: str | Path, policy: str, samples: int, temperature: float,
-                 device_name: str = "auto", seed: int = 0) -> dict:
+                 device_name: str = "auto", seed: int = 0, max_answer: int | None = None,
+                 sigma: float | None = None) -> dict:
     """`softar eval RUN --task NAME --data FILE --samples N --policy P`: pass@k of a task run (supervised or RL) on
     every question of a file, with thoughts filled by the policy P (inference hard or soft, whatever it was
-    trained with)."""
+    trained with). The answer's length limit and noisy-soft's sigma are the run's unless given."""
     from softar.device import pick_device
     from softar.rundir import load_run
 
@@ -285,12 +286,12 @@ def sampled_eval(run_dir: str | Path, data_file: str | Path, policy: str, sample
         raise SoftarError("--temperature: sampling needs a temperature above 0")
     run = load_run(run_dir, pick_device(device_name))
     data = TaskData.open(run.cfg, splits=(), files={"eval": Path(data_file)})
-    pol = Policy(policy, run.cfg.rl.sigma, temperature, run.cfg.task.max_answer_tokens)
+    pol = Policy(policy, sigma or run.cfg.rl.sigma, temperature, max_answer or run.cfg.task.max_answer_tokens)
     try:
         pol.check(run.model, max(len(data.encoder.prompt(ex, data.encoder.final_stage()))
                                  for ex in data.examples["eval"]))
     except ValueError as e:
         raise SoftarError(f"--policy: {e}") from None
     gen = torch.Generator(run.model.E.device).manual_seed(seed)
-    return {"policy": policy, "samples": samples, "temperature": temperature,
+    return {"policy": policy, "temperature": temperature, "max_answer": pol.max_answer, "step": run.step,
             **pass_rates(run.model, data, "eval", pol, samples, None, gen)}
