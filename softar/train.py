@@ -451,7 +451,8 @@ class Trainer:
                 for (s, lr_s, _), v in zip(pending, values, strict=True):
                     log.write({"kind": "train", "step": s, "loss": v[0], "lr": lr_s,
                                **dict(zip(self.part_names, v[1:], strict=True))})
-                log.write({"kind": "perf", "step": self.step, f"{unit}_per_s": tok_s})
+                log.write({"kind": "perf", "step": self.step, f"{unit}_per_s": tok_s,
+                           "wall_s": self.wall_before + now - t0})  # since the run began, resumes included
                 log.flush()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
             bar.update(len(pending))

@@ -51,6 +51,8 @@ def test_an_rl_run_logs_its_metrics_and_resumes_exactly(init_run, tmp_path, poli
         assert 0 <= r["answer_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
     assert train_rows[0]["thought_norm"] > 0 and train_rows[0]["kl"] == 0  # the first rollouts: the initial policy
     assert train_rows[-1]["kl"] > 0  # later ones: updated weights
+    perf = rows(full, "perf")  # wall-clock time since the run began, with the throughput
+    assert perf and all(0 < a["wall_s"] <= b["wall_s"] for a, b in zip(perf, perf[1:] + perf[-1:], strict=True))
     evals = rows(full, "eval")
     assert [e["step"] for e in evals] == [2, 4] and all({"val_pass@1", "val_pass@4"} <= set(e) for e in evals)
     assert all(e["val_pass@1"] <= e["val_pass@4"] and 0 <= e["val_accuracy_greedy_soft"] <= 1 for e in evals)
@@ -136,6 +138,15 @@ def test_a_sweep_of_rl_configs_scores_every_policy_against_its_start(init_run, t
     assert (tmp_path / "rl" / "reward_curves.png").is_file()
     assert sweep(configs, 1, [], tmp_path / "grid", report=report, command="softar sweep ...") == first
     assert report.read_text() == text
+    kept = tmp_path / "grid" / "runs" / "rl_hard_init_s{seed}_s1337" / "eval.json"
+    old = json.loads(kept.read_text())
+    for s in old["sampled"].values():  # as an older softar kept it: scored again (not trained again), the same
+        del s["max_answer"], s["options"]
+    kept.write_text(json.dumps(old))
+    checkpoints = sorted(p.name for p in kept.parent.joinpath("checkpoints").iterdir())
+    assert sweep(configs, 1, [], tmp_path / "grid", report=report, command="softar sweep ...") == first
+    assert report.read_text() == text and "options" in json.loads(kept.read_text())["sampled"]["hard"]
+    assert sorted(p.name for p in kept.parent.joinpath("checkpoints").iterdir()) == checkpoints
 
 
 def test_rl_sweeps_refuse_grids_they_cannot_score(init_run, tmp_path):

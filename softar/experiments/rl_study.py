@@ -70,6 +70,16 @@ def sampled_results(run_dir: Path, cfg: Config) -> dict:
                             cfg.task.max_answer_tokens, cfg.rl.sigma) for p in INFERENCE}
 
 
+def scored_as_now(result: dict) -> bool:
+    """Whether a run's kept test scores hold what this version of the study reads (an older softar's lack the
+    answer limit they were scored with, and the options count of the guessing null)."""
+    sampled = result.get("sampled")
+    return isinstance(sampled, dict) and all(
+        isinstance(sampled.get(p), dict) and "max_answer" in sampled[p] and ("named" not in sampled[p]
+                                                                             or "options" in sampled[p])
+        for p in INFERENCE)
+
+
 def start_results(inits: list[Path], cfg: Config, out: Path) -> list[dict]:
     """The supervised starts (one per seed) scored exactly as the RL runs of `cfg` are. Each is kept in
     OUT/starts/<run>.json with what it was scored on (the run, its latest checkpoint's weights, the test file, the
@@ -85,7 +95,7 @@ def start_results(inits: list[Path], cfg: Config, out: Path) -> list[dict]:
                "max_answer": cfg.task.max_answer_tokens, "sigma": cfg.rl.sigma}
         path = out / STARTS / f"{init.name}.json"
         kept = read_json(path, "start scores", {"key": dict, "sampled": dict}) if path.is_file() else None
-        if kept is None or kept["key"] != key:
+        if kept is None or kept["key"] != key or not scored_as_now(kept):
             kept = {"key": key, "sampled": sampled_results(init, cfg)}
             write_text_atomic(path, strict_json(kept, indent=2))
         starts.append({"run_dir": str(init), "sampled": kept["sampled"]})
@@ -137,7 +147,8 @@ def report_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config], starts:
                 f"at temperature 1 (answers of at most {first['max_answer']} tokens); mean ± std over seeds. Each RL "
                 f"run: {t.max_iters} steps of {t.batch_size} prompts x {r.group_size} rollouts, {r.inner_steps} "
                 f"clipped updates per batch (clip {r.clip}), learning rate {t.lr:g} (warmup {t.warmup_iters}, cosine "
-                f"to {t.min_lr:g}), KL weight {r.kl_coef:g} to the initial policy, noise σ {r.sigma:g} (noisy-soft)." +
+                f"to {t.min_lr:g}), KL weight {r.kl_coef:g} to the initial policy, noise σ {r.sigma:g} (noisy-soft). "
+                f"The starts: {', '.join('`' + x['run_dir'] + '`' for x in start)}." +
                 (" Guessing null: the pass@k of the same samples if each answer that names one of the "
                  f"{first['options']} options named one at random; pass@k above it is more than guessing."
                  if options else ""), "",

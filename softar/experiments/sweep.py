@@ -59,17 +59,20 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
         if [k for k in changed if k != "train.lr_decay_iters" or cfg.train.lr_decay_iters]:
             raise SoftarError(f"{run_dir} was made with other settings (differs in {', '.join(changed)}); "
                               "choose another --out")
+    is_rl = bool(cfg.rl.init_from)
     with RunLock(run_dir):
-        if (run_dir / EVAL_FILE).is_file():
-            return read_json(run_dir / EVAL_FILE, "sweep result", {"loss": float, "step": int})
-        is_rl = bool(cfg.rl.init_from)
-        if is_rl:
-            from softar.rl.trainer import RLTrainer
-        result = train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet,
-                       trainer=RLTrainer if is_rl else Trainer)
-        if result.get("preempted"):
-            raise Preempted(signal.Signals[result["signal"]], saved=True,
-                            how="run the same softar sweep command again to continue")
+        kept = read_json(run_dir / EVAL_FILE, "sweep result", {"loss": float, "step": int}) \
+            if (run_dir / EVAL_FILE).is_file() else None
+        if kept is not None and (not is_rl or rl_study.scored_as_now(kept)):
+            return kept
+        if kept is None:  # (an RL run scored by an older softar is scored again, not trained again)
+            if is_rl:
+                from softar.rl.trainer import RLTrainer
+            result = train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet,
+                           trainer=RLTrainer if is_rl else Trainer)
+            if result.get("preempted"):
+                raise Preempted(signal.Signals[result["signal"]], saved=True,
+                                how="run the same softar sweep command again to continue")
         if cfg.task.name:  # a reasoning task: the test split, once, with the final checkpoint (chosen on nothing)
             result = evaluate_task_run(run_dir, cfg.task.name, rl_study.test_file(cfg), cfg.train.device)
             if is_rl:  # and pass@k under each inference policy
