@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from softar.config import ModelConfig, SoftConfig
-from softar.rl.gate import GATE, ThoughtGate, load_initial
 from softar.rl.objective import clipped_objective, gaussian_log_density, group_advantages
 from softar.rl.rollout import POLICIES, Policy, _prefix, gated_thought, replay, rollout
+from softar.soft.gate import GATE, ThoughtGate, load_initial
 from softar.soft.tokens import make_soft_token
 
 from .conftest import soft_model

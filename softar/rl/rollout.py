@@ -10,7 +10,7 @@ is filled by the policy, then the answer is sampled token by token until <eos>:
   coordinate of the group's soft tokens at that slot (so sigma means the same for Coconut's large hidden states and
   for expected embeddings; s is recorded and replayed as a constant); x is an action with log-density
   log N(x; mu, s^2 I) (Soft Tokens, Hard Truths).
-- **gated**: HRPO's hybrid thought (`softar.rl.gate`): a learned gate mixes E[y], for a sampled y (the action),
+- **gated**: HRPO's hybrid thought (`softar.soft.gate`): a learned gate mixes E[y], for a sampled y (the action),
   with the model's soft token; RL trains the gate along with the model. Only a model with a gate (an RL run of this
   policy) runs it.
 
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from softar.model import Outputs
-from softar.rl.gate import GATE
 from softar.rl.objective import gaussian_log_density
+from softar.soft.gate import GATE
 from softar.soft.thoughts import thought_span
 from softar.soft.tokens import SOFT_TOKENS, Generator, make_soft_token, normal, sample_ids
 

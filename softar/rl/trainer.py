@@ -25,7 +25,6 @@ from softar import SoftarError
 from softar.checkpoint import check_state
 from softar.config import Config, ConfigError, TrainConfig, from_dict, load_raw, resolve
 from softar.evaluate.reasoning import TaskData, evaluate_task, split_answer
-from softar.rl.gate import gate_state, load_initial
 from softar.rl.objective import (
     PASS_K,
     clipped_objective,
@@ -36,6 +35,7 @@ from softar.rl.objective import (
 )
 from softar.rl.rollout import Actions, Policy, replay, rollout
 from softar.rundir import check_data, load_latest, read_config
+from softar.soft.gate import gate_state, load_initial
 from softar.soft.model import build_model
 from softar.train import Trainer, lr_at
 

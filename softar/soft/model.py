@@ -13,7 +13,7 @@ from softar.config import Config, ConfigError, ContextConfig, LossConfig, SoftCo
 from softar.losses import objective
 from softar.model import GPT, Hidden, Outputs
 from softar.model.gpt import init_normal
-from softar.rl.gate import GATE
+from softar.soft.gate import GATE, ThoughtGate
 from softar.soft.thoughts import forward_thoughts, task_loss
 from softar.soft.tokens import add_noise, heads_of, make_soft_token, spec_problem
 from softar.soft.window import SOFT, Layout, WindowBuilder, summary_slots
@@ -180,8 +180,6 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
     if cfg.task.name:
         model.thought_id = VOCABULARY.index("<thought>")
     if cfg.rl.init_from and cfg.rl.policy == "gated":  # an RL run of HRPO's policy: its learned gate
-        from softar.rl.gate import ThoughtGate
-
         model.add_module(GATE, ThoughtGate(model.E.shape[1]).to(model.E.device))
     return model
 
