@@ -22,7 +22,8 @@ from softar.rundir import CHECKPOINTS, METRICS_FILE
 
 INFERENCE = ("hard", "soft")  # how the thought slots are filled at test time, whatever RL trained
 STARTS = "starts"  # in the sweep's folder: the supervised starts' scores, one file per initial run
-SETUP = ("Each RL run starts from the supervised run of the same seed (`rl.init_from`, its latest checkpoint), and "
+SETUP = ("Each RL run starts from the supervised run of the same seed (`rl.init_from`, its latest checkpoint; the "
+         "header of each RL config names the sweep that makes those runs, which must exist first), and "
          "every figure is on the test split, once, after training: nothing is chosen on valid or on test. pass@k: "
          "the unbiased estimator from the samples of each question, averaged over questions. Δ: paired by seed and "
          "question, with a bootstrap 95% interval that resamples both. Every metric of every config, mean and "

@@ -70,6 +70,9 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if unused:
         raise ConfigError(f"train.{unused[0]}: not used by an RL run (it rolls out and updates in float32, one batch "
                           "a step, uncompiled)")
+    if isinstance(raw.get("train"), dict) and raw["train"].get("parallel", "ddp") != "ddp":
+        raise ConfigError("train.parallel: an RL run replicates its model on every rank and averages the gradients "
+                          "itself; only \"ddp\" is supported")
     merged = base.to_dict()
     merged["train"] = dataclasses.asdict(TrainConfig())
     for section, values in raw.items():  # [train] starts from the defaults: the schedule is the RL run's own
