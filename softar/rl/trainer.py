@@ -154,7 +154,7 @@ class RLTrainer(Trainer):
             gen = self._generator(self.step, self.world.rank * t.batch_size + b)
             actions = rollout(self.net, prompt, r.group_size, self.policy, self.eos, gen)
             groups.append((prompt, actions))
-            rewards.append([reward_of(self.task, records[i], a) for a in actions.answers])
+            rewards.append([reward_of(self.task, records[i], answer_words(self.task, a)) for a in actions.answers])
         seconds = time.perf_counter() - t0
         tokens = sum(int((a.answers >= 0).sum()) + a.thought_ids.numel() for _, a in groups)
         rewards = torch.tensor(rewards, device=self.device)  # [P, G]
@@ -224,10 +224,10 @@ def answer_words(data: TaskData, answer: torch.Tensor) -> list[str]:
     return split_answer(enc, [a for a in answer.tolist() if a >= 0 and a != enc.id["<eos>"]])[0]
 
 
-def reward_of(data: TaskData, record: dict, answer: torch.Tensor) -> float:
-    """A rollout's reward: the task's `reward` where it has one (partial credit), else 1 for a right answer."""
+def reward_of(data: TaskData, record: dict, words: list[str]) -> float:
+    """A rollout's reward from its answer words: the task's `reward` where it has one (partial credit), else 1 for a
+    right answer."""
     enc = data.encoder
-    words = answer_words(data, answer)
     if hasattr(enc.task, "reward"):
         return float(enc.task.reward(record, words))
     return float(enc.task.check(record, words, enc.rendering))
@@ -252,14 +252,14 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
     options: set[int] = set()
     for ex, rec in zip(data.examples[split][:limit], data.records[split][:limit], strict=True):
         actions = rollout(model, enc.prompt(ex, stage), samples, policy, eos, generator)
-        scores = [reward_of(data, rec, a) for a in actions.answers]
+        answers = [answer_words(data, a) for a in actions.answers]
+        scores = [reward_of(data, rec, w) for w in answers]
         rewards += scores
         right.append(sum(s == 1.0 for s in scores))
         if hasattr(enc.task, "options"):
             offered = enc.task.options(rec)
             options.add(len(offered))
-            named.append(sum(enc.task.answer_node(rec, answer_words(data, a), enc.rendering) in offered
-                             for a in actions.answers))
+            named.append(sum(enc.task.answer_node(rec, w, enc.rendering) in offered for w in answers))
     result = {"samples": samples, "reward": sum(rewards) / len(rewards),
               **{f"pass@{k}": statistics.fmean(pass_at_k(samples, r, k) for r in right) for k in ks},
               "right": right}
