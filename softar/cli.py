@@ -152,6 +152,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
         if not a.data:
             raise SoftarError("--task needs --data FILE.json, a file of the task's records")
+        if a.gap or a.analogies or a.reference:
+            raise SoftarError("--gap, --analogies and --reference are for language-model runs, not --task")
         if not a.samples and (a.policy != "soft" or a.temperature != 1.0):
             raise SoftarError("--policy and --temperature choose how --samples draws; give --samples N too")
         result = evaluate_task_run(a.run_dir, a.task, a.data, a.device, a.seed)
@@ -171,7 +173,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     horizons = tuple(a.horizons) if a.horizons else None
     result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device,
                           gap_runs=tuple(a.gap) if a.gap else None, reference=a.reference,
-                          **({"thresholds": tuple(a.thresholds)} if a.thresholds else {}))
+                          **({"thresholds": tuple(a.thresholds)} if a.thresholds else {}),
+                          arrays_out=Path(a.run_dir) / f"retention_{a.split}.npz" if a.gap else None,
+                          analogies=a.analogies)
     _emit(result, Path(a.run_dir) / f"eval_{a.split}.json")
 
 
@@ -354,7 +358,8 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     command = "softar " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("softar") else ""
     _emit(sweep(a.configs, a.seeds, a.overrides, Path(a.out), a.windows, tuple(a.horizons),
                 report=Path(a.report) if a.report else None, command=command,
-                gap=tuple(a.gap) if a.gap else None, generation=tuple(a.generation) if a.generation else None),
+                gap=tuple(a.gap) if a.gap else None, generation=tuple(a.generation) if a.generation else None,
+                analogies=a.analogies),
           Path(a.out) / "sweep.json")
 
 
@@ -465,9 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--horizons", type=_int_list, default=None,
                    help="open-loop horizons, e.g. 8,32 (default: those of 8 and 32 below the block size)")
     s.add_argument("--seed", type=_seed, default=0, help="seed of the windows and samples (below 2**32)")
-    s.add_argument("--gap", nargs=2, metavar=("SHORT_RUN", "LONG_RUN"),
-                   help="add the fraction of the gap closed: (L_short - L_this) / (L_short - L_long)")
+    s.add_argument("--gap", nargs=2, metavar=("SHORT", "LONG"),
+                   help="retention on identical targets against two plain runs, each RUN or RUN:CONTEXT (the same "
+                        "weights may be both: RUN:32 RUN:128): the gap, the fraction closed with its interval, "
+                        "ablations, the cache and copy probes (per-target arrays: RUN/retention_SPLIT.npz)")
     s.add_argument("--reference", help="a plain run: add the free-running generation report scored by it")
+    s.add_argument("--analogies", metavar="FILE",
+                   help="analogy questions (': section' lines, then 'a b c d' lines; softar/data/questions-words.txt "
+                        "is word2vec's): add the 3CosAdd accuracy of the run's embedding space per section")
     s.add_argument("--samples", type=_int_at_least(0, 4096), default=0,
                    help="with --task: also sample this many answers per question under --policy and report "
                         "pass@1/4/16/32 and the mean reward")
@@ -530,8 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")
     s.add_argument("--report", help="also write a Markdown report (table, plots, claims) to this file")
     s.add_argument("--gap", nargs=2, metavar=("SHORT", "LONG"),
-                   help="context study: config names of the short and long plain windows; adds the fraction of "
-                        "the gap closed")
+                   help="retention study: two plain configs, each NAME or NAME:CONTEXT (the same weights may be "
+                        "both: w128:32 w128:128); every run scored on identical targets against them")
+    s.add_argument("--analogies", metavar="FILE",
+                   help="also score each run's embedding space on these analogy questions (3CosAdd)")
     s.add_argument("--generation", nargs=2, metavar=("GENERATOR", "REFERENCE"),
                    help="context study: the collapse-threshold trade-off of GENERATOR's runs, scored by "
                         "REFERENCE's (a plain config)")

@@ -78,6 +78,9 @@ class TrainConfig:
     ckpt_interval: int = 0  # 0: eval_interval
     keep_last: int = 3  # checkpoints kept on disk
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
+    # fine-tuning: start from this run's latest weights ("{seed}" becomes train.seed); parameters the config adds
+    # (summary-slot modules) start fresh, the optimizer and the schedule start anew
+    init_from: str = ""
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
     check_memory: bool = True  # refuse, before allocating, a run that cannot fit in the memory available
 
@@ -134,6 +137,11 @@ class ContextConfig:
     shift_every: int = 1
     fill_draw: float = 0.0  # training: the fraction of batches whose hard region is only partly full (1..hard-1
     # tokens, no history), as at the start of a generation, so soft slots also sit where generation puts them
+    # what the summary slots hold: "arithmetic" (the history's embedding arithmetic, `op`); the retention study's
+    # controls "pause" (learned constant vectors, blind to the history) and "write" (the arithmetic plus learned
+    # write vectors from the network's hidden states: retroactive enrichment) and "rmt" (a recurrent memory carried
+    # from chunk to chunk of the history, as the Recurrent Memory Transformer's). See softar/soft/memory.py
+    memory: Literal["arithmetic", "pause", "write", "rmt"] = "arithmetic"
 
     @property
     def plain(self) -> bool:
@@ -413,6 +421,15 @@ def validate(cfg: Config) -> None:
          f"{c.aggregate + c.segments + c.soft}")
     need(c.plain or c.max_history > 0 or c.soft > 0, "context.max_history",
          "must be positive when the layout has aggregate or segment slots")
+    need(c.memory == "arithmetic" or c.aggregate + c.segments > 0, "context.memory",
+         f"{c.memory!r} fills summary slots; this layout has none (context.aggregate = segments = 0)")
+    need(c.memory in ("arithmetic", "pause") or c.fill_draw == 0, "context.fill_draw",
+         f"must be 0 with context.memory = {c.memory!r} (a batch without history would leave its parameters unused)")
+    if c.memory in ("write", "rmt") and m.pos_emb == "learned":  # a history chunk is read as a window of its own
+        chunk_window = c.aggregate + c.segments + c.segment_len + (c.aggregate + c.segments) * (c.memory == "rmt")
+        need(chunk_window <= m.block_size, "context.segment_len",
+             f"{c.memory!r} reads each {c.segment_len}-token chunk as a window of {chunk_window} slots, more than "
+             f"model.block_size = {m.block_size} learned positions (use model.pos_emb = \"rope\")")
     k = cfg.task
     from softar.tasks import TASK_NAMES
 
@@ -435,6 +452,11 @@ def validate(cfg: Config) -> None:
     need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
     need(0 < r.sigma <= 100, "rl.sigma", "must be in (0, 100]")
     need(1e-3 <= r.temperature <= 1e3, "rl.temperature", "must be in [1e-3, 1e3]")
+
+
+def seeded(path: str, seed: int) -> str:
+    """A run path for a seed: "runs/w32_s{seed}" names one run per seed (train.init_from, rl.init_from)."""
+    return path.replace("{seed}", str(seed))
 
 
 def diff(a: Config, b: Config) -> list[str]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from softar import SoftarError
 from softar.config import SoftConfig
 from softar.model import Outputs
 from softar.soft.collapse import CollapsePolicy, Sampling, collapse
@@ -216,6 +217,9 @@ def _generate(model: SoftAR, prompts: torch.Tensor | Sequence, dec: Decoding, se
         raise ValueError(f"seed: {len(seeds)} seeds for {B} prompts")
     if N < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    if model.memory is not None:  # ContextState keeps arithmetic only; the controls are scored by `softar eval`
+        raise SoftarError(f"generation keeps summary slots as embedding arithmetic; this model's context.memory is "
+                          f"{model.context_cfg.memory!r}")
     shift_every = model.context_cfg.shift_every if shift_every is None else shift_every
     gens = RowGenerators(seeds, device)
     # lanes of equal prompt length; active rows are kept in lane order, so each lane is one contiguous slice

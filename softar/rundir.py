@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from softar import SoftarError
 from softar.checkpoint import Checkpoint, check_state, latest_checkpoint, load_checkpoint, rename_params
-from softar.config import Config, from_dict
+from softar.config import Config, from_dict, seeded
 from softar.data.dataset import load_meta, load_split, sha256_file
 from softar.data.glove import PRETRAINED_FILE
 from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -108,6 +108,28 @@ def load_embedding(model: SoftAR, cfg: Config) -> None:
                           f"{list(model.E.shape)} (model.d_embed sets m)")
     with torch.no_grad():
         model.E.copy_(E)
+
+
+def load_init_weights(model: SoftAR, cfg: Config) -> dict:
+    """Fine-tuning (train.init_from): the run's latest weights into `model`. Every tensor of the checkpoint must
+    fit one of the model's; the model's own that the checkpoint lacks (summary-slot modules the config adds) keep
+    their fresh initialisation. -> {"checkpoint", "step"}: what was loaded, for the run record."""
+    source = Path(seeded(cfg.train.init_from, cfg.train.seed))
+    if not (source / RUN_FILE).is_file():
+        raise SoftarError(f"train.init_from: {source} is not a softar run (it has no {RUN_FILE})")
+    if not (source / RESULT_FILE).is_file():
+        raise SoftarError(f"train.init_from: {source} has not finished training (no {RESULT_FILE})")
+    check_data(source, cfg.data.dir)
+    ckpt = load_latest(source)
+    got, own = ckpt.tensors.get("model", {}), model.state_dict()
+    extra = sorted(set(got) - set(own))
+    if extra:
+        raise SoftarError(f"train.init_from: {ckpt.path} holds {extra[0]}, which this model does not have")
+    check_state({k: own[k] for k in got}, got, f"train.init_from: checkpoint {ckpt.path}")
+    if not all(torch.isfinite(t).all() for t in got.values() if t.is_floating_point()):
+        raise SoftarError(f"train.init_from: checkpoint {ckpt.path} holds non-finite weights")
+    model.load_state_dict(got, strict=False)
+    return {"checkpoint": str(ckpt.path), "step": ckpt.meta["step"]}
 
 
 @dataclass

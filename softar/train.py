@@ -48,6 +48,7 @@ from softar.rundir import (
     check_data,
     data_fingerprint,
     load_embedding,
+    load_init_weights,
     load_model_checkpoint,
     read_config,
 )
@@ -297,6 +298,7 @@ class Trainer:
                               f"fit in the train split ({len(self.train_data)} tokens)")
         if m.embedding in ("checkpoint", "pretrained"):
             load_embedding(self.net, cfg)
+        self.init_source = load_init_weights(self.net, cfg) if t.init_from and not resume else None
         self.params, self.flops_per_token = self.net.num_params(), self.net.flops_per_token()
         blocks = getattr(getattr(self.net.lm, "backbone", None), "blocks", ())  # softAR's GPT: shard per block
         self.model = wrap(self.net, self.world, self.device, t.parallel, blocks)  # FSDP2 shards in place
@@ -342,6 +344,7 @@ class Trainer:
             "world_size": self.world.size,
             "params": self.params,
             "flops_per_token": self.flops_per_token,
+            **({"init_from": self.init_source} if self.init_source else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_text_atomic(self.out / RUN_FILE, json.dumps(info, indent=2))

@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from .conftest import tiny_overrides
@@ -128,24 +129,31 @@ LAYOUT = ["context.aggregate=1", "context.segments=2", "context.soft=3", "contex
 
 
 def test_layout_run_end_to_end(char_data, tmp_path, trained_run):
-    """Train the seed's layout (shrunk), evaluate it with the gap against two plain runs and the generation report,
-    sample with a collapse policy and the hierarchy shown, and bench its generation at two history lengths."""
+    """Train the seed's layout (shrunk), evaluate it on the retention targets against one plain run at two
+    contexts and with the generation report, sample with a collapse policy and the hierarchy shown, and bench its
+    generation at two history lengths."""
     run = tmp_path / "layout"
     proc = softar("train", "configs/shakespeare_char.toml", *tiny_overrides(char_data), *LAYOUT, "--out", run,
                   "--quiet")
     assert proc.returncode == 0, proc.stderr
-    short = tmp_path / "short"
-    proc = softar("train", "configs/shakespeare_char.toml", *tiny_overrides(char_data, **{"model.block_size": 4}),
-                  "--out", short, "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    assert_one_line_error(softar("eval", run, "--gap", trained_run, trained_run), "no gap to close")
-    proc = softar("eval", run, "--windows", 4, "--gap", short, trained_run, "--reference", trained_run,
+    assert_one_line_error(softar("eval", run, "--gap", run, trained_run), "has a context layout")
+    assert_one_line_error(softar("eval", run, "--gap", f"{trained_run}:0", trained_run), "the context must be in")
+    assert_one_line_error(softar("eval", run, "--gap", trained_run, trained_run, "--analogies", tmp_path / "no.txt"),
+                          "does not exist")
+    proc = softar("eval", run, "--windows", 4, "--gap", f"{trained_run}:4", trained_run, "--reference", trained_run,
                   "--thresholds", "0,inf")
     assert proc.returncode == 0, proc.stderr
     ev = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(ev["recovery"]["64"]) == {"aggregate", "segment"} and "16" in ev["passkey"]
-    losses = [json.loads((d / "result.json").read_text())["val_loss"] for d in (short, trained_run)]
-    assert ev["gap_closed"] == pytest.approx((losses[0] - ev["loss"]) / (losses[0] - losses[1]))
+    assert set(ev["recovery"]["64"]) == {"aggregate", "segment"}
+    assert {"recall_minus_prior", "prior_recall_at_k"} <= set(ev["recovery"]["64"]["segment"])
+    ret = ev["retention"]
+    loss = ret["loss"]
+    assert ret["targets"] == 4 * 32 and set(loss) == {"short", "long", "real", "swapped", "zeroed", "shuffled"}
+    assert ret["gap"] == pytest.approx(loss["short"] - loss["long"])
+    assert ret["gap_closed"] == pytest.approx((loss["short"] - loss["real"]) / (loss["short"] - loss["long"]))
+    assert len(ret["gap_closed_ci"]) == 2 and set(ret["copy"]) == {"32", "96", "256", "512"}
+    with np.load(run / "retention_val.npz") as arrays:  # the per-target log p's a study pools
+        assert arrays["real"].shape == (4, 32) and -arrays["short"].mean() == pytest.approx(loss["short"])
     assert "open_loop" not in ev
     assert [r["soft_fraction"] for r in ev["generation"]["collapse_uncertain"]] == [0.0, 1.0]
     assert [r["soft_fraction"] for r in ev["generation"]["keep_uncertain"]] == [1.0, 0.0]

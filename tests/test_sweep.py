@@ -5,6 +5,7 @@ import statistics
 import numpy as np
 import pytest
 
+from softar import SoftarError
 from softar.experiments.sweep import flatten, sweep
 
 from .conftest import tiny_overrides
@@ -67,12 +68,14 @@ def test_claims_need_paired_wins_over_averaged_rollouts_and_constants():
     assert cells[1] == "+0.0000 ± 0.0000" and cells[4].startswith("-0.200")  # Brier-1 paired window by window
 
 
-def test_context_study_gap_and_tradeoff(char_data, tmp_path):
-    """The context study: the short and long windows close 0 and 1 of their own gap exactly; threshold 0 collapses
-    every soft token and inf none; the report holds both sections and the trade-off plot."""
-    configs = {"short": "[model]\nblock_size = 8\n", "long": "[model]\nblock_size = 16\n",
-               "slots": "[model]\nblock_size = 11\n[context]\naggregate = 1\nsegments = 2\nsegment_len = 4\n"
+def test_retention_study_and_tradeoff(char_data, tmp_path):
+    """The retention study against two plain configs, listed after a layout config that is scored against them
+    (the references train first): each reference scores itself, so the short one closes none of the gap and the long
+    one all of it, exactly; a layout config gets the ablations; the trade-off still runs beside it; the report holds
+    every section and the context curve. The same weights at two contexts (long:8 long) make a second study."""
+    configs = {"slots": "[model]\nblock_size = 11\n[context]\naggregate = 1\nsegments = 2\nsegment_len = 4\n"
                         "max_history = 32\n",
+               "short": "[model]\nblock_size = 8\n", "long": "[model]\nblock_size = 16\n",
                "seed": "[model]\nblock_size = 16\n[context]\naggregate = 1\nsegments = 1\nsoft = 3\n"
                        "segment_len = 4\nmax_history = 32\n"}
     for name, text in configs.items():
@@ -80,18 +83,28 @@ def test_context_study_gap_and_tradeoff(char_data, tmp_path):
     overrides = [o for o in tiny_overrides(char_data, **{"train.max_iters": 4, "train.eval_interval": 2})
                  if not o.startswith("model.block_size")]
     out, report = tmp_path / "sweep", tmp_path / "docs" / "context.md"
+    with pytest.raises(SoftarError, match="has a context layout"):
+        sweep([str(tmp_path / f"{n}.toml") for n in configs], 1, overrides, out, gap=("slots", "long"))
     result = sweep([str(tmp_path / f"{n}.toml") for n in configs], 1, overrides, out, windows=4, horizons=(2, 4),
-                   report=report, gap=("short", "long"), generation=("seed", "long"))
+                   report=report, gap=("short", "long:16"), generation=("seed", "long"))
     table = result["table"]
-    assert table["short"]["gap_closed"] == [0.0, 0.0] and table["long"]["gap_closed"] == [1.0, 0.0]  # 1 seed: std 0
-    assert "recovery.512.aggregate.recall_at_k" in table["slots"] and "passkey.16.accuracy" in table["short"]
+    assert table["long"]["retention.gap_closed"] == [1.0, 0.0]  # 1 seed: std 0
+    assert table["short"]["retention.gap_closed"] == [0.0, 0.0]
+    assert table["slots"]["retention.ablation.shuffled.diff"] == [0.0, 0.0]  # sums: the order inside a span is lost
+    assert "recovery.512.aggregate.recall_at_k" in table["slots"]
     rows = json.loads((out / "runs" / "seed_s1337" / "generation.json").read_text())["collapse_uncertain"]
     assert rows[0]["threshold"] == 0.0 and rows[0]["soft_fraction"] == 0.0
     assert rows[-1]["threshold"] == "inf" and rows[-1]["soft_fraction"] == 1.0  # strict JSON
     text = report.read_text()
-    assert "## Fraction of the gap closed" in text and "## Coherence against nuance" in text
+    for section in ("## The gap, on identical targets", "## Ablations of the same weights", "## Copy probe",
+                    "## Recovery against the frequency prior", "## Coherence against nuance"):
+        assert section in text
     assert "**Verdict: " in text and (report.parent / "context" / "results.csv").is_file()
     assert (report.parent / "context" / "tradeoff.png").stat().st_size > 0
+    assert (report.parent / "context" / "context_curve.png").stat().st_size > 0
+    same = sweep([str(tmp_path / f"{n}.toml") for n in ("long", "slots")], 1, overrides, tmp_path / "same",
+                 windows=4, gap=("long:8", "long"))["table"]  # one set of weights at two contexts
+    assert same["long"]["retention.gap_closed"] == [1.0, 0.0] and "retention.gap" in same["slots"]
 
 
 def test_report_paths_are_checked_before_any_run(char_data, tmp_path):
@@ -151,3 +164,14 @@ def test_beyond_chance_is_the_accuracy_among_answers_that_name_an_option():
     assert r["mean"] == pytest.approx(2 / 3) and r["option_rate"] == 0.75 and r["lo"] < 2 / 3 < r["hi"]
     assert beyond_chance([{"correct": [1]}]) is None
     assert beyond_chance([{"named_option": [0, 0], "correct": [0, 0]}]) is None
+
+
+def test_a_fine_tuning_config_needs_its_start_before_any_run(char_data, tmp_path):
+    """train.init_from must name a finished run, or a run of a config listed before it (which trains first)."""
+    (tmp_path / "base.toml").write_text("[model]\nblock_size = 8\n")
+    start = f"{tmp_path}/out/runs/base_s{{seed}}"
+    (tmp_path / "ft.toml").write_text(f'[model]\nblock_size = 8\n[train]\ninit_from = "{start}"\n')
+    overrides = [o for o in tiny_overrides(char_data) if not o.startswith("model.block_size")]
+    with pytest.raises(SoftarError, match="neither a finished run nor a run of a config listed before it"):
+        sweep([str(tmp_path / "ft.toml"), str(tmp_path / "base.toml")], 1, overrides, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

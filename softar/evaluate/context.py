@@ -1,6 +1,6 @@
-"""What the context layout's summary slots hold: a passkey probe (can the model use a fact from far back?), a
-recovery probe (can the history's tokens be read back out of a slot by embedding arithmetic?), and the fraction of
-the gap between a short and a long window that the slots close."""
+"""What the context layout's summary slots hold by embedding arithmetic alone: the recovery probe (can the history's
+tokens be read back out of a slot?), against the frequency prior. What the model makes of them is measured on
+identical targets by `softar.evaluate.retention`."""
 
 from __future__ import annotations
 
@@ -12,60 +12,19 @@ from softar.data.dataset import random_windows
 from softar.soft.model import SoftAR
 from softar.soft.window import normalize, summary_weights
 
-
-@torch.no_grad()
-def last_hard_logits(model: SoftAR, seq: torch.Tensor) -> torch.Tensor:
-    """The model's prediction after the last token of seq [B, L], read from the last hard slot: a plain model sees
-    the last block_size tokens; a layout model puts the last `hard` tokens in its hard region and the rest in its
-    history (the soft region, which would follow, cannot change a causal model's earlier slots). Returns [B, V]."""
-    lay = model.layout
-    if lay.plain:
-        return model(seq[:, -model.window_slots :])[:, -1]
-    hist = seq[:, : -lay.hard][:, -lay.history :] if lay.history else seq[:, :0]
-    history = (hist, torch.full((seq.shape[0],), hist.shape[1], device=seq.device))
-    return model.read(model.window(model.E[seq[:, -lay.hard :]], history), last=True).logits[:, -1]
-
-
-PASSKEY_DISTANCES = (16, 48, 96, 192, 384)
-
-
-@torch.no_grad()
-def passkey_probe(model: SoftAR, data: np.ndarray, distances: tuple[int, ...] = PASSKEY_DISTANCES,
-                  windows: int = 64, seed: int = 0, device: torch.device | str = "cpu") -> dict:
-    """A pair (a, x) of random tokens planted N tokens before the end of a stretch of val text that then ends in a:
-    does the model say x next? Per distance N: top-1 accuracy, and the mean gain in log p(x) over the same text
-    without the plant (0 when the plant is outside everything the model sees)."""
-    model.eval()
-    lay = model.layout
-    length = max(distances) + 2 + (lay.history + lay.hard if not lay.plain else model.window_slots)
-    ids = random_windows(data, length, windows, seed, device)
-    gen = torch.Generator().manual_seed(seed)
-    V = model.E.shape[0]
-    a = torch.randint(V, (windows,), generator=gen).to(ids.device)
-    x = (a + 1 + torch.randint(V - 1, (windows,), generator=gen).to(ids.device)) % V  # x != a
-    rows = torch.arange(windows, device=ids.device)
-    result = {}
-    for n in distances:
-        query = ids.clone()
-        query[:, -1] = a
-        planted = query.clone()
-        planted[:, -1 - n], planted[:, -n] = a, x
-        with_plant, without = (last_hard_logits(model, q).float().log_softmax(-1) for q in (planted, query))
-        hit = with_plant.argmax(-1) == x
-        gain = with_plant[rows, x] - without[rows, x]
-        result[str(n)] = {"accuracy": hit.float().mean().item(), "logp_gain": gain.mean().item()}
-    return result
-
-
 RECOVERY_HISTORY = (64, 128, 256, 512)
 
 
 @torch.no_grad()
-def recovery_probe(model: SoftAR, data: np.ndarray, history_lengths: tuple[int, ...] = RECOVERY_HISTORY,
-                   windows: int = 64, seed: int = 0, device: torch.device | str = "cpu") -> dict:
+def recovery_probe(model: SoftAR, data: np.ndarray, prior: torch.Tensor,
+                   history_lengths: tuple[int, ...] = RECOVERY_HISTORY, windows: int = 64, seed: int = 0,
+                   device: torch.device | str = "cpu") -> dict:
     """How much of the history can be read back out of the summary slots by embedding arithmetic alone: rank the
     vocabulary by cosine to the slot vector and count how many of the distinct tokens the slot holds are among the
-    top k, k = their number (recall@k). Per slot kind and history length, with the chance level k / V."""
+    top k, k = their number (recall@k). Per slot kind and history length, with the chance level k / V and the null
+    that matters: the same recall for the ranking by `prior` [V] (train-split frequencies, `token_frequencies`),
+    which never looks at the history. Cosine ranking is blind to a slot's scale, so sum, mean and sqrt read back
+    alike by construction."""
     model.eval()
     lay, E = model.layout, model.E
     if not lay.n_summary:
@@ -80,21 +39,30 @@ def recovery_probe(model: SoftAR, data: np.ndarray, history_lengths: tuple[int, 
         sims = F.normalize(slots, dim=-1) @ En.T  # [B, s, V]
         held = W > 0
         k = held.sum(-1)  # distinct tokens per slot
-        order = sims.argsort(dim=-1, descending=True).argsort(dim=-1)  # rank of each token
-        hits = (held & (order < k.unsqueeze(-1))).sum(-1)
-        recall = torch.where(k > 0, hits / k.clamp_min(1), torch.nan)
+        recall = recall_at_k(sims, held)
+        base = recall_at_k(prior.to(sims.device, sims.dtype).expand_as(sims), held)
         cell = {}
         for kind in dict.fromkeys(kinds):
             cols = [i for i, kd in enumerate(kinds) if kd == kind]
-            r, kk = recall[:, cols], k[:, cols].float()
+            r, p, kk = recall[:, cols], base[:, cols], k[:, cols].float()
             if torch.isnan(r).all():
                 continue
-            cell[kind] = {"recall_at_k": r.nanmean().item(), "k": kk[kk > 0].mean().item(),
+            cell[kind] = {"recall_at_k": r.nanmean().item(), "prior_recall_at_k": p.nanmean().item(),
+                          "recall_minus_prior": (r - p).nanmean().item(), "k": kk[kk > 0].mean().item(),
                           "chance": (kk[kk > 0] / E.shape[0]).mean().item()}
         result[str(n)] = cell
     return result
 
 
-def fraction_of_gap(short: float, with_slots: float, long: float) -> float:
-    """(L_short - L_slots) / (L_short - L_long): 0 = the slots add nothing, 1 = as good as the long window."""
-    return (short - with_slots) / (short - long)
+def recall_at_k(scores: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """scores [..., V] rank the vocabulary; held [..., V] marks the k tokens a slot holds -> the fraction of them
+    among the top k [...] (NaN where k = 0). Ties break by token id, so a constant score ranks like no score."""
+    k = held.sum(-1)
+    order = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # rank of each token
+    hits = (held & (order < k.unsqueeze(-1))).sum(-1)
+    return torch.where(k > 0, hits / k.clamp_min(1), torch.nan)
+
+
+def token_frequencies(data: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """Each token's count in a split [V]: the frequency prior."""
+    return torch.from_numpy(np.bincount(np.asarray(data), minlength=vocab_size)[:vocab_size].astype(np.float64))

@@ -1,5 +1,6 @@
-"""The context-layout study (docs/context.md): fraction of the gap closed per seed, the columns and bars of its
-table, and the collapse-threshold trade-off of free-running soft generation (coherence against nuance)."""
+"""The context-layout study (docs/layouts.md): the columns and bars of its table, and the collapse-threshold
+trade-off of free-running soft generation (coherence against nuance). What the summary slots retain is the retention
+study's (`softar.experiments.retention_study`, docs/context.md)."""
 
 from __future__ import annotations
 
@@ -7,31 +8,19 @@ import json
 from pathlib import Path
 
 from softar.disk import strict_json, write_text_atomic
-from softar.evaluate.context import PASSKEY_DISTANCES, RECOVERY_HISTORY, fraction_of_gap
+from softar.evaluate.context import RECOVERY_HISTORY
 from softar.evaluate.generation import POLICIES, frontier_gap
 from softar.evaluate.stats import mean_std
 
 GENERATION_FILE = "generation.json"
 
-COLUMNS = (["loss", "loss_hard_slots", "loss_soft_slots", "loss_soft_slots_one_step", "loss_minus_short", "gap_closed"]
+COLUMNS = (["loss", "loss_hard_slots", "loss_soft_slots", "loss_soft_slots_one_step"]
            + [f"recovery.{RECOVERY_HISTORY[0]}.segment.recall_at_k"]
            + [f"recovery.{RECOVERY_HISTORY[-1]}.{kind}.{m}" for kind in ("segment", "aggregate")
-              for m in ("recall_at_k", "chance")]
-           + [f"passkey.{n}.{m}" for n in PASSKEY_DISTANCES[::2] for m in ("accuracy", "logp_gain")])
-REPORT_COLUMNS = ["loss", "loss_soft_slots", "loss_soft_slots_one_step", "gap_closed",
-                  f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k", f"passkey.{PASSKEY_DISTANCES[2]}.logp_gain"]
-BAR_METRICS = ["loss", "loss_minus_short", f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k",
-               f"passkey.{PASSKEY_DISTANCES[2]}.logp_gain", f"passkey.{PASSKEY_DISTANCES[-1]}.logp_gain"]
-
-
-def add_gap_closed(rows: dict[str, list[dict]], short: str, long: str) -> None:
-    """Give every run, paired by seed, the fraction of the gap closed between the short and the long plain window,
-    (L_short - L_run) / (L_short - L_long), and its loss difference to the short window, L_run - L_short (whole val
-    split)."""
-    for runs in rows.values():
-        for i, r in enumerate(runs):
-            r["gap_closed"] = fraction_of_gap(rows[short][i]["loss"], r["loss"], rows[long][i]["loss"])
-            r["loss_minus_short"] = r["loss"] - rows[short][i]["loss"]
+              for m in ("recall_at_k", "prior_recall_at_k", "chance")])
+REPORT_COLUMNS = ["loss", "loss_soft_slots", "loss_soft_slots_one_step",
+                  f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k"]
+BAR_METRICS = ["loss", f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k"]
 
 
 METRICS = ("soft_fraction", "reference_ppl", "distinct_2", "distinct_3", "repeated_4grams", "brier2")
@@ -131,43 +120,21 @@ window, and a soft region adds a forward pass without gradients (a third of a tr
   window with its history (`loss_hard_slots` / `loss_soft_slots`: the positions whose inputs are true tokens / the
   model's own soft tokens, filled by a rollout: an open-loop loss; `loss_soft_slots_one_step`: the same positions
   with each soft slot guessed from the true tokens before it, the figure earlier versions reported);
-- `loss_minus_short`, `gap_closed`: the loss difference to the short plain window and the fraction of the gap
-  closed, both paired by seed (below);
 - `recovery.N.KIND.recall_at_k`: with N tokens of history, rank the vocabulary by cosine to a summary slot and count
   how many of the k distinct tokens the slot holds are in the top k (embedding arithmetic alone, no model; `chance`:
-  k / V);
-- `passkey.N.*`: a random token pair (a, x) planted N tokens before the end of a stretch of val text that ends in a:
-  top-1 accuracy of x, and the gain in log p(x) over the same text without the plant (exactly 0 when the plant is
-  outside everything the model sees).
+  k / V; `prior_recall_at_k`: the same for the ranking by train-split frequency, which never reads the history). What
+  the model makes of the summary slots, on identical targets against controls, is the retention study's
+  (docs/context.md).
 """
 
 
-def report_sections(table: dict, gap: tuple[str, str] | None, generation: tuple[str, str] | None,
+def report_sections(table: dict, generation: tuple[str, str] | None,
                     tradeoff_rows: dict[str, list[dict]] | None) -> list[str]:
     lines = [HOW_TO_READ, "| config | " + " | ".join(REPORT_COLUMNS) + " |", "|---" * (len(REPORT_COLUMNS) + 1) + "|"]
     for name, cols in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{cols[c][0]:.4g} ± {cols[c][1]:.2g}" if c in cols else ""
                                                  for c in REPORT_COLUMNS) + " |")
     lines.append("")
-    if gap is not None:
-        short, long = gap
-        lines += ["## Fraction of the gap closed", "",
-                  f"(L_{short} - L_config) / (L_{short} - L_{long}), whole val split, paired by seed: 0 means the "
-                  f"extra slots add nothing, 1 means as good as the long plain window, {long}.", ""]
-        width = table[short]["loss"][0] - table[long]["loss"][0]
-        if width <= 0:
-            lines += [f"**At this budget there is no gap to close**: {long} is *worse* than {short} by "
-                      f"{-width:.4f} nats, so the fraction (a ratio with a negative denominator) means nothing; read "
-                      f"each config's val loss against {short} instead (a negative difference: the extra slots help).",
-                      ""]
-        for name, cols in table.items():
-            if name in gap:
-                continue
-            f, sd = cols["gap_closed"]
-            dl, dl_sd = cols["loss_minus_short"]
-            lines.append(f"- **{name}**: {f:.3f} ± {sd:.3f} (val loss {cols['loss'][0]:.4f}; {dl:+.4f} ± {dl_sd:.4f} "
-                         f"vs {short}, paired by seed)")
-        lines.append("")
     if tradeoff_rows is not None:
         lines += coherence_section(tradeoff_rows, *generation)
     return lines

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from softar import SoftarError, config
 from softar.disk import read_json, read_jsonl, read_text, strict_json, write_text_atomic
+from softar.evaluate.analogies import read_analogies
 from softar.evaluate.reasoning import evaluate_task_run
 from softar.evaluate.run import evaluate_run
 from softar.evaluate.stats import mean_std
-from softar.experiments import rl_study
-from softar.rundir import CONFIG_FILE, METRICS_FILE, RunLock, data_fingerprint, read_config
+from softar.experiments import retention_study, rl_study
+from softar.rundir import CONFIG_FILE, METRICS_FILE, RESULT_FILE, RunLock, data_fingerprint, read_config
 from softar.soft.model import check_soft_spec
 from softar.soft.tokens import heads_of
 from softar.train import Preempted, Preemption, Trainer, train
@@ -49,9 +50,12 @@ def load_config(path: str, overrides: list[str]) -> config.Config:
 
 
 def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: int, horizons: tuple[int, ...],
-            quiet: bool = True) -> dict:
+            quiet: bool = True, gap: tuple[str, str] | None = None, analogies: str | None = None,
+            train_only: bool = False) -> dict | None:
     """Train and evaluate one config x seed in OUT/runs/<config>_s<seed>, or reuse what is there when it was made
-    with the same resolved config (anything else is refused: a reused run must be the run asked for)."""
+    with the same resolved config (anything else is refused: a reused run must be the run asked for). `gap`: the
+    retention references (`softar eval --gap`), `analogies` an analogy file; a kept result without what they add is
+    evaluated again. `train_only`: train (or finish) the run and stop there."""
     run_dir = out / "runs" / f"{Path(cfg_path).stem}_s{seed}"
     cfg = load_config(cfg_path, [*overrides, f"train.seed={seed}"])
     if (run_dir / CONFIG_FILE).is_file():
@@ -60,12 +64,18 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
             raise SoftarError(f"{run_dir} was made with other settings (differs in {', '.join(changed)}); "
                               "choose another --out")
     is_rl = bool(cfg.rl.init_from)
+    if train_only and (run_dir / RESULT_FILE).is_file():  # finished: nothing to take the lock for (another process
+        return None                                         # of a split sweep may be scoring it)
     with RunLock(run_dir):
         kept = read_json(run_dir / EVAL_FILE, "sweep result", {"loss": float, "step": int}) \
             if (run_dir / EVAL_FILE).is_file() else None
-        if kept is not None and (not is_rl or rl_study.scored_as_now(kept)):
+        stale = kept is not None and (not rl_study.scored_as_now(kept) if is_rl else
+                                      gap is not None and not retention_study.scored_as(kept, gap, windows)
+                                      or analogies is not None and "analogies" not in kept)
+        if kept is not None and not stale:
             return kept
-        if kept is None:  # (an RL run scored by an older softar is scored again, not trained again)
+        if kept is None and not (run_dir / RESULT_FILE).is_file():  # a finished run (its config is the one asked for,
+            # checked above) is scored, not trained again; so is an RL run scored by an older softar
             if is_rl:
                 from softar.rl.trainer import RLTrainer
             result = train(cfg, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), quiet=quiet,
@@ -73,54 +83,81 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], out: Path, windows: 
             if result.get("preempted"):
                 raise Preempted(signal.Signals[result["signal"]], saved=True,
                                 how="run the same softar sweep command again to continue")
+        if train_only:
+            return None
         if cfg.task.name:  # a reasoning task: the test split, once, with the final checkpoint (chosen on nothing)
             result = evaluate_task_run(run_dir, cfg.task.name, rl_study.test_file(cfg), cfg.train.device)
             if is_rl:  # and pass@k under each inference policy
                 result["sampled"] = rl_study.sampled_results(run_dir, cfg)
         else:
             fits = tuple(k for k in horizons if k < cfg.model.block_size)  # configs of a sweep may differ in windows
-            result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device)
+            result = evaluate_run(run_dir, windows=windows, horizons=fits, seed=0, device_name=cfg.train.device,
+                                  gap_runs=gap, arrays_out=run_dir / retention_study.ARRAYS_FILE if gap else None,
+                                  # the retention study reads neither a plain run's soft-output metrics nor a new
+                                  # pass over the whole split (the run's own final one stands)
+                                  analogies=analogies, soft_metrics=gap is None, whole_split=gap is None)
         write_text_atomic(run_dir / EVAL_FILE, strict_json(result, indent=2))
     return result
+
+
+def check_init_runs(configs: list[str], loaded: dict[str, config.Config], overrides: list[str], out: Path,
+                    seeds: int, base_seed: int) -> None:
+    """Before any run: every seed's `train.init_from` is a finished run, or a run of a config listed earlier in
+    this sweep (which trains first)."""
+    earlier: set[Path] = set()
+    for c in configs:
+        name = Path(c).stem
+        raw = config.load_raw(c, overrides).get("train") or {}
+        template = raw.get("init_from", "") if isinstance(raw, dict) else ""
+        for s in range(seeds):
+            if template:
+                init = Path(config.seeded(template, base_seed + s))
+                if init.resolve() not in earlier and not (init / RESULT_FILE).is_file():
+                    raise SoftarError(f"{c}: train.init_from {init} is neither a finished run nor a run of a config "
+                                      "listed before it in this sweep")
+            earlier.add((out / "runs" / f"{name}_s{base_seed + s}").resolve())
 
 
 def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windows: int = 256,
           horizons: tuple[int, ...] = (8, 32), base_seed: int = 1337, columns: list[str] | None = None,
           report: Path | None = None, command: str = "", gap: tuple[str, str] | None = None,
-          generation: tuple[str, str] | None = None) -> dict:
-    """Run (or reuse) every config x seed, then tabulate. `gap` = (short, long) config names adds each config's
-    fraction of the gap closed, per seed; `generation` = (generator, reference) adds the collapse-threshold
-    trade-off of the generator's runs scored by the reference's (see `softar.experiments.context_study`). Either
-    makes the report the context-layout study instead of the soft-token one."""
+          generation: tuple[str, str] | None = None, analogies: str | None = None) -> dict:
+    """Run (or reuse) every config x seed, then tabulate. `gap` = (SHORT, LONG), plain config names, each
+    optionally NAME:CONTEXT, makes it the retention study (`softar.experiments.retention_study`): every run scored
+    on identical targets against those references; `generation` = (generator, reference) adds the
+    collapse-threshold trade-off of the generator's runs scored by the reference's (see
+    `softar.experiments.context_study`). Either makes the report a context study instead of the soft-token one."""
     from softar.experiments import context_study, reasoning_study, soft_study
 
     stems = [Path(c).stem for c in configs]
     if len(set(stems)) != len(stems):
         raise SoftarError(f"sweep: config names must differ (runs are named after them): {', '.join(stems)}")
-    for flag, names in (("--gap", gap), ("--generation", generation)):
-        for name in names or ():
-            if name not in stems:
-                raise SoftarError(f"sweep {flag}: {name!r} is not one of the configs ({', '.join(stems)})")
+    for name in generation or ():
+        if name not in stems:
+            raise SoftarError(f"sweep --generation: {name!r} is not one of the configs ({', '.join(stems)})")
     # fail on a bad config before any run (as the first seed's run will load it)
     loaded = {Path(c).stem: load_config(c, [*overrides, f"train.seed={base_seed}"]) for c in configs}
+    refs = retention_study.parse_gap(gap, loaded) if gap is not None else None
+    check_init_runs(configs, loaded, overrides, out, seeds, base_seed)
     for cfg in loaded.values():
         check_soft_spec(cfg.soft, heads_of(cfg.model))
     is_rl = [bool(cfg.rl.init_from) for cfg in loaded.values()]
     if any(is_rl) and not all(is_rl):
         raise SoftarError("sweep: RL configs and training configs go in separate sweeps")
     if all(is_rl):
-        from softar.rl.trainer import init_run_of
-
         rl_study.check_grid(loaded)
-        inits = {name: [Path(init_run_of(config.load_raw(c, overrides)["rl"]["init_from"], base_seed + s))
+        inits = {name: [Path(config.seeded(config.load_raw(c, overrides)["rl"]["init_from"], base_seed + s))
                         for s in range(seeds)] for name, c in zip(loaded, configs, strict=True)}
         for d in {d for dirs in inits.values() for d in dirs}:  # every seed's start exists before a run trains
             read_config(d)
     reasoning = any(cfg.task.name for cfg in loaded.values())
     if reasoning and not all(cfg.task.name for cfg in loaded.values()):
         raise SoftarError("sweep: reasoning-task configs and language-model configs go in separate sweeps")
-    if reasoning and (gap or generation):
-        raise SoftarError("sweep: --gap and --generation are for language-model configs, not reasoning tasks")
+    if (reasoning or any(is_rl)) and (gap or generation or analogies):
+        raise SoftarError("sweep: --gap, --generation and --analogies are for language-model configs, not reasoning "
+                          "tasks")
+    if analogies is not None:
+        read_analogies(analogies)  # a bad file fails before any run
     if generation is not None and not loaded[generation[1]].context.plain:
         raise SoftarError(f"sweep --generation: the reference {generation[1]!r} has a context layout; it must be a "
                           "plain hard-token config")
@@ -132,8 +169,14 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     claim_out(out)
     raw: dict[str, list[dict]] = {}
     with Preemption():  # a signal outside training (evaluation, reports) stops at once; finished runs are kept
+        for name in dict.fromkeys(name for name, _ in refs or ()):  # every seed's references train before anything
+            for s in range(seeds):                                   # is scored against them
+                run_one(next(c for c in configs if Path(c).stem == name), base_seed + s, overrides, out, windows,
+                        horizons, train_only=True)
         for c in configs:
-            raw[Path(c).stem] = [run_one(c, base_seed + s, overrides, out, windows, horizons) for s in range(seeds)]
+            raw[Path(c).stem] = [run_one(c, base_seed + s, overrides, out, windows, horizons,
+                                         gap=retention_study.gap_specs(refs, out, base_seed + s) if refs else None,
+                                         analogies=analogies) for s in range(seeds)]
     rows = {name: [flatten(r) for r in runs] for name, runs in raw.items()}
     if all(is_rl):
         dirs = {name: [out / "runs" / f"{name}_s{base_seed + s}" for s in range(seeds)] for name in raw}
@@ -167,22 +210,34 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
         return {"sweep": str(out), "configs": [Path(c).stem for c in configs], "seeds": seeds,
                 "table": {n: {c: list(v) for c, v in cols.items()} for n, cols in table.items()}}
     study = gap is not None or generation is not None
-    if gap is not None:
-        context_study.add_gap_closed(rows, *gap)
-    columns = columns or (context_study.COLUMNS if study else soft_study.columns(horizons))
+    columns = columns or (retention_study.COLUMNS if gap else context_study.COLUMNS if study
+                          else soft_study.columns(horizons))
     table = {name: {col: mean_std([r[col] for r in runs if col in r]) for col in columns
                     if any(col in r for r in runs)} for name, runs in rows.items()}
     write_tables(table, columns, out)
-    plot(configs, seeds, base_seed, table, out,
+    plot(configs, seeds, base_seed, table, out, retention_study.BAR_METRICS if gap else
          context_study.BAR_METRICS if study else soft_study.bar_metrics(horizons))
     tradeoff = None
     if generation is not None:
         tradeoff = context_study.tradeoff(out, *generation, seeds, base_seed)
+    pngs = ["loss_curves.png", "metrics.png"] + (["tradeoff.png"] if tradeoff else [])
+    setup = None
+    if gap is not None:
+        dirs = {name: [out / "runs" / f"{name}_s{base_seed + s}" for s in range(seeds)] for name in raw}
+        retention_study.plot_context_curve(raw, dirs, refs, out)
+        pngs.insert(0, "context_curve.png")
+        setup = retention_study.setup(loaded, raw, seeds)
     if report is not None:
-        sections = (context_study.report_sections(table, gap, generation, tradeoff) if study
-                    else soft_study.report_sections(table, raw, horizons))
-        write_report(report, command, configs, overrides, seeds, table, out, sections,
-                     ["loss_curves.png", "metrics.png"] + (["tradeoff.png"] if tradeoff else []))
+        sections = []
+        if gap is not None:
+            sections += retention_study.report_sections(table, raw, loaded, dirs, refs)
+        if generation is not None:
+            sections += context_study.report_sections(table, generation, tradeoff)
+        elif gap is None and analogies is None:  # an analogy sweep reports the analogies alone
+            sections += soft_study.report_sections(table, raw, horizons)
+        if analogies is not None:
+            sections += retention_study.analogy_section(raw)
+        write_report(report, command, configs, overrides, seeds, table, out, sections, pngs, setup=setup)
     return {"sweep": str(out), "configs": [Path(c).stem for c in configs], "seeds": seeds,
             "table": {n: {c: list(v) for c, v in cols.items()} for n, cols in table.items()}}
 
@@ -241,7 +296,7 @@ def plot(configs: list[str], seeds: int, base_seed: int, table: dict, out: Path,
 SWEEP_MARK = ".softar-sweep"  # in every --out a sweep made: what it may overwrite there is its own
 SWEEP_DIRS = {"runs", rl_study.STARTS}
 SWEEP_FILES = {"results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png",
-               "reward_curves.png", "sweep.json", SWEEP_MARK} | SWEEP_DIRS
+               "reward_curves.png", "context_curve.png", "sweep.json", SWEEP_MARK} | SWEEP_DIRS
 REPORT_MARK = "<!-- written by softar sweep -->"
 
 
@@ -267,7 +322,7 @@ def claim_out(out: Path) -> None:
 
 
 REPORT_ASSETS = {"loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png", "reward_curves.png",
-                 "results.csv"}
+                 "context_curve.png", "results.csv"}
 
 
 def check_report(path: Path, out: Path) -> None:

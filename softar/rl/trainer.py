@@ -23,7 +23,7 @@ import torch
 
 from softar import SoftarError
 from softar.checkpoint import check_state
-from softar.config import Config, ConfigError, TrainConfig, from_dict, load_raw, resolve
+from softar.config import Config, ConfigError, TrainConfig, from_dict, load_raw, resolve, seeded
 from softar.evaluate.reasoning import TaskData, evaluate_task, split_answer
 from softar.rl.objective import (
     PASS_K,
@@ -61,7 +61,7 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError("rl.init_from: must name the trained task run to start from")
     seed = (raw.get("train") or {}).get("seed", TrainConfig.seed) if isinstance(raw.get("train"), dict) \
         else TrainConfig.seed
-    init = raw["rl"]["init_from"] = init_run_of(init, seed)
+    init = raw["rl"]["init_from"] = seeded(init, seed)
     base = read_config(Path(init))
     if not base.task.name:
         raise ConfigError(f"rl.init_from: {init} is a language-model run; RL needs a reasoning-task run "
@@ -85,11 +85,6 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"rl.init_from: {e}") from None
     check_policy(cfg)
     return cfg
-
-
-def init_run_of(init_from: str, seed: int) -> str:
-    """rl.init_from for a seed: "runs/.../prosqa_coconut_s{seed}" names one initial run per seed."""
-    return init_from.replace("{seed}", str(seed))
 
 
 def check_policy(cfg: Config) -> None:

@@ -14,6 +14,7 @@ from softar.losses import objective
 from softar.model import GPT, Hidden, Outputs
 from softar.model.gpt import init_normal
 from softar.soft.gate import GATE, ThoughtGate
+from softar.soft.memory import PauseSlots, RecurrentMemory, WriteVectors
 from softar.soft.thoughts import forward_thoughts, task_loss
 from softar.soft.tokens import add_noise, heads_of, make_soft_token, spec_problem
 from softar.soft.window import SOFT, Layout, WindowBuilder, summary_slots
@@ -33,6 +34,15 @@ class SoftAR(nn.Module):
         self.layout = Layout.from_config(self.context_cfg, window_slots)
         self.slots = WindowBuilder(self.layout, lm.E.shape[1], self.context_cfg.kind_embeddings,
                                    self.context_cfg.project)
+        # the retention study's controls (context.memory): what the summary slots hold besides pure arithmetic
+        self.memory: PauseSlots | WriteVectors | RecurrentMemory | None = None
+        if self.context_cfg.memory == "pause":
+            self.memory = PauseSlots(self.layout.n_summary, lm.E.shape[1])
+        elif self.context_cfg.memory == "write":
+            self.memory = WriteVectors(self.layout, lm.cfg.d_model, lm.E.shape[1], self.context_cfg.segment_len)
+        elif self.context_cfg.memory == "rmt":
+            self.memory = RecurrentMemory(self.layout.n_summary, lm.cfg.d_model, lm.E.shape[1],
+                                          self.context_cfg.segment_len)
         # a reasoning task's <thought> token, whose slots the model fills with its own continuous thoughts
         # (softar.soft.thoughts); None for a language model
         self.thought_id: int | None = None
@@ -61,16 +71,26 @@ class SoftAR(nn.Module):
         h = self.lm.hidden(window)
         return self.outputs(h[:, -1:] if last else h[:, self.layout.n_summary :])
 
-    def summary(self, history: History | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """The summary slots of a history [B, A+S, m] (None without summary slots or history)."""
-        if not self.layout.n_summary or history is None:
+    def summary(self, history: History | None, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The summary slots [B, A+S, m] of the windows of token vectors [B, n, m] after `history` (None without
+        summary slots, or without history for pure arithmetic: `WindowBuilder` then leaves them empty)."""
+        if not self.layout.n_summary:
             return None
-        return summary_slots(self.E, *history, self.layout).to(dtype)
+        if isinstance(self.memory, PauseSlots):
+            return self.memory(tokens.shape[0]).to(tokens.dtype)
+        if isinstance(self.memory, RecurrentMemory):
+            return self.memory(self, tokens.shape[0], history).to(tokens.dtype)
+        if history is None:
+            return None
+        slots = summary_slots(self.E, *history, self.layout)
+        if isinstance(self.memory, WriteVectors):
+            slots = slots + self.memory(self, *history)
+        return slots.to(tokens.dtype)
 
     def window(self, tokens: torch.Tensor, history: History | None = None, n_soft: int = 0) -> torch.Tensor:
         """The window for token vectors [B, n, m], the last n_soft of them soft, after `history`: its summary
         slots, then `WindowBuilder` -> [B, A+S+n, m]."""
-        return self.slots(self.summary(history, tokens.dtype), tokens, n_soft)
+        return self.slots(self.summary(history, tokens), tokens, n_soft)
 
     def rollout_soft(self, summary: torch.Tensor | None, hard: torch.Tensor, n_soft: int,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -103,7 +123,7 @@ class SoftAR(nn.Module):
         fraction of the other positions (never the first): parallel scheduled sampling."""
         n = tokens.shape[1]
         n_soft = min(self.layout.soft, n - 1)  # the first token is always given
-        summary = self.summary(history, tokens.dtype)  # once for both passes
+        summary = self.summary(history, tokens)  # once for both passes
         if n_soft or soft_fraction > 0:
             pick = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             with torch.no_grad():
@@ -154,7 +174,15 @@ class SoftAR(nn.Module):
         lay, T = self.layout, self.window_slots
         per_slot = self.lm.flops_per_position(T) + 6 * sum(p.numel() for p in self.slots.parameters())
         two_pass = 4 / 3 if lay.soft or self.loss_cfg.soft_inputs > 0 else 1.0
-        return per_slot * T / lay.token_slots * two_pass
+        # write vectors and a recurrent memory: a forward pass (a third of a training pass) over the history's whole
+        # chunks, on average half of max_history tokens per window (its length is drawn uniformly); the recurrent
+        # memory also trains through its last chunk
+        memory = 0.0
+        if isinstance(self.memory, WriteVectors | RecurrentMemory):
+            memory = lay.history / 2 / (3 * lay.token_slots)
+        if isinstance(self.memory, RecurrentMemory):
+            memory += (self.context_cfg.segment_len + 2 * lay.n_summary) / lay.token_slots
+        return per_slot * T / lay.token_slots * (two_pass + memory)
 
 
 def check_soft_spec(spec: SoftConfig, heads: set[str]) -> None:
@@ -175,6 +203,9 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
         model.lm.init_weights(model.slots)
     else:
         check_soft_spec(cfg.soft, heads_of(lm))
+        if cfg.context.memory != "arithmetic":
+            raise ConfigError(f"context.memory: {cfg.context.memory!r} is built for softAR's GPT, not a Hugging Face "
+                              "model")
         model = SoftAR(lm, cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
         model.slots.apply(init_normal)
     if cfg.task.name:
@@ -187,4 +218,4 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
 def upgrade_param_name(name: str) -> str:
     """The key map for checkpoints written before SoftAR wrapped the network (the GPT at the top, e.g.
     'embed.weight'): the network's parameters move under 'lm.', the window builder's stay under 'slots.'."""
-    return name if name.startswith(("lm.", "slots.", GATE + ".")) else "lm." + name
+    return name if name.startswith(("lm.", "slots.", "memory.", GATE + ".")) else "lm." + name

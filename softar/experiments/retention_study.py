@@ -1,0 +1,363 @@
+"""The retention study (docs/context.md): `softar sweep ... --gap SHORT[:N] LONG[:N]` scores every run on the same
+targets against the same references (`softar.evaluate.retention`), then pools the seeds' per-target arrays
+(RUN/retention.npz) into paired intervals: the bootstrap resamples seeds and, shared across them, stretches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from softar import SoftarError
+from softar.config import Config
+from softar.evaluate.context import RECOVERY_HISTORY
+from softar.evaluate.retention import ABLATIONS, COPY_DISTANCES
+from softar.evaluate.stats import mean_std, paired_bootstrap_2way
+
+ARRAYS_FILE = "retention.npz"
+COLUMNS = ["loss", "retention.loss.real", "retention.gap", "retention.loss_minus_short", "retention.gap_closed",
+           *[f"retention.ablation.{a}.diff" for a in ABLATIONS[1:]], "retention.cache.swapped.diff",
+           *[f"retention.copy.{n}.diff" for n in COPY_DISTANCES],
+           *[f"retention.bow_probe.{w}.recall_minus_prior" for w in ("history", "window")],
+           *[f"recovery.{n}.{kind}.{m}" for n in (RECOVERY_HISTORY[0], RECOVERY_HISTORY[-1])
+             for kind in ("segment", "aggregate") for m in ("recall_at_k", "prior_recall_at_k")]]
+BAR_METRICS = ["retention.loss.real", "retention.loss_minus_short", "retention.ablation.swapped.diff"]
+
+def setup(loaded: dict[str, Config], raw: dict[str, list[dict]], seeds: int) -> str:
+    """The report's setup paragraph, read off the configs and the runs' retention metrics."""
+    cfg = next(iter(loaded.values()))
+    m, t = cfg.model, cfg.train
+    ret = next(iter(raw.values()))[0]["retention"]
+    length = ret["window"] + ret["history"] + ret["targets"] // ret["stretches"]
+    return (f"Every run: {m.n_layer} layers, d_model {m.d_model}, {m.pos_emb} positions, {t.max_iters} steps (the "
+            "first config's; window, batch and steps as in each config's header), "
+            f"{seeds} seed{'s' if seeds > 1 else ''} (train.seed = 1337, 1338, ...). Every retention figure scores the "
+            f"same targets: the last {ret['targets'] // ret['stretches']} tokens of {ret['stretches']} random val "
+            f"stretches of {length} tokens, each target predicted from exactly its own context (a plain model: the N "
+            "tokens before it; a layout model: its hard region's tokens just before it and its history before those "
+            "in its summary slots), never from a cold-started window. Intervals are 95% paired bootstraps over seeds "
+            "and, shared across them, stretches. Every metric of every config, mean and standard deviation over "
+            "seeds: [results.csv]({assets}/results.csv).")
+
+
+def parse_gap(gap: tuple[str, str], loaded: dict[str, Config]) -> list[tuple[str, int]]:
+    """--gap's SHORT and LONG, each CONFIG or CONFIG:CONTEXT (a plain config's name) -> [(name, context)]."""
+    refs = []
+    for spec in gap:
+        name, _, tail = spec.rpartition(":")
+        name, context = (name, int(tail)) if name and tail.isascii() and tail.isdecimal() else (spec, None)
+        if name not in loaded:
+            raise SoftarError(f"sweep --gap: {name!r} is not one of the configs ({', '.join(loaded)})")
+        cfg = loaded[name]
+        if not cfg.context.plain:
+            raise SoftarError(f"sweep --gap: {name!r} has a context layout; the references are plain configs")
+        if context is not None and not 1 <= context <= cfg.model.block_size:
+            raise SoftarError(f"sweep --gap: {spec}: the context must be in [1, {cfg.model.block_size}]")
+        refs.append((name, context or cfg.model.block_size))
+    return refs
+
+
+def gap_specs(refs: list[tuple[str, int]], out: Path, seed: int) -> tuple[str, str]:
+    """The `softar eval --gap` arguments of one seed."""
+    return tuple(f"{out / 'runs' / f'{name}_s{seed}'}:{c}" for name, c in refs)
+
+
+def scored_as(kept: dict, gap: tuple[str, str], windows: int) -> bool:
+    """Whether a kept result's retention metrics were scored against these references on as many stretches."""
+    from softar.evaluate.run import RETENTION_STRETCHES
+
+    ret = kept.get("retention")
+    return isinstance(ret, dict) and ret.get("references") == list(gap) and \
+        ret.get("stretches") == min(windows, RETENTION_STRETCHES)
+
+
+REQUIRED = ("short", "long", "real", "cached")
+
+
+def load_arrays(dirs: list[Path]) -> dict[str, np.ndarray]:
+    """Every seed's per-target arrays stacked: {name: [S, W, K]}; a damaged or foreign file is a one-line error."""
+    per_seed = []
+    for d in dirs:
+        path = d / ARRAYS_FILE
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # a truncated zip, a bad CRC, a file that is no .npz at all
+            raise SoftarError(f"{path}: not a readable retention file ({type(e).__name__})") from None
+        shape = arrays.get("real", np.empty(0)).shape
+        if any(k not in arrays for k in REQUIRED) or len(shape) != 2 or \
+                any(a.shape != shape for a in arrays.values()):
+            raise SoftarError(f"{path}: not a retention file (needs {', '.join(REQUIRED)} of one [stretches, "
+                              "targets] shape)")
+        per_seed.append(arrays)
+    if len({p["real"].shape for p in per_seed}) > 1:
+        raise SoftarError(f"{dirs[0].parent}: the seeds' retention files hold different numbers of targets")
+    keys = set.intersection(*(set(p) for p in per_seed))
+    return {k: np.stack([p[k] for p in per_seed]) for k in keys}
+
+
+def _stretch_means(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """[S, W, K] -> [S, W] means over targets (over the masked ones; stretches with none are dropped)."""
+    if mask is None:
+        return x.mean(-1)
+    keep = mask[0].any(-1)  # the mask is the data's: the same for every seed
+    return ((x * mask).sum(-1) / np.maximum(mask.sum(-1), 1))[:, keep]
+
+
+def _ci(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    return paired_bootstrap_2way(_stretch_means(a, mask), _stretch_means(b, mask))
+
+
+def _fmt(ci: dict[str, float], scale: float = 1.0) -> str:
+    return f"{ci['diff'] * scale:+.4f} [{ci['lo'] * scale:+.4f}, {ci['hi'] * scale:+.4f}]"
+
+
+def _per_seed(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> str:
+    """Each seed's mean difference: with 3 seeds the bootstrap's seed part under-covers, so they are shown too."""
+    d = _stretch_means(a, mask) - _stretch_means(b, mask)
+    return "per seed " + ", ".join(f"{x:+.4f}" for x in d.mean(1))
+
+
+def _resolved(ci: dict[str, float]) -> str:
+    return "better" if ci["lo"] > 0 else "worse" if ci["hi"] < 0 else "not resolved"
+
+
+def pooled_gap_closed(arr: dict[str, np.ndarray]) -> tuple[float, list[float]]:
+    from softar.evaluate.retention import bootstrap_gap_closed, gap_closed
+
+    s, m, lg = (_stretch_means(arr[k]) for k in ("short", "real", "long"))
+    return gap_closed(s, m, lg), bootstrap_gap_closed(s, m, lg)
+
+
+def report_sections(table: dict, raw: dict[str, list[dict]], loaded: dict[str, Config],
+                    dirs: dict[str, list[Path]], refs: list[tuple[str, int]]) -> list[str]:
+    arrays = {name: load_arrays(ds) for name, ds in dirs.items()}
+    (short, c_short), (long, c_long) = refs
+    first = next(iter(arrays.values()))
+    for name, arr in arrays.items():  # every config scored on the same targets against the same references
+        if arr["short"].shape != first["short"].shape or not np.array_equal(arr["short"], first["short"]) \
+                or not np.array_equal(arr["cached"], first["cached"]):
+            raise SoftarError(f"sweep: {name}'s retention targets differ from {next(iter(arrays))}'s (a config that "
+                              "reads more than 544 tokens before a target draws other stretches)")
+    S, W, K = first["short"].shape
+    cached = first["cached"].astype(bool)
+    plain = [n for n, c in loaded.items() if c.context.plain and not c.train.init_from]
+    base = next((n for n in plain if loaded[n].model.block_size == c_short and n != short), None)
+    gap_ci = _ci(first["long"], first["short"])  # log p long - short = L_short - L_long: the gap in nats
+    vs_base = f". `vs {base}`: log p gained over {base}, the plain model trained on {c_short}-token windows" \
+        if base else ""
+    lines = ["## The gap, on identical targets", "",
+             f"The references: {short} with exactly {c_short} tokens of context (short) and {long} with {c_long} "
+             f"(long){' (the same weights)' if short == long else ''}. `vs short`: log p gained over the short "
+             "reference, nats per target (positive: better). `gap closed`: (L_short - L_config) / (L_short - "
+             f"L_long){vs_base}.",
+             "",
+             f"**The gap**: L_short - L_long = {_fmt(gap_ci)} nats ({S} seeds x {W} stretches x {K} targets).",
+             ""]
+    if gap_ci["lo"] <= 0:
+        lines += ["**There is no resolved gap at this budget**: the long context does not lower the loss of these "
+                  "targets beyond the interval's noise, so every `gap closed` below is a ratio over a denominator "
+                  "indistinguishable from 0 and means nothing. Read `vs short` and the paired comparisons instead.", ""]
+    head = ["config", "loss", "vs short", "gap closed"] + ([f"vs {base}"] if base else [])
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, arr in arrays.items():
+        f, (lo, hi) = pooled_gap_closed(arr)
+        cells = [name, f"{-arr['real'].mean():.4f}", _fmt(_ci(arr["real"], arr["short"])),
+                 f"{f:+.3f} [{lo:+.3f}, {hi:+.3f}]" if gap_ci["lo"] > 0 else "(no gap)"]
+        if base:
+            cells.append(_fmt(_ci(arr["real"], arrays[base]["real"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    history = next(iter(raw.values()))[0]["retention"]["history"]
+    lines += ["", f"### Targets only the history holds ({cached.mean():.1%} of them)", "",
+              f"Targets whose token occurs in the {history} tokens before the short "
+              f"context but not inside its {c_short}: only a model that remembers can know them. Same columns, on "
+              "these targets alone.", "", "| " + " | ".join(head[:3] + head[4:]) + " |",
+              "|---" * (len(head) - 1) + "|"]
+    for name, arr in arrays.items():
+        cells = [name, f"{-(arr['real'][cached]).mean():.4f}", _fmt(_ci(arr["real"], arr["short"], first["cached"]))]
+        if base:
+            cells.append(_fmt(_ci(arr["real"], arrays[base]["real"], first["cached"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    layout = [n for n, arr in arrays.items() if "swapped" in arr]
+    if layout:
+        lines += ["", "## Ablations of the same weights", "",
+                  "log p of the real summaries minus an ablation's, nats per target (positive: the real summaries "
+                  "help). swapped: another stretch's history; zeroed: zero vectors in the summary slots; shuffled: "
+                  "the history's order shuffled inside each slot's span (for pure sums exactly 0: a check of the "
+                  "scoring). `cache`: the same as swapped, on the targets only the history holds.", "",
+                  "| config | swapped | zeroed | shuffled | cache (swapped) |", "|---|---|---|---|---|"]
+        for name in layout:
+            arr = arrays[name]
+            cells = [_fmt(_ci(arr["real"], arr[a])) for a in ABLATIONS[1:]]
+            cells.append(_fmt(_ci(arr["real"], arr["swapped"], first["cached"])))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Copy probe", "",
+              "The span of targets planted N tokens before them, against another stretch's span planted there: "
+              "log p gained per target (all but the first), mean ± std over seeds. A model that copies gains inside "
+              "what it can see; outside everything it sees the gain is exactly 0. At N = 32 the planted span is the "
+              "32 tokens just before the targets, so each target follows a repetition of itself.", "",
+              "| config | " + " | ".join(f"N = {n}" for n in COPY_DISTANCES) + " |",
+              "|---" * (len(COPY_DISTANCES) + 1) + "|"]
+    for name, cols in table.items():
+        cells = [f"{cols[c][0]:+.4f} ± {cols[c][1]:.4f}" if c in cols else ""
+                 for c in (f"retention.copy.{n}.diff" for n in COPY_DISTANCES)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Bag-of-words probe", "",
+              "A logistic map from the last hidden state before a target to the tokens a span held, fitted on train "
+              "stretches and scored on val by recall@k against the frequency prior's (mean ± std over seeds). "
+              f"`history`: the {history} tokens before the short context, which only a memory can supply; `window`: "
+              f"the {c_short} tokens of the short context itself, the probe's own check (a model must know those).",
+              "", "| config | history: recall - prior | window: recall - prior |", "|---|---|---|"]
+    for name, cols in table.items():
+        cells = [f"{cols[c][0]:+.4f} ± {cols[c][1]:.4f}" if c in cols else ""
+                 for c in (f"retention.bow_probe.{w}.recall_minus_prior" for w in ("history", "window"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rec = [n for n in table if f"recovery.{RECOVERY_HISTORY[-1]}.aggregate.recall_at_k" in table[n]]
+    if rec:
+        lines += ["", "## Recovery against the frequency prior", "",
+                  "Rank the vocabulary by cosine to a summary slot (embedding arithmetic alone) and count how many of "
+                  "the k distinct tokens it holds are in the top k; the prior ranks by train-split frequency without "
+                  "looking at the history. Mean ± std over seeds; N: tokens of history.", "",
+                  "| config | slot | N | recall@k | prior | recall - prior |", "|---|---|---|---|---|---|"]
+        for name in rec:
+            for n in (RECOVERY_HISTORY[0], RECOVERY_HISTORY[-1]):
+                for kind in ("segment", "aggregate"):
+                    runs = [r["recovery"][str(n)][kind] for r in raw[name] if kind in r["recovery"].get(str(n), {})]
+                    if not runs:
+                        continue
+                    cells = [mean_std([r[k] for r in runs]) for k in ("recall_at_k", "prior_recall_at_k",
+                                                                      "recall_minus_prior")]
+                    lines.append(f"| {name} | {kind} | {n} | " + " | ".join(f"{m:+.3f} ± {s:.3f}" for m, s in cells)
+                                 + " |")
+    tuned = {}
+    for name, cfg in loaded.items():
+        if cfg.train.init_from:
+            tuned.setdefault(cfg.train.init_from, []).append(name)
+    for init, names in tuned.items():
+        control = next((n for n in names if loaded[n].context.plain), None)
+        if control is None:
+            continue
+        lines += ["", "## Pre-trained on hard tokens, then fine-tuned", "",
+                  f"Every config below starts from `{init}` and trains {loaded[control].train.max_iters} more steps; "
+                  f"{control} keeps the plain window. log p gained over {control}, nats per target (all targets; "
+                  "targets only the history holds).", "", f"| config | loss | vs {control} | on history-only targets |",
+                  "|---|---|---|---|"]
+        for name in names:
+            arr = arrays[name]
+            lines.append(f"| {name} | {-arr['real'].mean():.4f} | {_fmt(_ci(arr['real'], arrays[control]['real']))} "
+                         f"| {_fmt(_ci(arr['real'], arrays[control]['real'], first['cached']))} |")
+    return summary(arrays, loaded, raw, refs, base, gap_ci) + lines + [""]
+
+
+def summary(arrays: dict, loaded: dict[str, Config], raw: dict[str, list[dict]], refs: list[tuple[str, int]],
+            base: str | None, gap_ci: dict[str, float]) -> list[str]:
+    """The findings, each a paired interval from the tables below: the gap; every layout config against the plain
+    short window; every control against pure arithmetic; the ablations; the fine-tuning."""
+    (short, c_short), (long, c_long) = refs
+    cached = next(iter(arrays.values()))["cached"]
+    out = ["## Summary", "",
+           "Intervals: 95% paired bootstrap over seeds and stretches, nats of log p per target (positive: the first "
+           "named is better), with each seed's own difference beside it: with 3 seeds the bootstrap's seed part "
+           "under-covers, and these are many comparisons, uncorrected, so a verdict near its interval's edge is weak. "
+           "`gap closed` compares a layout with the reference's *other* weights, so training differences count in it; "
+           "the comparison against the plain model trained on the short window is the clean one.", "",
+           f"- The same-weights gap ({short} at {c_short} against {long} at {c_long} tokens) is {_fmt(gap_ci)}: "
+           + ("resolved." if gap_ci["lo"] > 0 else "**not resolved: at this budget a longer context does not help, "
+              "so there is no gap for summary slots to close**.")]
+    layouts = [n for n, c in loaded.items() if not c.context.plain and not c.train.init_from]
+    arithmetic = next((n for n in layouts if loaded[n].context.memory == "arithmetic" and not
+                       loaded[n].context.project), None)
+    if base:
+        for name in layouts:
+            ci = _ci(arrays[name]["real"], arrays[base]["real"])
+            hist = _ci(arrays[name]["real"], arrays[base]["real"], cached)
+            out.append(f"- {name} against {base}: {_fmt(ci)} ({_resolved(ci)}; "
+                       f"{_per_seed(arrays[name]['real'], arrays[base]['real'])}); on the targets only the history "
+                       f"holds {_fmt(hist)} ({_resolved(hist)}).")
+    if arithmetic:
+        for name in layouts:
+            if name != arithmetic:
+                ci = _ci(arrays[arithmetic]["real"], arrays[name]["real"])
+                verdict = ("pure arithmetic beats it" if ci["lo"] > 0 else "it beats pure arithmetic"
+                           if ci["hi"] < 0 else "pure arithmetic does not beat it (the interval holds 0)")
+                out.append(f"- {arithmetic} against the control {name}: {_fmt(ci)} "
+                           f"({_per_seed(arrays[arithmetic]['real'], arrays[name]['real'])}): {verdict}.")
+        by_memory = {loaded[n].context.memory: n for n in layouts}
+        if "write" in by_memory and "rmt" in by_memory:  # retroactive enrichment against the learned memory
+            ci = _ci(arrays[by_memory["write"]]["real"], arrays[by_memory["rmt"]]["real"])
+            out.append(f"- {by_memory['write']} (write vectors) against {by_memory['rmt']} (RMT memory): {_fmt(ci)} "
+                       f"({_resolved(ci)}).")
+        arr = arrays[arithmetic]
+        ci = _ci(arr["real"], arr["swapped"])
+        out.append(f"- {arithmetic}'s real summaries against another stretch's: {_fmt(ci)} ({_resolved(ci)}; "
+                   f"{_per_seed(arr['real'], arr['swapped'])}): "
+                   + (f"the model reads what its summaries hold, by {ci['diff']:.4f} nats per target." if ci["lo"] > 0
+                      else "the model does not use what its summaries hold beyond what any history's would give."))
+    for name, cfg in loaded.items():
+        if cfg.train.init_from and not cfg.context.plain:
+            control = next((n for n, c in loaded.items() if c.train.init_from == cfg.train.init_from
+                            and c.context.plain), None)
+            if control:
+                ci = _ci(arrays[name]["real"], arrays[control]["real"])
+                out.append(f"- Fine-tuned with slots ({name}) against fine-tuned without ({control}), same start and "
+                           f"steps: {_fmt(ci)} ({_resolved(ci)}; "
+                           f"{_per_seed(arrays[name]['real'], arrays[control]['real'])}).")
+    return out + [""]
+
+
+def analogy_section(raw: dict[str, list[dict]]) -> list[str]:
+    """Each config's embedding space on the analogy questions: 3CosAdd against the only-c null, mean ± std over
+    seeds, and the questions its vocabulary answers (the rest are skipped)."""
+    lines = ["", "## Embedding arithmetic: analogies", "",
+             "a : b :: c : ? answered by the token nearest (cosine) to b - a + c, a, b and c excluded (3CosAdd); "
+             "`only c`: the token nearest to c alone, the null that uses no arithmetic. Over the questions whose four "
+             "words the vocabulary holds as single tokens.", "",
+             "| config | answered | skipped | 3CosAdd | only c | 3CosAdd - only c |", "|---|---|---|---|---|---|"]
+    for name, runs in raw.items():
+        a = [r["analogies"] for r in runs if "analogies" in r]
+        if not a or not a[0]["answered"]:
+            lines.append(f"| {name} | 0 | {a[0]['skipped'] if a else ''} | | | |")
+            continue
+        acc, base = mean_std([x["accuracy"] for x in a]), mean_std([x["only_c"] for x in a])
+        gain = mean_std([x["accuracy"] - x["only_c"] for x in a])
+        lines.append(f"| {name} | {a[0]['answered']} | {a[0]['skipped']} | {acc[0]:.3f} ± {acc[1]:.3f} | "
+                     f"{base[0]:.3f} ± {base[1]:.3f} | {gain[0]:+.3f} ± {gain[1]:.3f} |")
+    first = next((r[0]["analogies"] for r in raw.values() if r and r[0].get("analogies", {}).get("answered")), None)
+    if first is not None:
+        lines += ["", "Per section (the first seed of each config, accuracy / only c / answered):", "",
+                  "| section | " + " | ".join(raw) + " |", "|---" * (len(raw) + 1) + "|"]
+        for sec in first["sections"]:
+            cells = []
+            for runs in raw.values():
+                c = runs[0].get("analogies", {}).get("sections", {}).get(sec, {})
+                cells.append(f"{c['accuracy']:.2f} / {c['only_c']:.2f} / {c['answered']}" if c.get("answered")
+                             else "")
+            lines.append(f"| {sec} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot_context_curve(raw: dict[str, list[dict]], arrays_dirs: dict[str, list[Path]], refs: list[tuple[str, int]],
+                       out: Path) -> None:
+    """context_curve.png: the long reference's loss on the retention targets against its context, and each other
+    config's loss as a level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long = refs[1][0]
+    curves = [r["retention"]["context_curve"] for r in raw[long]]
+    xs = sorted(int(c) for c in curves[0])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ys = np.array([[c[str(x)] for x in xs] for c in curves])
+    ax.errorbar(xs, ys.mean(0), yerr=ys.std(0), marker="o", color="black", label=f"{long} at context N")
+    for i, name in enumerate(n for n in raw if n != long):
+        level = float(np.mean([r["retention"]["loss"]["real"] for r in raw[name]]))
+        ax.axhline(level, color=f"C{i}", linestyle="--", linewidth=1, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens of context (plain reference)")
+    ax.set_ylabel("loss on the retention targets (nats)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "context_curve.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,100 @@
+"""What the summary slots hold besides pure embedding arithmetic: the controls of the retention study
+(docs/context.md), chosen by `context.memory`.
+
+- "pause": a learned constant vector per summary slot, blind to the history. The same number of extra slots filled
+  with something that carries no memory: any gain it shows is not memory.
+- "write": the seed's retroactive enrichment. Every chunk of `context.segment_len` history tokens that has left the
+  hard region adds a learned write vector to the slot that now holds it: W h, the network's last hidden state over
+  that chunk (read as a window of its own) projected onto R^m. A slot gets the mean of its chunks' write vectors on
+  top of its arithmetic. W starts at zero, so the model starts as pure arithmetic; the pass over the chunks runs
+  without gradients (W learns, the network is not trained through it), which keeps the cost to one forward pass per
+  history token.
+- "rmt": a learned memory, as the Recurrent Memory Transformer's. The summary slots hold memory vectors carried
+  from chunk to chunk of the history: each chunk of `segment_len` tokens is read as a window [memory][chunk][write
+  slots], and the network's last hidden states at the write slots, projected onto R^m, are the next memory. The
+  window being scored reads the memory after the last chunk. Backpropagation runs through that chunk and the
+  window (two segments); earlier chunks run without gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from softar.soft.window import Layout
+
+MEMORIES = ("arithmetic", "pause", "write", "rmt")
+
+
+class PauseSlots(nn.Module):
+    def __init__(self, n_slots: int, m: int):
+        super().__init__()
+        self.vectors = nn.Parameter(torch.randn(n_slots, m) * 0.02)  # as nanoGPT initialises embeddings
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.vectors.expand(batch_size, -1, -1)  # [B, A+S, m]
+
+
+def whole_chunks(hist: torch.Tensor, hist_len: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """A history hist [B, n] (right-aligned, the last hist_len [B] real) as whole chunks, aligned at the hard
+    region's start -> (chunks [B, C, chunk] oldest first, the age of each chunk's newest token [C], valid [B, C]:
+    the whole chunk is history)."""
+    B, n = hist.shape
+    C = n // chunk
+    chunks = hist[:, n - C * chunk :].reshape(B, C, chunk)
+    first_age = torch.arange(C - 1, -1, -1, device=hist.device) * chunk
+    return chunks, first_age, (first_age + chunk)[None] <= hist_len[:, None]
+
+
+class WriteVectors(nn.Module):
+    def __init__(self, layout: Layout, d_model: int, m: int, chunk: int):
+        super().__init__()
+        self.layout, self.chunk = layout, chunk
+        self.proj = nn.Linear(d_model, m, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, model: nn.Module, hist: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
+        """The write vectors to add to the summary slots of histories hist [B, n] (right-aligned, the last
+        hist_len [B] real) -> [B, A+S, m]. Only whole chunks count, aligned at the hard region's start."""
+        chunks, first_age, valid = whole_chunks(hist, hist_len, self.chunk)
+        B, C = valid.shape
+        out = torch.zeros(B, self.layout.n_summary, self.proj.out_features, device=hist.device,
+                          dtype=self.proj.weight.dtype)
+        if not valid.any():
+            return out
+        with torch.no_grad():  # each chunk read as a window of its own, as the hard region once held it
+            h = model.lm.hidden(model.slots(None, model.E[chunks[valid]], 0)).last[:, -1]  # [N, d]
+        writes = torch.zeros(B, C, out.shape[-1], device=hist.device, dtype=out.dtype)
+        writes[valid] = self.proj(h.to(out.dtype)).to(writes.dtype)  # (autocast may run the projection in bf16)
+        member = torch.stack([(first_age >= lo) & (first_age < hi) for lo, hi in self.layout.slot_ranges()])
+        weight = member[None].to(out.dtype) * valid[:, None].to(out.dtype)  # [B, A+S, C]
+        return weight @ writes / weight.sum(-1, keepdim=True).clamp_min(1)
+
+
+class RecurrentMemory(nn.Module):
+    def __init__(self, n_slots: int, d_model: int, m: int, chunk: int):
+        super().__init__()
+        self.chunk = chunk
+        self.initial = nn.Parameter(torch.randn(n_slots, m) * 0.02)  # the memory before any history
+        self.write = nn.Parameter(torch.randn(n_slots, m) * 0.02)  # the write slots' inputs
+        self.proj = nn.Linear(d_model, m, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+
+    def forward(self, model: nn.Module, batch_size: int, history: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> torch.Tensor:
+        """The memory [B, n_slots, m] after a history (hist [B, n], hist_len [B]), or the initial one."""
+        memory = self.initial.expand(batch_size, -1, -1)
+        if history is None:
+            return memory
+        chunks, _, valid = whole_chunks(*history, self.chunk)
+        C, n = valid.shape[1], self.initial.shape[0]
+        for j in range(C):
+            if not valid[:, j].any():
+                continue
+            with torch.set_grad_enabled(torch.is_grad_enabled() and j == C - 1):  # through the last chunk only
+                window = torch.cat([model.slots(memory, model.E[chunks[:, j]], 0),
+                                    self.write.expand(batch_size, -1, -1).to(memory.dtype)], dim=1)
+                new = self.proj(model.lm.hidden(window).last[:, -n:])  # [B, n, m]
+            memory = torch.where(valid[:, j, None, None], new.to(memory.dtype), memory)
+        return memory + 0.0 * self.initial.sum()  # the initial memory always takes part (DDP needs every parameter)
