@@ -113,7 +113,7 @@ def _fmt(ci: dict[str, float], scale: float = 1.0) -> str:
 
 
 def _per_seed(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> str:
-    """Each seed's mean difference: with 3 seeds the bootstrap's seed part under-covers, so they are shown too."""
+    """Each seed's mean difference: with few seeds the bootstrap's seed part under-covers, so they are shown too."""
     d = _stretch_means(a, mask) - _stretch_means(b, mask)
     return "per seed " + ", ".join(f"{x:+.4f}" for x in d.mean(1))
 
@@ -257,7 +257,7 @@ def summary(arrays: dict, loaded: dict[str, Config], raw: dict[str, list[dict]],
     cached = next(iter(arrays.values()))["cached"]
     out = ["## Summary", "",
            "Intervals: 95% paired bootstrap over seeds and stretches, nats of log p per target (positive: the first "
-           "named is better), with each seed's own difference beside it: with 3 seeds the bootstrap's seed part "
+           "named is better), with each seed's own difference beside it: with this few seeds the bootstrap's seed part "
            "under-covers, and these are many comparisons, uncorrected, so a verdict near its interval's edge is weak. "
            "`gap closed` compares a layout with the reference's *other* weights, so training differences count in it; "
            "the comparison against the plain model trained on the short window is the clean one.", "",
