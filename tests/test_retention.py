@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from softar.config import ContextConfig, ModelConfig
+from softar.config import ModelConfig
 
 from .conftest import soft_model
 from .test_soft_window import tiny_layout_model
@@ -255,10 +255,6 @@ def test_fine_tuning_loads_the_network_and_keeps_the_new_slots_fresh(tiny_cfg, t
         missing = resolve(tiny_cfg(**{"train.init_from": f'"{tmp_path / "nothing"}"'}), vocab)
         load_init_weights(build_model(missing), missing)
 
-
-def test_layout_context_config_accepts_every_memory():
-    for memory in ("arithmetic", "pause", "write", "rmt"):
-        ContextConfig(aggregate=1, memory=memory)
 
 
 def test_a_damaged_retention_file_is_a_one_line_error(tmp_path):

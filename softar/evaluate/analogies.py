@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from softar import SoftarError
 from softar.disk import read_text
 
-BUNDLED = Path(__file__).resolve().parent.parent / "data" / "questions-words.txt"
 Question = tuple[str, str, str, str]
 
 

@@ -32,6 +32,7 @@ from softar.evaluate.stats import paired_bootstrap
 from softar.soft.model import SoftAR
 
 TARGETS = 32  # scored tokens per stretch
+STRETCHES = 128  # at most this many val stretches (x TARGETS targets) per evaluation
 PREFIX = 544  # tokens before the first target (32 hard + 512 history): stretches drawn alike for every model
 ABLATIONS = ("real", "swapped", "zeroed", "shuffled")
 CONTEXTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -47,6 +48,12 @@ def prefix_needed(model: SoftAR, context: int | None = None) -> int:
     """Tokens before the first target that a model reads: its context (plain) or hard region + history."""
     lay = model.layout
     return (model.window_slots if context is None else context) if lay.plain else lay.hard + lay.history
+
+
+def split_context(spec: str) -> tuple[str, int | None]:
+    """NAME or NAME:CONTEXT (ASCII digits) -> (name, context or None)."""
+    name, _, tail = spec.rpartition(":")
+    return (name, int(tail)) if name and tail.isascii() and tail.isdecimal() else (spec, None)
 
 
 def stretches(data: np.ndarray, prefix: int, count: int, seed: int, device: torch.device | str) -> torch.Tensor:

@@ -17,10 +17,12 @@ from softar.evaluate.generation import COLLAPSE_THRESHOLDS, generation_report
 from softar.evaluate.lm import evaluate_split
 from softar.evaluate.retention import (
     PREFIX,
+    STRETCHES,
     bow_probe,
     context_curve,
     prefix_needed,
     retention_eval,
+    split_context,
     stretches,
     target_logprobs,
 )
@@ -32,17 +34,13 @@ from softar.rundir import RESULT_FILE, load_run
 DEFAULT_HORIZONS = (8, 32)
 
 
-RETENTION_STRETCHES = 128  # val stretches of the retention metrics (x 32 targets)
 _REFERENCE_SCORES: dict[tuple, object] = {}  # --gap references' log p, per process
 
 
 def parse_gap_run(spec: str) -> tuple[str, int | None]:
     """--gap's RUN or RUN:CONTEXT -> (run directory, context or None for the run's whole window). A directory
     whose own name ends in ':N' is that directory."""
-    path, _, tail = spec.rpartition(":")
-    if path and tail.isascii() and tail.isdecimal() and not Path(spec).is_dir():
-        return path, int(tail)
-    return spec, None
+    return (spec, None) if Path(spec).is_dir() else split_context(spec)
 
 
 def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windows: int = 256,
@@ -100,13 +98,13 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
                       open_loop={str(k): open_loop_loss(model, data, k, train_data, **kw) for k in horizons})
         if block >= BRIER_N:  # BrierLM reads 4-grams inside the window
             result["brier"] = brier_lm(model, data, **kw)
+    prior = token_frequencies(train_data, model.E.shape[0])  # the frequency prior of every probe below
     if lay.n_summary and model.memory is None:  # the slots are pure arithmetic: what can be read back out
-        prior = token_frequencies(train_data, model.E.shape[0])
         result["recovery"] = recovery_probe(model, data, prior, windows=min(windows, 64), seed=seed, device=device)
     if sections is not None:
         result["analogies"] = analogy_accuracy(model.E, run.tokenizer, sections)
     if gap_runs is not None:
-        count = min(windows, RETENTION_STRETCHES)
+        count = min(windows, STRETCHES)
         refs, contexts = [], []
         for spec in gap_runs:
             path, context = parse_gap_run(spec)
@@ -131,7 +129,6 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
             scores.append(_REFERENCE_SCORES[key])
         retention, arrays = retention_eval(model, ids, prefix, scores[0], scores[1], contexts[0], seed)
         retention.update(references=list(gap_runs), prefix=prefix)
-        prior = token_frequencies(train_data, model.E.shape[0])
         # the history before the short context; the probe's own check: the short context itself
         spans = {"history": (contexts[0], prefix - contexts[0]), "window": (0, contexts[0])}
         retention["bow_probe"] = bow_probe(model, train_data, data, spans, prior, seed=seed, device=device)

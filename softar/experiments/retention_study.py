@@ -11,7 +11,14 @@ import numpy as np
 from softar import SoftarError
 from softar.config import Config
 from softar.evaluate.context import RECOVERY_HISTORY
-from softar.evaluate.retention import ABLATIONS, COPY_DISTANCES
+from softar.evaluate.retention import (
+    ABLATIONS,
+    COPY_DISTANCES,
+    STRETCHES,
+    bootstrap_gap_closed,
+    gap_closed,
+    split_context,
+)
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
 
 ARRAYS_FILE = "retention.npz"
@@ -44,8 +51,7 @@ def parse_gap(gap: tuple[str, str], loaded: dict[str, Config]) -> list[tuple[str
     """--gap's SHORT and LONG, each CONFIG or CONFIG:CONTEXT (a plain config's name) -> [(name, context)]."""
     refs = []
     for spec in gap:
-        name, _, tail = spec.rpartition(":")
-        name, context = (name, int(tail)) if name and tail.isascii() and tail.isdecimal() else (spec, None)
+        name, context = split_context(spec)
         if name not in loaded:
             raise SoftarError(f"sweep --gap: {name!r} is not one of the configs ({', '.join(loaded)})")
         cfg = loaded[name]
@@ -64,11 +70,9 @@ def gap_specs(refs: list[tuple[str, int]], out: Path, seed: int) -> tuple[str, s
 
 def scored_as(kept: dict, gap: tuple[str, str], windows: int) -> bool:
     """Whether a kept result's retention metrics were scored against these references on as many stretches."""
-    from softar.evaluate.run import RETENTION_STRETCHES
-
     ret = kept.get("retention")
-    return isinstance(ret, dict) and ret.get("references") == list(gap) and \
-        ret.get("stretches") == min(windows, RETENTION_STRETCHES)
+    return isinstance(ret, dict) and ret.get("references") == list(gap) and ret.get("stretches") == min(windows,
+                                                                                                        STRETCHES)
 
 
 REQUIRED = ("short", "long", "real", "cached")
@@ -123,8 +127,6 @@ def _resolved(ci: dict[str, float]) -> str:
 
 
 def pooled_gap_closed(arr: dict[str, np.ndarray]) -> tuple[float, list[float]]:
-    from softar.evaluate.retention import bootstrap_gap_closed, gap_closed
-
     s, m, lg = (_stretch_means(arr[k]) for k in ("short", "real", "long"))
     return gap_closed(s, m, lg), bootstrap_gap_closed(s, m, lg)
 
