@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path in one script: bf16 + torch.compile + fused AdamW + flash attention on GPT-2 small, with MFU
-# against the bf16 matmul peak measured on the same device, and sampling at batch 1 and 64 (softar.generate beside
+# against the bf16 matmul peak measured on the same device, and sampling at batch 1 and 64 (softar.decode beside
 # Hugging Face generate on a GPT-2 of the same shape).
 # Run from the repository root on a machine with one CUDA GPU and softar installed:  bash bench/gpu_check.sh
 # Results land in ${OUT:-runs/gpu_check}/bench_train.json and bench_sample.json; see docs/gpu.md for what to expect.

@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: torch.profiler over `softar.generate` on a randomly initialised model of a
+"""Where a decode step's time goes: torch.profiler over `softar.decode` on a randomly initialised model of a
 config's shape, greedy, after a warm-up. Prints the operators by self CPU time (the table in docs/performance.md).
 
     python bench/profile_decode.py softar/configs/shakespeare_char.toml --batch 1 --threads 1
@@ -13,7 +13,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from softar import config
 from softar.data.dataset import load_meta
-from softar.generate import Decoding, generate
+from softar.decode import decode
+from softar.soft.collapse import Sampling
+from softar.soft.feeds import HardFeed, SoftFeed
 from softar.soft.model import build_model
 
 
@@ -33,10 +35,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     prompt = torch.zeros(a.batch, 1, dtype=torch.long)
-    dec = Decoding(mode="hard" if model.layout.plain else "soft", temperature=0, max_new_tokens=a.tokens)
-    generate(model, prompt, dec, shift_every=a.shift_every)  # warm up
+    greedy = Sampling(temperature=0.0)
+    feed = HardFeed(greedy) if model.layout.plain else SoftFeed(noisy=False, sampling=greedy)
+    decode(model, prompt, feed, a.tokens, shift_every=a.shift_every)  # warm up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        generate(model, prompt, dec, shift_every=a.shift_every)
+        decode(model, prompt, feed, a.tokens, shift_every=a.shift_every)
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     print(f"{cfg.model.n_layer} layers, d {cfg.model.d_model}, batch {a.batch}, {torch.get_num_threads()} threads: "
           f"{total / a.tokens / 1e3:.3f} ms of operator time per step (profiler overhead included)")

@@ -12,8 +12,10 @@ import torch
 from softar import SoftarError
 from softar.config import Config, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
+from softar.decode import Decoding
 from softar.device import autocast, pick_device, set_threads
-from softar.generate import Decoding, generate
+from softar.soft.collapse import Sampling
+from softar.soft.feeds import HardFeed, SoftFeed
 from softar.soft.model import build_model
 from softar.train import make_optimizer, optimizer_step
 
@@ -121,7 +123,7 @@ def hf_gpt2(cfg: Config, device: torch.device):
 
 
 def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
-    """Greedy generation through `softar.generate` from a randomly initialised model of the config's shape, at
+    """Greedy generation through `softar.decode` from a randomly initialised model of the config's shape, at
     batch 1 and 64 (hard tokens for a plain model; soft tokens for a layout), next to Hugging Face `generate` on a
     GPT-2 of the same shape. A plain model also without its KV cache; a layout per token after 1,000 and 100,000
     tokens of history, with its ladder moving every token (B = 1) and in blocks (B = `context.shift_every`, or the
@@ -135,17 +137,17 @@ def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
     lay = model.layout
     result = {"bench": "sample", "device": str(device), "threads": torch.get_num_threads(), "new_tokens": new_tokens,
               "block_size": cfg.model.block_size, "vocab_size": vocab, "params": model.num_params()}
-    mode = "hard" if lay.plain else "soft"
+    greedy = Sampling(temperature=0.0)
+    feed = HardFeed(greedy) if lay.plain else SoftFeed(noisy=False, sampling=greedy)
     shift = 1 if lay.plain else cfg.context.shift_every if cfg.context.shift_every > 1 else lay.soft or lay.hard
     if not lay.plain:
         result["shift_every"] = shift
 
     def tokens_per_s(batch: int, n: int, **kw) -> float:
         prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        dec = Decoding(mode=mode, temperature=0, max_new_tokens=n)
-        generate(model, prompt, replace(dec, max_new_tokens=min(n, 20)), shift_every=shift, **kw)  # warm up
-        return batch * n / _median_time(lambda: generate(model, prompt, dec, shift_every=shift, **kw), device,
-                                        repeats)
+        dec = Decoding(feed, max_new_tokens=n)
+        replace(dec, max_new_tokens=min(n, 20)).run(model, prompt, shift_every=shift, **kw)  # warm up
+        return batch * n / _median_time(lambda: dec.run(model, prompt, shift_every=shift, **kw), device, repeats)
 
     for b in BATCHES:
         result[f"tokens_per_s_batch{b}"] = tokens_per_s(b, new_tokens)
@@ -168,18 +170,18 @@ def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
                 result[f"hf_tokens_per_s_batch{b}"]
     if lay.plain:
         return result
-    dec = Decoding(mode="soft", temperature=0, max_new_tokens=new_tokens + 1)
+    dec = Decoding(feed, max_new_tokens=new_tokens + 1)
     prompts = {h: torch.randint(vocab, (1, h), generator=torch.Generator().manual_seed(0)).to(device)
                for h in HISTORY_LENGTHS}
     first = replace(dec, max_new_tokens=1)
     for name, b in (("", shift), ("_per_token_hierarchy", 1)):
         per_token: dict[int, list[float]] = {h: [] for h in HISTORY_LENGTHS}
-        generate(model, prompts[HISTORY_LENGTHS[0]], replace(dec, max_new_tokens=20), shift_every=b)  # warm up
+        replace(dec, max_new_tokens=20).run(model, prompts[HISTORY_LENGTHS[0]], shift_every=b)  # warm up
         for _ in range(repeats):  # alternate, so both lengths see the same machine load
             for h, p in prompts.items():
                 # the prompt enters the hierarchy once (O(history)); what follows is per token
-                t1 = _median_time(lambda p=p, b=b: generate(model, p, first, shift_every=b), device, 1)
-                tn = _median_time(lambda p=p, b=b: generate(model, p, dec, shift_every=b), device, 1)
+                t1 = _median_time(lambda p=p, b=b: first.run(model, p, shift_every=b), device, 1)
+                tn = _median_time(lambda p=p, b=b: dec.run(model, p, shift_every=b), device, 1)
                 per_token[h].append((tn - t1) / new_tokens * 1e3)
         for h in HISTORY_LENGTHS:
             result[f"ms_per_token_history_{h}{name}"] = statistics.median(per_token[h])

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from softar import SoftarError
 
 if TYPE_CHECKING:
-    from softar.generate import Decoding
+    from softar.decode import Decoding
     from softar.rundir import LoadedRun
 
 
@@ -84,6 +84,11 @@ def _nonneg_float_or_inf(text: str) -> float:
 
 def _float_list(text: str) -> list[float]:
     return list(dict.fromkeys(_nonneg_float_or_inf(part) for part in text.split(",")))  # in order, no repeats
+
+
+def _listed(intro: str, entries: dict[str, str]) -> str:
+    """A flag's help that lists a registry's entries and what each is (its choices)."""
+    return (intro + ": " + "; ".join(f"{name}: {doc}" for name, doc in entries.items())).replace("%", "%%")
 
 
 def _emit(result: dict, path: Path | None) -> None:
@@ -194,13 +199,14 @@ def _soft_args(pairs: list[str]) -> dict[str, float]:
 
 def decoding_from_flags(a: argparse.Namespace, run: LoadedRun) -> Decoding:
     """The decoding flags of `softar sample` and `softar inspect`, checked against the run they decode."""
-    from softar.generate import Decoding
-    from softar.soft.collapse import CollapsePolicy
+    from softar.decode import Decoding
+    from softar.soft.collapse import COLLAPSES, CollapsePolicy, Sampling
+    from softar.soft.feeds import HardFeed, SoftFeed
     from softar.soft.tokens import heads_of, spec_problem
 
     # the run's own [soft] spec (for --hf: its soft.* overrides), with what the flags say on top
-    flags = {"kind": "gated" if a.mode == "gated" else a.soft, "top_k": a.soft_top_k, "noise": a.noise,
-             "noise_scale": a.noise_scale, "args": _soft_args(a.soft_arg) if a.soft_arg else None}
+    flags = {"kind": a.soft, "top_k": a.soft_top_k, "noise": a.noise, "noise_scale": a.noise_scale,
+             "args": _soft_args(a.soft_arg) if a.soft_arg else None}
     soft = dataclasses.replace(run.cfg.soft, **{k: v for k, v in flags.items() if v is not None})
     if soft.kind != run.cfg.soft.kind and not a.soft_arg:
         soft.args = {}  # the run's parameters belong to its own kind
@@ -212,8 +218,11 @@ def decoding_from_flags(a: argparse.Namespace, run: LoadedRun) -> Decoding:
     if run.model.layout.plain and (a.keep_uncertain or a.collapse_threshold != float("inf") or a.soft_budget != -1):
         raise SoftarError("--collapse-threshold, --soft-budget and --keep-uncertain collapse soft tokens in a context "
                           "layout's soft region; this model has no layout")
-    if a.collapse == "head" and run.model.lm.collapse_head is None:
-        raise SoftarError("--collapse head needs a run trained with model.collapse_head = true")
+    need = COLLAPSES[a.collapse].needs_head
+    if need and need not in heads_of(run.model.lm):
+        raise SoftarError(f"--collapse {a.collapse} needs a run trained with model.{need} = true")
+    sampling = Sampling(a.temperature, a.top_k, a.top_p)
+    feed = HardFeed(sampling) if a.mode == "hard" else SoftFeed(soft, collapse=a.collapse, sampling=sampling)
     lay = run.model.layout
     if a.shift_every is not None and a.shift_every > max(1, 0 if lay.plain else lay.soft or lay.hard):
         raise SoftarError(f"--shift-every: at most {lay.soft or lay.hard} (the region new tokens enter) for this "
@@ -224,10 +233,8 @@ def decoding_from_flags(a: argparse.Namespace, run: LoadedRun) -> Decoding:
         if len(token) != 1:
             raise SoftarError(f"--stop {text!r}: encodes to {len(token)} tokens; a stop must be exactly one")
         stop += token
-    return Decoding(mode="hard" if a.mode == "hard" else "soft", temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, soft=soft, collapse=a.collapse,
-                    policy=CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget, a.keep_uncertain),
-                    max_new_tokens=a.max_new_tokens, stop_tokens=tuple(stop))
+    return Decoding(feed, CollapsePolicy(a.collapse_score, a.collapse_threshold, a.soft_budget, a.keep_uncertain),
+                    a.max_new_tokens, tuple(stop))
 
 
 def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
@@ -256,7 +263,6 @@ def load_for_decoding(a: argparse.Namespace) -> LoadedRun:
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
-    from softar.generate import generate
     from softar.soft.collapse import nearest_k
 
     run = load_for_decoding(a)
@@ -268,8 +274,8 @@ def cmd_sample(a: argparse.Namespace) -> None:
     for i in range(a.num_samples):
         if i % 64 == 0:  # sample i draws from stream seed + i, whatever the batch
             n = min(64, a.num_samples - i)
-            g = generate(run.model, [ids] * n, dec, seed=a.seed + i, return_vectors=a.show_soft,
-                         shift_every=a.shift_every)
+            g = dec.run(run.model, [ids] * n, seed=a.seed + i, return_vectors=a.show_soft,
+                        shift_every=a.shift_every)
         j = i % 64
         if i:
             print("-" * 40)
@@ -372,6 +378,7 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 def _add_decoding_flags(s: argparse.ArgumentParser) -> list[str]:
     """The flags of `decoding_from_flags`, shared by `softar sample` and `softar inspect` -> their destinations."""
     from softar.soft.collapse import COLLAPSES, OOD_SCORES
+    from softar.soft.feeds import FEEDS, text_feeds
     from softar.soft.tokens import NOISES, SOFT_TOKENS
 
     dests: list[str] = []
@@ -379,31 +386,31 @@ def _add_decoding_flags(s: argparse.ArgumentParser) -> list[str]:
     def add(*names: str, **kw) -> None:
         dests.append(s.add_argument(*names, **kw).dest)
 
-    add("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500)
+    add("--max-new-tokens", type=_int_at_least(1, MAX_NEW_TOKENS), default=500, help="tokens to generate at most")
     add("--temperature", type=_temperature, default=0.8, help="0 is greedy; else in [1e-3, 1e3]")
     add("--top-k", type=_nonneg_int, default=200, help="0 disables top-k")
     add("--seed", type=_seed, default=1337, help="below 2**32")
     add("--stop", action="append", default=[], metavar="TEXT",
         help="end a sample after this text, which must be one token (repeatable)")
     add("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1]; 1 disables")
-    add("--mode", choices=["hard", "soft", "gated"], default="hard",
-        help="hard: tokens re-enter; soft: soft tokens re-enter and are collapsed for display; "
-             "gated: soft with the entropy-gated soft token")
+    add("--mode", choices=text_feeds(), default="hard",
+        help=_listed("what re-enters the context", {n: FEEDS[n].doc for n in text_feeds()}))
     add("--soft", choices=list(SOFT_TOKENS), default=None,
-        help="soft mode: what re-enters the context (default: the run's soft.kind): " + "; ".join(
-            f"{d.name}: {d.doc}" for d in SOFT_TOKENS.values()).replace("%", "%%"))
+        help=_listed("soft mode: what re-enters the context (default: the run's soft.kind)",
+                     {n: d.doc for n, d in SOFT_TOKENS.items()}))
     add("--soft-arg", action="append", default=[], metavar="NAME=NUMBER",
         help="a parameter of the soft token, e.g. beta=2 for moi (repeatable)")
     add("--soft-top-k", type=_nonneg_int, default=None,
         help="expected/gated over the top-k; 0: all (default: the run's soft.top_k)")
-    add("--collapse", choices=list(COLLAPSES),
-        default="nn_l2", help="soft mode: how a soft token becomes the token shown")
+    add("--collapse", choices=list(COLLAPSES), default="nn_l2",
+        help=_listed("soft mode: how a soft token becomes the token shown", {n: e.doc for n, e in COLLAPSES.items()}))
     add("--noise", choices=list(NOISES), default=None,
         help="soft mode: noise on each soft token before it re-enters (default: the run's soft.noise)")
     add("--noise-scale", type=_nonneg_float, default=None,
         help="in [0, 100] (default: the run's soft.noise_scale)")
     add("--collapse-score", choices=list(OOD_SCORES), default="entropy",
-        help="layout models: the OOD score that collapses a soft token in place")
+        help=_listed("layout models: the OOD score that collapses a soft token in place",
+                     {n: e.doc for n, e in OOD_SCORES.items()}))
     add("--collapse-threshold", type=_nonneg_float_or_inf, default=float("inf"),
         help="layout models: collapse a soft token in place when its score is above this (inf: never)")
     add("--keep-uncertain", action="store_true",
@@ -419,6 +426,7 @@ def _add_decoding_flags(s: argparse.ArgumentParser) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from softar.soft.feeds import FEEDS, thought_policies
     from softar.tasks import TASK_NAMES
 
     p = _Parser(prog="softar", description="Autoregressive language models that think in soft tokens.")
@@ -439,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = task_sub.add_parser("prepare", help="generate a task's train/valid/test JSON (Coconut's ProsQA format)")
     t.add_argument("task", choices=list(TASK_NAMES))
     t.add_argument("--out", required=True, help="dataset folder to write")
-    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--seed", type=_seed, default=0, help="the generator's seed (below 2**32)")
     for split, n in (("train", 17_000), ("valid", 300), ("test", 500)):
         t.add_argument(f"--{split}", type=_int_at_least(1, 10**6), default=n, help=f"records (default {n})")
     t.add_argument("--force", action="store_true", help="replace a different task dataset already in --out")
@@ -458,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
 
     s = sub.add_parser("eval", help="loss and bits over a whole split; or a reasoning task's accuracy (--task)")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help="a run directory")
     s.add_argument("--split", choices=["val", "train"], default="val")
     s.add_argument("--data", help="dataset folder (default: the run's data.dir); with --task, a JSON file of the "
                                   "task's records")
@@ -481,9 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=_int_at_least(0, 4096), default=0,
                    help="with --task: also sample this many answers per question under --policy and report "
                         "pass@1/4/16/32 and the mean reward")
-    s.add_argument("--policy", choices=["hard", "soft", "noisy_soft", "gated"], default="soft",
-                   help="with --samples: what fills the thought slots (hard: sampled tokens; soft: the run's soft "
-                        "token; noisy_soft: with rl.sigma = 0.5 noise; gated)")
+    s.add_argument("--policy", choices=thought_policies(), default="soft",
+                   help=_listed("with --samples: what fills the thought slots",
+                                {n: FEEDS[n].doc for n in thought_policies()}))
     s.add_argument("--temperature", type=_temperature, default=1.0,
                    help="with --samples: of every sampled token (above 0)")
     s.add_argument("--thresholds", type=_float_list, default=None,
@@ -524,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="measure training throughput, sampling speed, or fault tolerance")
     s.add_argument("kind", choices=["train", "sample", "faults"])
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("config", help="TOML config of the model to measure")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides")
     s.add_argument("--steps", type=_positive_int, default=30, help="timed training steps")
     s.add_argument("--new-tokens", type=_positive_int, default=500, help="tokens generated per timing")
     s.add_argument("--kills", type=_positive_int, default=10, help="faults: interruptions per kind of fault")
@@ -534,8 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="configs x seeds at equal budget -> results table and plots")
     s.add_argument("configs", nargs="+", help="TOML configs (and section.key=value overrides for all of them)")
-    s.add_argument("--seeds", type=_positive_int, default=3)
-    s.add_argument("--out", default="runs/sweep")
+    s.add_argument("--seeds", type=_positive_int, default=3, help="runs per config: train.seed = 1337, 1338, ...")
+    s.add_argument("--out", default="runs/sweep", help="the sweep's folder: OUT/runs/<config>_s<seed>, tables, plots")
     s.add_argument("--windows", type=_int_at_least(2, 65536), default=256, help="windows for the sampled metrics")
     s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")
     s.add_argument("--report", help="also write a Markdown report (table, plots, claims) to this file")
@@ -551,8 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quickstart", help="prepare Shakespeare, train, evaluate and sample, on CPU")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides of the quickstart config")
-    s.add_argument("--out", default="runs/quickstart")
-    s.add_argument("--data", default="data/shakespeare_char")
+    s.add_argument("--out", default="runs/quickstart", help="folder of its two runs")
+    s.add_argument("--data", default="data/shakespeare_char", help="folder of the prepared data")
     s.set_defaults(fn=cmd_quickstart)
     return p
 

@@ -25,16 +25,16 @@ class ConfigError(SoftarError):
 
 @dataclass
 class ModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads (they divide d_model)
+    d_model: int = 128  # width of the hidden states
     d_embed: int = 0  # m, the embedding space soft tokens live in; 0 means d_model
     block_size: int = 64  # slots in the context window
     vocab_size: int = 0  # 0: taken from the data's meta.json
-    dropout: float = 0.0
-    bias: bool = False
-    pos_emb: Literal["learned", "rope"] = "learned"
-    rope_base: float = 10000.0
+    dropout: float = 0.0  # on attention, residual and embedding outputs in training
+    bias: bool = False  # biases in the linear layers and LayerNorms
+    pos_emb: Literal["learned", "rope"] = "learned"  # learned absolute positions, or rotary embeddings
+    rope_base: float = 10000.0  # the rotary embeddings' base
     # the embedding space E: trained with the model, frozen unit-norm random rows, frozen from another run, or the
     # data's pretrained vectors (frozen; `softar prepare --tokenizer glove` writes them, m = 50)
     embedding: Literal["learned", "random", "checkpoint", "pretrained"] = "learned"
@@ -56,25 +56,25 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_iters: int = 2000
+    max_iters: int = 2000  # optimizer steps
     batch_size: int = 12  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
+    lr: float = 1e-3  # the peak learning rate
+    min_lr: float = 1e-4  # the learning rate the cosine decay ends at
+    warmup_iters: int = 100  # steps of linear warmup
     lr_decay_iters: int = 0  # 0: max_iters (resolved when the config is loaded)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
+    weight_decay: float = 0.1  # AdamW's, on matrices (not on biases and norms)
+    beta1: float = 0.9  # AdamW's
+    beta2: float = 0.99  # AdamW's
     grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 1337
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1337  # of the initial weights, the batches and every sampled evaluation
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 means autocast
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    eval_interval: int = 250
+    eval_interval: int = 250  # steps between periodic evaluations
     eval_iters: int = 20  # sampled batches per split for periodic evals
-    log_interval: int = 10
+    log_interval: int = 10  # steps between flushes of metrics.jsonl and the progress bar
     ckpt_interval: int = 0  # 0: eval_interval
     keep_last: int = 3  # checkpoints kept on disk
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
@@ -91,9 +91,9 @@ class LossConfig:
 
     ce: float = 1.0  # cross-entropy through the tied LM head
     mse: float = 0.0  # vector head vs the stop-gradient next-token embedding
-    cosine: float = 0.0
-    infonce: float = 0.0
-    infonce_temperature: float = 0.1
+    cosine: float = 0.0  # vector head: 1 - cosine to the next token's embedding
+    infonce: float = 0.0  # vector head: contrastive loss against every embedding
+    infonce_temperature: float = 0.1  # of the InfoNCE similarities
     vmf: float = 0.0  # von Mises-Fisher NLL of the vector head
     collapse: float = 0.0  # collapse head: MSE to the next token's embedding
     # parallel scheduled sampling: this fraction of input positions gets the model's own soft token (section
@@ -106,11 +106,11 @@ class SoftConfig:
     """What a soft token is (a name in `softar.soft.tokens.SOFT_TOKENS`) and the noise put on it: one spec for
     training (soft slots, soft inputs), decoding (`softar sample`) and evaluation."""
 
-    kind: str = "expected"
+    kind: str = "expected"  # a name in softar.soft.tokens.SOFT_TOKENS
     top_k: int = 0  # distribution-based soft tokens over the top-k renormalised; 0: all
     args: dict[str, float] = field(default_factory=dict)  # the definition's own parameters, e.g. {beta = 1.0}
     noise: str = "none"  # a name in `softar.soft.tokens.NOISES`; applied in training and decoding, never in eval
-    noise_scale: float = 0.0
+    noise_scale: float = 0.0  # the noise's size, a multiple of the embeddings' scale
 
 
 @dataclass
@@ -135,13 +135,12 @@ class ContextConfig:
     # generation: the memory hierarchy moves this many tokens at a time (1: every token). Between moves the window
     # only grows at its end, so the KV cache serves; a training window holds every phase of the schedule already
     shift_every: int = 1
-    fill_draw: float = 0.0  # training: the fraction of batches whose hard region is only partly full (1..hard-1
-    # tokens, no history), as at the start of a generation, so soft slots also sit where generation puts them
-    # what the summary slots hold: "arithmetic" (the history's embedding arithmetic, `op`); the retention study's
-    # controls "pause" (learned constant vectors, blind to the history) and "write" (the arithmetic plus learned
-    # write vectors from the network's hidden states: retroactive enrichment) and "rmt" (a recurrent memory carried
-    # from chunk to chunk of the history, as the Recurrent Memory Transformer's). See softar/soft/memory.py
-    memory: Literal["arithmetic", "pause", "write", "rmt"] = "arithmetic"
+    # training: the fraction of batches whose hard region is only partly full (1..hard-1 tokens, no history), as at
+    # the start of a generation, so soft slots also sit where generation puts them
+    fill_draw: float = 0.0
+    # what the summary slots hold: "arithmetic" (the history's embedding arithmetic, `op`), or a learned kind of
+    # softar.soft.memory.MEMORIES (the retention study's controls: pause, write, rmt)
+    memory: str = "arithmetic"
 
     @property
     def plain(self) -> bool:
@@ -163,11 +162,12 @@ class TaskConfig:
 
     name: str = ""  # "" trains a language model on data.dir; else a name in softar.tasks.TASKS
     render: Literal["text", "symbolic"] = "text"  # the task's words, or node-id tokens for the same graphs
-    mode: Literal["no_cot", "cot", "pause", "thoughts"] = "cot"
-    thoughts_per_step: int = 1  # c
+    mode: str = "cot"  # a name in softar.tasks.modes.MODES
+    thoughts_per_step: int = 1  # c: thoughts that replace one reasoning step
     max_stage: int = 6  # the curriculum's last stage (k thoughts replace k steps; later steps stay)
-    stage_iters: int = 0  # optimizer steps per curriculum stage before the last; 0: max_iters // (max_stage + 1),
-    # resolved into the saved config so a resumed run keeps its curriculum
+    # optimizer steps per curriculum stage before the last; 0: max_iters // (max_stage + 1), resolved into the saved
+    # config so a resumed run keeps its curriculum
+    stage_iters: int = 0
     pauses: int = 6  # pause mode: <pause> slots between question and answer
     eval_examples: int = 100  # periodic evals: greedy accuracy on this many valid examples (the final eval: all)
     max_answer_tokens: int = 64  # greedy decoding stops after this many tokens without <eos>
@@ -180,7 +180,7 @@ class RLConfig:
     task's reward, and takes inner_steps clipped-objective updates at train.lr."""
 
     init_from: str = ""  # the task run to start from (its model, task and data; its latest checkpoint's weights)
-    policy: Literal["hard", "soft", "noisy_soft", "gated"] = "soft"  # what fills the thought slots
+    policy: str = "soft"  # what fills the thought slots: a thought policy of softar.soft.feeds
     group_size: int = 8  # rollouts per prompt (G)
     inner_steps: int = 1  # updates per batch of rollouts (the ratio is exactly 1 on the first)
     clip: float = 0.2  # PPO's clip range
@@ -340,7 +340,9 @@ def resolve(cfg: Config, vocab_size: int) -> Config:
         cfg.train.lr_decay_iters = cfg.train.max_iters
     if cfg.train.ckpt_interval == 0:
         cfg.train.ckpt_interval = cfg.train.eval_interval
-    if cfg.task.name and cfg.task.mode == "thoughts" and cfg.task.stage_iters == 0:  # the curriculum, fixed now
+    from softar.tasks.modes import MODES
+
+    if cfg.task.name and MODES[cfg.task.mode].curriculum and cfg.task.stage_iters == 0:  # the curriculum, fixed now
         from softar.tasks.data import stage_iters
 
         cfg.task = dataclasses.replace(cfg.task, stage_iters=stage_iters(cfg.task, cfg.train.max_iters))
@@ -381,7 +383,6 @@ def validate(cfg: Config) -> None:
         need(getattr(m, key) == default or m.collapse_head, f"model.{key}", "needs model.collapse_head = true")
     need(cfg.soft.top_k >= 0, "soft.top_k", "must be >= 0")
     need(0 <= cfg.soft.noise_scale <= 100, "soft.noise_scale", "must be in [0, 100]")
-    # soft.kind, soft.args and soft.noise name registry entries: softar.soft checks them when it builds a model
     for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                 "keep_last", "max_bad_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")
@@ -421,20 +422,14 @@ def validate(cfg: Config) -> None:
          f"{c.aggregate + c.segments + c.soft}")
     need(c.plain or c.max_history > 0 or c.soft > 0, "context.max_history",
          "must be positive when the layout has aggregate or segment slots")
-    need(c.memory == "arithmetic" or c.aggregate + c.segments > 0, "context.memory",
-         f"{c.memory!r} fills summary slots; this layout has none (context.aggregate = segments = 0)")
-    need(c.memory in ("arithmetic", "pause") or c.fill_draw == 0, "context.fill_draw",
-         f"must be 0 with context.memory = {c.memory!r} (a batch without history would leave its parameters unused)")
-    if c.memory in ("write", "rmt") and m.pos_emb == "learned":  # a history chunk is read as a window of its own
-        chunk_window = c.aggregate + c.segments + c.segment_len + (c.aggregate + c.segments) * (c.memory == "rmt")
-        need(chunk_window <= m.block_size, "context.segment_len",
-             f"{c.memory!r} reads each {c.segment_len}-token chunk as a window of {chunk_window} slots, more than "
-             f"model.block_size = {m.block_size} learned positions (use model.pos_emb = \"rope\")")
+    # context.memory, soft.* and rl.policy name registry entries: softar.soft.model.check_names checks them
     k = cfg.task
     from softar.tasks import TASK_NAMES
+    from softar.tasks.modes import MODES
 
     need(not k.name or k.name in TASK_NAMES, "task.name", f"expected '' or one of {', '.join(TASK_NAMES)}, got "
          f"{k.name!r}")
+    need(k.mode in MODES, "task.mode", f"expected one of {', '.join(map(repr, MODES))}, got {k.mode!r}")
     if k.name:
         need(c.plain, "task.name", "reasoning tasks train a plain model (context.aggregate = segments = soft = 0)")
         need(lc.ce > 0 and lc.mse == lc.cosine == lc.infonce == lc.vmf == lc.collapse == 0, "task.name",

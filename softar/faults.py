@@ -76,11 +76,11 @@ def interrupt(config: str, overrides: list[str], out: Path, sig: int, delay: flo
     start = time.monotonic()
     while proc.poll() is None and (time.monotonic() - start < delay or max(logged_losses(out), default=0) < after_step):
         time.sleep(0.01)
-    finished = proc.poll() is not None
     progress = max(logged_losses(out), default=0)
-    if not finished:
-        proc.send_signal(sig)
+    proc.send_signal(sig)  # a no-op if it has exited meanwhile
     stdout, stderr = proc.communicate(timeout=300)
+    # what happened, not what a poll saw: the run may end between a poll and the signal
+    finished = proc.returncode == 0 and "softar: stopped by" not in stderr
     progress = max(progress, max(logged_losses(out), default=0))  # SIGTERM logs the step it finishes
     saved = checkpoint_step(out)  # raises if the latest checkpoint cannot be loaded
     return {"signal": signal.Signals(sig).name, "delay_s": round(delay, 3), "finished_first": finished,

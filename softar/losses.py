@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,3 +72,29 @@ def objective(out, targets: torch.Tensor, E: torch.Tensor, lc) -> tuple[torch.Te
         parts["collapse"] = (out.c - target_emb).pow(2).mean()
     loss = sum(getattr(lc, name) * value for name, value in parts.items())
     return loss, parts
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, lo: float = 1e-4, hi: float = 1e4,
+                    iters: int = 60) -> float:
+    """The temperature tau minimising the cross-entropy of softmax(logits / tau) on targets: logits [N, V], targets
+    [N]. The loss is unimodal in log tau, so a golden-section search over [lo, hi] finds it without gradients; an
+    optimum beyond the range returns its end (`at_bound` tells)."""
+    logits, targets = logits.float(), targets.long()
+
+    def loss(log_tau: float) -> float:
+        return torch.nn.functional.cross_entropy(logits / float(np.exp(log_tau)), targets).item()
+
+    a, b = np.log(lo), np.log(hi)
+    g = (np.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return float(np.exp((a + b) / 2))

@@ -9,13 +9,15 @@ from importlib import resources
 from pathlib import Path
 
 from softar import config
+from softar.config import SoftConfig
 from softar.data.dataset import load_split, random_windows
 from softar.data.prepare import prepare
+from softar.decode import Decoding
 from softar.device import pick_device
 from softar.evaluate.generation import shown_brier
-from softar.generate import Decoding, generate
 from softar.rundir import CONFIG_FILE, load_run
-from softar.soft.collapse import CollapsePolicy
+from softar.soft.collapse import CollapsePolicy, Sampling
+from softar.soft.feeds import HardFeed, SoftFeed
 from softar.train import train
 
 QUICKSTART_CONFIG = "shakespeare_char.toml"  # the baseline: nanoGPT's CPU recipe
@@ -74,17 +76,17 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
           f"rest were collapsed in place: entropy > {SOFT_THRESHOLD} nats)", flush=True)
     device = pick_device(seed_cfg.train.device)
     runs = {"baseline": load_run(base_dir, device), "seed_layout": load_run(seed_dir, device)}
-    decodings = {"baseline": Decoding(mode="hard", temperature=0.8, top_k=200, max_new_tokens=300),
-                 "seed_layout": Decoding(mode="soft", temperature=0.8, top_k=200, collapse="lm_sample",
-                                         max_new_tokens=300,
-                                         policy=CollapsePolicy(threshold=SOFT_THRESHOLD))}
+    sampling = Sampling(temperature=0.8, top_k=200)
+    decodings = {"baseline": Decoding(HardFeed(sampling), max_new_tokens=300),
+                 "seed_layout": Decoding(SoftFeed(SoftConfig(), collapse="lm_sample", sampling=sampling),
+                                         CollapsePolicy(threshold=SOFT_THRESHOLD), max_new_tokens=300)}
     val = load_split(data, "val")
     prompts = random_windows(val, PROMPT_LEN + 2, BRIER_PROMPTS, seed=0, device=device)
     tokenizer = runs["seed_layout"].tokenizer
     print(f"prompt: {tokenizer.decode(prompts[0, :PROMPT_LEN].tolist())!r}")
     brier, soft = {}, []
     for name, run in runs.items():
-        g = generate(run.model, prompts[:1, :PROMPT_LEN], decodings[name], seed=run.cfg.train.seed)
+        g = decodings[name].run(run.model, prompts[:1, :PROMPT_LEN], seed=run.cfg.train.seed)
         ids = g.tokens[0].tolist()
         marks = (~g.collapsed[0]).tolist()  # what re-entered soft (nothing, in hard mode)
         soft = marks if name == "seed_layout" else soft

@@ -18,7 +18,6 @@ from softar.data.dataset import load_meta, load_split, sha256_file
 from softar.data.glove import PRETRAINED_FILE
 from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from softar.disk import read_json
-from softar.evaluate.lm import fit_readout
 from softar.soft.model import SoftAR, build_model, upgrade_param_name
 from softar.tasks.data import TASK_FILE, is_task_dir, load_task_meta
 
@@ -159,7 +158,7 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     model.load_state_dict(ckpt.tensors["model"])
     model.eval()
     if model.regression_only:  # its LM head never trained: every reader goes through the cosine readout
-        fit_readout(model, load_split(data_dir, "train"))
+        model.fit_cosine_readout(load_split(data_dir, "train"))
     return LoadedRun(cfg, model, load_tokenizer(data_dir, vocab), ckpt.meta["step"])
 
 

@@ -29,15 +29,10 @@ from softar.checkpoint import (
     save_checkpoint,
 )
 from softar.config import Config, ConfigError, diff, resolve
-from softar.data.dataset import WindowSampler, load_meta, load_split
-from softar.data.tokenizer import load_tokenizer
 from softar.device import autocast, set_threads
 from softar.disk import check_fields, read_jsonl, write_text_atomic
 from softar.distributed import World, init_world, no_sync, wrap
-from softar.evaluate.lm import estimate_loss, evaluate_split, fit_readout
-from softar.evaluate.reasoning import TaskData, evaluate_task, task_loss_on
 from softar.losses import part_names
-from softar.model.embedding import embedding_stats
 from softar.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
@@ -53,7 +48,8 @@ from softar.rundir import (
     read_config,
 )
 from softar.soft.model import SoftAR, build_model
-from softar.tasks.data import TaskSampler
+from softar.soft.window import Layout
+from softar.workloads import open_workload
 
 # keys a resumed run may change without changing its history (batch_size: per rank, when the world size changes
 # and the global batch stays the same, which _load checks)
@@ -86,11 +82,10 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
 def optimizer_step(model: torch.nn.Module, fwd, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, ...]],
                    grad_clip: float, amp, world: World | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The one training step, which `softar bench train` times too: forward and backward over the micro-batches
-    (x, y[, history ids, history lengths]), gradients synchronised on the last one only, clipping, and the
-    optimizer step unless the loss or the gradient norm is non-finite on any rank. `fwd` is `model` or its compiled
-    form. Returns (mean loss over ranks, mean loss parts over ranks [P] in the objective's order, skipped)."""
+    (x, y[, history ids, history lengths]), gradients synchronised on the last one only, then `apply_update`. `fwd`
+    is `model` or its compiled form. Returns (mean loss over ranks, mean loss parts over ranks [P] in the
+    objective's order, skipped)."""
     world = world or World()
-    device = next(model.parameters()).device
     sums = None
     for micro, (x, y, *hist) in enumerate(batches):
         with no_sync(model, micro == len(batches) - 1):  # FSDP2 reads it during backward
@@ -100,14 +95,22 @@ def optimizer_step(model: torch.nn.Module, fwd, opt: torch.optim.Optimizer, batc
             loss.backward()
         stacked = torch.stack([loss.detach(), *(v.detach() / len(batches) for v in parts.values())])
         sums = stacked if sums is None else sums + stacked
+    means = world.mean(sums)
+    return means[0], means[1:], apply_update(model, opt, sums[0], grad_clip, world)
+
+
+def apply_update(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float,
+                 world: World) -> bool:
+    """With the gradients of `loss` in place (and synchronised): clipping, then the optimizer step unless the loss
+    or the gradient norm is non-finite on any rank; the gradients are cleared either way. -> whether it skipped."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    means = world.mean(sums)
-    bad = world.any(not (math.isfinite(sums[0].item()) and math.isfinite(norm.item())), device)
+    device = next(model.parameters()).device
+    bad = world.any(not (math.isfinite(loss.item()) and math.isfinite(norm.item())), device)
     if not bad:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return means[0], means[1:], bad
+    return bad
 
 
 STARTUP_FILES = {RUN_FILE}  # all a run directory holds if a start was killed before its config was saved
@@ -260,28 +263,14 @@ class Trainer:
                  stack: contextlib.ExitStack | None = None):
         """`stack` keeps the run directory's lock until the caller is done with the run."""
         self.out, self.quiet = Path(out), quiet
-        self.task: TaskData | None = None  # a reasoning task's data (task.name), instead of a text corpus
-        if cfg.task.name:
-            self.task = TaskData.open(cfg)
-            vocab = self.task.meta["vocab_size"]
-        else:
-            self.meta = load_meta(cfg.data.dir)
-            load_tokenizer(cfg.data.dir, self.meta["vocab_size"])  # a corrupt tokenizer fails now, not at sampling
-            vocab = self.meta["vocab_size"]
+        self.workload = open_workload(cfg)  # a text corpus or a reasoning task: its data, batches and evaluations
         derived_decay = cfg.train.lr_decay_iters == 0
-        cfg = resolve(cfg, vocab)
+        cfg = resolve(cfg, self.workload.vocab_size)
         self.world, self.device = init_world(cfg.train.device)
         _check_run_dir(self.out, cfg, resume, derived_decay)  # every rank checks before any rank writes
         self.cfg, m, t = cfg, cfg.model, cfg.train
-        if self.task:
-            for split in ("train", "valid"):
-                self.task.check_fits(split, m.block_size, f"model.block_size ({split}.json)")
-        else:
-            self.train_data, self.val_data = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
-            for name, data in (("train", self.train_data), ("val", self.val_data)):
-                if len(data) <= m.block_size:
-                    raise ConfigError(f"model.block_size: {m.block_size} is not smaller than the {name} split "
-                                      f"({len(data)} tokens)")
+        self.layout = Layout.from_config(cfg.context, m.block_size)
+        self.workload.check(cfg, self.layout)
         asked_resume = resume
         resume = resume and latest_checkpoint(self.out / CHECKPOINTS) is not None  # none yet: start at step 0
         self.world.barrier()
@@ -291,22 +280,15 @@ class Trainer:
             check_memory(cfg, self.device)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.net: SoftAR = build_model(cfg).to(self.device)  # the model; self.model may be its DDP/FSDP wrapper
-        self.layout = self.net.layout
         self.part_names = part_names(cfg.loss)  # the loss parts logged beside the total
-        if not self.task and len(self.train_data) <= self.layout.token_slots + self.layout.history:
-            raise ConfigError(f"context.max_history: {self.layout.history} tokens of history plus a window do not "
-                              f"fit in the train split ({len(self.train_data)} tokens)")
         if m.embedding in ("checkpoint", "pretrained"):
             load_embedding(self.net, cfg)
         self.init_source = load_init_weights(self.net, cfg) if t.init_from and not resume else None
         self.params, self.flops_per_token = self.net.num_params(), self.net.flops_per_token()
-        blocks = getattr(getattr(self.net.lm, "backbone", None), "blocks", ())  # softAR's GPT: shard per block
-        self.model = wrap(self.net, self.world, self.device, t.parallel, blocks)  # FSDP2 shards in place
+        self.model = wrap(self.net, self.world, self.device, t.parallel, self.net.lm.shard_units())  # FSDP2: in place
         self.opt = make_optimizer(self.model, t, self.device)
         torch.manual_seed(t.seed + self.world.rank)  # dropout draws differ per rank
-        if not self.task:  # sampled evals: as much history as the (smaller) val split allows
-            self.eval_history = min(self.layout.history, len(self.val_data) - self.layout.token_slots - 1)
-        self.sampler = self.make_sampler()
+        self.sampler = self.workload.sampler(cfg, self.world, self.layout)
         self.fwd = torch.compile(self.model) if t.compile else self.model
         self.amp = autocast(self.device, t.dtype)
         self.step, self.wall_before, self.train_s, self.skipped = 0, 0.0, 0.0, 0
@@ -322,15 +304,6 @@ class Trainer:
         if self.world.is_main:
             write_text_atomic(self.out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))  # max_iters may grow
         self.world.barrier()
-
-    def make_sampler(self):
-        """What `train_step` draws its batches from; its `state()` tensor checkpoints with the run."""
-        t = self.cfg.train
-        if self.task:
-            return TaskSampler(self.task.encoder, self.task.examples["train"], t.batch_size, t.seed, t.max_iters,
-                               t.grad_accum, self.world.rank, self.world.size)
-        return WindowSampler(self.train_data, self.layout.token_slots, t.batch_size, t.seed, self.world.rank,
-                             self.world.size, self.layout.history)
 
     def _start_run_dir(self) -> None:
         info = {
@@ -400,28 +373,23 @@ class Trainer:
         self.world.barrier()
 
     def evaluate(self) -> dict:
-        t = self.cfg.train
-        if self.task:  # the stage just trained: loss and greedy accuracy on the first task.eval_examples valid ones
-            k, limit = self.task.encoder.stage_at(max(self.step - 1, 0), t.max_iters), self.cfg.task.eval_examples
-            report = evaluate_task(self.net, self.task, "valid", [k], limit)
-            return {"kind": "eval", "step": self.step, "stage": k,
-                    "val_loss": task_loss_on(self.net, self.task, "valid", k, t.batch_size, limit, self.device),
-                    "val_accuracy": report[f"stage_{k}"]["accuracy"]}
-        kw = dict(token_slots=self.layout.token_slots, batch_size=t.batch_size, iters=t.eval_iters,
-                  device=self.device, autocast_ctx=self.amp, history=self.eval_history)
-        E = self.net.E
-        E = E.full_tensor() if hasattr(E, "full_tensor") else E  # FSDP2 shards it
-        return {"kind": "eval", "step": self.step,
-                "train_loss": estimate_loss(self.fwd, self.train_data, seed=t.seed + self.step, **kw),
-                "val_loss": estimate_loss(self.fwd, self.val_data, seed=t.seed + self.step + 1, **kw),
-                **{f"E_{k}": v for k, v in embedding_stats(E).items()}}
+        """The periodic evaluation (the workload's), as a metrics row."""
+        return {"kind": "eval", "step": self.step, **self.workload.evaluate(self)}
+
+    def final_evaluation(self) -> dict:
+        """The final evaluation (the workload's) on the whole valid split: at least its "loss"."""
+        return self.workload.final(self)
+
+    def schedule(self) -> None:
+        """This step's learning rate (`lr_at`) on every parameter group."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.cfg.train)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step over grad_accum micro-batches at this step's learning rate: (mean loss over ranks,
         mean loss parts, whether it was skipped as non-finite)."""
         t = self.cfg.train
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, t)
+        self.schedule()
         batches = [tuple(v.to(self.device, non_blocking=True) for v in self.sampler.next_batch())
                    for _ in range(t.grad_accum)]
         loss, parts, bad = optimizer_step(self.model, self.fwd, self.opt, batches, t.grad_clip, self.amp, self.world)
@@ -432,9 +400,8 @@ class Trainer:
         t = self.cfg.train
         main = self.world.is_main
         log = MetricsLog(self.out, self.step) if main else None
-        # throughput counts predicted tokens, or examples for a task (their lengths vary)
-        unit = "examples" if self.task else "tokens"
-        tokens_per_step = t.batch_size * t.grad_accum * self.world.size * (1 if self.task else self.layout.token_slots)
+        unit = self.workload.unit  # throughput counts predicted tokens, or examples for a task (their lengths vary)
+        tokens_per_step = t.batch_size * t.grad_accum * self.world.size * self.workload.units_per_batch(self.layout)
         pending: list[tuple[int, float, torch.Tensor]] = []  # [loss, *parts] stays on device until a log flush
         bar = tqdm(total=t.max_iters, initial=self.step, disable=self.quiet or not main or None,
                    dynamic_ncols=True, unit="it")
@@ -510,14 +477,7 @@ class Trainer:
 
         try:  # the checkpoint of the last step is saved: a signal now stops at once, and --resume evaluates
             preempt.set_immediate(True)
-            if self.task:  # every valid example, at every curriculum stage in thoughts mode
-                full_val = self._task_final()
-            else:
-                if self.net.regression_only:  # its LM head never trained: the val loss goes through the cosine readout
-                    fit_readout(self.net, self.train_data)
-                full_val = evaluate_split(self.model, self.val_data, self.layout.token_slots, self.device, self.amp,
-                                          self.meta["characters"]["val"], world=self.world,
-                                          history=self.layout.history, soft=self.layout.soft)
+            full_val = self.final_evaluation()
         except Preempted as stopped:
             if main:
                 log.close()
@@ -531,11 +491,7 @@ class Trainer:
             "run_dir": str(self.out),
             "step": self.step,
             "val_loss": full_val["loss"],
-            **({"val_accuracy": full_val["accuracy"], "stage": full_val["stage"],
-                **({"val_sampled": full_val["sampled"]} if "sampled" in full_val else {})} if self.task else {
-                "val_bits_per_token": full_val["bits_per_token"],
-                "val_bits_per_char": full_val.get("bits_per_char")}),
-            **{f"val_{k}": full_val[k] for k in ("loss_hard_slots", "loss_soft_slots") if k in full_val},
+            **self.workload.result(full_val),
             "val_loss_sampled": last_eval.get("val_loss") if last_eval else None,
             "train_loss_sampled": last_eval.get("train_loss") if last_eval else None,
             "skipped_steps": self.skipped,
@@ -549,17 +505,6 @@ class Trainer:
             log.close()
             write_text_atomic(self.out / RESULT_FILE, json.dumps(result, indent=2))
         return result
-
-
-    def _task_final(self) -> dict:
-        """The final evaluation of a task run on the whole valid split (never test): the loss and greedy accuracy
-        at the mode's final stage, and in thoughts mode the accuracy at every stage of the curriculum."""
-        enc, t = self.task.encoder, self.cfg.train
-        final = enc.final_stage()
-        stages = list(range(final + 1)) if self.cfg.task.mode == "thoughts" else [final]
-        report = evaluate_task(self.net, self.task, "valid", stages)
-        loss = task_loss_on(self.net, self.task, "valid", final, t.batch_size, None, self.device)
-        return {"loss": loss, "accuracy": report["accuracy"], "stage": final, "report": report}
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, quiet: bool = False,

@@ -80,3 +80,17 @@ def task_overrides(data_dir: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def decoding(mode: str = "hard", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             soft: SoftConfig | None = None, collapse: str = "nn_l2", policy=None, max_new_tokens: int = 64,
+             stop_tokens: tuple[int, ...] = ()):
+    """A `softar.decode.Decoding` from the settings `softar sample` takes: a hard or a soft feed."""
+    from softar.decode import Decoding
+    from softar.soft.collapse import CollapsePolicy, Sampling
+    from softar.soft.feeds import HardFeed, SoftFeed
+
+    sampling = Sampling(temperature, top_k, top_p)
+    feed = HardFeed(sampling) if mode == "hard" else SoftFeed(soft or SoftConfig(), collapse=collapse,
+                                                              sampling=sampling)
+    return Decoding(feed, policy or CollapsePolicy(), max_new_tokens, tuple(stop_tokens))

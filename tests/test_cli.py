@@ -1,7 +1,12 @@
-"""The `softar` command end to end, as real subprocesses: results as JSON on the last line, and bad input as
-one line on stderr with exit code 2 and nothing written."""
+"""The `softar` command end to end: results as JSON on the last line, and bad input as one line on stderr with exit
+code 2 and nothing written. The trained run these tests share and the quickstart run as real subprocesses
+(`python -m softar`); the rest call the command's `main` in this process, which is the same code without an
+interpreter's start-up each time."""
 
+import contextlib
+import io
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -12,9 +17,29 @@ import pytest
 from .conftest import tiny_overrides
 
 
-def softar(*args, cwd=None) -> subprocess.CompletedProcess:
+def softar_process(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m softar ARGS` as a real subprocess."""
     return subprocess.run([sys.executable, "-m", "softar", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
+
+
+def softar(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`softar ARGS` through `softar.cli.main` in this process, its exit code, stdout and stderr captured as a
+    subprocess's would be."""
+    from softar import cli
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as e:  # argparse's own exits
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["softar", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *fragments):
@@ -32,7 +57,7 @@ def tree(path) -> dict:
 @pytest.fixture(scope="module")
 def trained_run(char_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    proc = softar("train", "configs/shakespeare_char.toml", *tiny_overrides(char_data), "--out", out, "--quiet")
+    proc = softar_process("train", "configs/shakespeare_char.toml", *tiny_overrides(char_data), "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 8 and result == json.loads((out / "result.json").read_text())
@@ -182,7 +207,7 @@ def test_quickstart_end_to_end(tmp_path):
     tiny = ["model.n_layer=1", "model.n_head=2", "model.d_model=16", "train.max_iters=2", "train.eval_interval=2",
             "train.eval_iters=1", "train.batch_size=2", "train.warmup_iters=1", "train.lr_decay_iters=2",
             "train.device=\"cpu\""]
-    proc = softar("quickstart", *tiny, "--data", tmp_path / "data", "--out", tmp_path / "runs")
+    proc = softar_process("quickstart", *tiny, "--data", tmp_path / "data", "--out", tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "--- baseline " in out and "--- seed_layout " in out and "Brier-2 of the shown text" in out

@@ -39,7 +39,7 @@ def single(char_data, tmp_path_factory):
     return logged_losses(out)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process(char_data, tmp_path, single, strategy):
     out = tmp_path / strategy
     run(out, overrides(char_data, 4, **{"train.parallel": f'"{strategy}"'}), nproc=2)
@@ -47,7 +47,7 @@ def test_two_ranks_match_one_process(char_data, tmp_path, single, strategy):
     assert load_run(out, torch.device("cpu")).step == 8  # its checkpoint loads into a plain model
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("first, then", [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)])
 def test_resume_at_another_world_size(char_data, tmp_path, single, first, then):
     out = tmp_path / "run"
     run(out, overrides(char_data, 8 // first, **{"train.max_iters": 4}), nproc=first)
@@ -55,6 +55,7 @@ def test_resume_at_another_world_size(char_data, tmp_path, single, first, then):
     assert_close(logged_losses(out), single)
 
 
+@pytest.mark.slow
 def test_layout_two_ranks_match_one_process(char_data, tmp_path):
     """Windows with history, summary slots and a two-pass soft region under DDP: the same losses as one process."""
     layout = {"context.aggregate": 1, "context.segments": 1, "context.soft": 2, "context.segment_len": 4,
@@ -64,7 +65,7 @@ def test_layout_two_ranks_match_one_process(char_data, tmp_path):
     assert_close(logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one"))
 
 
-@pytest.mark.parametrize("policy", ["noisy_soft", "gated"])
+@pytest.mark.parametrize("policy", ["noisy_soft", pytest.param("gated", marks=pytest.mark.slow)])
 def test_rl_on_two_ranks_matches_one_process(task_data, tmp_path, policy):
     """GRPO under torchrun: each prompt of the global batch draws its rollouts from its own seed, so 2 ranks of 2
     prompts roll out, score and update exactly as 1 process of 4 does (up to the order of float sums)."""

@@ -9,7 +9,7 @@ import torch
 from softar.config import ModelConfig
 from softar.soft.model import SoftAR
 
-from .conftest import soft_model
+from .conftest import decoding, soft_model
 
 
 def test_continuation_loss_and_repeated_ngrams():
@@ -59,17 +59,16 @@ def test_shown_brier_scores_any_decoding_the_same_way():
     """A plain model on text it knows exactly shows the truth every draw (Brier 1); greedy decoding of a wrong
     certain guess scores -1; the estimate for a spread-out sampler lies in between."""
     from softar.evaluate.generation import shown_brier
-    from softar.generate import Decoding
 
     from .test_evaluate_soft_tokens import Oracle
 
     prompts = torch.full((6, 4), 3)
     truth = torch.full((6, 2), 3)
     right, wrong = (SoftAR(Oracle(5, t, 1.0), 8) for t in (3, 4))
-    assert shown_brier(right, prompts, truth, Decoding(mode="hard")) == (1.0, 0.0)
-    assert shown_brier(wrong, prompts, truth, Decoding(mode="hard", temperature=0)) == (-1.0, 0.0)
+    assert shown_brier(right, prompts, truth, decoding(mode="hard")) == (1.0, 0.0)
+    assert shown_brier(wrong, prompts, truth, decoding(mode="hard", temperature=0)) == (-1.0, 0.0)
     half = SoftAR(Oracle(5, 3, 0.5), 8)
-    mean, se = shown_brier(half, prompts, truth, Decoding(mode="hard"), draws=64)
+    mean, se = shown_brier(half, prompts, truth, decoding(mode="hard"), draws=64)
     assert abs(mean - (2 * 0.25 - 0.3125**2)) < 4 * se + 0.05 and se > 0
 
 

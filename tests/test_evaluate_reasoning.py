@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from softar import SoftarError, config
-from softar.evaluate.reasoning import evaluate_task_run
+from softar.evaluate.reasoning import TaskData, evaluate_task_run
+from softar.rundir import load_run
 from softar.train import train
 
 from .conftest import task_overrides
@@ -18,12 +19,13 @@ from .test_train import final_weights, train_losses
 def test_a_task_run_trains_reports_accuracy_and_resumes_exactly(task_data, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     result = train(config.load(None, task_overrides(task_data)), full, quiet=True)
-    assert result["step"] == 4 and result["stage"] == 2 and 0 <= result["val_accuracy"] <= 1
-    assert "examples_per_s" in result and result["val_loss"] > 0
+    assert result["step"] == 4 and result["stage"] == 2 and result["examples_per_s"] > 0
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows if r["kind"] == "eval"] == [1, 2]  # the stage just trained
     final = next(r for r in rows if r["kind"] == "full_val")["report"]
     assert {f"stage_{k}" for k in range(3)} <= set(final) and final["examples"] == 8
+    assert len(final["correct"]) == 8 and result["val_accuracy"] == sum(final["correct"]) / 8  # the final stage's
+    assert final["correct"] == final["stage_2"]["correct"]
     train(config.load(None, task_overrides(task_data, **{"train.max_iters": 2, "train.lr_decay_iters": 4})),
           split, quiet=True)
     train(config.load(None, task_overrides(task_data, **{"train.lr_decay_iters": 4})), split, resume=True,
@@ -34,10 +36,28 @@ def test_a_task_run_trains_reports_accuracy_and_resumes_exactly(task_data, tmp_p
 
 
 @pytest.mark.parametrize("mode", ["no_cot", "cot", "pause"])
-def test_every_mode_trains(task_data, tmp_path, mode):
+def test_every_mode_trains_on_its_own_sequences(task_data, tmp_path, mode):
+    """Each mode's sequences hold what it says between <bot> and <eot> and after <eot>, and the val loss the run
+    reports is the cross-entropy on what follows <eot>, recomputed here with a plain forward per question."""
     result = train(config.load(None, task_overrides(task_data, **{"task.mode": f'"{mode}"',
                                                                   "train.max_iters": 2})), tmp_path / mode, quiet=True)
-    assert result["stage"] == 0 and result["val_loss"] > 0
+    assert result["stage"] == 0
+    run = load_run(tmp_path / mode, torch.device("cpu"))
+    data = TaskData.open(run.cfg)
+    enc, lm = data.encoder, run.model.lm
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in data.examples["valid"]:
+            seq, eot = enc.sequence(ex, 0)
+            ids = torch.tensor(seq)
+            logp = lm.heads(lm.hidden(run.model.E[ids[None, :-1]])).logits[0].log_softmax(-1)
+            total -= logp[eot:].gather(-1, ids[eot + 1 :, None]).sum().item()
+            count += len(seq) - 1 - eot
+        ex = data.examples["valid"][0]
+        seq, eot = enc.sequence(ex, 0)
+    assert result["val_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert seq[len(ex.question) : eot] == ([enc.id["<pause>"]] * 6 if mode == "pause" else [])
+    assert seq[eot + 1 :] == ([t for step in ex.steps for t in step] if mode == "cot" else []) + ex.answer
 
 
 def test_eval_reports_accuracy_by_steps_stage_tokens_time_norms_and_the_probe(task_data, tmp_path):

@@ -300,7 +300,8 @@ def test_gated_sampling_of_a_run_trained_with_moi(data, tmp_path, capsys):
     out = tmp_path / "moi"
     ok(["train", CONFIG, *tiny_overrides(data, **{"soft.kind": '"moi"', "soft.args": "{beta = 2.0}"}), "--quiet",
         "--out", out], capsys)
-    assert cli.main(["sample", str(out), "--mode", "gated", "--max-new-tokens", "5", "--prompt", "RO"]) == 0
+    assert cli.main(["sample", str(out), "--mode", "soft", "--soft", "gated", "--max-new-tokens", "5", "--prompt",
+                     "RO"]) == 0  # the run's beta belongs to moi, not to gated
     assert cli.main(["sample", str(out), "--mode", "soft", "--max-new-tokens", "5", "--prompt", "RO"]) == 0  # moi
 
 
@@ -416,6 +417,7 @@ def test_two_writers_on_one_run(data, tmp_path):
 
 
 # -- signals -----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation(small_corpus, tmp_path):
     """The last step's checkpoint is saved before the final evaluation; a SIGTERM during it stops at once with a
     message and exit 0, and --resume only evaluates."""

@@ -7,14 +7,13 @@ import torch
 
 from softar import config
 from softar.config import ContextConfig, ModelConfig
-from softar.generate import Decoding, generate
 from softar.inspect import render_html
 from softar.inspect.browser import chromium
 from softar.inspect.payload import region_of, window_regions
 from softar.soft.collapse import CollapsePolicy
 from softar.train import train
 
-from .conftest import soft_model, task_overrides, tiny_overrides
+from .conftest import decoding, soft_model, task_overrides, tiny_overrides
 from .test_cli import assert_one_line_error, softar
 
 LAYOUT = {"context.aggregate": 1, "context.segments": 2, "context.segment_len": 4, "context.soft": 4}
@@ -28,12 +27,12 @@ def test_a_trace_changes_nothing_and_its_windows_agree_with_the_tiers(extra):
     model = soft_model(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=24, vocab_size=12),
                        ContextConfig(aggregate=1, segments=2, soft=5, segment_len=3, **extra)).eval()
     lay = model.layout
-    for dec in (Decoding(mode="soft", max_new_tokens=40, policy=CollapsePolicy(threshold=2.45, budget=3),
+    for dec in (decoding(mode="soft", max_new_tokens=40, policy=CollapsePolicy(threshold=2.45, budget=3),
                          stop_tokens=(5,)),
-                Decoding(mode="hard", temperature=0, max_new_tokens=40)):
+                decoding(mode="hard", temperature=0, max_new_tokens=40)):
         prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2]]
-        g = generate(model, prompts, dec, seed=3, return_trace=True, return_vectors=True)
-        plain = generate(model, prompts, dec, seed=3, return_vectors=True)
+        g = dec.run(model, prompts, seed=3, return_trace=True, return_vectors=True)
+        plain = dec.run(model, prompts, seed=3, return_vectors=True)
         for name in ("tokens", "lengths", "logprobs", "stopped", "collapsed", "scores", "vectors", "collapsed_by_age"):
             assert torch.equal(getattr(g, name), getattr(plain, name)), name
         assert g.tiers == plain.tiers
@@ -55,7 +54,7 @@ def test_a_trace_changes_nothing_and_its_windows_agree_with_the_tiers(extra):
                 assert regions["aggregate"] == (0, first[1] if lay.aggregate_all else first[2] - seg1, 1)
                 assert list(regions) == ["aggregate", "segment1", "segment0", "hard", "soft"]  # window order
                 assert len(v.soft_collapsed) == soft
-        if dec.temperature == 0:  # greedy: the token is the top of the traced distribution
+        if dec.feed.sampling.temperature == 0:  # greedy: the token is the top of the traced distribution
             n = int(g.lengths[0])
             assert torch.equal(g.top_ids[0, :n, 0], g.tokens[0, :n])
         probs = g.top_probs[0, : int(g.lengths[0])]
@@ -66,7 +65,7 @@ def test_a_trace_changes_nothing_and_its_windows_agree_with_the_tiers(extra):
 def test_a_plain_window_is_traced_as_it_slides():
     torch.manual_seed(0)
     model = soft_model(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=12)).eval()
-    g = generate(model, [[1, 2, 3]], Decoding(mode="soft", max_new_tokens=20), return_trace=True)
+    g = decoding(mode="soft", max_new_tokens=20).run(model, [[1, 2, 3]], return_trace=True)
     size, length = 8, 3
     for step, v in enumerate(g.windows[0]):
         assert v.regions == [("tokens", 0, length)] and v.seen == 3 + step and v.soft_collapsed == []

@@ -1,13 +1,14 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from softar.config import ModelConfig, SoftConfig
-from softar.generate import Decoding, generate
 from softar.model import VectorLM
 from softar.soft.model import SoftAR
 
-from .conftest import soft_model
+from .conftest import decoding, soft_model
 
 
 def make(pos_emb="learned", d_embed=0, bias=False, block_size=16, seed=0, **extra) -> SoftAR:
@@ -25,14 +26,68 @@ def test_gpt_implements_the_interface():
     assert isinstance(make().lm, VectorLM)
 
 
+def naive_layers(model: SoftAR, vectors: torch.Tensor) -> list[torch.Tensor]:
+    """An independent GPT forward, written out position by position from the model's weights (nanoGPT's math:
+    pre-LayerNorm blocks, causal softmax attention, GELU MLP, learned or rotary positions): the residual stream
+    after 0 .. n_layer blocks [B, T, d]."""
+    c, sd = model.lm.cfg, {k.removeprefix("lm."): v for k, v in model.state_dict().items()}
+    B, T, _ = vectors.shape
+    H, hd = c.n_head, c.d_model // c.n_head
+
+    def ln(x, name):
+        return F.layer_norm(x, (c.d_model,), sd[f"{name}.weight"], sd.get(f"{name}.bias"))
+
+    def linear(x, name):
+        return x @ sd[f"{name}.weight"].T + sd.get(f"{name}.bias", 0)
+
+    def rotate(x):  # x [B, T, H, hd]: each (even, odd) pair of coordinates turned by position * base^(-2i/hd)
+        out = x.clone()
+        for t in range(T):
+            for i in range(hd // 2):
+                a = t * c.rope_base ** (-2 * i / hd)
+                u, v = x[:, t, :, 2 * i], x[:, t, :, 2 * i + 1]
+                out[:, t, :, 2 * i], out[:, t, :, 2 * i + 1] = u * math.cos(a) - v * math.sin(a), \
+                    u * math.sin(a) + v * math.cos(a)
+        return out
+
+    h = linear(vectors, "backbone.in_proj") if c.m != c.d_model else vectors
+    if c.pos_emb == "learned":
+        h = h + sd["backbone.wpe.weight"][:T]
+    layers = [h]
+    for layer in range(c.n_layer):
+        p = f"backbone.blocks.{layer}"
+        q, k, v = linear(ln(h, f"{p}.ln1"), f"{p}.attn.qkv").view(B, T, 3, H, hd).unbind(2)
+        if c.pos_emb == "rope":
+            q, k = rotate(q), rotate(k)
+        att = torch.zeros(B, T, H, hd)
+        for t in range(T):  # position t attends to 0..t
+            w = torch.einsum("bhd,bshd->bhs", q[:, t], k[:, : t + 1]) / math.sqrt(hd)
+            att[:, t] = torch.einsum("bhs,bshd->bhd", w.softmax(-1), v[:, : t + 1])
+        h = h + linear(att.reshape(B, T, c.d_model), f"{p}.attn.proj")
+        h = h + linear(F.gelu(linear(ln(h, f"{p}.ln2"), f"{p}.mlp.fc")), f"{p}.mlp.proj")
+        layers.append(h)
+    return layers
+
+
+def naive_logits(model: SoftAR, vectors: torch.Tensor) -> torch.Tensor:
+    sd, c = model.lm.state_dict(), model.lm.cfg
+    last = F.layer_norm(naive_layers(model, vectors)[-1], (c.d_model,), sd["backbone.ln_f.weight"],
+                        sd.get("backbone.ln_f.bias"))
+    h_m = last @ sd["lm_head.out_proj.weight"].T if c.m != c.d_model else last
+    return h_m @ model.E.T  # the tied LM head
+
+
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
 @pytest.mark.parametrize("d_embed", [32, 12])
-def test_hard_path_is_the_vector_path_on_embeddings(pos_emb, d_embed):
-    model = make(pos_emb, d_embed)
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_forward_equals_a_naive_gpt_written_out_position_by_position(pos_emb, d_embed, bias):
+    model = make(pos_emb, d_embed, bias=bias)
     ids = torch.randint(0, 23, (3, 10))
-    vectors = model.E[ids]  # [B, T, m]
-    assert vectors.shape == (3, 10, d_embed)
-    torch.testing.assert_close(model(ids), model.lm.heads(model.lm.hidden(vectors)).logits, rtol=0, atol=0)
+    with torch.no_grad():
+        expected = naive_logits(model, model.E[ids])
+        torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-5)  # ids in: E[ids] is the vector path
+        soft = torch.randn(3, 10, d_embed)  # any vectors enter the same way
+        torch.testing.assert_close(model.step(soft).logits, naive_logits(model, soft), rtol=1e-4, atol=1e-5)
 
 
 def test_causality():
@@ -83,9 +138,9 @@ def test_greedy_generation_with_cache_equals_without(pos_emb):
     with torch.no_grad():  # sharpen the random model so greedy choices are far from ties
         model.E.mul_(40)
     prompt = torch.randint(0, 23, (2, 3))
-    dec = Decoding(temperature=0, max_new_tokens=40)  # 40 > block_size: the window slides
-    cached = generate(model, prompt, dec, use_cache=True).full()
-    plain = generate(model, prompt, dec, use_cache=False).full()
+    dec = decoding(temperature=0, max_new_tokens=40)  # 40 > block_size: the window slides
+    cached = dec.run(model, prompt, use_cache=True).full()
+    plain = dec.run(model, prompt, use_cache=False).full()
     assert torch.equal(cached, plain)
     assert cached.shape == (2, 43) and torch.equal(cached[:, :3], prompt)
 
@@ -93,7 +148,7 @@ def test_greedy_generation_with_cache_equals_without(pos_emb):
 def test_sampling_is_seeded_and_top_k_restricts():
     model = make()
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    run = lambda seed, k: generate(model, prompt, Decoding(top_k=k, max_new_tokens=30), seed=seed).full()  # noqa: E731
+    run = lambda seed, k: decoding(top_k=k, max_new_tokens=30).run(model, prompt, seed=seed).full()  # noqa: E731
     assert torch.equal(run(1, 0), run(1, 0))
     assert not torch.equal(run(1, 0), run(2, 0))
     with torch.no_grad():
@@ -126,13 +181,13 @@ def test_soft_generation_is_seeded_and_cache_exact(soft_kind, collapse_kind):
     model = soft_model(cfg).eval()
     with torch.no_grad():
         model.E.mul_(40)
-    dec = Decoding(mode="soft", temperature=1.0, collapse=collapse_kind, max_new_tokens=20,
+    dec = decoding(mode="soft", temperature=1.0, collapse=collapse_kind, max_new_tokens=20,
                    soft=SoftConfig(kind=soft_kind, noise="gaussian" if soft_kind == "gated" else "none",
                                    noise_scale=0.1))
     prompt = torch.randint(0, 23, (2, 3))
 
     def run(seed, cached):
-        return generate(model, prompt, dec, seed=seed, use_cache=cached, return_vectors=True)
+        return dec.run(model, prompt, seed=seed, use_cache=cached, return_vectors=True)
 
     g = run(5, True)
     a = g.full()
@@ -143,19 +198,23 @@ def test_soft_generation_is_seeded_and_cache_exact(soft_kind, collapse_kind):
 
 @pytest.mark.parametrize("layer, mix", [(-1, False), (0, False), (1, False), (2, False), (-1, True)])
 def test_collapse_head_reads_the_chosen_layer_or_a_learned_mix(layer, mix):
+    """The collapse head's output against the naive forward's residual stream: the chosen layer (the last one after
+    the final LayerNorm for -1), or the softmax-weighted mix of all of them, through the head's MLP written out."""
     model = make(collapse_head=True, collapse_layer=layer, collapse_mix=mix)
-    lm = model.lm
+    sd, c = model.lm.state_dict(), model.lm.cfg
     x = model.E[torch.randint(0, 23, (2, 6))]
-    h = lm.hidden(x)
-    last, layers = lm.backbone(x, keep_layers=True)  # the residual stream after 0, 1, 2 blocks
-    assert len(layers) == 3 and torch.equal(h.last, last)
+    out = model.step(x)
+    layers = naive_layers(model, x)  # the residual stream after 0, 1, 2 blocks
     if mix:
-        w = lm.layer_mix.softmax(0)
-        torch.testing.assert_close(h.mix, sum(w[i] * layers[i] for i in range(3)))
-        lm.heads(h).c.sum().backward()
-        assert lm.layer_mix.grad is not None and lm.layer_mix.grad.abs().sum() > 0  # the mix is learned
+        read = sum(w * h for w, h in zip(sd["layer_mix"].softmax(0), layers, strict=True))
     elif layer == -1:
-        assert h.mix is None  # the last layer, after the final LayerNorm
+        read = F.layer_norm(layers[-1], (c.d_model,), sd["backbone.ln_f.weight"], sd.get("backbone.ln_f.bias"))
     else:
-        assert torch.equal(h.mix, layers[layer])
-    torch.testing.assert_close(lm.heads(h).c, lm.collapse_head(last if h.mix is None else h.mix))
+        read = layers[layer]
+    net = "collapse_head.net"
+    hidden = F.gelu(F.layer_norm(read, (c.d_model,), sd[f"{net}.0.weight"], sd[f"{net}.0.bias"])
+                    @ sd[f"{net}.1.weight"].T + sd[f"{net}.1.bias"])
+    torch.testing.assert_close(out.c, hidden @ sd[f"{net}.3.weight"].T + sd[f"{net}.3.bias"], rtol=1e-4, atol=1e-5)
+    if mix:  # the mix is learned
+        out.c.sum().backward()
+        assert model.lm.layer_mix.grad is not None and model.lm.layer_mix.grad.abs().sum() > 0

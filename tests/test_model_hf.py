@@ -13,9 +13,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noq
 
 from softar import cli  # noqa: E402
 from softar.config import SoftConfig  # noqa: E402
-from softar.generate import Decoding, generate  # noqa: E402
 from softar.model import VectorLM  # noqa: E402
 from softar.rundir import load_hf  # noqa: E402
+
+from .conftest import decoding
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,:\n") + ["<unk>"]
 
@@ -48,7 +49,7 @@ def test_greedy_hard_decoding_equals_transformers_generate(hf_dir):
     run = load_hf(hf_dir, torch.device("cpu"))
     assert isinstance(run.model.lm, VectorLM) and run.model.window_slots == 64
     prompt = torch.tensor([run.tokenizer.encode("to be or not")])
-    ours = generate(run.model, prompt, Decoding(temperature=0, max_new_tokens=20)).full()
+    ours = decoding(temperature=0, max_new_tokens=20).run(run.model, prompt).full()
     theirs = run.model.lm.model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0,
                                          attention_mask=torch.ones_like(prompt))
     assert torch.equal(ours, theirs)
@@ -60,15 +61,16 @@ def test_batched_soft_generation_equals_one_at_a_time(hf_dir, kind):
     what each gives alone."""
     run = load_hf(hf_dir, torch.device("cpu"))
     prompts = [run.tokenizer.encode("the king"), run.tokenizer.encode("a queen and ")]
-    dec = Decoding(mode="soft", temperature=1.0, collapse="lm_sample", soft=SoftConfig(kind=kind), max_new_tokens=16)
-    batch = generate(run.model, prompts, dec, seed=1, return_vectors=True)
+    dec = decoding(mode="soft", temperature=1.0, collapse="lm_sample", soft=SoftConfig(kind=kind), max_new_tokens=16)
+    batch = dec.run(run.model, prompts, seed=1, return_vectors=True)
     for i, p in enumerate(prompts):
-        alone = generate(run.model, [p], dec, seed=1 + i, return_vectors=True)
+        alone = dec.run(run.model, [p], seed=1 + i, return_vectors=True)
         assert torch.equal(batch.tokens[i], alone.tokens[0])
         torch.testing.assert_close(batch.vectors[i], alone.vectors[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("args", [["--mode", "hard"], ["--mode", "soft", "--soft", "expected"], ["--mode", "gated"],
+@pytest.mark.parametrize("args", [["--mode", "hard"], ["--mode", "soft", "--soft", "expected"],
+                                  ["--mode", "soft", "--soft", "gated"],
                                   ["--mode", "soft", "--soft", "moi", "--soft-arg", "beta=2", "--collapse",
                                    "lm_sample", "--show-soft"],
                                   ["context.aggregate=1", "context.segments=1", "context.segment_len=8",

@@ -7,7 +7,7 @@ import torch
 
 from softar.config import ModelConfig
 
-from .conftest import soft_model
+from .conftest import decoding, soft_model
 from .test_soft_window import tiny_layout_model
 
 
@@ -39,11 +39,10 @@ def test_target_logprobs_read_each_target_from_exactly_its_context():
 def test_layout_greedy_generation_matches_the_scored_window():
     """With no soft slots, each greedy step's token is the argmax of the window `target_logprobs` scores (hard
     region = the newest tokens, history = everything before)."""
-    from softar.generate import Decoding, generate
 
     model = tiny_layout_model(op="sqrt")
     prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4]])
-    out = generate(model, prompt, Decoding(temperature=0, max_new_tokens=12)).full()
+    out = decoding(temperature=0, max_new_tokens=12).run(model, prompt).full()
     lay = model.layout
     for t in range(prompt.shape[1], out.shape[1]):
         hist = out[:, : t - lay.hard][:, -lay.history :]
@@ -207,18 +206,18 @@ def test_recurrent_memory_reads_the_history_and_trains_through_its_last_chunk():
 
 def test_generation_refuses_a_learned_memory():
     from softar import SoftarError
-    from softar.generate import Decoding, generate
 
     for memory in ("pause", "write", "rmt"):
         with pytest.raises(SoftarError, match="context.memory"):
-            generate(tiny_layout_model(memory=memory), torch.tensor([[1, 2, 3]]), Decoding(max_new_tokens=2))
+            decoding(max_new_tokens=2).run(tiny_layout_model(memory=memory), torch.tensor([[1, 2, 3]]))
 
 
 def test_a_memory_needs_summary_slots(tiny_cfg):
     from softar.config import ConfigError
+    from softar.soft.model import check_names
 
     with pytest.raises(ConfigError, match="context.memory"):
-        tiny_cfg(**{"context.memory": '"pause"'})
+        check_names(tiny_cfg(**{"context.memory": '"pause"'}))
 
 
 def test_fine_tuning_loads_the_network_and_keeps_the_new_slots_fresh(tiny_cfg, tmp_path, char_data):

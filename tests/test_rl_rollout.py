@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from softar.config import ModelConfig, SoftConfig
-from softar.rl.objective import clipped_objective, gaussian_log_density, group_advantages
-from softar.rl.rollout import POLICIES, Policy, _prefix, gated_thought, replay, rollout
+from softar.rl.objective import clipped_objective, group_advantages
+from softar.rl.rollout import Policy, replay, rollout
+from softar.soft.feeds import gaussian_log_density, thought_policies
 from softar.soft.gate import GATE, ThoughtGate, load_initial
 from softar.soft.tokens import make_soft_token
 
@@ -15,6 +16,11 @@ from .conftest import soft_model
 
 EOS, Q, BOT, THOUGHT, EOT = range(5)  # a toy vocabulary; 5..7 are answers
 PROMPT = [Q, BOT, THOUGHT, THOUGHT, EOT]
+POLICIES = thought_policies()
+
+
+def seeds(n: int, base: int = 0) -> list[int]:
+    return list(range(base, base + n))
 
 
 def toy_model(kind: str = "hidden", seed: int = 0):
@@ -29,14 +35,11 @@ def toy_model(kind: str = "hidden", seed: int = 0):
 
 @pytest.mark.parametrize("kind", POLICIES)
 @pytest.mark.parametrize("soft_kind", ["hidden", "expected"])
-def test_a_replay_reproduces_its_rollout_and_the_first_ratio_is_exactly_one(kind, soft_kind):
+def test_a_replay_is_the_same_with_and_without_gradients_and_the_first_ratio_is_exactly_one(kind, soft_kind):
     model, policy = toy_model(soft_kind), Policy(kind, max_answer=4, temperature=0.8)
-    actions = rollout(model, PROMPT, 6, policy, EOS, torch.Generator().manual_seed(1))
-    ids = torch.tensor([PROMPT] * 6)
+    actions = rollout(model, [PROMPT], 6, policy, EOS, seeds(6, 1))
     with torch.no_grad():
-        _, _, again, _ = _prefix(model, ids, policy, None, actions)
         old, mask = replay(model, PROMPT, actions, policy, EOS)
-    torch.testing.assert_close(again.thought_vectors, actions.thought_vectors)  # the same thoughts, recomputed
     new, mask2 = replay(model, PROMPT, actions, policy, EOS)
     assert torch.equal(mask, mask2) and torch.equal(new.detach(), old) and new.requires_grad
     assert int(mask[:, :2].sum()) == (0 if kind == "soft" else 12) and mask[:, 2].all()
@@ -52,14 +55,18 @@ def reference_log_probs(model, policy, actions, g):
     thoughts = []
     for t in range(2):  # thought t is drawn from the outputs at position t + 1
         at = out.at((0, slice(t + 1, t + 2)))
+        mu = make_soft_token(at, E, model.soft_spec)[0]
         if policy.kind in ("hard", "gated"):
             y = actions.thought_ids[g, t]
             thoughts.append(logp[t + 1, y])
-            vector = E[y] if policy.kind == "hard" else gated_thought(model, at, y[None])[0]
-            torch.testing.assert_close(vector, actions.thought_vectors[g, t], atol=1e-5, rtol=1e-5)
+            vector = E[y] if policy.kind == "hard" else \
+                getattr(model, GATE)(at.h_m[0], E[y], mu, E.pow(2).mean().sqrt())  # HRPO's formula, `ThoughtGate`
         elif policy.kind == "noisy_soft":
-            mu = make_soft_token(at, E, model.soft_spec)[0]
-            thoughts.append(gaussian_log_density(actions.thought_vectors[g, t], mu, float(actions.noise_std[t])))
+            vector = actions.thought_vectors[g, t]
+            thoughts.append(gaussian_log_density(vector, mu, float(actions.noise_std[g, t])))
+        else:
+            vector = mu
+        torch.testing.assert_close(vector, actions.thought_vectors[g, t], atol=1e-5, rtol=1e-5)
     answers = [logp[4 + i, a] for i, a in enumerate(answer)]  # <eot>, at position 4, predicts answer[0]
     return torch.stack(thoughts + answers)
 
@@ -67,7 +74,7 @@ def reference_log_probs(model, policy, actions, g):
 @pytest.mark.parametrize("kind", POLICIES)
 def test_replayed_log_probs_equal_a_plain_forward_over_the_drawn_sequence(kind):
     model, policy = toy_model(), Policy(kind, max_answer=4, temperature=0.7)
-    actions = rollout(model, PROMPT, 5, policy, EOS, torch.Generator().manual_seed(2))
+    actions = rollout(model, [PROMPT], 5, policy, EOS, seeds(5, 2))
     logp, mask = replay(model, PROMPT, actions, policy, EOS)
     assert len({len([a for a in row if a >= 0]) for row in actions.answers.tolist()}) > 1  # rows end apart
     for g in range(5):
@@ -77,21 +84,21 @@ def test_replayed_log_probs_equal_a_plain_forward_over_the_drawn_sequence(kind):
 
 def test_policies_refuse_what_they_cannot_replay():
     with pytest.raises(ValueError, match="draws a token"):
-        rollout(toy_model("gated"), PROMPT, 2, Policy("noisy_soft"), EOS)
+        rollout(toy_model("gated"), [PROMPT], 2, Policy("noisy_soft"), EOS, seeds(2))
     with pytest.raises(ValueError, match="model.eval"):
-        rollout(toy_model().train(), PROMPT, 2, Policy("hard"), EOS)
+        rollout(toy_model().train(), [PROMPT], 2, Policy("hard"), EOS, seeds(2))
     long = [Q] * 10 + PROMPT[1:]  # 14 of the 16 slots: room for 2 answer tokens, whatever max_answer says
     with pytest.raises(ValueError, match="leaves no room"):
-        rollout(toy_model(), [Q] * 12 + PROMPT[1:], 2, Policy("hard"), EOS)
-    assert rollout(toy_model(), long, 2, Policy("hard", max_answer=12), EOS).answers.shape == (2, 2)
+        rollout(toy_model(), [[Q] * 12 + PROMPT[1:]], 2, Policy("hard"), EOS, seeds(2))
+    assert rollout(toy_model(), [long], 2, Policy("hard", max_answer=12), EOS, seeds(2)).answers.shape == (2, 2)
     with pytest.raises(ValueError, match="one run"):
-        rollout(toy_model(), [Q, THOUGHT, BOT, THOUGHT, EOT], 2, Policy("hard", max_answer=2), EOS)
+        rollout(toy_model(), [[Q, THOUGHT, BOT, THOUGHT, EOT]], 2, Policy("hard", max_answer=2), EOS, seeds(2))
     with pytest.raises(ValueError, match="positive"):
         Policy("hard", temperature=0)
     plain = toy_model()
     delattr(plain, GATE)
     with pytest.raises(ValueError, match="no learned gate"):
-        rollout(plain, PROMPT, 2, Policy("gated"), EOS)
+        rollout(plain, [PROMPT], 2, Policy("gated"), EOS, seeds(2))
 
 
 def test_the_gate_starts_near_the_sampled_token_and_learns_from_later_tokens():
@@ -105,7 +112,7 @@ def test_the_gate_starts_near_the_sampled_token_and_learns_from_later_tokens():
     expected = 0.95 * E[y] + (1 - 0.95**2) ** 0.5 / 2 * soft * rms / soft.pow(2).mean(-1, keepdim=True).sqrt()
     torch.testing.assert_close(gate(h, E[y], soft, rms), expected)
     policy = Policy("gated", max_answer=3)
-    actions = rollout(model, PROMPT, 4, policy, EOS, torch.Generator().manual_seed(0))
+    actions = rollout(model, [PROMPT], 4, policy, EOS, seeds(4))
     logp, mask = replay(model, PROMPT, actions, policy, EOS)
     logp[:, 2:][mask[:, 2:]].sum().backward()  # the answer tokens only
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
@@ -124,9 +131,9 @@ def test_an_rl_model_takes_a_supervised_runs_weights_and_keeps_its_fresh_gate():
 
 def grpo(model, policy, reward_of, steps, lr=1e-2, seed=3):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen, rewards = torch.Generator().manual_seed(seed), []
-    for _ in range(steps):
-        actions = rollout(model, PROMPT, 16, policy, EOS, gen)
+    rewards = []
+    for step in range(steps):
+        actions = rollout(model, [PROMPT], 16, policy, EOS, seeds(16, 1000 * seed + 16 * step))
         reward = reward_of(actions)
         rewards.append(reward.mean().item())
         advantages = group_advantages(reward[None])[0]
@@ -163,3 +170,20 @@ def test_grpo_learns_through_the_thoughts_themselves():
     assert sum(soft[-5:]) / 5 > soft[0] + 0.5 * abs(soft[0]), soft
     null = grpo(toy_model("expected"), Policy("soft", max_answer=1), closeness, 10, lr=3e-2)
     assert len(set(null)) == 1  # deterministic thoughts: a thought-only reward is the same for the whole group
+
+
+@pytest.mark.parametrize("kind", POLICIES)
+def test_a_batch_of_prompts_rolls_out_as_each_prompt_alone(kind):
+    """All prompts x group members go as one batch; each rollout draws from its own stream, so a prompt's group is
+    what it gets rolled out alone with the same seeds (noisy_soft's noise scale is its own group's)."""
+    model, policy = toy_model("expected"), Policy(kind, max_answer=4)
+    prompts = [PROMPT, [Q, Q, BOT, THOUGHT, THOUGHT, EOT], PROMPT]
+    batch = rollout(model, prompts, 3, policy, EOS, seeds(9, 40))
+    for k, p in enumerate(prompts):
+        alone = rollout(model, [p], 3, policy, EOS, seeds(3, 40 + 3 * k))
+        mine = batch.rows(3 * k, 3 * k + 3)
+        assert torch.equal(mine.thought_ids, alone.thought_ids)
+        torch.testing.assert_close(mine.thought_vectors, alone.thought_vectors, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.noise_std, alone.noise_std, atol=1e-6, rtol=1e-5)
+        A = alone.answers.shape[1]
+        assert torch.equal(mine.answers[:, :A], alone.answers) and (mine.answers[:, A:] == -1).all()

@@ -11,7 +11,7 @@ from softar.faults import logged_losses
 from softar.soft.model import SoftAR, upgrade_param_name
 from softar.train import train
 
-from .conftest import soft_model
+from .conftest import decoding, soft_model
 
 
 def weights(run_dir):
@@ -26,13 +26,29 @@ def tiny_model(soft: SoftConfig | None = None, **loss) -> SoftAR:
     return soft_model(cfg, loss=LossConfig(**loss), soft=soft)
 
 
-def test_objective_sums_its_weighted_parts():
-    model = tiny_model(ce=1.0, mse=2.0, cosine=0.5, infonce=0.25, vmf=0.1, collapse=3.0)
+def test_objective_is_the_weighted_sum_of_parts_computed_by_hand():
+    """Each part against its formula written out here (CE from log-softmax, MSE per coordinate, 1 - cosine,
+    InfoNCE over the whole vocabulary at temperature 0.25, the collapse head's MSE), and the loss against their
+    weighted sum."""
+    model = tiny_model(ce=1.0, mse=2.0, cosine=0.5, infonce=0.25, infonce_temperature=0.25, collapse=3.0)
     x, y = torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))
     loss, parts = model(x, targets=y)
-    assert set(parts) == {"ce", "mse", "cosine", "infonce", "vmf", "collapse"}
-    weights_ = {"ce": 1.0, "mse": 2.0, "cosine": 0.5, "infonce": 0.25, "vmf": 0.1, "collapse": 3.0}
-    torch.testing.assert_close(loss, sum(weights_[k] * v for k, v in parts.items()))
+    with torch.no_grad():
+        out = model.step(model.E[x])
+        target = model.E[y]
+        unit = lambda v: v / v.norm(dim=-1, keepdim=True)  # noqa: E731
+        by_hand = {
+            "ce": -out.logits.log_softmax(-1).gather(-1, y[..., None]).mean(),
+            "mse": ((out.y - target) ** 2).sum(-1).mean() / 8,
+            "cosine": (1 - (unit(out.y) * unit(target)).sum(-1)).mean(),
+            "infonce": -(unit(out.y) @ unit(model.E).T / 0.25).log_softmax(-1).gather(-1, y[..., None]).mean(),
+            "collapse": ((out.c - target) ** 2).sum(-1).mean() / 8,
+        }
+    assert set(parts) == set(by_hand)
+    for k, v in by_hand.items():
+        torch.testing.assert_close(parts[k].detach(), v, rtol=1e-5, atol=1e-6)
+    weights = {"ce": 1.0, "mse": 2.0, "cosine": 0.5, "infonce": 0.25, "collapse": 3.0}
+    torch.testing.assert_close(loss.detach(), sum(weights[k] * v for k, v in by_hand.items()), rtol=1e-5, atol=1e-6)
 
 
 def test_regression_never_moves_E_through_its_target():
@@ -115,7 +131,6 @@ def test_rollout_filled_soft_region_equals_step_by_step_generation():
     """The soft region evaluation fills is what generation feeds back: from the same hard tokens, soft generation
     (expected embeddings, nothing collapsed in place) puts the same vectors in the same slots, and the logits
     at every token slot are the generation's next-token logits."""
-    from softar.generate import Decoding, generate
 
     model = layout_model()
     ids = torch.randint(0, 11, (3, 12), generator=torch.Generator().manual_seed(1))  # 8 hard + 4 soft token slots
@@ -123,8 +138,8 @@ def test_rollout_filled_soft_region_equals_step_by_step_generation():
     with torch.no_grad():
         window = model.fill_window(model.E[ids], soft_fill="rollout")
         soft_slots = window[:, -n_soft:]
-        g = generate(model, ids[:, :hard], Decoding(mode="soft", collapse="lm_argmax", max_new_tokens=n_soft),
-                     return_vectors=True)
+        dec = decoding(mode="soft", collapse="lm_argmax", max_new_tokens=n_soft)
+        g = dec.run(model, ids[:, :hard], return_vectors=True)
         gen_window = model.window(torch.cat([model.E[ids[:, :hard]], g.vectors], 1), n_soft=n_soft)
     assert torch.allclose(soft_slots, gen_window[:, -n_soft:], atol=1e-5)
     assert torch.allclose(window, gen_window, atol=1e-5)

@@ -7,7 +7,7 @@ from softar import config
 from softar.data.tokenizer import TaskTokenizer
 from softar.evaluate.reasoning import solve
 from softar.soft.model import build_model
-from softar.soft.thoughts import forward_thoughts, thought
+from softar.soft.thoughts import forward_thoughts
 from softar.tasks import VOCABULARY, get_task
 from softar.tasks.data import Encoder
 from softar.tasks.prosqa import make_record
@@ -47,10 +47,10 @@ def test_training_forward_runs_one_pass_per_thought_and_matches_recomputation():
     logits, thoughts = forward_thoughts(model, x)
     start = length
     vectors = torch.nn.functional.embedding(x, model.E)
-    for j in range(2):  # the reference: fill thought j from a full forward over everything before it
+    for j in range(2):  # the reference: thought j, the expected embedding after a full forward over all before it
         out = model.read(vectors[:, : start + j], last=True)
         vectors = vectors.clone()
-        vectors[:, start + j] = thought(model, out)[:, 0]
+        vectors[:, start + j] = out.logits[:, -1].softmax(-1) @ model.E
     torch.testing.assert_close(thoughts, vectors[:, start : start + 2], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits, model.read(vectors).logits, rtol=1e-4, atol=1e-4)
     alone, _ = forward_thoughts(model, x[:1])
@@ -60,19 +60,19 @@ def test_training_forward_runs_one_pass_per_thought_and_matches_recomputation():
 def test_the_loss_trains_the_thoughts(monkeypatch):
     """The graph runs through every thought, as in Coconut: the loss on what follows <eot> has a gradient with
     respect to each thought, and each thought is a function of the weights (not detached)."""
-    import softar.soft.thoughts as thoughts_module
+    from softar.soft.feeds import SoftFeed
 
     model, enc, exs = task_model("hidden")
     model.train()
-    made, real = [], thoughts_module.thought
+    made, real = [], SoftFeed.choose
 
-    def spy(model, out, generator=None):
-        v = real(model, out, generator)
-        v.retain_grad()
-        made.append(v)
-        return v
+    def spy(self, model, out, draw):
+        choice = real(self, model, out, draw)
+        choice.vector.retain_grad()
+        made.append(choice.vector)
+        return choice
 
-    monkeypatch.setattr(thoughts_module, "thought", spy)
+    monkeypatch.setattr(SoftFeed, "choose", spy)
     x, y = enc.batch(exs[:1], 3)
     loss, parts = model(x, targets=y)
     loss.backward()

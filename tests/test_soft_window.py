@@ -15,7 +15,7 @@ from softar.soft.collapse import OOD_SCORES, CollapsePolicy, budget_collapse
 from softar.soft.model import SoftAR
 from softar.soft.window import ContextState, Layout, WindowBuilder, normalize, summary_slots, summary_weights
 
-from .conftest import soft_model
+from .conftest import decoding, soft_model
 
 
 def layout(block=16, **ctx) -> Layout:
@@ -172,12 +172,12 @@ def test_ood_scores_on_hand_built_cases():
     E = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     v = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
     logits = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
-    ent = OOD_SCORES["entropy"](v, logits, torch.tensor([0, 0]), E)
+    ent = OOD_SCORES["entropy"].fn(v, logits, torch.tensor([0, 0]), E)
     torch.testing.assert_close(ent[0], torch.tensor(math.log(2)))
     assert ent[1] < 1e-6
-    torch.testing.assert_close(OOD_SCORES["l2r"](v, logits, torch.tensor([1, 1]), E),
+    torch.testing.assert_close(OOD_SCORES["l2r"].fn(v, logits, torch.tensor([1, 1]), E),
                                torch.tensor([math.sqrt(0.5), math.sqrt(2)]))
-    torch.testing.assert_close(OOD_SCORES["nn_dist"](v, logits, torch.tensor([1, 1]), E),
+    torch.testing.assert_close(OOD_SCORES["nn_dist"].fn(v, logits, torch.tensor([1, 1]), E),
                                torch.tensor([math.sqrt(0.5), 0.0]))
 
 
@@ -200,12 +200,11 @@ def tiny_layout_model(**ctx) -> SoftAR:
 
 
 def test_layout_soft_generation_is_deterministic_and_reports_the_policy():
-    from softar.generate import Decoding, generate
 
     model = tiny_layout_model(soft=3)
     prompt = torch.tensor([[1, 2, 3]])
-    dec = Decoding(mode="soft", collapse="lm_sample", policy=CollapsePolicy("entropy", 2.3), max_new_tokens=30)
-    runs = [generate(model, prompt, dec, seed=5) for _ in range(2)]
+    dec = decoding(mode="soft", collapse="lm_sample", policy=CollapsePolicy("entropy", 2.3), max_new_tokens=30)
+    runs = [dec.run(model, prompt, seed=5) for _ in range(2)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     g = runs[0]
     assert torch.equal(g.collapsed[:, :27], g.scores[:, :27] > 2.3)
@@ -266,10 +265,9 @@ def test_normalize_leaves_empty_slots_at_zero():
 def test_layout_without_soft_slots_samples_softly():
     """With no soft slots every generated token is collapsed as it enters: the trace holds its embedding, and a
     threshold decision is still recorded as the policy's."""
-    from softar.generate import Decoding, generate
 
     model = tiny_layout_model()
-    dec = Decoding(mode="soft", collapse="lm_argmax", policy=CollapsePolicy(threshold=0.0), max_new_tokens=6)
-    g = generate(model, torch.tensor([[1, 2, 3]]), dec, return_vectors=True)
+    dec = decoding(mode="soft", collapse="lm_argmax", policy=CollapsePolicy(threshold=0.0), max_new_tokens=6)
+    g = dec.run(model, torch.tensor([[1, 2, 3]]), return_vectors=True)
     assert torch.equal(g.vectors[0], model.E[g.tokens[0]])
     assert g.collapsed.all() and "soft" not in g.tiers[0]

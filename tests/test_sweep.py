@@ -68,6 +68,7 @@ def test_claims_need_paired_wins_over_averaged_rollouts_and_constants():
     assert cells[1] == "+0.0000 ± 0.0000" and cells[4].startswith("-0.200")  # Brier-1 paired window by window
 
 
+@pytest.mark.slow
 def test_retention_study_and_tradeoff(char_data, tmp_path):
     """The retention study against two plain configs, listed after a layout config that is scored against them
     (the references train first): each reference scores itself, so the short one closes none of the gap and the long

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from softar.config import SoftConfig
 from softar.data.dataset import random_windows
+from softar.decode import Decoding
 from softar.evaluate.stats import mean_se
-from softar.generate import Decoding, generate
-from softar.soft.collapse import CollapsePolicy
+from softar.soft.collapse import CollapsePolicy, Sampling
+from softar.soft.feeds import HardFeed, SoftFeed
 from softar.soft.model import SoftAR
 
 
@@ -67,7 +68,7 @@ def shown_brier(model: SoftAR, prompts: torch.Tensor, truth: torch.Tensor, dec: 
     prompt against its true continuation y, as the unbiased U-statistic 2 mean_i 1[x_i = y] - mean_{i != j}
     1[x_i = x_j]. -> (mean, standard error over prompts). It scores any decoding, soft or hard, the same way."""
     B, n = truth.shape
-    x = generate(model, prompts.repeat_interleave(draws, 0), replace(dec, max_new_tokens=n), seed=seed).tokens
+    x = replace(dec, max_new_tokens=n).run(model, prompts.repeat_interleave(draws, 0), seed=seed).tokens
     x = x.view(B, draws, n)
     hits = (x == truth[:, None]).all(-1).float().mean(1)
     same = (x[:, :, None] == x[:, None]).all(-1).float().sum((1, 2)) - draws  # pairs i != j
@@ -87,14 +88,15 @@ def generation_point(model: SoftAR, reference: SoftAR, prompts: torch.Tensor, tr
     reference model (coherence), its distinct 2- and 3-grams and repeated 4-grams (diversity), its Brier-2
     against the true continuation, the fraction of generated tokens that re-entered the context soft, and the OOD
     score over time (means over blocks of 32 steps)."""
-    g = generate(model, prompts, replace(dec, max_new_tokens=new_tokens), seed=seed)
+    g = replace(dec, max_new_tokens=new_tokens).run(model, prompts, seed=seed)
     out, shown = g.full(), g.tokens
-    soft = 0.0 if dec.mode == "hard" or model.layout.plain else 1 - g.collapsed.float().mean().item()
+    hard = isinstance(dec.feed, HardFeed)
+    soft = 0.0 if hard or model.layout.plain else 1 - g.collapsed.float().mean().item()
     brier, brier_se = shown_brier(model, prompts, truth, dec, seed=seed)
     point = {"reference_ppl": math.exp(continuation_loss(reference, out, prompts.shape[1])),
              "distinct_2": distinct_ngrams(shown, 2), "distinct_3": distinct_ngrams(shown, 3),
              "repeated_4grams": repeated_ngrams(shown), "brier2": brier, "brier2_se": brier_se, "soft_fraction": soft}
-    if dec.mode == "soft" and not model.layout.plain:
+    if not hard and not model.layout.plain:
         sc = g.scores
         point.update(ood_mean=sc.mean().item(), ood_over_time=[c.mean().item() for c in sc.split(32, dim=1)])
     return point
@@ -119,13 +121,13 @@ def generation_report(model: SoftAR, reference: SoftAR, data: np.ndarray,
     args = (model, reference, x, truth)
     rows: dict[str, list[dict]] = {"frontier": []}
     for t, p in FRONTIER:
-        dec = Decoding(mode="hard", temperature=t, top_p=p)
+        dec = Decoding(HardFeed(Sampling(temperature=t, top_p=p)))
         rows["frontier"].append({"temperature": t, "top_p": p, **generation_point(*args, dec, new_tokens, seed)})
     for policy in POLICIES:
         rows[policy] = []
         for thr in thresholds:
-            dec = Decoding(mode="soft", temperature=1.0, soft=SoftConfig(kind="expected"), collapse="lm_sample",
-                           policy=CollapsePolicy(threshold=thr, keep_uncertain=policy == "keep_uncertain"))
+            dec = Decoding(SoftFeed(SoftConfig(kind="expected"), collapse="lm_sample"),
+                           CollapsePolicy(threshold=thr, keep_uncertain=policy == "keep_uncertain"))
             rows[policy].append({"threshold": thr, **generation_point(*args, dec, new_tokens, seed)})
     return rows
 

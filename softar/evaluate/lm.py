@@ -7,9 +7,8 @@ import math
 import numpy as np
 import torch
 
-from softar.data.dataset import WindowSampler, random_windows, sequential_windows
+from softar.data.dataset import WindowSampler, sequential_windows
 from softar.distributed import World
-from softar.evaluate.stats import fit_temperature
 from softar.losses import lm_loss
 
 
@@ -70,21 +69,3 @@ def evaluate_split(model, data: np.ndarray, token_slots: int, device: torch.devi
     if soft:
         out["loss_hard_slots"], out["loss_soft_slots"] = hard_loss / hard_n, soft_loss / soft_n
     return out
-
-
-READOUT_WINDOWS = 64
-
-
-@torch.no_grad()
-def fit_readout(model, train_data: np.ndarray, windows: int = READOUT_WINDOWS, seed: int = 0) -> float:
-    """A regression-only model (ce weight 0) never trained its LM head, so it is read as softmax(cos(y, E) / tau),
-    tau fitted on teacher-forced train windows (never on a split that is evaluated), and collapsed by nearest
-    neighbour (the argmax of that cosine). Sets and returns `model.cosine_readout` (a SoftAR)."""
-    was_training = model.training
-    model.eval()
-    model.cosine_readout = 1.0
-    ids = random_windows(train_data, model.window_slots + 1, windows, seed + 1, model.E.device)
-    logits = model.outputs(model.lm.hidden(model.E[ids[:, :-1]])).logits
-    model.cosine_readout = fit_temperature(logits.flatten(0, 1), ids[:, 1:].flatten())
-    model.train(was_training)
-    return model.cosine_readout

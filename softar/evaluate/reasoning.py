@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from softar import SoftarError
 from softar.config import Config
 from softar.data.tokenizer import load_tokenizer
+from softar.decode import decode
 from softar.evaluate.stats import mean_se
-from softar.soft.thoughts import forward_thoughts, task_loss, thought, thought_span
-from softar.soft.tokens import top_probs
+from softar.soft.collapse import Sampling
+from softar.soft.feeds import HardFeed, SoftFeed
+from softar.soft.thoughts import task_loss
 from softar.tasks import Task, get_task
 from softar.tasks.data import Encoder, Example, load_records, load_task_meta
 from softar.tasks.graphs import frontiers
@@ -66,68 +67,36 @@ class TaskData:
 MAX_BATCH = 256  # questions decoded at once
 
 
-@torch.inference_mode()
 def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new: int, use_cache: bool = True,
           seed: int = 0, top_k: int = 0) -> list[dict]:
-    """Greedy answers at a curriculum stage: each prompt (question, <bot>, thought or pause slots, <eot>) runs with
-    its thoughts, then decodes until <eos> or `max_new` tokens. Prompts of equal length go as one batch. Without
-    the cache every step recomputes the whole sequence (the reference the cache is tested against). Returns per
-    example: generated ids (without <eos>), thoughts [n, m], seconds (its batch's time over its size); with
-    `top_k`, also each step's next-token distribution (`top_probs`): "top" (ids [N, k], probabilities [N, k]) and
-    "entropy" [N], <eos> included."""
-    lm, E, eos = model.lm, model.E, encoder.id["<eos>"]
+    """Greedy answers at a curriculum stage: each prompt (question, <bot>, thought or pause slots, <eot>) is read
+    with its thoughts filled (`SoftFeed.thoughts`), then decoded greedily until <eos>, `max_new` tokens or the end
+    of the window (`softar.decode`, MAX_BATCH prompts at a time). Returns per example: generated ids (without
+    <eos>), thoughts [n, m], seconds (its batch's time over its size); with `top_k` (at most `TRACE_TOP_K`), also
+    each step's next-token distribution: "top" (ids [N, k], probabilities [N, k]) and "entropy" [N], <eos>
+    included."""
+    eos, W = encoder.id["<eos>"], model.window_slots
     prompts = [encoder.prompt(ex, stage) for ex in examples]
-    lanes: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        lanes.setdefault(len(p), []).append(i)
-    lanes = {(P, j): rows[j : j + MAX_BATCH] for P, rows in lanes.items() for j in range(0, len(rows), MAX_BATCH)}
-    results: list[dict] = [{} for _ in examples]
-    for (P, _), rows in lanes.items():
-        if model.window_slots < P + 1:
-            raise SoftarError(f"a prompt of {P} tokens leaves no room to answer in the model's {model.window_slots} "
-                              "slots")
+    too_long = [len(p) for p in prompts if len(p) + 1 > W]
+    if too_long:
+        raise SoftarError(f"a prompt of {too_long[0]} tokens leaves no room to answer in the model's {W} slots")
+    results: list[dict] = []
+    for i in range(0, len(prompts), MAX_BATCH):
+        batch = prompts[i : i + MAX_BATCH]
         t0 = time.perf_counter()
-        gen = torch.Generator(E.device).manual_seed(seed)
-        ids = torch.tensor([prompts[i] for i in rows], device=E.device)  # [b, P]
-        if use_cache:
-            cache = lm.new_cache(*ids.shape)
-            logits, thoughts = forward_thoughts(model, ids, cache, gen)
-            last = logits[:, -1]
-        else:
-            vectors = F.embedding(ids, E)
-            start, n = thought_span(ids, model.thought_id)
-            seq, kept = vectors[:, :start], []
-            for _ in range(n):
-                kept.append(thought(model, model.read(seq, last=True), gen).to(vectors.dtype))
-                seq = torch.cat([seq, kept[-1]], dim=1)
-            seq = torch.cat([seq, vectors[:, start + n :]], dim=1)
-            thoughts = torch.cat(kept, dim=1) if kept else vectors[:, :0]
-            last = model.read(seq, last=True).logits[:, -1]
-        out, done, dists = [], torch.zeros(len(rows), dtype=torch.bool, device=E.device), []
-        for _ in range(min(max_new, model.window_slots - P)):
+        g = decode(model, batch, HardFeed(Sampling(temperature=0.0)), [min(max_new, W - len(p)) for p in batch],
+                   stop=[eos], seed=seed, thoughts=SoftFeed.thoughts(model), use_cache=use_cache,
+                   return_trace=bool(top_k))
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for j in range(len(batch)):
+            n = int(g.lengths[j])
+            ids = g.tokens[j, :n].tolist()
+            result = {"ids": ids[:-1] if g.stopped[j] else ids, "thoughts": g.thoughts[j].float().cpu(),
+                      "seconds": seconds}
             if top_k:
-                dists.append(top_probs(last, top_k))
-            tok = last.argmax(-1)  # [b]
-            out.append(tok)
-            done |= tok == eos
-            if done.all():
-                break
-            v = E[tok][:, None]  # [b, 1, m]
-            if use_cache:
-                last = model.outputs(lm.hidden(v, cache=cache)).logits[:, -1]
-            else:
-                seq = torch.cat([seq, v], dim=1)
-                last = model.read(seq, last=True).logits[:, -1]
-        seconds = (time.perf_counter() - t0) / len(rows)
-        gen_ids = torch.stack(out, dim=1).tolist()  # [b, N]
-        for j, i in enumerate(rows):
-            ids_i = gen_ids[j]
-            results[i] = {"ids": ids_i[: ids_i.index(eos)] if eos in ids_i else ids_i,
-                          "thoughts": thoughts[j].float().cpu(), "seconds": seconds}
-            if top_k:
-                n = len(results[i]["ids"]) + (eos in ids_i)
-                results[i]["top"] = tuple(torch.stack([d[f][j] for d in dists[:n]]).cpu() for f in (0, 1))
-                results[i]["entropy"] = torch.stack([d[2][j] for d in dists[:n]]).cpu()
+                result["top"] = (g.top_ids[j, :n, :top_k].cpu(), g.top_probs[j, :n, :top_k].cpu())
+                result["entropy"] = g.entropy[j, :n].cpu()
+            results.append(result)
     return results
 
 
@@ -198,8 +167,8 @@ def evaluate_task(model, data: TaskData, split: str, stages: list[int] | None = 
             acc, acc_se = mean_se(correct)
             entry = {"accuracy": acc, "accuracy_se": acc_se,
                      "accuracy_by_steps": {str(k): statistics.fmean(v) for k, v in sorted(by_steps.items())},
-                     "thought_tokens": len(enc.middle(stage)[0]) if cfg.mode == "thoughts" else 0,
-                     "pause_tokens": cfg.pauses if cfg.mode == "pause" else 0,
+                     "thought_tokens": len(enc.middle(stage)[0]) if enc.mode.slot == "<thought>" else 0,
+                     "pause_tokens": len(enc.middle(stage)[0]) if enc.mode.slot == "<pause>" else 0,
                      "step_tokens": statistics.fmean(steps_tok),
                      "seconds_per_question": statistics.fmean(o["seconds"] for o in res),
                      "correct": correct}  # per question, in file order: paired comparisons across runs
@@ -260,7 +229,7 @@ def evaluate_task_run(run_dir: str | Path, task: str, data_file: str | Path, dev
     data = TaskData.open(run.cfg, splits=(), files={"eval": Path(data_file)})
     data.check_fits("eval", run.model.window_slots, f"--data {data_file}")
     final = data.encoder.final_stage()
-    stages = list(range(final + 1)) if run.cfg.task.mode == "thoughts" else [final]
+    stages = list(range(final + 1))
     report = evaluate_task(run.model, data, "eval", stages, seed=seed)
     loss = task_loss_on(run.model, data, "eval", final, run.cfg.train.batch_size, None, run.model.E.device)
     return {"run_dir": str(run_dir), "step": run.step, "data": str(data_file), "loss": loss, **report}

@@ -245,7 +245,7 @@ def bag_of_words(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def last_hidden(model: SoftAR, ids: torch.Tensor, prefix: int, context: int | None = None) -> torch.Tensor:
     """The last hidden state [N, d] of the window that predicts each stretch's token at `prefix`."""
     model.eval()
-    return torch.cat([model.lm.hidden(w).last[:, -1].float() for _, w in
+    return torch.cat([model.step(w, at=slice(-1, None)).hidden[:, -1].float() for _, w in
                       scored_windows(model, ids[:, : prefix + 1], prefix, context)])
 
 

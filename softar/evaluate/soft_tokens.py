@@ -8,7 +8,6 @@ function returns per-window values, so `softar.evaluate.stats` can put bootstrap
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -16,12 +15,13 @@ import torch.nn.functional as F
 
 from softar.config import SoftConfig
 from softar.data.dataset import random_windows
-from softar.evaluate.stats import at_bound, fit_temperature, mean_se, paired_bootstrap, resolved
-from softar.generate import LAST
-from softar.model import Outputs
-from softar.soft.collapse import nearest, round_trip_gap
+from softar.decode import decode
+from softar.evaluate.stats import at_bound, mean_se, paired_bootstrap, resolved
+from softar.losses import fit_temperature
+from softar.soft.collapse import Sampling, nearest, round_trip_gap
+from softar.soft.feeds import ConstantFeed, Feed, HardFeed, SoftFeed, TeacherFeed
 from softar.soft.model import SoftAR
-from softar.soft.tokens import SOFT_TOKENS, heads_of, make_soft_token, sample_ids
+from softar.soft.tokens import SOFT_TOKENS, heads_of, make_soft_token
 
 AVERAGED = (1, 2, 4, 16)  # sampled rollouts averaged in probability: sampled_avg_S
 CONSTANTS = ("constant_mean", "constant_unigram", "zero")  # one fixed vector fed back at every step
@@ -59,7 +59,7 @@ def soft_output_metrics(model: SoftAR, data: np.ndarray, windows: int = 64, seed
     ids = random_windows(data, model.window_slots + 1, windows, seed, device)
     x, y = ids[:, :-1], ids[:, 1:]
     E = model.E
-    out = model.outputs(model.lm.hidden(E[x]))
+    out = model.step(E[x])
     target = E[y]
     unit = nn_spacing(E)
     gen = torch.Generator(device=ids.device).manual_seed(seed)
@@ -77,22 +77,15 @@ def soft_output_metrics(model: SoftAR, data: np.ndarray, windows: int = 64, seed
 
 # -- open-loop rollouts ---------------------------------------------------------------------------------------------
 
-Feed = Callable[[Outputs, int], torch.Tensor]  # (this step's outputs at the last slot, step) -> next input [W, m]
-
-
 @torch.no_grad()
-def rollout(model: SoftAR, ids: torch.Tensor, prefix: int, horizon: int, feed: Feed) -> torch.Tensor:
-    """From the true prefix ids[:, :prefix + 1], `horizon` steps in which the model reads what `feed` gives it ->
-    the logits of every step [W, horizon, V] (step k predicts ids[:, prefix + 1 + k])."""
-    lm = model.lm
-    cache = lm.new_cache(ids.shape[0], prefix + horizon)
-    out = model.outputs(lm.hidden(model.E[ids[:, : prefix + 1]], cache=cache)[:, -1:]).at(LAST)
-    logits = []
-    for k in range(horizon):
-        logits.append(out.logits.float())
-        if k < horizon - 1:
-            out = model.outputs(lm.hidden(feed(out, k).unsqueeze(1), cache=cache)).at(LAST)
-    return torch.stack(logits, dim=1)
+def rollout(model: SoftAR, ids: torch.Tensor, prefix: int, horizon: int, feed: Feed,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the true prefix ids[:, :prefix + 1], `horizon` steps in which the model reads what `feed` gives it
+    (drawing from `generator`, one stream for all windows) -> (the logits of every step [W, horizon, V], step k
+    predicting ids[:, prefix + 1 + k]; the tokens the feed showed [W, horizon - 1])."""
+    g = decode(model, ids[:, : prefix + 1], feed, horizon - 1, seed=generator or torch.Generator(model.E.device),
+               return_logits=True)
+    return g.logits, g.tokens
 
 
 def _truth_logp(logits: torch.Tensor, truth: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -100,38 +93,23 @@ def _truth_logp(logits: torch.Tensor, truth: torch.Tensor, temperature: float = 
     return (logits / temperature).log_softmax(-1).gather(-1, truth.unsqueeze(-1)).squeeze(-1)
 
 
-def _feeds(model: SoftAR, truth: torch.Tensor, prior: torch.Tensor, seed: int,
-           drawn: dict[str, list[torch.Tensor]]) -> dict[str, Feed]:
-    """Every feedback mode -> its feed. Sampled rollout s (`sampled_<s>`, seeded seed + s: rollout 0 draws what
-    a single sampled rollout always drew) records its tokens in drawn[mode]; soft modes run two independent paths
-    (`soft_<kind>#0`, `#1`)."""
+def _feeds(model: SoftAR, truth: torch.Tensor, prior: torch.Tensor) -> dict[str, Feed]:
+    """Every feedback mode -> its feed. Sampled rollout s is `sampled_<s>` (drawn with seed + s: rollout 0 draws what
+    a single sampled rollout always drew); soft modes run two independent paths (`soft_<kind>#0`, `#1`)."""
     E = model.E
-
-    def sampler(s: int) -> Feed:
-        gen = torch.Generator(device=E.device).manual_seed(seed + s)
-        tokens = drawn.setdefault(f"sampled_{s}", [])
-
-        def feed(out: Outputs, k: int) -> torch.Tensor:
-            tokens.append(sample_ids(out.logits.float(), gen))
-            return E[tokens[-1]]
-
-        return feed
-
-    def soft(kind: str, s: int) -> Feed:
-        gen = torch.Generator(device=E.device).manual_seed(seed + s)
-        spec = SoftConfig(kind=kind)
-        return lambda out, k: make_soft_token(out, E, spec, gen).to(E.dtype)
-
-    def constant(v: torch.Tensor) -> Feed:
-        return lambda out, k: v.expand(truth.shape[0], -1)
-
-    feeds = {"teacher": lambda out, k: E[truth[:, k]], "greedy": lambda out, k: E[out.logits.argmax(-1)]}
-    feeds.update({f"sampled_{s}": sampler(s) for s in range(max(AVERAGED))})
+    feeds: dict[str, Feed] = {"teacher": TeacherFeed(truth), "greedy": HardFeed(Sampling(temperature=0.0))}
+    feeds.update({f"sampled_{s}": HardFeed(Sampling(temperature=1.0)) for s in range(max(AVERAGED))})
     vectors = {"constant_mean": E.mean(0), "constant_unigram": prior.to(E) @ E, "zero": torch.zeros_like(E[0])}
-    feeds.update({name: constant(vectors[name]) for name in CONSTANTS})
+    feeds.update({name: ConstantFeed(vectors[name]) for name in CONSTANTS})
     for kind in soft_kinds(model):  # two independent paths each: the shown text's Brier needs a pair
-        feeds.update({f"soft_{kind}#{s}": soft(kind, s) for s in (0, 1)})
+        feeds.update({f"soft_{kind}#{s}": SoftFeed(SoftConfig(kind=kind), noisy=False) for s in (0, 1)})
     return feeds
+
+
+def _seed_of(mode: str, seed: int) -> int:
+    """The stream of a feedback mode: path s of a sampled or soft mode draws from seed + s."""
+    return seed + int(mode.rsplit("_", 1)[1]) if mode.startswith("sampled_") else \
+        seed + int(mode.rsplit("#", 1)[1]) if "#" in mode else seed
 
 
 def effective_samples(losses: dict[int, float], soft: float) -> tuple[float | None, str]:
@@ -160,7 +138,7 @@ def fit_greedy_temperature(model: SoftAR, train_data: np.ndarray, horizon: int, 
     block = model.window_slots
     ids = random_windows(train_data, block + 1, windows, seed + 1, model.E.device)
     prefix = block - horizon
-    logits = rollout(model, ids, prefix, horizon, lambda out, k: model.E[out.logits.argmax(-1)])
+    logits, _ = rollout(model, ids, prefix, horizon, HardFeed(Sampling(temperature=0.0)))
     return fit_temperature(logits.flatten(0, 1), ids[:, prefix + 1 :].flatten())
 
 
@@ -193,8 +171,9 @@ def open_loop_loss(model: SoftAR, data: np.ndarray, horizon: int, train_data: np
     prior = unigram(train_data if train_data is not None else data, E.shape[0]).to(E.device)
     logp, first, drawn = {}, {}, {}  # mode -> [W, K]; the first steps' logits [W, n, V] (for Brier); draws
     greedy_logits = None
-    for mode, feed in _feeds(model, truth, prior, seed, drawn).items():
-        logits = rollout(model, ids, prefix, horizon, feed)
+    for mode, feed in _feeds(model, truth, prior).items():
+        gen = torch.Generator(device=E.device).manual_seed(_seed_of(mode, seed))
+        logits, drawn[mode] = rollout(model, ids, prefix, horizon, feed, gen)
         logp[mode], first[mode] = _truth_logp(logits, truth), logits[:, :BRIER_N]
         if mode == "greedy":
             greedy_logits = logits
@@ -228,7 +207,7 @@ def open_loop_loss(model: SoftAR, data: np.ndarray, horizon: int, train_data: np
     return result
 
 
-def brier_of_shown_text(model: SoftAR, logits: dict[str, torch.Tensor], drawn: dict[str, list[torch.Tensor]],
+def brier_of_shown_text(model: SoftAR, logits: dict[str, torch.Tensor], drawn: dict[str, torch.Tensor],
                         truth: torch.Tensor) -> dict:
     """Brier-n (n up to min(4, K)) of the text each feedback mode shows over the first n open-loop steps, against
     the true n-gram, per window, in its low-variance form 2 P(y) - sum_x P(x)^2:
@@ -254,7 +233,7 @@ def brier_of_shown_text(model: SoftAR, logits: dict[str, torch.Tensor], drawn: d
                 q = 0
                 for s in (0, 1):
                     pr = p[f"sampled_{s}"]
-                    x = torch.stack(drawn[f"sampled_{s}"][: n - 1], 1) if n > 1 else truth[:, :0]  # [W, n-1]
+                    x = drawn[f"sampled_{s}"][:, : n - 1]  # [W, n-1]
                     q = q + pr[:, : n - 1].gather(-1, x[..., None]).squeeze(-1).prod(-1) * pr[:, n - 1].pow(2).sum(-1)
                 rows.append(2 * p_y - q / 2)
             else:
@@ -314,18 +293,15 @@ def brier_lm(model: SoftAR, data: np.ndarray, windows: int = 64, seed: int = 0, 
 
 def _brier_estimates(model: SoftAR, ids: torch.Tensor, starts: list[int], gen: torch.Generator) -> torch.Tensor:
     """Brier-1..4 estimates [n, W, positions] for windows ids [W, T + 1] at the given start positions."""
-    lm, E = model.lm, model.E
-    p = model.outputs(lm.hidden(E[ids[:, :-1]])).logits.float().softmax(-1)  # [W, T, V]
+    E = model.E
+    p = model.step(E[ids[:, :-1]]).logits.float().softmax(-1)  # [W, T, V]
     hit = p.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [W, T]: p_t(y_t+1)
     est = torch.zeros(BRIER_N, ids.shape[0], len(starts), device=ids.device)
-    for i, t in enumerate(starts):
-        cache = lm.new_cache(ids.shape[0], t + BRIER_N)
-        lm.hidden(E[ids[:, : t + 1]], cache=cache)  # the prefix's keys; its last distribution is p[:, t]
-        pk, path = p[:, t], torch.ones(ids.shape[0], device=ids.device)
+    for i, t in enumerate(starts):  # a path x sampled from each start: the distributions along it
+        logits, x = rollout(model, ids, t, BRIER_N, HardFeed(Sampling(temperature=1.0)), gen)
+        pk = logits.softmax(-1)  # [W, n, V]: the first is p_t, then p(. | x_1 .. x_k)
+        path = torch.cat([torch.ones_like(x[:, :1], dtype=pk.dtype),
+                          pk[:, :-1].gather(-1, x[..., None])[..., 0].cumprod(1)], dim=1)  # [W, n]
         for n in range(1, BRIER_N + 1):
-            est[n - 1, :, i] = 2 * hit[:, t : t + n].prod(-1) - path * pk.pow(2).sum(-1)
-            if n < BRIER_N:
-                x = torch.multinomial(pk, 1, generator=gen)  # [W, 1]
-                path = path * pk.gather(-1, x).squeeze(-1)
-                pk = model.outputs(lm.hidden(E[x], cache=cache)).logits[:, -1].float().softmax(-1)
+            est[n - 1, :, i] = 2 * hit[:, t : t + n].prod(-1) - path[:, n - 1] * pk[:, n - 1].pow(2).sum(-1)
     return est

@@ -58,32 +58,6 @@ def resolved(mean: float, se: float) -> bool:
 
 
 @torch.no_grad()
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, lo: float = 1e-4, hi: float = 1e4,
-                    iters: int = 60) -> float:
-    """The temperature tau minimising the cross-entropy of softmax(logits / tau) on targets: logits [N, V], targets
-    [N]. The loss is unimodal in log tau, so a golden-section search over [lo, hi] finds it without gradients; an
-    optimum beyond the range returns its end (`at_bound` tells)."""
-    logits, targets = logits.float(), targets.long()
-
-    def loss(log_tau: float) -> float:
-        return torch.nn.functional.cross_entropy(logits / float(np.exp(log_tau)), targets).item()
-
-    a, b = np.log(lo), np.log(hi)
-    g = (np.sqrt(5) - 1) / 2
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = loss(c), loss(d)
-    for _ in range(iters):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = loss(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = loss(d)
-    return float(np.exp((a + b) / 2))
-
-
 def at_bound(tau: float, lo: float = 1e-4, hi: float = 1e4) -> bool:
     """Whether a fitted temperature sits at an end of its search range (the data asked for more: a model that
     puts all its mass on one token, say), so it is a bound rather than an optimum."""

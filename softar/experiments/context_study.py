@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from softar import SoftarError
+from softar.config import Config
 from softar.disk import strict_json, write_text_atomic
 from softar.evaluate.context import RECOVERY_HISTORY
 from softar.evaluate.generation import POLICIES, frontier_gap
 from softar.evaluate.stats import mean_std
+from softar.experiments.study import Results, Study, evaluate_lm_run
 
 GENERATION_FILE = "generation.json"
 
@@ -175,3 +178,43 @@ def coherence_section(rows: dict[str, list[dict]], gen: str, ref: str) -> list[s
                   "diversity in at least one seed, or the soft text is more diverse than any plain sampling "
                   "(no comparison).", ""]
     return lines
+
+
+class LayoutStudy(Study):
+    """`softar sweep ... --generation GENERATOR REFERENCE`: the layouts' losses and recovery, and the coherence
+    against nuance of the generator's free-running soft generation, scored by the plain reference."""
+
+    name = "context layouts"
+
+    def check(self) -> None:
+        gen, ref = self.options.generation
+        for name in (gen, ref):
+            if name not in self.configs:
+                raise SoftarError(f"sweep --generation: {name!r} is not one of the configs ({', '.join(self.configs)})")
+        if not self.configs[ref].context.plain:
+            raise SoftarError(f"sweep --generation: the reference {ref!r} has a context layout; it must be a plain "
+                              "hard-token config")
+        if self.configs[gen].context.plain:
+            raise SoftarError(f"sweep --generation: the generator {gen!r} has no context layout; the trade-off is "
+                              "measured on a layout config")
+
+    def evaluate(self, run_dir: Path, cfg: Config, seed: int) -> dict:
+        return evaluate_lm_run(run_dir, cfg, self.options)
+
+    def columns(self) -> list[str]:
+        return list(COLUMNS)
+
+    def bar_metrics(self) -> list[str]:
+        return BAR_METRICS
+
+    def plot_tradeoff(self) -> str:
+        """Score (or reuse) each seed's generation report and draw tradeoff.png -> its name."""
+        o = self.options
+        self.tradeoff = tradeoff(o.out, *o.generation, o.seeds, o.base_seed)
+        return "tradeoff.png"
+
+    def plots(self, results: Results) -> list[str]:
+        return [*super().plots(results), self.plot_tradeoff()]
+
+    def sections(self, results: Results) -> list[str]:
+        return report_sections(results.table, self.options.generation, self.tradeoff)

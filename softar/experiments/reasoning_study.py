@@ -12,8 +12,11 @@ import numpy as np
 
 from softar.config import Config
 from softar.disk import read_jsonl
+from softar.evaluate.reasoning import evaluate_task_run
 from softar.evaluate.stats import paired_bootstrap_2way
+from softar.experiments.study import Results, Study
 from softar.tasks.data import stage_iters
+from softar.tasks.modes import MODES
 
 STAGES, DEPTHS, STEPS = range(7), range(1, 7), range(3, 7)
 BAR_METRICS = ["accuracy", "step_tokens", "seconds_per_question"]
@@ -45,7 +48,7 @@ def plot_accuracy(names: list[str], seeds: int, base_seed: int, out: Path, cfgs:
                            and isinstance(r.get("val_accuracy"), int | float)})
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], marker="o", label=name)
-    staged = [cfgs[n] for n in names if cfgs[n].task.mode == "thoughts"]
+    staged = [cfgs[n] for n in names if MODES[cfgs[n].task.mode].curriculum]
     if staged:
         per = stage_iters(staged[0].task, staged[0].train.max_iters)
         for k in range(1, staged[0].task.max_stage + 1):
@@ -73,10 +76,7 @@ def _ms(table: dict, name: str, col: str, scale: float = 1.0, digits: int = 3) -
 
 
 def _label(cfg: Config) -> str:
-    t = cfg.task
-    if t.mode == "thoughts":
-        return f"thoughts ({cfg.soft.kind}{', ' + cfg.soft.noise if cfg.soft.noise != 'none' else ''})"
-    return {"no_cot": "no CoT", "cot": "CoT", "pause": f"pause ({t.pauses})"}[t.mode]
+    return MODES[cfg.task.mode].label(cfg)
 
 
 def against(raw: dict[str, list[dict]], name: str, ref: str) -> dict | None:
@@ -136,7 +136,7 @@ def report_sections(table: dict, raw: dict[str, list[dict]], cfgs: dict[str, Con
     out += ["", "## By number of reasoning steps", "", "| config | " + " | ".join(f"{k} steps" for k in STEPS) + " |",
             "|---" * (len(STEPS) + 1) + "|"]
     out += [f"| {n} | " + " | ".join(_ms(table, n, f"accuracy_by_steps.{k}") for k in STEPS) + " |" for n in names]
-    staged = [n for n in names if cfgs[n].task.mode == "thoughts"]
+    staged = [n for n in names if MODES[cfgs[n].task.mode].curriculum]
     if staged:
         out += ["", "## By curriculum stage", "",
                 "The final checkpoint evaluated at every stage k: the first k steps replaced by k * c thoughts "
@@ -182,3 +182,31 @@ def report_sections(table: dict, raw: dict[str, list[dict]], cfgs: dict[str, Con
             f"scratch for {first.train.max_iters} steps of {first.train.batch_size} questions ({budget:,} questions "
             f"seen) in the {first.task.render} rendering, on CPU. {ANCHORS}"]
     return out
+
+
+class ReasoningStudy(Study):
+    """Reasoning-task configs: each mode's greedy test accuracy, scored once after training."""
+
+    name = "reasoning"
+
+    def evaluate(self, run_dir: Path, cfg: Config, seed: int) -> dict:
+        # the test split, once, with the final checkpoint (chosen on nothing)
+        return evaluate_task_run(run_dir, cfg.task.name, Path(cfg.data.dir) / "test.json", cfg.train.device)
+
+    def columns(self) -> list[str]:
+        return columns()
+
+    def bar_metrics(self) -> list[str]:
+        return BAR_METRICS
+
+    def plots(self, results: Results) -> list[str]:
+        o = self.options
+        loss, bars = super().plots(results)
+        plot_accuracy(list(results.table), o.seeds, o.base_seed, o.out, results.configs)
+        return [loss, "accuracy_curves.png", bars]
+
+    def setup(self, results: Results) -> str:
+        return SETUP
+
+    def sections(self, results: Results) -> list[str]:
+        return report_sections(results.table, results.raw, results.configs)

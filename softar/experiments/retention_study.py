@@ -20,6 +20,7 @@ from softar.evaluate.retention import (
     split_context,
 )
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
+from softar.experiments.study import Results, Study, SweepOptions, evaluate_lm_run
 
 ARRAYS_FILE = "retention.npz"
 COLUMNS = ["loss", "retention.loss.real", "retention.gap", "retention.loss_minus_short", "retention.gap_closed",
@@ -363,3 +364,58 @@ def plot_context_curve(raw: dict[str, list[dict]], arrays_dirs: dict[str, list[P
     fig.tight_layout()
     fig.savefig(out / "context_curve.png", dpi=110)
     plt.close(fig)
+
+
+class RetentionStudy(Study):
+    """`softar sweep ... --gap SHORT[:N] LONG[:N]`: every run scored on identical targets against the two plain
+    references (trained first), the seeds' per-target arrays pooled into paired intervals; `--analogies` adds the
+    analogy section, `--generation` the layout study's coherence trade-off."""
+
+    name = "retention"
+
+    def __init__(self, configs: dict[str, Config], options: SweepOptions):
+        from softar.experiments.context_study import LayoutStudy
+
+        super().__init__(configs, options)
+        self.layouts = LayoutStudy(configs, options) if options.generation else None
+
+    def check(self) -> None:
+        self.refs = parse_gap(self.options.gap, self.configs)
+        if self.layouts:
+            self.layouts.check()
+
+    def first(self) -> list[str]:
+        return list(dict.fromkeys(name for name, _ in self.refs))
+
+    def gap(self, seed: int) -> tuple[str, str]:
+        return gap_specs(self.refs, self.options.out, self.options.base_seed + seed)
+
+    def evaluate(self, run_dir: Path, cfg: Config, seed: int) -> dict:
+        # the retention study reads neither a plain run's soft-output metrics nor a new pass over the whole split
+        # (the run's own final one stands)
+        return evaluate_lm_run(run_dir, cfg, self.options, gap_runs=self.gap(seed), arrays_out=run_dir / ARRAYS_FILE,
+                               analogies=self.options.analogies, soft_metrics=False, whole_split=False)
+
+    def stale(self, kept: dict, seed: int) -> bool:
+        return not scored_as(kept, self.gap(seed), self.options.windows) or \
+            self.options.analogies is not None and "analogies" not in kept
+
+    def columns(self) -> list[str]:
+        return list(COLUMNS)
+
+    def bar_metrics(self) -> list[str]:
+        return BAR_METRICS
+
+    def plots(self, results: Results) -> list[str]:
+        plot_context_curve(results.raw, results.dirs, self.refs, self.options.out)
+        pngs = ["context_curve.png", *super().plots(results)]
+        return pngs + ([self.layouts.plot_tradeoff()] if self.layouts else [])
+
+    def setup(self, results: Results) -> str:
+        return setup(results.configs, results.raw, self.options.seeds)
+
+    def sections(self, results: Results) -> list[str]:
+        lines = report_sections(results.table, results.raw, results.configs, results.dirs, self.refs)
+        if self.layouts:
+            lines += self.layouts.sections(results)
+        return lines + (analogy_section(results.raw) if self.options.analogies is not None else [])

@@ -13,12 +13,15 @@ import numpy as np
 
 from softar import SoftarError
 from softar.checkpoint import latest_checkpoint
-from softar.config import Config
+from softar.config import Config, load_raw, seeded
 from softar.data.dataset import sha256_file
 from softar.disk import read_json, read_jsonl, strict_json, write_text_atomic
+from softar.evaluate.reasoning import evaluate_task_run
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
+from softar.experiments.study import Results, Study
 from softar.rl.objective import PASS_K, pass_at_k
-from softar.rundir import CHECKPOINTS, METRICS_FILE
+from softar.rl.trainer import RLTrainer
+from softar.rundir import CHECKPOINTS, METRICS_FILE, read_config
 
 INFERENCE = ("hard", "soft")  # how the thought slots are filled at test time, whatever RL trained
 STARTS = "starts"  # in the sweep's folder: the supervised starts' scores, one file per initial run
@@ -247,3 +250,51 @@ def plot_curves(run_dirs: dict[str, list[Path]], cfgs: dict[str, Config], out: P
     fig.tight_layout()
     fig.savefig(out / "reward_curves.png", dpi=120)
     plt.close(fig)
+
+
+class RLStudy(Study):
+    """RL configs (an [rl] table naming init_from): each scored on the test split by pass@k under hard and soft
+    inference, against the supervised start each one began from."""
+
+    name = "RL"
+    trainer = RLTrainer
+
+    def check(self) -> None:
+        check_grid(self.configs)
+        o = self.options
+        templates = {name: load_raw(o.paths[name], list(o.overrides))["rl"]["init_from"] for name in self.configs}
+        self.inits = {name: [Path(seeded(templates[name], o.base_seed + s)) for s in range(o.seeds)]
+                      for name in self.configs}
+        for d in {d for dirs in self.inits.values() for d in dirs}:  # every seed's start exists before a run trains
+            read_config(d)
+
+    def evaluate(self, run_dir: Path, cfg: Config, seed: int) -> dict:
+        result = evaluate_task_run(run_dir, cfg.task.name, test_file(cfg), cfg.train.device)
+        result["sampled"] = sampled_results(run_dir, cfg)  # and pass@k under each inference policy
+        return result
+
+    def stale(self, kept: dict, seed: int) -> bool:
+        return not scored_as_now(kept)
+
+    def extra_rows(self) -> dict[str, list[dict]]:
+        self.starts: dict[str, list[dict]] = {}
+        for name, cfg in self.configs.items():  # one start per task (`check_grid`): its configs share their starts
+            if cfg.task.name not in self.starts:
+                self.starts[cfg.task.name] = start_results(self.inits[name], cfg, self.options.out)
+        return {start_name(task): runs for task, runs in self.starts.items()}
+
+    def columns(self) -> list[str]:
+        return columns()
+
+    def bar_metrics(self) -> list[str]:
+        return []
+
+    def plots(self, results: Results) -> list[str]:
+        plot_curves(results.dirs, results.configs, self.options.out)
+        return ["reward_curves.png"]
+
+    def setup(self, results: Results) -> str:
+        return SETUP
+
+    def sections(self, results: Results) -> list[str]:
+        return report_sections(results.raw, results.configs, self.starts)

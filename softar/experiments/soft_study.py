@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import statistics
 from functools import partial
+from pathlib import Path
 
+from softar.config import Config
 from softar.evaluate.soft_tokens import AVERAGED, CONSTANTS, effective_samples
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
+from softar.experiments.study import Results, Study, evaluate_lm_run
 from softar.soft.tokens import SOFT_TOKENS
 
 SOFT_MODES = tuple(f"soft_{kind}" for kind in SOFT_TOKENS)  # open-loop feedback with each registered soft token
@@ -208,3 +211,29 @@ def report_sections(table: dict, raw: dict[str, list[dict]], horizons: tuple[int
               "seeds and windows below 0, with teacher-forced val loss within 2% of the same dataset's "
               "cross-entropy baseline.", "", *claims(table, raw, horizons), ""]
     return lines
+
+
+class SoftTokenStudy(Study):
+    """The default study of language-model configs: soft-token definitions, embedding spaces and losses. With
+    `--analogies` it is the analogy study, whose report is the analogies alone."""
+
+    name = "soft tokens"
+
+    def evaluate(self, run_dir: Path, cfg: Config, seed: int) -> dict:
+        return evaluate_lm_run(run_dir, cfg, self.options, analogies=self.options.analogies)
+
+    def stale(self, kept: dict, seed: int) -> bool:
+        return self.options.analogies is not None and "analogies" not in kept
+
+    def columns(self) -> list[str]:
+        return columns(self.options.horizons)
+
+    def bar_metrics(self) -> list[str]:
+        return bar_metrics(self.options.horizons)
+
+    def sections(self, results: Results) -> list[str]:
+        if self.options.analogies is not None:
+            from softar.experiments.retention_study import analogy_section
+
+            return analogy_section(results.raw)
+        return report_sections(results.table, results.raw, self.options.horizons)

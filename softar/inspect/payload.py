@@ -8,7 +8,7 @@ The payload (also written as PAGE.json; `PAYLOAD_VERSION` says its format):
   aggregate | gone; a token slot, in a plain window or a soft region, is as it entered) and `region` (segment0 is
   the newest segment), and `collapsed` (the policy collapsed it in place; `why`: at entry or by the budget). A
   generated token also has its log-probability and the model's next-token distribution there (temperature 1,
-  unfiltered, as `generate`'s logprobs): its `entropy`, its `topk` ([text, p]), and the policy's OOD `score`; in
+  unfiltered, as `decode`'s logprobs): its `entropy`, its `topk` ([text, p]), and the policy's OOD `score`; in
   soft mode the `nearest` vocabulary tokens to the vector that re-entered ([text, L2 distance]); a thought its
   `nodes` (the graph nodes it reads as, [name, score]), its `depth` and that depth's `frontier`.
 - `steps`: the window before each generated token, then the last one: its regions, oldest first, each the token
@@ -26,10 +26,11 @@ import torch
 
 import softar
 from softar import SoftarError
+from softar.decode import TRACE_TOP_K, Decoding, Generation, WindowView
 from softar.disk import read_jsonl
-from softar.generate import TRACE_TOP_K, Decoding, Generation, WindowView, generate
 from softar.rundir import METRICS_FILE, LoadedRun
 from softar.soft.collapse import CollapsePolicy, nearest_k
+from softar.soft.feeds import SoftFeed
 
 PAYLOAD_VERSION = 1
 NEAREST = 5  # vocabulary tokens listed per soft vector
@@ -120,13 +121,9 @@ def read_curves(run_dir: Path) -> dict:
 
 
 def _run_info(run: LoadedRun, run_dir: str | Path) -> dict:
-    m, lay, lm = run.cfg.model, run.model.layout, run.model.lm
-    hf = getattr(lm, "model", None)  # a Hugging Face network (`softar.model.hf`): its own config says its size
-    shape = ({"n_layer": hf.config.num_hidden_layers, "n_head": hf.config.num_attention_heads,
-              "d_model": hf.config.hidden_size, "hf": type(hf).__name__} if hf is not None else
-             {"n_layer": m.n_layer, "n_head": m.n_head, "d_model": m.d_model})
+    m, lay = run.cfg.model, run.model.layout
     return {"dir": str(run_dir), "step": run.step, "softar": softar.__version__,
-            "model": {**shape, "block_size": m.block_size, "vocab_size": run.model.E.shape[0],
+            "model": {**run.model.lm.describe(), "block_size": m.block_size, "vocab_size": run.model.E.shape[0],
                       "embedding_dim": run.model.E.shape[1]},
             "layout": {"plain": lay.plain, "aggregate": lay.aggregate, "segments": list(lay.segments),
                        "hard": lay.hard, "soft": lay.soft, "op": lay.op, "aggregate_all": lay.aggregate_all,
@@ -134,9 +131,12 @@ def _run_info(run: LoadedRun, run_dir: str | Path) -> dict:
 
 
 def _decoding_info(dec: Decoding) -> dict:
-    return {"mode": dec.mode, "temperature": dec.temperature, "top_k": dec.top_k, "top_p": dec.top_p,
-            "soft": dec.soft.kind if dec.mode == "soft" else None, "noise": dec.soft.noise if dec.mode == "soft" else
-            None, "collapse": dec.collapse if dec.mode == "soft" else None, "max_new_tokens": dec.max_new_tokens}
+    feed = dec.feed
+    soft = isinstance(feed, SoftFeed)
+    s = feed.sampling
+    return {"mode": feed.name, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+            "soft": feed.spec.kind if soft else None, "noise": feed.spec.noise if soft else None,
+            "collapse": feed.collapse if soft else None, "max_new_tokens": dec.max_new_tokens}
 
 
 def collapse_reason(policy: CollapsePolicy, score: float) -> str:
@@ -152,12 +152,12 @@ def text_payload(run: LoadedRun, run_dir: str | Path, prompt: list[int], dec: De
                  shift_every: int | None = None) -> dict:
     """One generation from `prompt` under `dec` (seed as `softar sample --seed`), traced."""
     model, tok, E = run.model, run.tokenizer, run.model.E
-    g: Generation = generate(model, [prompt], dec, seed=seed, return_vectors=True, shift_every=shift_every,
-                             return_trace=True)
+    g: Generation = dec.run(model, [prompt], seed=seed, return_vectors=True, shift_every=shift_every,
+                            return_trace=True)
     n, P = int(g.lengths[0]), len(prompt)
     views = g.windows[0]
     final = views[-1]
-    soft_mode = dec.mode == "soft"
+    soft_mode = isinstance(dec.feed, SoftFeed)
 
     def tier_of(region: str, entered: str) -> str:
         if region in ("tokens", "soft"):  # a token slot holds what re-entered (hard mode: hard tokens throughout)
@@ -221,7 +221,7 @@ def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int, se
     for i, token in enumerate(prompt):
         entry = {"i": i, "text": words[token], "source": "prompt", "entered": "hard", "tier": "hard",
                  "region": "tokens", "collapsed": False}
-        if token == run.model.thought_id and enc.cfg.mode == "thoughts":
+        if token == run.model.thought_id and enc.mode.slot == "<thought>":
             depth = t // c + 1
             top = scores[t].topk(min(NODES, len(names)))
             frontier = sorted(fronts[depth]) if depth < len(fronts) else []

@@ -62,7 +62,7 @@ class RingCache:
     """The decode-time cache: `size` key/value slots per sequence used as a ring. A step writes every sequence's new
     slot at the same index `slot` and attends to the slots its row of `valid` [B, size] allows. A key already holds
     its position, so where it sits does not matter, and no shape ever changes: the cache allocates nothing per step,
-    as a CUDA-graph capture would need. Whole windows come in through `write_rows` (see `softar.generate`)."""
+    as a CUDA-graph capture would need. Whole windows come in through `write_rows` (see `softar.decode`)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, size: int, device=None, dtype=torch.float32):
         hd = cfg.d_model // cfg.n_head
@@ -268,13 +268,23 @@ class GPT(nn.Module):
         return Outputs(logits=F.linear(h_m, self.E), h_m=h_m,  # logits [B, T, V]
                        y=self.vector_head(h.last) if self.vector_head is not None else None,
                        c=self.collapse_head(h.last if h.mix is None else h.mix) if self.collapse_head is not None
-                       else None)
+                       else None, hidden=h.last)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.d_model
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.cfg.n_layer)  # it grows as it fills: no size to fix
 
     def new_ring_cache(self, batch_size: int, size: int) -> RingCache:
         return RingCache(self.cfg, batch_size, size, self.E.device, self.E.dtype)
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.backbone.blocks)
+
+    def describe(self) -> dict:
+        return {"n_layer": self.cfg.n_layer, "n_head": self.cfg.n_head, "d_model": self.cfg.d_model}
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

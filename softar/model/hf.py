@@ -87,10 +87,25 @@ class HFVectorLM(nn.Module):
         return Hidden(out.last_hidden_state)  # [B, T, d]
 
     def heads(self, h: Hidden) -> Outputs:
-        return Outputs(logits=self.model.get_output_embeddings()(h.last), h_m=h.last)
+        return Outputs(logits=self.model.get_output_embeddings()(h.last), h_m=h.last, hidden=h.last)
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
 
     def new_cache(self, batch_size: int, max_len: int):
         return _transformers().DynamicCache()
+
+    def new_ring_cache(self, batch_size: int, size: int) -> None:
+        return None  # decoding recomputes each window
+
+    def shard_units(self) -> list[nn.Module]:
+        return []
+
+    def describe(self) -> dict:
+        c = self.model.config
+        return {"n_layer": c.num_hidden_layers, "n_head": c.num_attention_heads, "d_model": c.hidden_size,
+                "hf": type(self.model).__name__}
 
     def flops_per_position(self, context: int) -> float:
         c = self.model.config

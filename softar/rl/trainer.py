@@ -33,11 +33,11 @@ from softar.rl.objective import (
     kl_to_reference,
     pass_at_k,
 )
-from softar.rl.rollout import Actions, Policy, replay, rollout
+from softar.rl.rollout import Actions, Policy, replay, rollout, rollout_seeds
 from softar.rundir import check_data, load_latest, read_config
 from softar.soft.gate import gate_state, load_initial
 from softar.soft.model import build_model
-from softar.train import Trainer, lr_at
+from softar.train import Trainer, apply_update
 
 PARTS = ("reward", "reward_std", "kl", "clipped", "answer_entropy", "thought_norm", "rollout_tokens_per_s")
 RL_KEYS = {"rl": None, "train": None, "data": None, "task": ("eval_examples", "max_answer_tokens")}
@@ -118,6 +118,7 @@ class RLTrainer(Trainer):
         init = load_latest(Path(cfg.rl.init_from))  # before the run directory is touched (`check_policy` checked it)
         super().__init__(cfg, out, resume, quiet, stack)
         r, task = self.cfg.rl, self.cfg.task
+        self.task = self.workload.data
         self.enc = self.task.encoder
         self.stage, self.eos = self.enc.final_stage(), self.enc.id["<eos>"]
         self.policy = Policy(r.policy, r.sigma, r.temperature, task.max_answer_tokens)
@@ -130,28 +131,28 @@ class RLTrainer(Trainer):
         self.reference.thought_id = self.net.thought_id
         self.reference.requires_grad_(False)
 
-    def _generator(self, salt: int, slot: int = 0) -> torch.Generator:
-        """The draws of one use (`salt`: a step, an evaluation), for one prompt of the global batch (`slot`): the
-        same on every rank layout, so that R ranks of B prompts roll out what one process of R x B does."""
-        seed = (self.cfg.train.seed * 1_000_003 + salt * 1_048_583 + slot) % 2**63
-        return torch.Generator(self.device).manual_seed(seed)
+    def _seed(self, salt: int) -> int:
+        """The base seed of one use (`salt`: a step, an evaluation)."""
+        return (self.cfg.train.seed * 1_000_003 + salt * 1_048_583) % 2**62
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         t, r = self.cfg.train, self.cfg.rl
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, t)
+        self.schedule()
         t0 = time.perf_counter()
         examples, records = self.task.examples["train"], self.task.records["train"]
-        groups: list[tuple[list[int], Actions]] = []
-        rewards = []
-        for b, i in enumerate(self.sampler.next_indices()):
-            prompt = self.enc.prompt(examples[i], self.stage)
-            gen = self._generator(self.step, self.world.rank * t.batch_size + b)
-            actions = rollout(self.net, prompt, r.group_size, self.policy, self.eos, gen)
-            groups.append((prompt, actions))
-            rewards.append([reward_of(self.task, records[i], answer_words(self.task, a)) for a in actions.answers])
+        picked = self.sampler.next_indices()
+        prompts = [self.enc.prompt(examples[i], self.stage) for i in picked]
+        G = r.group_size
+        # rollout j of the prompt in slot s of the global batch draws from its own stream: R ranks of B prompts roll
+        # out what one process of R x B does
+        first = self.world.rank * t.batch_size * G
+        drawn = rollout(self.net, prompts, G, self.policy, self.eos,
+                        rollout_seeds(self._seed(self.step), first, len(prompts) * G))
+        groups: list[tuple[list[int], Actions]] = [(p, drawn.rows(k * G, (k + 1) * G)) for k, p in enumerate(prompts)]
+        rewards = [[reward_of(self.task, records[i], answer_words(self.task, a)) for a in acts.answers]
+                   for i, (_, acts) in zip(picked, groups, strict=True)]
         seconds = time.perf_counter() - t0
-        tokens = sum(int((a.answers >= 0).sum()) + a.thought_ids.numel() for _, a in groups)
+        tokens = int((drawn.answers >= 0).sum()) + drawn.thought_ids.numel()
         rewards = torch.tensor(rewards, device=self.device)  # [P, G]
         advantages = group_advantages(rewards)
         with torch.no_grad():
@@ -175,29 +176,25 @@ class RLTrainer(Trainer):
                 else:
                     clipped += frac.item() / len(groups) / (r.inner_steps - 1)
             self.world.mean_grads(self.net)
-            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-            nonfinite = self.world.any(not (math.isfinite(total.item()) and math.isfinite(norm.item())), self.device)
-            if not nonfinite:
-                self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            nonfinite = apply_update(self.net, self.opt, total, t.grad_clip, self.world)
             if inner == 0:
                 first, bad = total, nonfinite  # a skipped step: no update at all
             if nonfinite:
                 break  # later inner steps stop at a non-finite one; the updates before it stand
         self.step += 1
-        norms = torch.cat([a.thought_vectors.norm(dim=-1).flatten() for _, a in groups])
+        norms = drawn.thought_vectors.norm(dim=-1).flatten()
         entropy = sum(answer_entropy([tuple(x.tolist()) for x in a.answers]) for _, a in groups) / len(groups)
         parts = torch.tensor([rewards.mean().item(), rewards.std(-1, correction=0).mean().item(), kl, clipped,
                               entropy, norms.mean().item() if norms.numel() else 0.0, tokens / max(seconds, 1e-9)],
                              device=self.device)
         return self.world.mean(first[None])[0], self.world.mean(parts), bad
 
-    def _task_final(self) -> dict:
+    def final_evaluation(self) -> dict:
         """The supervised final evaluation (greedy, soft thoughts, every curriculum stage), and pass@k under the
         policy on the whole valid split."""
-        final = super()._task_final()  # evaluate_task leaves the model in eval mode, as it found it
+        final = super().final_evaluation()  # evaluate_task leaves the model in eval mode, as it found it
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, None,
-                             self._generator(-(2**40)))
+                             self._seed(-(2**40)))
         final["sampled"] = {k: v for k, v in sampled.items() if k not in ("right", "named")}  # no per-question lists
         return final
 
@@ -207,7 +204,7 @@ class RLTrainer(Trainer):
         limit = self.cfg.task.eval_examples
         greedy = evaluate_task(self.net, self.task, "valid", [self.stage], limit)[f"stage_{self.stage}"]
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, limit,
-                             self._generator(-1 - self.step))
+                             self._seed(-1 - self.step))
         return {"kind": "eval", "step": self.step, "val_accuracy_greedy_soft": greedy["accuracy"],
                 **{f"val_{k}": v for k, v in sampled.items() if isinstance(v, float)},
                 **{f"val_option_guess_{k}": v for k, v in sampled.get("option_guess", {}).items()}}
@@ -228,11 +225,11 @@ def reward_of(data: TaskData, record: dict, words: list[str]) -> float:
     return float(enc.task.check(record, words, enc.rendering))
 
 
-def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, limit: int | None,
-               generator: torch.Generator) -> dict:
+def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, limit: int | None, seed: int) -> dict:
     """`samples` rollouts of each of the first `limit` questions of a split under `policy`, at the final curriculum
-    stage: pass@k for k in 1, 4, 16, 32 up to `samples` (a rollout passes when its reward is 1; the unbiased
-    estimator, averaged over questions), the mean reward, and per question the number of passing rollouts (`right`).
+    stage, all as one batch (rollout j of question q draws from a stream of its own, from `seed`): pass@k for k in
+    1, 4, 16, 32 up to `samples` (a rollout passes when its reward is 1; the unbiased estimator, averaged over
+    questions), the mean reward, and per question the number of passing rollouts (`right`).
 
     For a choice between options (ProsQA) it also gives `named` (per question, the rollouts whose answer names one
     of the options), `options` (how many a question offers) and `option_guess`: the pass@k the same rollouts would
@@ -241,13 +238,15 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
     enc = data.encoder
     stage, eos = enc.final_stage(), enc.id["<eos>"]
     ks = [k for k in PASS_K if k <= samples]
+    examples, records = data.examples[split][:limit], data.records[split][:limit]
+    actions = rollout(model, [enc.prompt(ex, stage) for ex in examples], samples, policy, eos,
+                      rollout_seeds(seed, 0, len(examples) * samples))
     rewards: list[float] = []
     right: list[int] = []
     named: list[int] = []
     options: set[int] = set()
-    for ex, rec in zip(data.examples[split][:limit], data.records[split][:limit], strict=True):
-        actions = rollout(model, enc.prompt(ex, stage), samples, policy, eos, generator)
-        answers = [answer_words(data, a) for a in actions.answers]
+    for q, rec in enumerate(records):
+        answers = [answer_words(data, a) for a in actions.answers[q * samples : (q + 1) * samples]]
         scores = [reward_of(data, rec, w) for w in answers]
         rewards += scores
         right.append(sum(s == 1.0 for s in scores))
@@ -290,6 +289,5 @@ def sampled_eval(run_dir: str | Path, data_file: str | Path, policy: str, sample
                                  for ex in data.examples["eval"]))
     except ValueError as e:
         raise SoftarError(f"--policy: {e}") from None
-    gen = torch.Generator(run.model.E.device).manual_seed(seed)
     return {"policy": policy, "temperature": temperature, "max_answer": pol.max_answer, "step": run.step,
-            **pass_rates(run.model, data, "eval", pol, samples, None, gen)}
+            **pass_rates(run.model, data, "eval", pol, samples, None, seed)}

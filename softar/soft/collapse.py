@@ -51,26 +51,40 @@ class Sampling:
         return sample_ids(filter_logits(logits.float() / self.temperature, self.top_k, self.top_p), self.generator)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A registered operator or score: the function, what it is, and the optional model head it needs."""
+
+    fn: Callable
+    doc: str
+    needs_head: str = ""  # "collapse_head" or "vector_head"
+
+
+def _sampled(s: Sampling) -> Sampling:
+    return Sampling(max(s.temperature, 1e-6), s.top_k, s.top_p, s.generator)
+
+
 # operator(v, out, E, sampling) -> ids; `out` holds the logits and the collapse head's vector for the same position
-COLLAPSES: dict[str, Callable[[torch.Tensor, Outputs, torch.Tensor, Sampling], torch.Tensor]] = {
-    "nn_l2": lambda v, out, E, s: nearest(v, E),  # the nearest embedding
-    "nn_cos": lambda v, out, E, s: similarity(v, E, "cos").argmax(-1),
-    # sample from softmax(cosine / T) with top-k / top-p (greedy at T = 0)
-    "sample_sim": lambda v, out, E, s: Sampling(max(s.temperature, 1e-6), s.top_k, s.top_p, s.generator).draw(
-        similarity(v, E, "cos")),
-    "lm_argmax": lambda v, out, E, s: out.logits.argmax(-1),  # through the LM head
-    "lm_sample": lambda v, out, E, s: Sampling(max(s.temperature, 1e-6), s.top_k, s.top_p, s.generator).draw(
-        out.logits),
-    "head": lambda v, out, E, s: nearest(out.c, E),  # the learned collapse head's vector to its nearest embedding
+COLLAPSES: dict[str, Entry] = {
+    "nn_l2": Entry(lambda v, out, E, s: nearest(v, E), "the nearest embedding (L2)"),
+    "nn_cos": Entry(lambda v, out, E, s: similarity(v, E, "cos").argmax(-1), "the most cosine-similar embedding"),
+    "sample_sim": Entry(lambda v, out, E, s: _sampled(s).draw(similarity(v, E, "cos")),
+                        "a sample from softmax(cosine / temperature), with top-k / top-p"),
+    "lm_argmax": Entry(lambda v, out, E, s: out.logits.argmax(-1), "the LM head's most likely token"),
+    "lm_sample": Entry(lambda v, out, E, s: _sampled(s).draw(out.logits),
+                       "a sample from the LM head (temperature, top-k, top-p)"),
+    "head": Entry(lambda v, out, E, s: nearest(out.c, E),
+                  "the learned collapse head's vector, to its nearest embedding", "collapse_head"),
 }
 
 
 def collapse(kind: str, v: torch.Tensor, out: Outputs, E: torch.Tensor,
              sampling: Sampling | None = None) -> torch.Tensor:
     """Soft token v [..., m] (with the outputs it came from) -> ids [...] by the operator `kind`."""
-    if kind == "head" and out.c is None:
-        raise ValueError("collapse 'head' needs a model with a collapse head (model.collapse_head = true)")
-    return COLLAPSES[kind](v, out, E, sampling or Sampling())
+    op = COLLAPSES[kind]
+    if op.needs_head == "collapse_head" and out.c is None:
+        raise ValueError(f"collapse {kind!r} needs a model with a collapse head (model.collapse_head = true)")
+    return op.fn(v, out, E, sampling or Sampling())
 
 
 def round_trip_gap(v: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
@@ -79,11 +93,12 @@ def round_trip_gap(v: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
 
 
 # score(v, logits, ids, E) -> [...]
-OOD_SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "none": lambda v, logits, ids, E: torch.zeros(v.shape[:-1], device=v.device),
-    "entropy": lambda v, logits, ids, E: entropy(logits.float()),  # nats, of the distribution v came from
-    "l2r": lambda v, logits, ids, E: (v - E[ids]).norm(dim=-1),  # the gap to the token it collapses to
-    "nn_dist": lambda v, logits, ids, E: round_trip_gap(v, E),  # the distance to the nearest embedding
+OOD_SCORES: dict[str, Entry] = {
+    "none": Entry(lambda v, logits, ids, E: torch.zeros(v.shape[:-1], device=v.device), "always 0"),
+    "entropy": Entry(lambda v, logits, ids, E: entropy(logits.float()),
+                     "the entropy (nats) of the distribution the soft token came from"),
+    "l2r": Entry(lambda v, logits, ids, E: (v - E[ids]).norm(dim=-1), "the distance to the token it collapses to"),
+    "nn_dist": Entry(lambda v, logits, ids, E: round_trip_gap(v, E), "the distance to the nearest embedding"),
 }
 
 
@@ -110,7 +125,7 @@ class CollapsePolicy:
     keep_uncertain: bool = False
 
     def score_of(self, v: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-        return OOD_SCORES[self.score](v, logits, ids, E)
+        return OOD_SCORES[self.score].fn(v, logits, ids, E)
 
     def at_entry(self, scores: torch.Tensor) -> torch.Tensor:
         """[B]: which new soft tokens collapse as they enter."""

@@ -5,21 +5,25 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from softar.config import Config, ConfigError, ContextConfig, LossConfig, SoftConfig
-from softar.losses import objective
-from softar.model import GPT, Hidden, Outputs
+from softar.data.dataset import random_windows
+from softar.losses import fit_temperature, objective
+from softar.model import GPT, Outputs
 from softar.model.gpt import init_normal
+from softar.soft.feeds import SoftFeed, thought_policies
 from softar.soft.gate import GATE, ThoughtGate
-from softar.soft.memory import PauseSlots, RecurrentMemory, WriteVectors
-from softar.soft.thoughts import forward_thoughts, task_loss
+from softar.soft.memory import MEMORIES, Memory, memory_problem
+from softar.soft.thoughts import fill_slots, forward_thoughts, task_loss
 from softar.soft.tokens import add_noise, heads_of, make_soft_token, spec_problem
 from softar.soft.window import SOFT, Layout, WindowBuilder, summary_slots
 from softar.tasks import VOCABULARY
 
+READOUT_WINDOWS = 64  # teacher-forced train windows the cosine readout's temperature is fitted on
 History = tuple[torch.Tensor, torch.Tensor]  # ids [B, h] right-aligned (the newest last), lengths [B]
 
 
@@ -35,19 +39,14 @@ class SoftAR(nn.Module):
         self.slots = WindowBuilder(self.layout, lm.E.shape[1], self.context_cfg.kind_embeddings,
                                    self.context_cfg.project)
         # the retention study's controls (context.memory): what the summary slots hold besides pure arithmetic
-        self.memory: PauseSlots | WriteVectors | RecurrentMemory | None = None
-        if self.context_cfg.memory == "pause":
-            self.memory = PauseSlots(self.layout.n_summary, lm.E.shape[1])
-        elif self.context_cfg.memory == "write":
-            self.memory = WriteVectors(self.layout, lm.cfg.d_model, lm.E.shape[1], self.context_cfg.segment_len)
-        elif self.context_cfg.memory == "rmt":
-            self.memory = RecurrentMemory(self.layout.n_summary, lm.cfg.d_model, lm.E.shape[1],
-                                          self.context_cfg.segment_len)
+        kind = MEMORIES[self.context_cfg.memory]  # None: pure arithmetic
+        self.memory: Memory | None = None if kind is None else \
+            kind(self.layout, lm.width, lm.E.shape[1], self.context_cfg.segment_len)
         # a reasoning task's <thought> token, whose slots the model fills with its own continuous thoughts
         # (softar.soft.thoughts); None for a language model
         self.thought_id: int | None = None
         # a regression-only model (ce weight 0) never trains its LM head: evaluation reads its distribution as
-        # softmax(cos(y, E) / tau) instead, with tau fitted on train (`softar.evaluate.lm.fit_readout`)
+        # softmax(cos(y, E) / tau) instead, with tau fitted on train (`fit_cosine_readout`)
         self.cosine_readout: float | None = None
 
     @property
@@ -58,9 +57,14 @@ class SoftAR(nn.Module):
     def E(self) -> torch.Tensor:
         return self.lm.E  # [V, m]
 
-    def outputs(self, h: Hidden) -> Outputs:
-        """The network's heads, with the logits read through the cosine readout when one is set."""
-        out = self.lm.heads(h)
+    def step(self, vectors: torch.Tensor, cache=None, positions: torch.Tensor | None = None,
+             at: slice | None = None) -> Outputs:
+        """The one forward step of softAR's algorithm, for training and inference alike: slot vectors [B, T, m] at
+        `positions` ([T] or [B, T]; default: after what `cache` holds, which keeps their keys and values) -> what the
+        model emits at the positions `at` of the T (default all) [B, t, ...], the logits through the cosine readout
+        when one is set."""
+        h = self.lm.hidden(vectors, positions, cache)
+        out = self.lm.heads(h if at is None else h[:, at])
         if self.cosine_readout is None:
             return out
         cos = F.normalize(out.y.float(), dim=-1) @ F.normalize(self.E.float(), dim=-1).T  # [..., V]
@@ -68,24 +72,36 @@ class SoftAR(nn.Module):
 
     def read(self, window: torch.Tensor, last: bool = False) -> Outputs:
         """The outputs at a window's [B, T, m] token slots [B, n, ...] (last: at its last slot only [B, 1, ...])."""
-        h = self.lm.hidden(window)
-        return self.outputs(h[:, -1:] if last else h[:, self.layout.n_summary :])
+        return self.step(window, at=slice(-1, None) if last else slice(self.layout.n_summary, None))
+
+    def new_cache(self, batch_size: int, max_len: int):
+        """A growing KV cache for `step` (autograd runs through it)."""
+        return self.lm.new_cache(batch_size, max_len)
+
+    @torch.no_grad()
+    def fit_cosine_readout(self, train_data: np.ndarray, windows: int = READOUT_WINDOWS, seed: int = 0) -> float:
+        """A regression-only model (ce weight 0) never trained its LM head, so it is read as softmax(cos(y, E) / tau),
+        tau fitted on teacher-forced train windows (never on a split that is evaluated), and collapsed by nearest
+        neighbour (the argmax of that cosine). Sets and returns `cosine_readout`."""
+        was_training = self.training
+        self.eval()
+        self.cosine_readout = 1.0
+        ids = random_windows(train_data, self.window_slots + 1, windows, seed + 1, self.E.device)
+        logits = self.step(self.E[ids[:, :-1]]).logits
+        self.cosine_readout = fit_temperature(logits.flatten(0, 1), ids[:, 1:].flatten())
+        self.train(was_training)
+        return self.cosine_readout
 
     def summary(self, history: History | None, tokens: torch.Tensor) -> torch.Tensor | None:
         """The summary slots [B, A+S, m] of the windows of token vectors [B, n, m] after `history` (None without
         summary slots, or without history for pure arithmetic: `WindowBuilder` then leaves them empty)."""
         if not self.layout.n_summary:
             return None
-        if isinstance(self.memory, PauseSlots):
-            return self.memory(tokens.shape[0]).to(tokens.dtype)
-        if isinstance(self.memory, RecurrentMemory):
-            return self.memory(self, tokens.shape[0], history).to(tokens.dtype)
-        if history is None:
-            return None
-        slots = summary_slots(self.E, *history, self.layout)
-        if isinstance(self.memory, WriteVectors):
-            slots = slots + self.memory(self, *history)
-        return slots.to(tokens.dtype)
+        if self.memory is not None:
+            slots = self.memory.summary(self, history, tokens.shape[0])
+        else:
+            slots = summary_slots(self.E, *history, self.layout) if history is not None else None
+        return None if slots is None else slots.to(tokens.dtype)
 
     def window(self, tokens: torch.Tensor, history: History | None = None, n_soft: int = 0) -> torch.Tensor:
         """The window for token vectors [B, n, m], the last n_soft of them soft, after `history`: its summary
@@ -96,21 +112,14 @@ class SoftAR(nn.Module):
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """The soft region as generation fills it in its first n_soft steps after a prompt (later in a generation,
         older tokens have left the soft region collapsed; noise only in training): after the window
-        [summary][hard tokens [B, h, m]], each of n_soft steps feeds back the model's own soft token (with the KV
-        cache) -> the soft vectors [B, n_soft, m]."""
-        lm = self.lm
+        [summary][hard tokens [B, h, m]], each of n_soft steps feeds back the model's own soft token as a soft slot
+        (`fill_slots`) -> the soft vectors [B, n_soft, m]."""
         window = self.slots(summary, hard, 0)
-        cache = lm.new_cache(hard.shape[0], window.shape[1] + n_soft)
-        out = self.outputs(lm.hidden(window, cache=cache)[:, -1:])
-        soft = []
-        for j in range(n_soft):
-            v = make_soft_token(out, self.E, self.soft_spec, generator)  # [B, 1, m]
-            if self.training:
-                v = add_noise(self.soft_spec, v, self.E, out.logits, generator)
-            soft.append(v.to(hard.dtype))
-            if j < n_soft - 1:
-                out = self.outputs(lm.hidden(self.slots.slot(soft[-1], SOFT), cache=cache))
-        return torch.cat(soft, dim=1)
+        feed = SoftFeed(self.soft_spec, noisy=self.training)
+        slots = torch.cat([window, window.new_zeros(window.shape[0], n_soft, window.shape[2])], dim=1)
+        _, soft = fill_slots(self, slots, window.shape[1], n_soft, feed.filler(self, generator, hard.dtype),
+                             last=True, encode=lambda v: self.slots.slot(v, SOFT), read_last_fill=False)
+        return soft
 
     def fill_window(self, tokens: torch.Tensor, history: History | None = None, soft_fraction: float = 0.0,
                     soft_fill: str = "one_step") -> torch.Tensor:
@@ -174,21 +183,19 @@ class SoftAR(nn.Module):
         lay, T = self.layout, self.window_slots
         per_slot = self.lm.flops_per_position(T) + 6 * sum(p.numel() for p in self.slots.parameters())
         two_pass = 4 / 3 if lay.soft or self.loss_cfg.soft_inputs > 0 else 1.0
-        # write vectors and a recurrent memory: a forward pass (a third of a training pass) over the history's whole
-        # chunks, on average half of max_history tokens per window (its length is drawn uniformly); the recurrent
-        # memory also trains through its last chunk
-        memory = 0.0
-        if isinstance(self.memory, WriteVectors | RecurrentMemory):
-            memory = lay.history / 2 / (3 * lay.token_slots)
-        if isinstance(self.memory, RecurrentMemory):
-            memory += (self.context_cfg.segment_len + 2 * lay.n_summary) / lay.token_slots
+        memory = self.memory.extra_passes(lay, self.context_cfg.segment_len) if self.memory is not None else 0.0
         return per_slot * T / lay.token_slots * (two_pass + memory)
 
 
-def check_soft_spec(spec: SoftConfig, heads: set[str]) -> None:
-    """A ConfigError naming the key if the soft-token spec names no registered definition or noise, or cannot run on
-    a model with these optional heads (`softar.soft.tokens.heads_of`)."""
-    problem = spec_problem(spec, heads)
+def check_names(cfg: Config, heads: set[str] | None = None) -> None:
+    """A ConfigError naming the key if a config names what no registry holds, or what cannot run on a model with
+    these optional heads (default: those the config asks for; `softar.soft.tokens.heads_of`): the soft token and its
+    noise (`soft.*`), the summary slots' memory (`context.memory`), the RL thought policy (`rl.policy`). The
+    checks of every other key are `softar.config.validate`'s."""
+    problem = spec_problem(cfg.soft, heads_of(cfg.model) if heads is None else heads) or \
+        memory_problem(cfg.context, cfg.model.pos_emb, cfg.model.block_size)
+    if problem is None and cfg.rl.policy not in thought_policies():
+        problem = "rl.policy", f"expected one of {', '.join(map(repr, thought_policies()))}, got {cfg.rl.policy!r}"
     if problem:
         raise ConfigError(f"{problem[0]}: {problem[1]}")
 
@@ -198,12 +205,12 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
     into it), or the given VectorLM (a pretrained Hugging Face model, say) with a fresh window builder. The GPT and
     its window builder draw their initial weights in one fixed order, the one softAR has always used."""
     if lm is None:
-        check_soft_spec(cfg.soft, heads_of(cfg.model))
+        check_names(cfg)
         model = SoftAR(GPT(cfg.model, init=False), cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
         model.lm.init_weights(model.slots)
     else:
-        check_soft_spec(cfg.soft, heads_of(lm))
-        if cfg.context.memory != "arithmetic":
+        check_names(cfg, heads_of(lm))
+        if MEMORIES[cfg.context.memory] is not None:  # a learned memory reads the GPT's own hidden states
             raise ConfigError(f"context.memory: {cfg.context.memory!r} is built for softAR's GPT, not a Hugging Face "
                               "model")
         model = SoftAR(lm, cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)

@@ -89,6 +89,12 @@ class RowGenerators:
     def select(self, rows: list[int]) -> None:
         self.gens = [self.gens[i] for i in rows]
 
+    def part(self, start: int, end: int) -> RowGenerators:
+        """The streams of rows [start, end), shared with this object (what one part of a batch draws)."""
+        view = RowGenerators([], self.device)
+        view.gens = self.gens[start:end]
+        return view
+
 
 Generator = torch.Generator | RowGenerators | None
 

@@ -216,7 +216,7 @@ class ContextState:
     The ladder moves every `shift_every` tokens (B): when the newest region overflows (the soft region, or the hard
     one in a layout without soft slots), its oldest B tokens move one step down at once, and each older region
     passes on what overflows it. Between moves the window only grows at its end, so a KV cache serves it
-    (`softar.generate`). B = 1 moves every token one step at every token. The window at any point is a prefix of
+    (`softar.decode`). B = 1 moves every token one step at every token. The window at any point is a prefix of
     the full window training sees with the same history (a causal model reads each prefix alone), so training needs
     no schedule of its own."""
 

@@ -20,6 +20,7 @@ from softar.disk import check_fields, clean_stale_temps, read_json, staged_folde
 from softar.tasks import get_task
 from softar.tasks.base import MAX_NODES, VOCABULARY, Task
 from softar.tasks.graphs import EDGES, NODES
+from softar.tasks.modes import MODES, Mode
 
 TASK_FILE = "task.json"
 SPLITS = {"train": 17_000, "valid": 300, "test": 500}  # about Coconut's ProsQA sizes (17,886 / 300 / 500)
@@ -187,14 +188,14 @@ class Encoder:
             raise SoftarError(f"{where}: its text holds a special token ({', '.join(self.id)})")
         return ex
 
+    @property
+    def mode(self) -> Mode:
+        return MODES[self.cfg.mode]
+
     def middle(self, stage: int) -> tuple[list[int], int]:
         """The slots between <bot> and <eot> at a curriculum stage, and how many steps they replace."""
-        c = self.cfg
-        if c.mode == "pause":
-            return [self.id["<pause>"]] * c.pauses, 0
-        if c.mode == "thoughts":
-            return [self.id["<thought>"]] * (c.thoughts_per_step * stage), stage
-        return [], 0
+        m = self.mode
+        return [self.id[m.slot]] * m.slots(self.cfg, stage) if m.slot else [], m.replaced(stage)
 
     def prompt(self, ex: Example, stage: int) -> list[int]:
         """What generation starts from: question, <bot>, the thought or pause slots, <eot>."""
@@ -203,20 +204,20 @@ class Encoder:
     def sequence(self, ex: Example, stage: int) -> tuple[list[int], int]:
         """The whole training sequence and the index of its <eot> (the loss covers what follows it)."""
         mid, skip = self.middle(stage)
-        steps = [] if self.cfg.mode in ("no_cot", "pause") else [t for s in ex.steps[skip:] for t in s]
+        steps = [t for s in ex.steps[skip:] for t in s] if self.mode.writes_steps else []
         prompt = ex.question + mid + [self.id["<eot>"]]
         return prompt + steps + ex.answer, len(prompt) - 1
 
     def stage_at(self, step: int, max_iters: int) -> int:
-        """The curriculum stage at an optimizer step (thoughts mode; 0 otherwise): stage k for stage_iters steps
-        each, the last stage for the rest."""
+        """The curriculum stage at an optimizer step (0 for a mode without a curriculum): stage k for stage_iters
+        steps each, the last stage for the rest."""
         c = self.cfg
-        if c.mode != "thoughts":
+        if not self.mode.curriculum:
             return 0
         return min(step // stage_iters(c, max_iters), c.max_stage)
 
     def final_stage(self) -> int:
-        return self.cfg.max_stage if self.cfg.mode == "thoughts" else 0
+        return self.cfg.max_stage if self.mode.curriculum else 0
 
     def batch(self, examples: list[Example], stage: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets [B, L] (right-padded with <eos> and -1); targets are -1 up to <eot>."""

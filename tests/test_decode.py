@@ -1,21 +1,21 @@
-"""The generation engine: batched equals one at a time, log-probabilities equal a teacher-forced forward, the
+"""The decode loop: batched equals one at a time, log-probabilities equal a teacher-forced forward, the
 block-cached hierarchy equals its recomputation at every step, B = 1 reproduces the per-token hierarchy as it was,
 and stop tokens end sequences on their own."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from softar.config import ContextConfig, ModelConfig, SoftConfig
-from softar.generate import Decoding, generate
 from softar.soft.collapse import CollapsePolicy
 from softar.soft.model import SoftAR
 from softar.soft.window import ContextState, Layout
 
-from .conftest import FIXTURES, soft_model
+from .conftest import FIXTURES, decoding, soft_model
 
 V = 40
 
@@ -39,11 +39,11 @@ PLAIN = {}
 SEED_LIKE = {"soft": 4, "shift_every": 3}  # the seed's ladder in a 16-slot window, moving 3 tokens at a time
 NO_SOFT = {"soft": 0, "shift_every": 4, "op": "decay", "aggregate_all": True}
 DECODINGS = {
-    "hard_greedy": Decoding(mode="hard", temperature=0),
-    "hard_sampled": Decoding(mode="hard", temperature=1.0, top_p=0.9),
-    "soft_sampled": Decoding(mode="soft", temperature=1.0, collapse="lm_sample", soft=SoftConfig(kind="gated"),
+    "hard_greedy": decoding(mode="hard", temperature=0),
+    "hard_sampled": decoding(mode="hard", temperature=1.0, top_p=0.9),
+    "soft_sampled": decoding(mode="soft", temperature=1.0, collapse="lm_sample", soft=SoftConfig(kind="gated"),
                              policy=CollapsePolicy("entropy", 3.0, budget=2)),
-    "soft_noisy": Decoding(mode="soft", temperature=0.8, collapse="lm_sample",
+    "soft_noisy": decoding(mode="soft", temperature=0.8, collapse="lm_sample",
                            soft=SoftConfig(kind="expected", noise="gaussian", noise_scale=0.5)),
 }
 
@@ -58,10 +58,10 @@ def prompts() -> list[list[int]]:
 def test_batched_generation_equals_one_at_a_time(ctx, dec):
     m = model(**ctx)
     d = DECODINGS[dec]
-    d.max_new_tokens = 25
-    batch = generate(m, prompts(), d, seed=10, return_vectors=True)
+    d = replace(d, max_new_tokens=25)
+    batch = d.run(m, prompts(), seed=10, return_vectors=True)
     for i, p in enumerate(prompts()):
-        alone = generate(m, [p], d, seed=10 + i, return_vectors=True)
+        alone = d.run(m, [p], seed=10 + i, return_vectors=True)
         assert batch.tokens[i].tolist() == alone.tokens[0].tolist()
         assert torch.equal(batch.collapsed[i], alone.collapsed[0])
         torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=1e-5)
@@ -74,8 +74,8 @@ def test_batched_generation_equals_one_at_a_time(ctx, dec):
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
 def test_logprobs_equal_a_teacher_forced_forward(mode, pos_emb):
     m = model(block=64, pos_emb=pos_emb)  # no window slides: one forward sees everything
-    d = Decoding(mode=mode, temperature=1.0, collapse="lm_sample", max_new_tokens=20)
-    g = generate(m, prompts()[:4], d, seed=4, return_vectors=True)
+    d = decoding(mode=mode, temperature=1.0, collapse="lm_sample", max_new_tokens=20)
+    g = d.run(m, prompts()[:4], seed=4, return_vectors=True)
     for i, p in enumerate(prompts()[:4]):
         x = torch.cat([m.E[torch.tensor(p)], g.vectors[i, :-1]])  # what the model read, soft or hard
         logp = m.lm.heads(m.lm.hidden(x[None])).logits[0, len(p) - 1 :].log_softmax(-1)
@@ -91,8 +91,8 @@ def test_logprobs_equal_a_teacher_forced_forward(mode, pos_emb):
 def test_block_cached_generation_equals_its_recomputation_at_every_step(ctx, pos_emb):
     m = model(pos_emb=pos_emb, **ctx)
     for d in DECODINGS.values():
-        d.max_new_tokens = 40  # the windows move several times
-        cached, recomputed = (generate(m, prompts(), d, seed=2, use_cache=c) for c in (True, False))
+        d = replace(d, max_new_tokens=40)  # the windows move several times
+        cached, recomputed = (d.run(m, prompts(), seed=2, use_cache=c) for c in (True, False))
         assert torch.equal(cached.tokens, recomputed.tokens) and torch.equal(cached.collapsed, recomputed.collapsed)
         torch.testing.assert_close(cached.logprobs, recomputed.logprobs, atol=1e-5, rtol=1e-5)  # at every step
 
@@ -113,30 +113,30 @@ def test_per_token_hierarchy_reproduces_the_code_before_block_moves():
         return m
 
     decodings = {
-        "soft4_hard": Decoding(mode="hard", temperature=0),
-        "soft4_soft": Decoding(mode="soft", temperature=0, collapse="lm_argmax"),
-        "soft4_policy": Decoding(mode="soft", temperature=0, collapse="lm_argmax",
+        "soft4_hard": decoding(mode="hard", temperature=0),
+        "soft4_soft": decoding(mode="soft", temperature=0, collapse="lm_argmax"),
+        "soft4_policy": decoding(mode="soft", temperature=0, collapse="lm_argmax",
                                  policy=CollapsePolicy("entropy", 1.0, 2)),
-        "soft0_soft": Decoding(mode="soft", temperature=0, collapse="nn_l2"),
-        "soft3_sum": Decoding(mode="soft", temperature=0, collapse="lm_argmax", policy=CollapsePolicy("entropy", 0.7)),
+        "soft0_soft": decoding(mode="soft", temperature=0, collapse="nn_l2"),
+        "soft3_sum": decoding(mode="soft", temperature=0, collapse="lm_argmax", policy=CollapsePolicy("entropy", 0.7)),
     }
     prompt = torch.tensor([[1, 22, 3, 34, 5, 16, 7], [37, 6, 25, 4, 13, 2, 1]])
     for name, case in json.loads((FIXTURES / "per_token_hierarchy.json").read_text()).items():
         m = old_model(**case["context"])
         d = decodings[name]
-        d.max_new_tokens = 60
-        g = generate(m, prompt, d)
+        d = replace(d, max_new_tokens=60)
+        g = d.run(m, prompt)
         assert g.tokens.tolist() == case["ids"], name
         assert g.collapsed.int().tolist() == case["by_policy"], name
 
 
 def test_stop_tokens_end_sequences_independently():
     m = model(**SEED_LIKE)
-    d = Decoding(mode="hard", temperature=1.0, max_new_tokens=30)
-    free = generate(m, prompts(), d, seed=7)
+    d = decoding(mode="hard", temperature=1.0, max_new_tokens=30)
+    free = d.run(m, prompts(), seed=7)
     stop = int(free.tokens[0, 4])  # a token sequence 0 emits at step 4
-    d.stop_tokens = (stop,)
-    g = generate(m, prompts(), d, seed=7)
+    d = replace(d, stop=(stop,))
+    g = d.run(m, prompts(), seed=7)
     for i in range(len(prompts())):
         hits = (free.tokens[i] == stop).nonzero()
         n = int(hits[0]) + 1 if len(hits) else 30
@@ -150,10 +150,10 @@ def test_stop_tokens_end_sequences_independently():
 def test_a_sequence_does_not_depend_on_its_batch_or_its_order():
     m = model()
     d = DECODINGS["hard_sampled"]
-    d.max_new_tokens = 12
+    d = replace(d, max_new_tokens=12)
     ps = prompts()
-    forward = generate(m, ps, d, seed=[5, 6, 7, 8, 9])
-    backward = generate(m, ps[::-1], d, seed=[9, 8, 7, 6, 5])
+    forward = d.run(m, ps, seed=[5, 6, 7, 8, 9])
+    backward = d.run(m, ps[::-1], seed=[9, 8, 7, 6, 5])
     assert torch.equal(forward.tokens, backward.tokens.flip(0))
 
 
@@ -184,3 +184,60 @@ def test_every_phase_of_the_block_schedule_is_a_prefix_of_a_training_window(ctx)
         if t >= 20 + lay.soft:  # after the soft region first filled (generation starts it empty)
             phases.add(n_tokens)
     assert phases == set(range(lay.token_slots - B_shift + 1, lay.token_slots + 1))  # B phases, the last one full
+
+
+def test_logits_hold_every_step_and_the_distribution_after_the_last_token():
+    """return_logits: for each sequence, the distribution before each generated token and after its last one, which
+    a full forward over the prompt and the tokens generated gives at those positions (no window slides here)."""
+    m = model(block=64)
+    d = decoding(mode="hard", temperature=1.0, max_new_tokens=12, stop_tokens=(7,))
+    g = d.run(m, prompts()[:4], seed=4, return_logits=True)
+    assert g.logits.shape == (4, 13, V)
+    for i, p in enumerate(prompts()[:4]):
+        n = int(g.lengths[i])
+        ids = torch.tensor(p + g.tokens[i, :n].tolist())
+        expected = m.lm.heads(m.lm.hidden(m.E[ids][None])).logits[0, len(p) - 1 :]  # [n + 1, V]
+        torch.testing.assert_close(g.logits[i, : n + 1], expected, atol=1e-5, rtol=1e-5)
+        assert (g.logits[i, n + 1 :] == 0).all()
+
+
+def test_each_prompt_may_have_its_own_length_limit():
+    from softar.decode import decode
+    from softar.soft.collapse import Sampling
+    from softar.soft.feeds import HardFeed
+
+    m = model()
+    limits = [3, 1, 7, 2, 5]
+    g = decode(m, prompts(), HardFeed(Sampling(1.0)), limits, seed=1)
+    assert g.lengths.tolist() == limits and g.tokens.shape == (5, 7)
+    alone = decode(m, [prompts()[2]], HardFeed(Sampling(1.0)), 7, seed=3)
+    assert g.tokens[2].tolist() == alone.tokens[0].tolist()  # the limit of another row changes nothing
+
+
+def test_thoughts_filled_while_decoding_are_the_training_loops_and_the_answer_a_naive_loops():
+    """A prompt's <thought> slots are filled as the prompt is read, by the loop training runs (`forward_thoughts`);
+    the greedy answer after it is what a loop written here gets by recomputing the whole sequence at every step."""
+    from softar.decode import decode
+    from softar.soft.collapse import Sampling
+    from softar.soft.feeds import HardFeed, SoftFeed
+    from softar.soft.thoughts import forward_thoughts
+
+    m = model(block=24)
+    thought = 3
+    m.thought_id = thought
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randint(4, V, (n,), generator=g).tolist() for n in (4, 4, 6)]
+    ps = [p[:2] + [thought, thought, thought] + p[2:] for p in ps]  # three thought slots after two tokens
+    out = decode(m, ps, HardFeed(Sampling(0.0)), 10, seed=0, thoughts=SoftFeed.thoughts(m))
+    assert out.thoughts.shape == (3, 3, m.E.shape[1]) and (out.thought_tokens == -1).all()
+    for i, p in enumerate(ps):
+        _, trained = forward_thoughts(m, torch.tensor([p]))
+        torch.testing.assert_close(out.thoughts[i], trained[0], atol=1e-5, rtol=1e-5)
+        seq = m.E[torch.tensor(p)].clone()
+        seq[2:5] = out.thoughts[i]
+        answer = []
+        for _ in range(10):  # naive: a full forward over everything at every step
+            nxt = int(m.lm.heads(m.lm.hidden(seq[None])).logits[0, -1].argmax())
+            answer.append(nxt)
+            seq = torch.cat([seq, m.E[[nxt]]])
+        assert out.tokens[i].tolist() == answer

@@ -1,0 +1,169 @@
+"""What the Trainer trains on. A workload owns its data, draws its batches and evaluates the model, behind one small
+interface, so the Trainer (`softar.train`) has no branch of its own for any of them:
+
+- `LanguageModeling`: a corpus prepared by `softar prepare`; windows of the layout's token slots (with their
+  history); sampled-batch losses during training, the whole val split at the end.
+- `ReasoningTask`: a task dataset from `softar task prepare` (`cfg.task`); questions of one length per batch, with
+  the curriculum stage following the step; greedy accuracy on valid during training, every stage at the end.
+
+Every batch is (inputs, targets[, history ids, history lengths]), which the model's forward turns into (loss, parts).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from softar.config import Config, ConfigError
+from softar.data.dataset import WindowSampler, load_meta, load_split
+from softar.data.tokenizer import load_tokenizer
+from softar.distributed import World
+from softar.evaluate.lm import estimate_loss, evaluate_split
+from softar.evaluate.reasoning import TaskData, evaluate_task, task_loss_on
+from softar.model.embedding import embedding_stats
+from softar.soft.window import Layout
+from softar.tasks.data import TaskSampler
+
+
+class Trainer(Protocol):
+    """What a workload's evaluations read of the run being trained (`softar.train.Trainer`)."""
+
+    cfg: Config
+    net: torch.nn.Module  # the SoftAR
+    model: torch.nn.Module  # the SoftAR, or its DDP/FSDP wrapper
+    fwd: torch.nn.Module  # `model`, or its compiled form
+    amp: object  # the autocast context
+    device: torch.device
+    world: World
+    step: int
+    layout: Layout
+
+
+class Workload:
+    unit: ClassVar[str] = "tokens"  # what throughput counts
+    vocab_size: int
+
+    def check(self, cfg: Config, layout: Layout) -> None:
+        """Before the model is built: a ConfigError if the data does not fit the resolved config."""
+
+    def sampler(self, cfg: Config, world: World, layout: Layout):
+        """The training batches: `next_batch()`, and a `state()` tensor that checkpoints with the run."""
+        raise NotImplementedError
+
+    def units_per_batch(self, layout: Layout) -> int:
+        """`unit`s in one sequence of a batch."""
+        raise NotImplementedError
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        """The periodic evaluation's figures."""
+        raise NotImplementedError
+
+    def final(self, trainer: Trainer) -> dict:
+        """The final evaluation on the whole valid split (never test): at least its "loss"."""
+        raise NotImplementedError
+
+    def result(self, final: dict) -> dict:
+        """What of the final evaluation goes into result.json, beside val_loss."""
+        return {}
+
+
+class LanguageModeling(Workload):
+    def __init__(self, cfg: Config):
+        self.dir = cfg.data.dir
+        self.meta = load_meta(self.dir)
+        load_tokenizer(self.dir, self.meta["vocab_size"])  # a corrupt tokenizer fails now, not at sampling
+        self.vocab_size = self.meta["vocab_size"]
+        self.train_data: np.ndarray | None = None
+        self.val_data: np.ndarray | None = None
+
+    def check(self, cfg: Config, layout: Layout) -> None:
+        self.train_data, self.val_data = load_split(self.dir, "train"), load_split(self.dir, "val")
+        block = cfg.model.block_size
+        for name, data in (("train", self.train_data), ("val", self.val_data)):
+            if len(data) <= block:
+                raise ConfigError(f"model.block_size: {block} is not smaller than the {name} split ({len(data)} "
+                                  "tokens)")
+        if len(self.train_data) <= layout.token_slots + layout.history:
+            raise ConfigError(f"context.max_history: {layout.history} tokens of history plus a window do not fit in "
+                              f"the train split ({len(self.train_data)} tokens)")
+        # sampled evals: as much history as the (smaller) val split allows
+        self.eval_history = min(layout.history, len(self.val_data) - layout.token_slots - 1)
+
+    def sampler(self, cfg: Config, world: World, layout: Layout) -> WindowSampler:
+        t = cfg.train
+        return WindowSampler(self.train_data, layout.token_slots, t.batch_size, t.seed, world.rank, world.size,
+                             layout.history)
+
+    def units_per_batch(self, layout: Layout) -> int:
+        return layout.token_slots
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        t, step = trainer.cfg.train, trainer.step
+        kw = dict(token_slots=trainer.layout.token_slots, batch_size=t.batch_size, iters=t.eval_iters,
+                  device=trainer.device, autocast_ctx=trainer.amp, history=self.eval_history)
+        E = trainer.net.E
+        E = E.full_tensor() if hasattr(E, "full_tensor") else E  # FSDP2 shards it
+        return {"train_loss": estimate_loss(trainer.fwd, self.train_data, seed=t.seed + step, **kw),
+                "val_loss": estimate_loss(trainer.fwd, self.val_data, seed=t.seed + step + 1, **kw),
+                **{f"E_{k}": v for k, v in embedding_stats(E).items()}}
+
+    def final(self, trainer: Trainer) -> dict:
+        if trainer.net.regression_only:  # its LM head never trained: the val loss goes through the cosine readout
+            trainer.net.fit_cosine_readout(self.train_data)
+        lay = trainer.layout
+        return evaluate_split(trainer.model, self.val_data, lay.token_slots, trainer.device, trainer.amp,
+                              self.meta["characters"]["val"], world=trainer.world, history=lay.history, soft=lay.soft)
+
+    def result(self, final: dict) -> dict:
+        return {"val_bits_per_token": final["bits_per_token"], "val_bits_per_char": final.get("bits_per_char"),
+                **{f"val_{k}": final[k] for k in ("loss_hard_slots", "loss_soft_slots") if k in final}}
+
+
+class ReasoningTask(Workload):
+    unit = "examples"  # their lengths vary
+
+    def __init__(self, cfg: Config):
+        self.data = TaskData.open(cfg)
+        self.vocab_size = self.data.meta["vocab_size"]
+
+    def check(self, cfg: Config, layout: Layout) -> None:
+        for split in ("train", "valid"):
+            self.data.check_fits(split, cfg.model.block_size, f"model.block_size ({split}.json)")
+
+    def sampler(self, cfg: Config, world: World, layout: Layout) -> TaskSampler:
+        t = cfg.train
+        return TaskSampler(self.data.encoder, self.data.examples["train"], t.batch_size, t.seed, t.max_iters,
+                           t.grad_accum, world.rank, world.size)
+
+    def units_per_batch(self, layout: Layout) -> int:
+        return 1
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        """The stage just trained: loss and greedy accuracy on the first task.eval_examples valid examples."""
+        t = trainer.cfg.train
+        k, limit = self.data.encoder.stage_at(max(trainer.step - 1, 0), t.max_iters), trainer.cfg.task.eval_examples
+        report = evaluate_task(trainer.net, self.data, "valid", [k], limit)
+        return {"stage": k, "val_loss": task_loss_on(trainer.net, self.data, "valid", k, t.batch_size, limit,
+                                                     trainer.device),
+                "val_accuracy": report[f"stage_{k}"]["accuracy"]}
+
+    def final(self, trainer: Trainer) -> dict:
+        """The loss and greedy accuracy at the mode's final stage, and with a curriculum the accuracy at each of its
+        stages."""
+        enc = self.data.encoder
+        final = enc.final_stage()
+        report = evaluate_task(trainer.net, self.data, "valid", list(range(final + 1)) if final else [final])
+        loss = task_loss_on(trainer.net, self.data, "valid", final, trainer.cfg.train.batch_size, None,
+                            trainer.device)
+        return {"loss": loss, "accuracy": report["accuracy"], "stage": final, "report": report}
+
+    def result(self, final: dict) -> dict:
+        return {"val_accuracy": final["accuracy"], "stage": final["stage"],
+                **({"val_sampled": final["sampled"]} if "sampled" in final else {})}
+
+
+def open_workload(cfg: Config) -> Workload:
+    """The workload a config trains on: its reasoning task (task.name), else its text corpus."""
+    return ReasoningTask(cfg) if cfg.task.name else LanguageModeling(cfg)
