@@ -345,8 +345,10 @@ def cmd_inspect(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from softar import config
     from softar.bench import bench_sample, bench_train
+    from softar.soft.model import check_names
 
     cfg = config.load(a.config, a.overrides)
+    check_names(cfg)  # every registry name, before a folder is made
     if a.kind == "faults":
         from softar.faults import fault_report
 

@@ -91,7 +91,7 @@ class Generation:
 
     def full(self) -> torch.Tensor:
         """[B, T0 + N]: prompts and generated ids in one tensor, for prompts of one length that all ran to N."""
-        if len({len(p) for p in self.prompts}) != 1 or bool(self.stopped.any()):
+        if len({len(p) for p in self.prompts}) != 1 or not bool((self.lengths == self.tokens.shape[1]).all()):
             raise ValueError("full() needs prompts of one length and no early stops; use sequences()")
         return torch.cat([torch.stack(self.prompts), self.tokens], dim=1)
 
@@ -247,7 +247,10 @@ def _decode(model: SoftAR, prompts: torch.Tensor | Sequence, feed: Feed, max_new
     alive = torch.tensor(order, device=device)  # the original index of each active row
     identity = order == list(range(B))
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-    ring = model.lm.new_ring_cache(B, model.window_slots) if use_cache else None
+    # a plain window that can never fill needs no more slots than its longest sequence
+    longest = max(len(p) + int(n) for p, n in zip(prompts, limit.tolist(), strict=True))
+    ring_size = min(model.window_slots, longest) if model.layout.plain else model.window_slots
+    ring = model.lm.new_ring_cache(B, ring_size) if use_cache else None
     positions = torch.arange(model.window_slots, device=device)
 
     tokens = torch.full((B, N), -1, dtype=torch.long, device=device)
@@ -352,6 +355,8 @@ def _decode(model: SoftAR, prompts: torch.Tensor | Sequence, feed: Feed, max_new
     for g in range(N):
         choice = feed.choose(model, out, Draw(gens, alive, g))
         v, nxt = choice.vector, choice.token
+        if layout and bool((nxt < 0).any()):
+            raise ValueError(f"feed {feed.name!r} shows no token; a layout collapses soft tokens to the token shown")
         shown = nxt.clamp_min(0)
         logp = out.logits.float().log_softmax(-1).gather(-1, shown[:, None])[:, 0].masked_fill(nxt < 0, 0.0)
         rows = slice(None) if len(alive) == B and identity else alive  # a slice writes faster than an index

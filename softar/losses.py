@@ -74,6 +74,7 @@ def objective(out, targets: torch.Tensor, E: torch.Tensor, lc) -> tuple[torch.Te
     return loss, parts
 
 
+@torch.no_grad()
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, lo: float = 1e-4, hi: float = 1e4,
                     iters: int = 60) -> float:
     """The temperature tau minimising the cross-entropy of softmax(logits / tau) on targets: logits [N, V], targets

@@ -18,6 +18,7 @@ from softar.evaluate.generation import shown_brier
 from softar.rundir import CONFIG_FILE, load_run
 from softar.soft.collapse import CollapsePolicy, Sampling
 from softar.soft.feeds import HardFeed, SoftFeed
+from softar.soft.model import check_names
 from softar.train import train
 
 QUICKSTART_CONFIG = "shakespeare_char.toml"  # the baseline: nanoGPT's CPU recipe
@@ -63,6 +64,8 @@ def inspect_command(run_dir: Path, page: Path) -> str:
 def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
     base_cfg, seed_cfg = (config.load(config_path(name), [f"data.dir={json.dumps(str(data))}", *overrides])
                           for name in (QUICKSTART_CONFIG, SEED_CONFIG))  # bad overrides fail before anything is written
+    for cfg in (base_cfg, seed_cfg):
+        check_names(cfg)
     print(f"[1/4] preparing character-level Shakespeare in {data}", flush=True)
     meta = prepare("shakespeare", data, "char")
     print(f"      {meta['characters']['train'] + meta['characters']['val']:,} characters, "

@@ -9,12 +9,12 @@ import torch
 
 from softar.rl.objective import (
     clipped_objective,
-    gaussian_log_density,
     group_advantages,
     guessed_pass_at_k,
     kl_to_reference,
     pass_at_k,
 )
+from softar.soft.feeds import gaussian_log_density
 
 
 def test_advantages_of_a_hand_built_group():

@@ -2,13 +2,15 @@
 the drawn sequence, thoughts replayed as they were drawn, the importance ratio exactly 1 on the first inner step, and
 toy bandits that GRPO solves under every policy, through the answer and through the thoughts themselves."""
 
+import math
+
 import pytest
 import torch
 
 from softar.config import ModelConfig, SoftConfig
 from softar.rl.objective import clipped_objective, group_advantages
 from softar.rl.rollout import Policy, replay, rollout
-from softar.soft.feeds import gaussian_log_density, thought_policies
+from softar.soft.feeds import thought_policies
 from softar.soft.gate import GATE, ThoughtGate, load_initial
 from softar.soft.tokens import make_soft_token
 
@@ -63,7 +65,8 @@ def reference_log_probs(model, policy, actions, g):
                 getattr(model, GATE)(at.h_m[0], E[y], mu, E.pow(2).mean().sqrt())  # HRPO's formula, `ThoughtGate`
         elif policy.kind == "noisy_soft":
             vector = actions.thought_vectors[g, t]
-            thoughts.append(gaussian_log_density(vector, mu, float(actions.noise_std[g, t])))
+            s = float(actions.noise_std[g, t])  # log N(x; mu, s^2 I), written out
+            thoughts.append(-(vector - mu).pow(2).sum() / (2 * s * s) - len(mu) * math.log(s * math.sqrt(2 * math.pi)))
         else:
             vector = mu
         torch.testing.assert_close(vector, actions.thought_vectors[g, t], atol=1e-5, rtol=1e-5)
@@ -177,13 +180,15 @@ def test_a_batch_of_prompts_rolls_out_as_each_prompt_alone(kind):
     """All prompts x group members go as one batch; each rollout draws from its own stream, so a prompt's group is
     what it gets rolled out alone with the same seeds (noisy_soft's noise scale is its own group's)."""
     model, policy = toy_model("expected"), Policy(kind, max_answer=4)
-    prompts = [PROMPT, [Q, Q, BOT, THOUGHT, THOUGHT, EOT], PROMPT]
-    batch = rollout(model, prompts, 3, policy, EOS, seeds(9, 40))
+    prompts = [PROMPT, [Q] * 8 + [BOT, THOUGHT, THOUGHT, EOT], PROMPT]  # 12 slots: room for 4 answer tokens
+    batch = rollout(model, prompts, 3, Policy(kind, max_answer=10), EOS, seeds(9, 40))
     for k, p in enumerate(prompts):
-        alone = rollout(model, [p], 3, policy, EOS, seeds(3, 40 + 3 * k))
+        alone = rollout(model, [p], 3, Policy(kind, max_answer=10), EOS, seeds(3, 40 + 3 * k))
         mine = batch.rows(3 * k, 3 * k + 3)
         assert torch.equal(mine.thought_ids, alone.thought_ids)
         torch.testing.assert_close(mine.thought_vectors, alone.thought_vectors, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mine.noise_std, alone.noise_std, atol=1e-6, rtol=1e-5)
         A = alone.answers.shape[1]
         assert torch.equal(mine.answers[:, :A], alone.answers) and (mine.answers[:, A:] == -1).all()
+        with torch.no_grad():  # a group of the padded batch replays as the group rolled out alone
+            torch.testing.assert_close(replay(model, p, mine, policy, EOS), replay(model, p, alone, policy, EOS))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import statistics
 
 import numpy as np
-import torch
 
 
 def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
@@ -57,7 +56,6 @@ def resolved(mean: float, se: float) -> bool:
     return bool(np.isfinite(se)) and abs(mean) > 1.96 * se
 
 
-@torch.no_grad()
 def at_bound(tau: float, lo: float = 1e-4, hi: float = 1e4) -> bool:
     """Whether a fitted temperature sits at an end of its search range (the data asked for more: a model that
     puts all its mass on one token, say), so it is a bound rather than an optimum."""

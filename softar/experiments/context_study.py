@@ -199,7 +199,10 @@ class LayoutStudy(Study):
                               "measured on a layout config")
 
     def evaluate(self, run_dir: Path, cfg: Config, seed: int) -> dict:
-        return evaluate_lm_run(run_dir, cfg, self.options)
+        return evaluate_lm_run(run_dir, cfg, self.options, analogies=self.options.analogies)
+
+    def stale(self, kept: dict, seed: int) -> bool:
+        return self.options.analogies is not None and "analogies" not in kept
 
     def columns(self) -> list[str]:
         return list(COLUMNS)
@@ -217,4 +220,7 @@ class LayoutStudy(Study):
         return [*super().plots(results), self.plot_tradeoff()]
 
     def sections(self, results: Results) -> list[str]:
-        return report_sections(results.table, self.options.generation, self.tradeoff)
+        from softar.experiments.retention_study import analogy_section
+
+        lines = report_sections(results.table, self.options.generation, self.tradeoff)
+        return lines + (analogy_section(results.raw) if self.options.analogies is not None else [])

@@ -100,8 +100,22 @@ class RingCache:
         self.valid[r, s] = True
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only these rows (finished sequences stop costing compute)."""
-        self.kv, self.valid, self._bias = self.kv[:, :, rows], self.valid[rows], self._bias[rows]
+        """Keep only these rows, ascending (finished sequences stop costing compute)."""
+        self.kv, self.valid = compact(self.kv, rows, 2), compact(self.valid, rows)
+        self._bias = compact(self._bias, rows)
+
+
+def compact(t: torch.Tensor, rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """t with only the entries `rows` (ascending) of dimension `dim`, moved to its front in place -> a view of the same
+    memory. A batch that sheds finished rows this way writes into memory it already has: on a CPU, taking fresh memory
+    (first touch) costs ten times the copy."""
+    kept = rows.tolist()
+    if any(b <= a for a, b in zip(kept, kept[1:], strict=False)):
+        raise ValueError("compact: rows must be ascending")
+    for i, r in enumerate(kept):  # r >= i: a row moves only to a place already emptied or its own
+        if r != i:
+            t.select(dim, i).copy_(t.select(dim, r))
+    return t.narrow(dim, 0, len(kept))
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:

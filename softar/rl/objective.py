@@ -1,5 +1,6 @@
 """GRPO's pieces as pure functions: group-normalised advantages, PPO's clipped objective over a rollout's actions,
-a KL estimate to a reference policy, the log-density of a Gaussian-noised soft thought, and pass@k.
+a KL estimate to a reference policy, and pass@k (a noisy soft thought's log-density is its feed's,
+`softar.soft.feeds.gaussian_log_density`).
 
 An *action* is anything a rollout drew: a sampled token, or a noisy soft thought (Soft Tokens, Hard Truths: the
 thought x = mu + sigma * eps has log-density log N(x; mu, sigma^2 I), so it is a stochastic action with a likelihood
@@ -47,12 +48,6 @@ def kl_to_reference(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tens
     k3 = r.exp() - r - 1
     m = mask.to(k3.dtype)
     return ((k3 * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()
-
-
-def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
-    """log N(x; mean, sigma^2 I) over the last dimension [..., m] -> [...]: a noisy soft thought's log-probability."""
-    m = x.shape[-1]
-    return -(x - mean).pow(2).sum(-1) / (2 * sigma**2) - m * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
 
 
 PASS_K = (1, 4, 16, 32)  # the k of every pass@k softAR reports (up to the number of samples)

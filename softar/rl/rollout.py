@@ -28,7 +28,7 @@ import torch
 from softar.decode import LAST, decode
 from softar.soft.collapse import Sampling
 from softar.soft.feeds import Choice, Draw, Feed, HardFeed, make_policy, thought_policies
-from softar.soft.thoughts import forward_thoughts
+from softar.soft.thoughts import forward_thoughts, thought_span
 
 MAX_ROWS = 1024  # sequences rolled out at once
 
@@ -110,8 +110,11 @@ def replay(model, prompt: list[int], actions: Actions, policy: Policy, eos: int)
     (logp [G, n + A], mask [G, n + A]): the thoughts' (masked out for the deterministic soft policy), then the
     answer tokens' up to and including <eos>."""
     E = model.E
-    G, A = actions.answers.shape
-    n = actions.thought_ids.shape[1]
+    n = thought_span(torch.tensor([prompt]), model.thought_id)[1]  # a batch padded to its longest: this prompt's own
+    A = min(actions.answers.shape[1], model.window_slots - len(prompt))
+    actions = Actions(actions.thought_ids[:, :n], actions.thought_vectors[:, :n], actions.answers[:, :A],
+                      actions.noise_std[:, :n])
+    G = actions.answers.shape[0]
     feed, rows = policy.feed(model, G), torch.arange(G, device=E.device)
     answer_mask = actions.answers >= 0
     fed = actions.answers[:, :-1].clamp_min(0).masked_fill(~answer_mask[:, :-1], eos)  # filler after <eos>

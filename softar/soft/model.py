@@ -115,7 +115,7 @@ class SoftAR(nn.Module):
         [summary][hard tokens [B, h, m]], each of n_soft steps feeds back the model's own soft token as a soft slot
         (`fill_slots`) -> the soft vectors [B, n_soft, m]."""
         window = self.slots(summary, hard, 0)
-        feed = SoftFeed(self.soft_spec, noisy=self.training)
+        feed = SoftFeed(self.soft_spec, noisy=self.training, collapse=None)  # a soft slot shows no token
         slots = torch.cat([window, window.new_zeros(window.shape[0], n_soft, window.shape[2])], dim=1)
         _, soft = fill_slots(self, slots, window.shape[1], n_soft, feed.filler(self, generator, hard.dtype),
                              last=True, encode=lambda v: self.slots.slot(v, SOFT), read_last_fill=False)

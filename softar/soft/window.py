@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from softar.config import ContextConfig
+from softar.model.gpt import compact
 from softar.soft.collapse import CollapsePolicy
 
 AGGREGATE, SEGMENT, HARD, SOFT = range(4)  # slot kinds
@@ -203,7 +204,7 @@ class SlidingWindow:
         return [("tokens", 0, self.len)]
 
     def select(self, rows: torch.Tensor) -> None:
-        self.buf = self.buf[rows]
+        self.buf = compact(self.buf, rows)
 
 
 class ContextState:
