@@ -47,7 +47,8 @@ def test_two_ranks_match_one_process(char_data, tmp_path, single, strategy):
     assert load_run(out, torch.device("cpu")).step == 8  # its checkpoint loads into a plain model
 
 
-@pytest.mark.parametrize("first, then", [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)])
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_resume_at_another_world_size(char_data, tmp_path, single, first, then):
     out = tmp_path / "run"
     run(out, overrides(char_data, 8 // first, **{"train.max_iters": 4}), nproc=first)

@@ -13,7 +13,7 @@ from softar.disk import strict_json, write_text_atomic
 from softar.evaluate.context import RECOVERY_HISTORY
 from softar.evaluate.generation import POLICIES, frontier_gap
 from softar.evaluate.stats import mean_std
-from softar.experiments.study import Results, Study, evaluate_lm_run
+from softar.experiments.study import Results, Study, analogy_section, evaluate_lm_run
 
 GENERATION_FILE = "generation.json"
 
@@ -220,7 +220,5 @@ class LayoutStudy(Study):
         return [*super().plots(results), self.plot_tradeoff()]
 
     def sections(self, results: Results) -> list[str]:
-        from softar.experiments.retention_study import analogy_section
-
         lines = report_sections(results.table, self.options.generation, self.tradeoff)
         return lines + (analogy_section(results.raw) if self.options.analogies is not None else [])

@@ -20,7 +20,7 @@ from softar.evaluate.retention import (
     split_context,
 )
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
-from softar.experiments.study import Results, Study, SweepOptions, evaluate_lm_run
+from softar.experiments.study import Results, Study, SweepOptions, analogy_section, evaluate_lm_run
 
 ARRAYS_FILE = "retention.npz"
 COLUMNS = ["loss", "retention.loss.real", "retention.gap", "retention.loss_minus_short", "retention.gap_closed",
@@ -306,37 +306,6 @@ def summary(arrays: dict, loaded: dict[str, Config], raw: dict[str, list[dict]],
                            f"steps: {_fmt(ci)} ({_resolved(ci)}; "
                            f"{_per_seed(arrays[name]['real'], arrays[control]['real'])}).")
     return out + [""]
-
-
-def analogy_section(raw: dict[str, list[dict]]) -> list[str]:
-    """Each config's embedding space on the analogy questions: 3CosAdd against the only-c null, mean ± std over
-    seeds, and the questions its vocabulary answers (the rest are skipped)."""
-    lines = ["", "## Embedding arithmetic: analogies", "",
-             "a : b :: c : ? answered by the token nearest (cosine) to b - a + c, a, b and c excluded (3CosAdd); "
-             "`only c`: the token nearest to c alone, the null that uses no arithmetic. Over the questions whose four "
-             "words the vocabulary holds as single tokens.", "",
-             "| config | answered | skipped | 3CosAdd | only c | 3CosAdd - only c |", "|---|---|---|---|---|---|"]
-    for name, runs in raw.items():
-        a = [r["analogies"] for r in runs if "analogies" in r]
-        if not a or not a[0]["answered"]:
-            lines.append(f"| {name} | 0 | {a[0]['skipped'] if a else ''} | | | |")
-            continue
-        acc, base = mean_std([x["accuracy"] for x in a]), mean_std([x["only_c"] for x in a])
-        gain = mean_std([x["accuracy"] - x["only_c"] for x in a])
-        lines.append(f"| {name} | {a[0]['answered']} | {a[0]['skipped']} | {acc[0]:.3f} ± {acc[1]:.3f} | "
-                     f"{base[0]:.3f} ± {base[1]:.3f} | {gain[0]:+.3f} ± {gain[1]:.3f} |")
-    first = next((r[0]["analogies"] for r in raw.values() if r and r[0].get("analogies", {}).get("answered")), None)
-    if first is not None:
-        lines += ["", "Per section (the first seed of each config, accuracy / only c / answered):", "",
-                  "| section | " + " | ".join(raw) + " |", "|---" * (len(raw) + 1) + "|"]
-        for sec in first["sections"]:
-            cells = []
-            for runs in raw.values():
-                c = runs[0].get("analogies", {}).get("sections", {}).get(sec, {})
-                cells.append(f"{c['accuracy']:.2f} / {c['only_c']:.2f} / {c['answered']}" if c.get("answered")
-                             else "")
-            lines.append(f"| {sec} | " + " | ".join(cells) + " |")
-    return lines + [""]
 
 
 def plot_context_curve(raw: dict[str, list[dict]], arrays_dirs: dict[str, list[Path]], refs: list[tuple[str, int]],

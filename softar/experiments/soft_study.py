@@ -16,7 +16,7 @@ from pathlib import Path
 from softar.config import Config
 from softar.evaluate.soft_tokens import AVERAGED, CONSTANTS, effective_samples
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
-from softar.experiments.study import Results, Study, evaluate_lm_run
+from softar.experiments.study import Results, Study, analogy_section, evaluate_lm_run
 from softar.soft.tokens import SOFT_TOKENS
 
 SOFT_MODES = tuple(f"soft_{kind}" for kind in SOFT_TOKENS)  # open-loop feedback with each registered soft token
@@ -233,7 +233,5 @@ class SoftTokenStudy(Study):
 
     def sections(self, results: Results) -> list[str]:
         if self.options.analogies is not None:
-            from softar.experiments.retention_study import analogy_section
-
-            return analogy_section(results.raw)
+                return analogy_section(results.raw)
         return report_sections(results.table, results.raw, self.options.horizons)

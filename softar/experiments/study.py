@@ -11,6 +11,7 @@ from pathlib import Path
 
 from softar.config import Config
 from softar.disk import read_jsonl
+from softar.evaluate.stats import mean_std
 from softar.rundir import METRICS_FILE
 from softar.train import Trainer
 
@@ -150,3 +151,34 @@ def plot_bars(results: Results, metrics: list[str], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=120)
     plt.close(fig)
+
+
+def analogy_section(raw: dict[str, list[dict]]) -> list[str]:
+    """Each config's embedding space on the analogy questions: 3CosAdd against the only-c null, mean ± std over
+    seeds, and the questions its vocabulary answers (the rest are skipped)."""
+    lines = ["", "## Embedding arithmetic: analogies", "",
+             "a : b :: c : ? answered by the token nearest (cosine) to b - a + c, a, b and c excluded (3CosAdd); "
+             "`only c`: the token nearest to c alone, the null that uses no arithmetic. Over the questions whose four "
+             "words the vocabulary holds as single tokens.", "",
+             "| config | answered | skipped | 3CosAdd | only c | 3CosAdd - only c |", "|---|---|---|---|---|---|"]
+    for name, runs in raw.items():
+        a = [r["analogies"] for r in runs if "analogies" in r]
+        if not a or not a[0]["answered"]:
+            lines.append(f"| {name} | 0 | {a[0]['skipped'] if a else ''} | | | |")
+            continue
+        acc, base = mean_std([x["accuracy"] for x in a]), mean_std([x["only_c"] for x in a])
+        gain = mean_std([x["accuracy"] - x["only_c"] for x in a])
+        lines.append(f"| {name} | {a[0]['answered']} | {a[0]['skipped']} | {acc[0]:.3f} ± {acc[1]:.3f} | "
+                     f"{base[0]:.3f} ± {base[1]:.3f} | {gain[0]:+.3f} ± {gain[1]:.3f} |")
+    first = next((r[0]["analogies"] for r in raw.values() if r and r[0].get("analogies", {}).get("answered")), None)
+    if first is not None:
+        lines += ["", "Per section (the first seed of each config, accuracy / only c / answered):", "",
+                  "| section | " + " | ".join(raw) + " |", "|---" * (len(raw) + 1) + "|"]
+        for sec in first["sections"]:
+            cells = []
+            for runs in raw.values():
+                c = runs[0].get("analogies", {}).get("sections", {}).get(sec, {})
+                cells.append(f"{c['accuracy']:.2f} / {c['only_c']:.2f} / {c['answered']}" if c.get("answered")
+                             else "")
+            lines.append(f"| {sec} | " + " | ".join(cells) + " |")
+    return lines + [""]
