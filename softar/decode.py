@@ -219,6 +219,7 @@ def _decode(model: SoftAR, prompts: torch.Tensor | Sequence, feed: Feed, max_new
     if limit.shape != (B,) or int(limit.min()) < (0 if isinstance(max_new, int) else 1):
         raise ValueError(f"max_new_tokens must be one number >= 0 or one per prompt ({B}) >= 1")
     N = int(limit.max())
+    per_prompt = not isinstance(max_new, int)
     if model.memory is not None:  # ContextState keeps arithmetic only; the controls are scored by `softar eval`
         raise SoftarError(f"generation keeps summary slots as embedding arithmetic; this model's context.memory is "
                           f"{model.context_cfg.memory!r}")
@@ -355,10 +356,13 @@ def _decode(model: SoftAR, prompts: torch.Tensor | Sequence, feed: Feed, max_new
     for g in range(N):
         choice = feed.choose(model, out, Draw(gens, alive, g))
         v, nxt = choice.vector, choice.token
-        if layout and bool((nxt < 0).any()):
+        none_shown = not choice.hard and bool((nxt < 0).any())  # a thought-like feed: -1, no token
+        if none_shown and layout:
             raise ValueError(f"feed {feed.name!r} shows no token; a layout collapses soft tokens to the token shown")
-        shown = nxt.clamp_min(0)
-        logp = out.logits.float().log_softmax(-1).gather(-1, shown[:, None])[:, 0].masked_fill(nxt < 0, 0.0)
+        shown = nxt.clamp_min(0) if none_shown else nxt
+        logp = out.logits.float().log_softmax(-1).gather(-1, shown[:, None])[:, 0]
+        if none_shown:
+            logp = logp.masked_fill(nxt < 0, 0.0)
         rows = slice(None) if len(alive) == B and identity else alive  # a slice writes faster than an index
         tokens[rows, g], logprobs[rows, g] = nxt, logp
         if logits_out is not None:
@@ -393,7 +397,10 @@ def _decode(model: SoftAR, prompts: torch.Tensor | Sequence, feed: Feed, max_new
         if len(stop):
             ended = torch.isin(nxt, stop)
             stopped[alive] = ended
-        ended = ended | (limit[alive] <= g + 1)
+        if per_prompt:
+            ended = ended | (limit[alive] <= g + 1)
+        elif g == N - 1:
+            ended = torch.ones_like(ended)
         if ended.any():
             lengths[alive[ended]] = g + 1
             if trace:  # the last window of each finished sequence
