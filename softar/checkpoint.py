@@ -25,8 +25,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softar import SoftarError
-from softar.data.dataset import sha256_file
-from softar.disk import check_fields, clean_stale_temps, fsync_path, read_json, read_text, temp_name, write_text_atomic
+from softar.disk import (
+    check_fields,
+    clean_stale_temps,
+    fsync_path,
+    read_json,
+    read_text,
+    sha256_file,
+    temp_name,
+    write_text_atomic,
+)
 
 LATEST = "latest"
 STEP_NAME = re.compile(r"step_\d{6,}")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from softar import SoftarError
+from softar import Preempted, SoftarError
 
 if TYPE_CHECKING:
     from softar.decode import Decoding
@@ -91,12 +91,14 @@ def _listed(intro: str, entries: dict[str, str]) -> str:
     return (intro + ": " + "; ".join(f"{name}: {doc}" for name, doc in entries.items())).replace("%", "%%")
 
 
-def _emit(result: dict, path: Path | None) -> None:
-    """Print a result as one JSON object on the last line of stdout, and save it."""
-    from softar.disk import strict_json, write_text_atomic
+def _emit(result: dict, path: Path | None, owned: bool = False) -> None:
+    """Print a result as one JSON object on the last line of stdout, and save it: into a run directory, or with
+    `owned` into a folder the tool shares with its user (replacing only a file it wrote, `softar.disk.write_owned`)."""
+    from softar.disk import strict_json, write_owned, write_text_atomic
 
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None and owned:
+        write_owned({path: strict_json(result, indent=2).encode("utf-8")}, f"--out {path.parent}")
+    elif path is not None:
         write_text_atomic(path, strict_json(result, indent=2))
     print(strict_json(result), flush=True)
 
@@ -114,6 +116,12 @@ def cmd_task_prepare(a: argparse.Namespace) -> None:
     counts = {"train": a.train, "valid": a.valid, "test": a.test}
     meta = prepare_task(a.task, a.out, counts if counts != SPLITS else None, a.seed, force=a.force)
     _emit({"data_dir": str(a.out), **meta}, None)
+
+
+def cmd_task_audit(a: argparse.Namespace) -> None:
+    from softar.tasks.data import audit_task_dir
+
+    _emit({"data_dir": str(a.data), "audit": audit_task_dir(a.data)}, None)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -345,19 +353,22 @@ def cmd_inspect(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from softar import config
     from softar.bench import bench_sample, bench_train
+    from softar.disk import claim
     from softar.soft.model import check_names
 
     cfg = config.load(a.config, a.overrides)
     check_names(cfg)  # every registry name, before a folder is made
+    out = Path(a.out)
+    claim(out, [f"bench_{a.kind}.json", *(("faults.md", "faults_work") if a.kind == "faults" else ())], "--out")
     if a.kind == "faults":
         from softar.faults import fault_report
 
-        result = fault_report(a.config, a.overrides, cfg, Path(a.out), a.kills)
+        result = fault_report(a.config, a.overrides, cfg, out, a.kills)
     elif a.kind == "train":
         result = bench_train(cfg, steps=a.steps)
     else:
         result = bench_sample(cfg, a.new_tokens)
-    _emit(result, Path(a.out) / f"bench_{a.kind}.json")
+    _emit(result, out / f"bench_{a.kind}.json", owned=True)
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
@@ -368,7 +379,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
                 report=Path(a.report) if a.report else None, command=command,
                 gap=tuple(a.gap) if a.gap else None, generation=tuple(a.generation) if a.generation else None,
                 analogies=a.analogies),
-          Path(a.out) / "sweep.json")
+          Path(a.out) / "sweep.json", owned=True)
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
@@ -444,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a different dataset already in --out")
     s.set_defaults(fn=cmd_prepare)
 
-    s = sub.add_parser("task", help="reasoning tasks: `softar task prepare prosqa --out DIR`")
+    s = sub.add_parser("task", help="reasoning tasks: `softar task prepare prosqa --out DIR`, `softar task audit DIR`")
     task_sub = s.add_subparsers(dest="task_command", required=True, parser_class=_Parser)
     t = task_sub.add_parser("prepare", help="generate a task's train/valid/test JSON (Coconut's ProsQA format)")
     t.add_argument("task", choices=list(TASK_NAMES))
@@ -454,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{split}", type=_int_at_least(1, 10**6), default=n, help=f"records (default {n})")
     t.add_argument("--force", action="store_true", help="replace a different task dataset already in --out")
     t.set_defaults(fn=cmd_task_prepare)
+    t = task_sub.add_parser("audit", help="how often rules that read only local graph statistics of the two options "
+                            "(degrees, parents' and children's degrees, grandparents, first mention) name the answer, "
+                            "per split: near 0.5 means no leak")
+    t.add_argument("data", help="a task dataset folder (`softar task prepare`)")
+    t.set_defaults(fn=cmd_task_audit)
 
     for name, fn, what, help_ in (
             ("train", cmd_train, "TOML config file", "train a model from a TOML config"),
@@ -568,24 +584,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    interrupted = False
+    """The CLI. SIGTERM and SIGINT stop every command from its first instruction with a message (`Preempted`);
+    training, sweeps and evaluations install their own handling (finish the step, save) on top."""
+    stopped: list[int] = []
 
-    def on_interrupt(signum, frame) -> None:
-        nonlocal interrupted
-        interrupted = True
-        raise KeyboardInterrupt
+    def on_signal(signum, frame) -> None:
+        stopped.append(signum)
+        raise Preempted(signum)
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _main(argv)
     except BaseException:
-        # Ctrl-C while the parser's imports (torch, numpy) load: the interrupted import can surface as any error
-        if not interrupted:
+        # a signal while the parser's imports (torch, numpy) load: the interrupted import can surface as any error
+        if not stopped:
             raise
-        print("softar: interrupted", file=sys.stderr)
-        return 130
+        name = signal.Signals(stopped[0]).name
+        print(f"softar: stopped by {name} before anything was saved; run the command again", file=sys.stderr)
+        return 128 + stopped[0]
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -599,8 +618,6 @@ def _main(argv: list[str] | None) -> int:
     if getattr(args, "configs", None):  # sweep: positional words with '=' are overrides, the rest configs
         args.overrides += [c for c in args.configs if "=" in c]
         args.configs = [c for c in args.configs if "=" not in c]
-    from softar.train import Preempted
-
     try:
         args.fn(args)
     except SoftarError as e:
@@ -613,9 +630,6 @@ def _main(argv: list[str] | None) -> int:
         print(f"softar: stopped by {p} before anything was saved; {p.how or 'run the command again'}",
               file=sys.stderr)
         return 128 + p.signum
-    except KeyboardInterrupt:
-        print("softar: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. `softar sample ... | head`: the reader left, which is not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
         return 0

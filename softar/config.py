@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from softar import SoftarError
+from softar.disk import read_text
 
 
 class ConfigError(SoftarError):
@@ -256,27 +257,30 @@ def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Build a Config from nested dicts, checking every section, key and type."""
+def typed_sections(raw: Any) -> dict[str, dict[str, Any]]:
+    """Every section a known table, every key a known one of its type: what any config file or override list must
+    be, whichever command reads it."""
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a table of sections")
-    raw = _upgrade(raw)
     sections = {f.name: f for f in dataclasses.fields(Config)}
-    built = {}
-    for name, values in raw.items():
+    typed: dict[str, dict[str, Any]] = {}
+    for name, values in _upgrade(raw).items():
         if name not in sections:
             raise ConfigError(f"unknown config section {name!r} (known: {', '.join(sections)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{name}: expected a table, got {type(values).__name__}")
-        cls = sections[name].default_factory  # type: ignore[misc]
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in values.items():
+        hints = typing.get_type_hints(sections[name].default_factory)  # type: ignore[arg-type]
+        for key in values:
             if key not in hints:
                 raise ConfigError(f"unknown config key {name}.{key}")
-            kwargs[key] = _check_type(f"{name}.{key}", value, hints[key])
-        built[name] = cls(**kwargs)
-    cfg = Config(**built)
+        typed[name] = {key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
+    return typed
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, checking every section, key and type, then the values together."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    cfg = Config(**{name: sections[name](**values) for name, values in typed_sections(raw).items()})  # type: ignore[misc]
     validate(cfg)
     return cfg
 
@@ -302,23 +306,24 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
 
 
 def load_raw(path: str | Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
-    """The sections and keys a config file and its overrides set, as written (not yet checked)."""
+    """The sections and keys a config file and its overrides set, each of its type (`typed_sections`); how the
+    values go together is checked when a Config is built."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        text = read_text(path, "config file", limit=1 << 24)  # a regular file: a FIFO would block the reader
         try:
-            text = path.read_text(encoding="utf-8")
             raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: not a valid config file: {e}") from None
     for ov in overrides:
         (section, key), value = parse_override(ov)
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: expected a table")
         raw.setdefault(section, {})[key] = value
-    return raw
+    return typed_sections(raw)
 
 
 def resolve(cfg: Config, vocab_size: int) -> Config:
@@ -346,6 +351,10 @@ def resolve(cfg: Config, vocab_size: int) -> Config:
         from softar.tasks.data import stage_iters
 
         cfg.task = dataclasses.replace(cfg.task, stage_iters=stage_iters(cfg.task, cfg.train.max_iters))
+    try:  # a derived value obeys the rules a written one does: the saved config must load again
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (a value derived from the config; set it, or the keys it follows, yourself)") from None
     return cfg
 
 
@@ -390,7 +399,8 @@ def validate(cfg: Config) -> None:
         need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
     need(t.seed < 2**63 - 2**20, "train.seed", "must be below 2**63 - 2**20 (seeds are offset per rank and step)")
     need(t.threads <= 4096, "train.threads", "must be at most 4096")
-    for key, high in (("grad_accum", 4096), ("eval_iters", 100_000), ("batch_size", 2**20), ("keep_last", 10_000)):
+    for key, high in (("grad_accum", 4096), ("eval_iters", 100_000), ("batch_size", 2**20), ("keep_last", 10_000),
+                      ("max_iters", 2**31), ("warmup_iters", 2**31), ("lr_decay_iters", 2**31)):
         need(getattr(t, key) <= high, f"train.{key}", f"must be at most {high}")
     for key, high in (("n_layer", 10_000), ("n_head", 10_000), ("d_model", 2**20), ("block_size", 2**24)):
         need(getattr(m, key) <= high, f"model.{key}", f"must be at most {high}")

@@ -1,22 +1,55 @@
 """Everything softAR reads from or writes to disk goes through here: every file it reads may be corrupt or
 hostile, so a read either returns checked data or raises one `SoftarError` naming the file and the problem.
 Writes are atomic (temp file, fsync, rename), and temp names carry the writer's pid so that leftovers of a killed
-process are recognised and cleaned by the next one."""
+process are recognised and cleaned by the next one.
+
+What softAR may overwrite or replace is what it can prove it wrote: each folder it writes into holds a manifest
+(`MANIFEST`) listing the names it wrote there with their sha256, and a file is replaced only while it is unchanged
+since. Nothing is ever judged ours by its name or its text."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from softar import SoftarError
 
 TEMP_TAG = ".softar-tmp-"  # in every temp name softAR creates: .<name>.softar-tmp-<pid>
+MANIFEST = ".softar-manifest.json"  # in each folder softAR writes to: {"files": {name: [sha256], [""] for a folder}}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def open_regular(path: Path, what: str = "file"):
+    """`path` opened for binary reading, refused unless it is a regular file (a FIFO or a device would block or
+    never end): opened without blocking and checked on the open descriptor, so nothing can be swapped in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise SoftarError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SoftarError(f"{what}: {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open_regular(path) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def fsync_path(path: Path) -> None:
@@ -63,7 +96,9 @@ def staged_folder(out: Path, replace: bool, what: str) -> Iterator[Path]:
     """A temp folder beside `out` to write a whole dataset into. Leaving the block without an error moves it into
     place: with `replace`, an existing `out` is replaced atomically (it moves aside, the new one moves in, then the
     old one goes); otherwise by a rename, which fails if `out` is a non-empty folder (another process may have
-    written it meanwhile). On any error the temp folder goes, and an OSError becomes a one-line error."""
+    written it meanwhile); either way only a folder of softAR's own (`check_owned`) is replaced. The folder's
+    manifest lists everything the block wrote. On any error the temp folder goes, and an OSError becomes a one-line
+    error."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_name(out)
@@ -72,6 +107,8 @@ def staged_folder(out: Path, replace: bool, what: str) -> Iterator[Path]:
         raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
+        _write_manifest(tmp, {p.name: [""] if p.is_dir() else [sha256_file(p)] for p in tmp.iterdir()})
+        check_owned(out, f"--out {out}")
         if replace and out.exists():
             old = temp_name(out.with_name(out.name + ".old"))
             os.replace(out, old)
@@ -85,6 +122,115 @@ def staged_folder(out: Path, replace: bool, what: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _listed(folder: Path) -> dict[str, list[str]]:
+    """The names softAR wrote in `folder` (name -> the sha256s it may have, [""] for a folder), from its manifest;
+    {} without one. A name has two sha256s only while a write is replacing it (see `write_owned`)."""
+    path = folder / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return {}
+    files = read_json(path, "softar manifest", {"files": dict})["files"]
+    if not all(isinstance(v, list) and v and all(isinstance(h, str) for h in v)
+               and n and "/" not in n and n not in (".", "..", MANIFEST) for n, v in files.items()):
+        raise SoftarError(f"softar manifest {path}: not a manifest softar wrote")
+    return files
+
+
+def _write_manifest(folder: Path, files: dict[str, list[str]]) -> None:
+    write_text_atomic(folder / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+
+
+def foreign(folder: Path, names: Iterable[str] | None = None) -> list[str]:
+    """Of `names` in `folder` (default: all it holds), those softAR cannot prove it wrote: not in the folder's
+    manifest, a link, a file changed since (its sha256), or a file where a folder was written (and the reverse).
+    Names that are absent are not foreign; neither are softAR's own temp files."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    listed = _listed(folder)
+    present = [p.name for p in folder.iterdir()] if names is None else [n for n in names if (folder / n).exists()
+                                                                          or (folder / n).is_symlink()]
+    bad = []
+    for name in sorted(present):
+        p = folder / name
+        if name == MANIFEST or TEMP_TAG in name:
+            continue
+        kinds = listed.get(name)
+        ok = kinds is not None and not p.is_symlink() and (
+            p.is_dir() if kinds == [""] else p.is_file() and sha256_file(p) in kinds)
+        if not ok:
+            bad.append(name)
+    return bad
+
+
+def check_owned(folder: Path, what: str, names: Iterable[str] | None = None) -> None:
+    """A one-line error unless everything of `names` in `folder` (default: all it holds) is softAR's (`foreign`)."""
+    bad = foreign(folder, names)
+    if bad:
+        shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise SoftarError(f"{what}: {folder} holds {shown}, which softar did not write (or which changed since); "
+                          "it replaces only what it wrote: choose another path")
+
+
+def claim(folder: Path, names: Iterable[str], what: str) -> None:
+    """Before any work, writing nothing: `folder` is a folder or can be made, softAR can write there (a temp file
+    of its own is made and removed), and each of `names` in it is absent or softAR's (`foreign`)."""
+    if folder.is_symlink() or folder.exists() and not folder.is_dir():
+        raise SoftarError(f"{what}: {folder} is not a directory")
+    check_owned(folder, what, names)
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SoftarError(f"{what}: {probe} is not a directory")
+    tmp = temp_name(probe / MANIFEST)
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(tmp)
+    except OSError as e:
+        raise SoftarError(f"{what}: cannot write in {probe} ({e.strerror or e})") from None
+
+
+def make_folder(folder: Path, name: str, what: str) -> Path:
+    """A folder softAR makes in `folder` (made too if missing), or made before, listed in its manifest."""
+    path = folder / name
+    check_owned(folder, what, [name])
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with folder_lock(folder):
+            _write_manifest(folder, {**_listed(folder), name: [""]})
+    except OSError as e:
+        raise SoftarError(f"{what}: cannot make {path} ({e.strerror or e})") from None
+    return path
+
+
+def write_owned(files: dict[Path, bytes], what: str) -> None:
+    """Write files of one folder together: under a lock on the folder, each is refused if something not softAR's
+    is there (`foreign`), all are staged in full, then moved into place. While they move, the manifest accepts the
+    old and the new content of each, so a kill at any moment leaves files softAR still recognises as its own."""
+    folder = next(iter(files)).parent
+    assert all(p.parent == folder for p in files)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SoftarError(f"{what}: cannot make {folder} ({e.strerror or e})") from None
+    with folder_lock(folder):
+        check_owned(folder, what, [p.name for p in files])
+        listed = _listed(folder)
+        new = {p.name: [sha256_bytes(d)] for p, d in files.items()}
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for path, data in files.items():
+                staged.append((stage_bytes(path, data), path))
+            present = {n: [sha256_file(folder / n)] for n in new if (folder / n).is_file()}
+            _write_manifest(folder, {**listed, **{n: present.get(n, []) + h for n, h in new.items()}})
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, path in staged:
+            commit(tmp, path)
+        _write_manifest(folder, {**listed, **new})
 
 
 def stage_bytes(path: Path, data: bytes) -> Path:
@@ -132,12 +278,14 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 def read_text(path: Path, what: str, limit: int = 1 << 28) -> str:
     """A UTF-8 text file of at most `limit` bytes."""
+    if not path.exists():
+        raise SoftarError(f"{what}: {path} does not exist")
     try:
-        if not path.is_file():
-            raise SoftarError(f"{what}: {path} does not exist or is not a file")
-        if path.stat().st_size > limit:
-            raise SoftarError(f"{what}: {path} is {path.stat().st_size} bytes, more than such a file can be")
-        return path.read_text(encoding="utf-8")
+        with open_regular(path, what) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise SoftarError(f"{what}: {path} is {size} bytes, more than such a file can be")
+            return f.read(limit + 1).decode("utf-8")
     except UnicodeDecodeError:
         raise SoftarError(f"{what}: {path} is not UTF-8 text") from None
     except OSError as e:

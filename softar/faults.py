@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from softar.checkpoint import latest_checkpoint, load_checkpoint
+from softar.disk import make_folder, write_owned
 from softar.rundir import CHECKPOINTS, CONFIG_FILE, METRICS_FILE
 from softar.train import Trainer
 
@@ -119,10 +120,9 @@ def fault_report(config_path: str, overrides: list[str], cfg, out: Path, kills: 
     non-finite steps; returns the figures and writes them as a Markdown table to out/faults.md."""
     import shutil
 
-    work = out / "faults_work"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = make_folder(out, "faults_work", "--out")  # softar's own (its manifest): what a killed report left goes
+    for p in work.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     t = cfg.train
     ckpt_interval = t.ckpt_interval or t.eval_interval
     rows = []
@@ -144,6 +144,6 @@ def fault_report(config_path: str, overrides: list[str], cfg, out: Path, kills: 
     for r in rows:
         same = {True: "yes", False: "NO", None: r.get("outcome", "")}[r["resumed_run_identical"]]
         lines.append(f"| {r['fault']} | {r['injected']} | {r['max_lost_steps']} | {r['bound']} | {same} |")
-    (out / "faults.md").write_text("\n".join(lines) + "\n")
+    write_owned({out / "faults.md": ("\n".join(lines) + "\n").encode("utf-8")}, "--out")
     shutil.rmtree(work)
     return {"bench": "faults", "ckpt_interval": ckpt_interval, "rows": rows}

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from softar import SoftarError
 from softar.checkpoint import Checkpoint, check_state, latest_checkpoint, load_checkpoint, rename_params
 from softar.config import Config, from_dict, seeded
-from softar.data.dataset import load_meta, load_split, sha256_file
+from softar.data.dataset import load_meta, load_split
 from softar.data.glove import PRETRAINED_FILE
 from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from softar.disk import read_json
+from softar.disk import read_json, sha256_file
 from softar.soft.model import SoftAR, build_model, upgrade_param_name
 from softar.tasks.data import TASK_FILE, is_task_dir, load_task_meta
 
@@ -41,7 +41,7 @@ def data_fingerprint(data_dir: str | Path) -> dict:
 
 def read_config(run_dir: Path) -> Config:
     path = run_dir / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         raise SoftarError(f"{run_dir} is not a softar run (no {CONFIG_FILE})")
     return from_dict(read_json(path, "run config"))
 

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 import softar
-from softar import SoftarError
+from softar import Preempted, SoftarError
 from softar.checkpoint import (
     TRAINER_JSON,
     check_optimizer_state,
@@ -217,14 +217,6 @@ def _set_rng_states(states: dict[str, torch.Tensor], world: World, device: torch
     torch.set_rng_state(states[f"rng_cpu_rank{world.rank}"].cpu())
     if device.type == "cuda" and f"rng_cuda_rank{world.rank}" in states:
         torch.cuda.set_rng_state(states[f"rng_cuda_rank{world.rank}"].cpu(), device)
-
-
-class Preempted(Exception):  # noqa: N818 - a stop, not an error
-    """SIGTERM or SIGINT arrived in a phase that stops at once (startup, the final evaluation)."""
-
-    def __init__(self, signum: int, saved: bool = False, how: str = ""):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.saved, self.how = signum, saved, how  # saved: state is on disk; how: to continue
 
 
 class Preemption:

@@ -205,7 +205,7 @@ def test_inspect_keeps_files_it_did_not_write(run_dir, tmp_path, capsys):
     for name in ("page.html", "page.json"):
         mine = tmp_path / name
         mine.write_text("my notes")
-        assert "is not a file softar inspect wrote" in run_cli(["inspect", run_dir, "--out", tmp_path / "page.html"],
+        assert "which softar did not write" in run_cli(["inspect", run_dir, "--out", tmp_path / "page.html"],
                                                          capsys)
         assert mine.read_text() == "my notes" and len(list(tmp_path.iterdir())) == 1
         mine.unlink()

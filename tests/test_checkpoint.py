@@ -68,7 +68,7 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
     path = save_checkpoint(tmp_path / "ck", 1, tensors(1.0), {"step": 1}, keep_last=1)
     torch.save({"w": Payload()}, path / "model.safetensors")
     manifest = json.loads((path / "manifest.json").read_text())  # the attacker fixes the manifest too
-    from softar.data.dataset import sha256_file
+    from softar.disk import sha256_file
 
     manifest["sha256"]["model.safetensors"] = sha256_file(path / "model.safetensors")
     (path / "manifest.json").write_text(json.dumps(manifest))

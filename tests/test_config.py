@@ -76,3 +76,19 @@ def test_any_single_value_is_accepted_or_rejected_with_its_key(key, value):
         assert f"{section}.{name}" in str(e)  # as the key that failed, or in the rule that names it
     else:
         assert getattr(getattr(cfg, section), name) == value
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.sampled_from(["train.max_iters", "train.eval_interval", "task.max_stage", "task.thoughts_per_step"]),
+       value=st.one_of(st.integers(0, 2**40), st.sampled_from([2**31, 2**31 + 1, 10**11])),
+       mode=st.sampled_from(["thoughts", "pause", "cot"]))
+def test_what_resolve_derives_loads_again(key, value, mode):
+    """Property: a config that resolves is one that --resume, eval and inspect load again (its saved dict), so a
+    derived value (lr_decay_iters, ckpt_interval, task.stage_iters) never outgrows the checks a written one gets;
+    anything else is refused at the start, naming a key."""
+    try:
+        cfg = config.resolve(config.load(None, ["task.name='prosqa'", f"task.mode='{mode}'", f"{key}={value}"]), 133)
+    except ConfigError as e:
+        assert "train." in str(e) or "task." in str(e)
+        return
+    assert config.from_dict(cfg.to_dict()) == cfg

@@ -101,11 +101,14 @@ def test_bad_task_input_is_one_line_and_exit_2(task_data, char_data, tmp_path):
                           "model.block_size (train.json): its longest sequence needs", "the model has 64")
     assert_one_line_error(softar("train", "configs/reasoning/prosqa_cot.toml", "context.soft=4", "--out",
                                  tmp_path / "r4"), "task.name", "plain model")
-    assert not any((tmp_path / name).exists() for name in ("r2", "r3", "r4"))
+    assert_one_line_error(softar("train", "configs/reasoning/prosqa_coconut.toml", f"data.dir={task_data}",
+                                 "train.max_iters=100000000000", "--out", tmp_path / "r5"),
+                          "train.max_iters: must be at most")
+    assert not any((tmp_path / name).exists() for name in ("r2", "r3", "r4", "r5"))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert_one_line_error(softar("task", "prepare", "prosqa", "--out", tmp_path / "mine", "--train", 5),
-                          "not a softar task dataset's")
+                          "which softar did not write")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     with pytest.raises(SoftarError, match="language-model run"):
         lm = tmp_path / "lm"

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from softar import cli
 from softar.checkpoint import MANIFEST
-from softar.data.dataset import sha256_file
 from softar.data.prepare import prepare
+from softar.disk import sha256_file
 
 from .conftest import tiny_overrides
 
@@ -90,7 +90,7 @@ def test_prepare_force_never_deletes_unrelated_files(small_corpus, tmp_path, cap
     (home / "meta.json").write_text("{}")
     (home / "thesis.tex").write_text("precious")
     refused(["prepare", "--corpus", small_corpus, "--out", home, "--force"], capsys, tmp_path,
-            message="holds files that are not a softar dataset's (photos, thesis.tex)")
+            message="holds meta.json, photos, thesis.tex, which softar did not write")
 
 
 def test_prepare_force_replaces_a_dataset_atomically_and_cleans_dead_temps(small_corpus, tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_prepare_leaves_other_temps_and_folders_named_like_dataset_files(small_c
     (ds / "train.bin" / "thesis.tex").write_text("x")
     (ds / "meta.json").write_text("{}")
     refused(["prepare", "--corpus", small_corpus, "--out", ds, "--force"], capsys, tmp_path,
-            message="holds files that are not a softar dataset's (train.bin)")
+            message="holds meta.json, train.bin, which softar did not write")
 
 
 def test_prepare_into_a_file(small_corpus, tmp_path, capsys):
@@ -373,11 +373,12 @@ def test_sweep_never_overwrites_files_it_did_not_make(data, tmp_path, capsys):
     out.mkdir()
     (out / "results.md").write_text("my notes")
     common = [CONFIG, *tiny_overrides(data), "--seeds", "1", "--windows", "2", "--horizons", "4"]
-    refused(["sweep", *common, "--out", out], capsys, tmp_path, message="holds files a sweep did not make")
-    (tmp_path / "thesis.md").write_text("# My thesis")
-    refused(["sweep", *common, "--out", tmp_path / "sw", "--report", tmp_path / "thesis.md"], capsys, tmp_path,
-            message="is not a report softar sweep wrote")
-    refused(["sweep", *common, "--out", tmp_path / "thesis.md"], capsys, tmp_path, message="not a directory")
+    refused(["sweep", *common, "--out", out], capsys, tmp_path, message="holds results.md, which softar did not write")
+    # ownership is a manifest softar wrote, never the text: a user's notes that look like a report stay theirs
+    (tmp_path / "results.md").write_text("# Results: my own notes\n")
+    refused(["sweep", *common, "--out", tmp_path / "sw", "--report", tmp_path / "results.md"], capsys, tmp_path,
+            message="holds results.md, which softar did not write")
+    refused(["sweep", *common, "--out", tmp_path / "results.md"], capsys, tmp_path, message="not a directory")
 
 
 # -- two writers, real processes ---------------------------------------------------------------------------------------
@@ -496,3 +497,48 @@ def test_fuzz_every_file_read(fuzz_run, tmp_path_factory, name, content, capsys)
     if code == 2:
         assert len(err) == 1 and err[0].startswith("softar: error: "), err
         assert tree_hash(root) == before
+
+
+# -- no read ever hangs ------------------------------------------------------------------------------------------------
+def test_a_fifo_wherever_a_file_is_read_is_refused_not_waited_on(run, task_data, small_corpus, tmp_path):
+    """A FIFO (or a device) where softar reads a file would block the reader forever: every read checks for a
+    regular file on the open descriptor first. Real processes, each with a timeout that a hang would hit."""
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ckpt = sorted((copy / "checkpoints").glob("step_*"))[-1]
+    data_copy = tmp_path / "data_fifo"
+    shutil.copytree(tmp_path / "data", data_copy)
+
+    def fifo(path: Path) -> Path:
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+        return path
+
+    cases = [
+        (["train", fifo(tmp_path / "c.toml"), "--out", tmp_path / "new"], "is not a regular file"),
+        (["prepare", "--corpus", fifo(tmp_path / "corpus.txt"), "--out", tmp_path / "ds"], "not a regular file"),
+        (["eval", copy, "--windows", "2", "--data", data_copy], "not a regular file"),
+    ]
+    fifo(data_copy / "meta.json")
+    before = tree_hash(out, copy, task_data)
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "softar", *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("softar: error: "), proc.stderr
+        assert message in lines[0], lines[0]
+    records = subprocess.run([sys.executable, "-c", "from softar.tasks import get_task; from softar.tasks.data import "
+                              f"load_records; load_records({str(fifo(tmp_path / 't.json'))!r}, get_task('prosqa'))"],
+                             capture_output=True, text=True, timeout=120)  # what eval/train --task read
+    assert "is not a regular file" in records.stderr.strip().splitlines()[-1], records.stderr
+    for name in ("config.json", f"checkpoints/{ckpt.name}/model.safetensors"):
+        target = tmp_path / "copy2"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(out, target)
+        fifo(target / name)
+        proc = subprocess.run([sys.executable, "-m", "softar", "eval", str(target), "--windows", "2"],
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "not a regular file" in lines[0], (name, proc.stderr)
+    assert tree_hash(out, copy, task_data) == before

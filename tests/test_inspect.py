@@ -212,25 +212,33 @@ def test_the_page_in_headless_chromium(layout_run, char_data, tmp_path):
 
 
 def test_screenshots_and_pages_replace_only_their_own_files(layout_run, tmp_path):
-    """--screenshot writes a marked PNG and replaces only such a PNG; PAGE.html and PAGE.json replace only their
-    own kind; a link at any of them is refused; all of it is checked before the model runs."""
+    """--screenshot and PAGE.html/PAGE.json replace only files the folder's manifest proves softar wrote and nobody
+    changed since; someone else's file, one edited since, or a link is refused; all before the model runs."""
+    import hashlib
+
+    from softar.disk import MANIFEST
     from softar.inspect import write_png
 
     png = b"\x89PNG\r\n\x1a\n" + bytes(25) + b"IDAT"
     shot = tmp_path / "shot.png"
     write_png(png, shot)
-    assert shot.read_bytes()[33:41] == (23).to_bytes(4, "big") + b"tEXt"  # the chunk that marks it as ours
-    write_png(png, shot)  # its own screenshot it replaces
-    (tmp_path / "photo.png").write_bytes(png)  # someone else's PNG it does not
+    listed = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    assert listed == {"shot.png": [hashlib.sha256(png).hexdigest()]}  # what it wrote, by content
+    write_png(png + b"x", shot)  # its own screenshot it replaces
+    (tmp_path / "photo.png").write_bytes(png)  # someone else's PNG, byte for byte like softar's, it does not
     (tmp_path / "link.html").symlink_to(tmp_path / "nowhere.html")
-    for args, message in ((["--screenshot", tmp_path / "photo.png"], "photo.png exists and is not a file"),
+    for args, message in ((["--screenshot", tmp_path / "photo.png"], "holds photo.png, which softar did not write"),
                           (["--screenshot", tmp_path / "shot.jpg"], "must be a .png file"),
-                          (["--out", tmp_path / "link.html"], "link.html exists and is not a file")):
+                          (["--out", tmp_path / "link.html"], "holds link.html, which softar did not write")):
         out = [] if "--out" in args else ["--out", tmp_path / "page.html"]
         before = sorted(tmp_path.iterdir())
         assert_one_line_error(softar("inspect", layout_run, "--max-new-tokens", "2", *out, *args), message)
         assert sorted(tmp_path.iterdir()) == before and (tmp_path / "photo.png").read_bytes() == png
     assert (tmp_path / "link.html").is_symlink() and not (tmp_path / "nowhere.html").exists()
+    shot.write_bytes(png + b"my edit")  # softar's file, changed by its user since: no longer softar's to replace
+    assert_one_line_error(softar("inspect", layout_run, "--max-new-tokens", "2", "--out", tmp_path / "page.html",
+                                 "--screenshot", shot), "holds shot.png, which softar did not write (or which changed")
+    assert shot.read_bytes() == png + b"my edit"
 
 
 def test_the_reason_for_a_collapse():

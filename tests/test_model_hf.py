@@ -3,6 +3,7 @@ save_pretrained (nothing is downloaded). Greedy hard decoding equals transformer
 generation equals uncached; `softar sample --hf` runs every mode and a context layout."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -111,6 +112,22 @@ def test_hf_folders_that_would_run_on_random_weights_are_refused(hf_dir, tmp_pat
         f.rename(f.with_suffix(".bin"))
     assert cli.main(["sample", "--hf", str(pickled), "--device", "cpu"]) == 2
     assert "only safetensors are loaded" in capsys.readouterr().err
+    notok = tmp_path / "no_tokenizer"  # would have decoded with a 1-token stand-in and printed nothing
+    shutil.copytree(hf_dir, notok)
+    for f in notok.iterdir():
+        if f.name not in ("config.json", "generation_config.json") and f.suffix != ".safetensors":
+            f.unlink()
+    assert cli.main(["sample", "--hf", str(notok), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no tokenizer" in err[0], err
+    fifo = tmp_path / "fifo"  # a FIFO where a file is read would hang the reader
+    shutil.copytree(hf_dir, fifo)
+    (fifo / "config.json").unlink()
+    os.mkfifo(fifo / "config.json")
+    assert cli.main(["sample", "--hf", str(fifo), "--device", "cpu"]) == 2
+    assert "is neither a regular file nor a folder" in capsys.readouterr().err
+    assert cli.main(["sample", "--hf", "gpt2", "--device", "cpu"]) == 2  # a hub id: nothing is downloaded
+    assert "not a local folder" in capsys.readouterr().err
 
 
 def test_inspect_on_a_hugging_face_model(hf_dir, tmp_path, capsys):

@@ -191,3 +191,44 @@ def test_a_gated_runs_checkpoint_starts_only_a_gated_run(init_run, tmp_path):
     assert not (tmp_path / "hard").exists()
     assert softar("rl", rl_file(tmp_path, gated, "gated"), "train.max_iters=1", "--out", tmp_path / "again",
                   "--quiet").returncode == 0  # a gated run continues from a gated run's gate
+
+
+def test_diverging_rl_stops_with_one_line(init_run, tmp_path):
+    """A learning rate that blows the weights up ends like `softar train`'s: one line, exit 2, no traceback."""
+    proc = softar("rl", rl_file(tmp_path, init_run, "hard"), "train.lr=1e30", "train.max_iters=40", "--out",
+                  tmp_path / "blown", "--quiet")
+    assert_one_line_error(proc, "diverged")
+
+
+def test_rl_refuses_a_config_train_refuses(init_run, tmp_path):
+    """One validation path: a [task] that is not a table is refused by `softar rl` as by `softar train`."""
+    path = Path(rl_file(tmp_path, init_run, "hard"))
+    path.write_text("task = 5\n" + path.read_text().replace("[task]\neval_examples = 2\n", ""))
+    for command in ("rl", "train"):
+        assert_one_line_error(softar(command, path, "--out", tmp_path / command), "task")
+        assert not (tmp_path / command).exists()
+
+
+def test_sigterm_at_start_up_says_so(init_run, tmp_path):
+    """SIGTERM as soon as `softar rl` can catch it (its handler is installed: /proc shows it, so there is no race)
+    stops it with a message and exit 143, never silently."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "early"
+    proc = subprocess.Popen([sys.executable, "-m", "softar", "rl", rl_file(tmp_path, init_run, "hard"), "--out",
+                             out, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.monotonic() + 60
+    while not int(next(ln for ln in status.read_text().splitlines() if ln.startswith("SigCgt:")).split()[1], 16) \
+            & (1 << (signal.SIGTERM - 1)):
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("softar: stopped by SIGTERM"), err
+    if "before anything was saved" in last:
+        assert not out.exists()

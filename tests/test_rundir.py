@@ -36,6 +36,9 @@ def test_legacy_run_evaluates_and_samples_as_before(legacy, capsys):
     root, expected = legacy
     assert cli.main(["eval", "run", "--windows", "8", "--device", "cpu"]) == 0
     got = last_json(capsys)
+    # recorded on another CPU: equal up to fp32 rounding, not bit for bit. Another vector unit sums in another order;
+    # the relative error of an fp32 sum of n terms grows like sqrt(n) * 1.2e-7, about 8e-6 for n = 4096 (the
+    # longest reduction here), so rel=1e-5. Same-machine exactness (resume, cache) is asserted exactly elsewhere.
     assert got["loss_hard_slots"] == pytest.approx(expected["eval_loss_hard_slots"], rel=1e-5)
     assert got["loss_soft_slots_one_step"] == pytest.approx(expected["eval_loss_soft_slots"], rel=1e-5)
     for mode, key in (("hard", "sample_hard_greedy"), ("soft", "sample_soft_greedy")):

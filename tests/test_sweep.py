@@ -1,6 +1,7 @@
 import csv
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,8 +110,8 @@ def test_retention_study_and_tradeoff(char_data, tmp_path):
 
 
 def test_report_paths_are_checked_before_any_run(char_data, tmp_path):
-    """A report whose assets folder would be --out, or holds someone else's files, or sits under a file, is refused
-    with one line before anything trains."""
+    """A report whose assets folder would be --out, or holds someone else's files, or sits under a file or in a
+    folder that cannot be written, is refused with one line before anything trains."""
     from softar import SoftarError
 
     (tmp_path / "a.toml").write_text("")
@@ -119,8 +120,10 @@ def test_report_paths_are_checked_before_any_run(char_data, tmp_path):
     (tmp_path / "notes" / "results.csv").write_text("my precious csv")
     (tmp_path / "afile").write_text("x")
     for report, out, fragment in ((tmp_path / "sw.md", tmp_path / "sw", "--out itself"),
-                                  (tmp_path / "notes.md", tmp_path / "o1", "already exists"),
-                                  (tmp_path / "afile" / "r.md", tmp_path / "o2", "not a directory")):
+                                  (tmp_path / "notes.md", tmp_path / "o1", "holds notes, which softar did not write"),
+                                  (tmp_path / "afile" / "r.md", tmp_path / "o2", "not a directory"),
+                                  # a folder nobody may write in (even root): refused before training, not after
+                                  (Path("/proc/self/softar/r.md"), tmp_path / "o3", "cannot write in /proc/")):
         with pytest.raises(SoftarError, match=fragment):
             sweep([str(tmp_path / "a.toml")], 1, overrides, out, windows=2, horizons=(2,), report=report)
         assert not (out / "runs").exists()

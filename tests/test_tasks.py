@@ -1,9 +1,12 @@
 import json
+import os
 import random
 import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from softar import SoftarError
 from softar.config import TaskConfig
@@ -14,6 +17,7 @@ from softar.tasks.graphs import distances
 from softar.tasks.prosqa import make_record
 
 TOK = TaskTokenizer(VOCABULARY)
+PROSQA = get_task("prosqa")
 # a record written by hand in Coconut's format (its graph: Tom -> wumpus -> yumpus -> rempus; zumpus -> impus)
 COCONUT = {"question": "Every wumpus is a yumpus. Every zumpus is a impus. Tom is a wumpus. Every yumpus is a "
                        "rempus. Is Tom a impus or rempus?",
@@ -63,7 +67,7 @@ def test_generated_records_keep_their_invariants_and_coconuts_statistics():
 def test_loader_reads_the_generators_files_and_a_coconut_record(tmp_path):
     meta = prepare_task("prosqa", tmp_path / "d", {"train": 20, "valid": 5, "test": 5}, seed=3)
     assert meta["counts"] == {"train": 20, "valid": 5, "test": 5}
-    assert load_records(tmp_path / "d" / "train.json") == records(20, 3)
+    assert load_records(tmp_path / "d" / "train.json", PROSQA) == records(20, 3)
     assert load_tokenizer(tmp_path / "d", meta["vocab_size"]).words == VOCABULARY
     assert prepare_task("prosqa", tmp_path / "d", {"train": 20, "valid": 5, "test": 5}, seed=3) == meta  # reused
     with pytest.raises(SoftarError, match="different or incomplete task dataset"):
@@ -75,7 +79,7 @@ def test_loader_reads_the_generators_files_and_a_coconut_record(tmp_path):
         (tmp_path / missing).rename(tmp_path / "d" / missing)
     path = tmp_path / "coconut.json"
     path.write_text(json.dumps([COCONUT]))
-    (r,) = load_records(path)
+    (r,) = load_records(path, PROSQA)
     task, cfg = get_task("prosqa"), TaskConfig(name="prosqa")
     text = Encoder(task, TOK, "text", cfg).example(r)
     assert TOK.decode(text.question) == COCONUT["question"] + " <bot>"
@@ -99,7 +103,7 @@ def test_loader_refuses_malformed_records(tmp_path, bad, match):
     path = tmp_path / "bad.json"
     path.write_text(bad)
     with pytest.raises(SoftarError, match=match):
-        load_records(path)
+        load_records(path, PROSQA)
 
 
 def test_unknown_words_special_tokens_and_a_question_without_options_are_errors_naming_the_record():
@@ -198,3 +202,125 @@ def test_sampler_batches_share_a_question_length_and_resume_exactly():
         part = TaskSampler(enc, exs, 2, seed=7, max_iters=100, rank=r, world=2).next_batch()[0]
         L = part.shape[1]
         assert torch.equal(part, whole[2 * r : 2 * r + 2, :L]) and (whole[2 * r : 2 * r + 2, L:] == 0).all()
+
+
+# -- a record accepted at load never fails later -------------------------------------------------------------------
+_NAMES = st.sampled_from(["Tom", "wumpus", "Every is", "is", ".", "n3", "<ans>", "Zed", "rempus yumpus", "Tom"])
+_MUTATIONS = st.one_of(
+    st.tuples(st.just("name"), st.integers(0, 30), _NAMES),
+    st.tuples(st.just("question"), st.sampled_from(["drop_ask", "swap_options", "other_root", "no_mark", "keep"])),
+    st.tuples(st.just("edge"), st.integers(0, 30), st.integers(0, 30)),
+    st.tuples(st.just("drop_edge"), st.integers(0, 60)),
+    st.tuples(st.just("index"), st.sampled_from(["root", "target", "neg_target"]), st.integers(0, 30)),
+    st.tuples(st.just("steps"), st.integers(0, 6)),
+)
+
+
+def mutate(record: dict, mutation: tuple) -> dict:
+    r = json.loads(json.dumps(record))
+    kind, *args = mutation
+    n = len(r["idx_to_symbol"])
+    if kind == "name":
+        r["idx_to_symbol"][args[0] % n] = args[1]
+    elif kind == "question":
+        body, _, ask = r["question"].rpartition(" Is ")
+        root, a, b = ask.removesuffix("?").split()[::2][:3] if ask.count(" ") == 4 else ("x", "y", "z")
+        r["question"] = {"drop_ask": body, "swap_options": f"{body} Is {root} a {b} or {a}?",
+                         "other_root": f"{body} Is {r['idx_to_symbol'][(r['root'] + 1) % n]} a {a} or {b}?",
+                         "no_mark": f"{body} Is {root} a {a} or {b}", "keep": r["question"]}[args[0]]
+    elif kind == "edge":
+        r["edges"].append([args[0] % n, args[1] % n])
+    elif kind == "drop_edge" and r["edges"]:
+        r["edges"].pop(args[0] % len(r["edges"]))
+    elif kind == "index":
+        r[args[0]] = args[1] % n
+    elif kind == "steps":
+        r["steps"] = r["steps"][: args[0]]
+    return r
+
+
+@settings(max_examples=int(os.environ.get("SOFTAR_FUZZ_EXAMPLES", 150)), deadline=None)
+@given(seed=st.integers(0, 3), task_name=st.sampled_from(["prosqa", "pathfind"]),
+       mutations=st.lists(_MUTATIONS, max_size=3), answer=st.lists(st.sampled_from(VOCABULARY), max_size=6))
+def test_a_record_accepted_at_load_never_fails_later(tmp_path_factory, seed, task_name, mutations, answer):
+    """What TaskData.open does at load (`load_records`, then encoding in every rendering) either refuses a record
+    with a one-line error naming it, or everything done with the record later runs: rendering, scoring any answer,
+    the reward, and the probe that reads the nodes' embeddings."""
+    from softar.evaluate.reasoning import node_readout
+
+    task = get_task(task_name)
+    record = COCONUT if seed == 0 else records(1, seed)[0]
+    for m in mutations:
+        record = mutate(record, m)
+    path = tmp_path_factory.mktemp("rec") / "r.json"
+    path.write_text(json.dumps([record]))
+    try:
+        (r,) = load_records(path, task)
+        encoders = [Encoder(task, TOK, rendering, TaskConfig(name=task_name, mode="thoughts"))
+                    for rendering in task.renders]
+        examples = [enc.example(r, "record 0") for enc in encoders]
+    except SoftarError as e:
+        assert "record 0" in str(e) and "\n" not in str(e)
+        return
+    model = type("M", (), {"E": torch.randn(len(VOCABULARY), 8)})()
+    for enc, ex in zip(encoders, examples, strict=True):
+        assert isinstance(task.check(r, answer, enc.rendering), bool)
+        assert enc.sequence(ex, enc.final_stage())[0][-1] == enc.id["<eos>"]
+        names, scores, fronts = node_readout(model, enc, r, torch.randn(3, 8))
+        assert scores.shape == (3, len(r["idx_to_symbol"])) and r["target"] in set().union(*fronts)
+    if task_name == "pathfind":
+        assert 0.0 <= task.reward(r, answer) <= 1.0
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"idx_to_symbol": ["Tom", "wumpus", "yumpus", "rempus", "Every is", "impus"]}, "node name 'Every is'"),
+    ({"question": "Every wumpus is a yumpus. Tom is a wumpus."}, "does not end 'Is NAME a A or B?'"),
+    ({"edges": [[1, 2], [4, 5], [0, 1], [2, 3], [3, 1]]}, "cycle"),
+    ({"edges": [[1, 2], [4, 5], [0, 1], [2, 3], [3, 4]]}, "negative target is reachable"),
+    ({"target": 4}, "target is not reachable"),
+    ({"idx_to_symbol": ["Tom", "wumpus", "yumpus", "rempus", "wumpus", "impus"]}, "names a node twice"),
+])
+def test_records_that_used_to_crash_later_are_refused_at_load(tmp_path, change, match):
+    path = tmp_path / "valid.json"
+    path.write_text(json.dumps([COCONUT, {**COCONUT, **change}]))
+    with pytest.raises(SoftarError, match=f"valid.json: record 1: .*{re.escape(match)}"):
+        load_records(path, PROSQA)
+
+
+# -- the leak audit ----------------------------------------------------------------------------------------------------
+def test_the_audit_catches_planted_leaks_one_and_two_hops_away():
+    from softar.tasks.audit import audit
+
+    clean = records(300, seed=4)
+    one_hop = [{**r, "edges": [*r["edges"], [r["root"], r["target"]]]} for r in clean]  # the target gains a parent
+    two_hop = []
+    for r in clean:  # a parent of the target gains a parent: only a statistic two hops out sees it
+        parent = next(a for a, b in r["edges"] if b == r["target"])
+        two_hop.append({**r, "edges": [*r["edges"], [r["root"], parent]]})
+    rules = {name: audit({"x": rs})["x"]["rules"] for name, rs in
+             (("clean", clean), ("one_hop", one_hop), ("two_hop", two_hop))}
+    assert rules["one_hop"]["in_degree"] == 1.0 and rules["one_hop"]["facts_mentioning"] == 1.0
+    assert rules["two_hop"]["in_degree"] == 0.5 and rules["two_hop"]["parents_in_degree_sum"] == 1.0
+    assert max(rules["clean"].values()) < 0.6
+
+
+def test_the_generator_does_not_leak():
+    """The two options are images of each other in isomorphic twins, so every structural rule ties exactly on every
+    question (0.5); the order-based rules sit near 0.5 by shuffling (n = 2000: 0.6 is 9 standard errors away)."""
+    from softar.tasks.audit import audit
+
+    result = audit({"train": records(2000, seed=11)})["train"]
+    structural = {k: v for k, v in result["rules"].items() if k not in ("first_mention", "asked_first")}
+    assert set(structural.values()) == {0.5} and len(structural) == 9
+    assert result["max"] <= 0.6
+
+
+def test_task_audit_cli(task_data, tmp_path, capsys):
+    from softar import cli
+
+    assert cli.main(["task", "audit", str(task_data)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["audit"]) == {"train", "valid", "test"} and out["audit"]["train"]["questions"] == 64
+    assert json.loads((task_data / "task.json").read_text())["audit"] == out["audit"]  # what prepare printed
+    assert cli.main(["task", "audit", str(tmp_path)]) == 2
+    assert "no task dataset" in capsys.readouterr().err

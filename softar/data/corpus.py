@@ -76,8 +76,11 @@ def shakespeare_text() -> str:
 
 
 def _read_utf8(path: Path) -> str:
+    from softar.disk import open_regular
+
     try:
-        return path.read_text(encoding="utf-8")
+        with open_regular(path, "corpus") as f:  # a regular file: a FIFO would block the reader
+            return f.read().decode("utf-8")
     except UnicodeDecodeError as e:
         raise SoftarError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
@@ -93,7 +96,7 @@ def read_corpus(corpus: str) -> tuple[str, str]:
             if not files:
                 raise SoftarError(f"corpus folder {path} holds no .txt or .md files")
             text = "\n\n".join(_read_utf8(p) for p in files)
-        elif path.is_file():
+        elif path.exists():
             text = _read_utf8(path)
         else:
             raise SoftarError(f"corpus not found: {path}")

@@ -3,7 +3,6 @@ and the samplers that cut them into training windows."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,18 +13,6 @@ from softar import SoftarError
 from softar.disk import read_json
 
 META_FILE = "meta.json"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -40,7 +27,7 @@ SPLITS = ("train", "val")
 def load_meta(data_dir: str | Path) -> dict:
     """meta.json, checked: a positive vocabulary whose ids fit the recorded dtype, non-negative counts."""
     path = Path(data_dir) / META_FILE
-    if not path.is_file():
+    if not path.exists():
         raise SoftarError(f"no prepared data in {data_dir} (expected {path}; run `softar prepare`)")
     meta = read_json(path, "dataset", META_FIELDS)
     V = meta["vocab_size"]
@@ -58,8 +45,10 @@ def load_split(data_dir: str | Path, split: str) -> np.memmap:
     """A split's tokens, checked against meta.json: whole tokens, the recorded count, every id in the vocabulary."""
     meta = load_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
+    if not path.exists():
         raise SoftarError(f"missing split file {path}")
+    if not path.is_file():  # np.memmap would block on a FIFO
+        raise SoftarError(f"{path} is not a regular file")
     dtype = np.dtype(meta["dtype"])
     size = path.stat().st_size
     if size % dtype.itemsize:

@@ -9,12 +9,10 @@ from safetensors.torch import save_file
 
 from softar import SoftarError
 from softar.data.corpus import read_corpus
-from softar.data.dataset import META_FILE, SPLITS, load_meta, load_split, sha256_bytes, token_dtype
+from softar.data.dataset import META_FILE, SPLITS, load_meta, load_split, token_dtype
 from softar.data.glove import PRETRAINED_FILE, glove_vectors, pretrained_table
 from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
-from softar.disk import clean_stale_temps, staged_folder
-
-DATASET_FILES = {META_FILE, "train.bin", "val.bin", TOKENIZER_FILE, PRETRAINED_FILE}  # all a dataset folder holds
+from softar.disk import check_owned, clean_stale_temps, sha256_bytes, staged_folder
 
 VAL_FRACTION = 0.1
 
@@ -22,7 +20,8 @@ VAL_FRACTION = 0.1
 def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: int = 1024,
             force: bool = False) -> dict:
     """Convert, tokenize and write a dataset folder; returns its meta. Writes into a temp folder first so
-    a failure leaves nothing half-written, and refuses to replace a different dataset unless `force`."""
+    a failure leaves nothing half-written, and refuses to replace a different dataset unless `force`, and anything
+    softar did not write (its manifest, `softar.disk.check_owned`) even then."""
     out = Path(out).absolute()
     if tokenizer not in ("char", "bpe", "glove"):
         raise SoftarError(f"--tokenizer: expected 'char', 'bpe' or 'glove', got {tokenizer!r}")
@@ -31,19 +30,15 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     text, source = read_corpus(corpus)
     text_sha = sha256_bytes(text.encode("utf-8"))
     clean_stale_temps(out.parent, (out.name, out.name + ".old"))  # what a killed prepare of this --out left
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES or p.is_symlink()
-                     or not p.is_file()) if out.is_dir() else []
-    if foreign:  # never replace or delete what softar did not write
-        raise SoftarError(f"{out} holds files that are not a softar dataset's ({', '.join(foreign[:3])}"
-                          f"{' ...' if len(foreign) > 3 else ''}); choose another --out")
-    if (out / META_FILE).is_file() and not force:
-        old = _complete_dataset(out)
-        same = old is not None and old.get("text_sha256") == text_sha and old.get("tokenizer") == tokenizer and (
-            tokenizer == "char" or old.get("requested_vocab_size", old.get("vocab_size")) == vocab_size)
-        if same:
+    if out.is_dir() and any(out.iterdir()):
+        old = None if force else _complete_dataset(out)
+        if old is not None and old.get("text_sha256") == text_sha and old.get("tokenizer") == tokenizer and (
+                tokenizer == "char" or old.get("requested_vocab_size", old.get("vocab_size")) == vocab_size):
             return old  # already prepared: nothing to do
-        raise SoftarError(f"{out} already holds a different or incomplete dataset; choose another --out or pass "
-                          "--force to replace it")
+        check_owned(out, "--out")  # never replace or delete what softar did not write
+        if not force:
+            raise SoftarError(f"{out} already holds a different or incomplete dataset; choose another --out or "
+                              "pass --force to replace it")
 
     split = int(len(text) * (1 - VAL_FRACTION))  # by position: first 90% train, last 10% val
     train_text, val_text = text[:split], text[split:]

@@ -46,7 +46,7 @@ class TaskData:
         task = get_task(cfg.task.name)
         encoder = Encoder(task, load_tokenizer(data_dir, meta["vocab_size"]), cfg.task.render, cfg.task)
         paths = {s: data_dir / f"{s}.json" for s in splits} | (files or {})
-        records = {s: load_records(p) for s, p in paths.items()}
+        records = {s: load_records(p, task) for s, p in paths.items()}
         examples = {s: [encoder.example(r, f"{paths[s]}: record {i}") for i, r in enumerate(rs)]
                     for s, rs in records.items()}
         return cls(task, encoder, meta, records, examples)

@@ -13,7 +13,7 @@ from softar.disk import strict_json, write_text_atomic
 from softar.evaluate.context import RECOVERY_HISTORY
 from softar.evaluate.generation import POLICIES, frontier_gap
 from softar.evaluate.stats import mean_std
-from softar.experiments.study import Results, Study, analogy_section, evaluate_lm_run
+from softar.experiments.study import Results, Study, analogy_section, evaluate_lm_run, save_figure
 
 GENERATION_FILE = "generation.json"
 
@@ -104,8 +104,7 @@ def _plot_tradeoff(summary: dict[str, list[dict]], path: Path, generator: str, r
     fig.suptitle(f"{generator}: coherence against nuance; soft policies labelled by entropy threshold (nats), "
                  "mean ± std over seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 HOW_TO_READ = """## How to read this

@@ -14,7 +14,7 @@ from softar.config import Config
 from softar.disk import read_jsonl
 from softar.evaluate.reasoning import evaluate_task_run
 from softar.evaluate.stats import paired_bootstrap_2way
-from softar.experiments.study import Results, Study
+from softar.experiments.study import Results, Study, save_figure
 from softar.tasks.data import stage_iters
 from softar.tasks.modes import MODES
 
@@ -57,8 +57,7 @@ def plot_accuracy(names: list[str], seeds: int, base_seed: int, out: Path, cfgs:
            title="Accuracy during training (dotted: curriculum stages)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_curves.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "accuracy_curves.png")
 
 
 def columns() -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from softar import SoftarError
 from softar.config import Config
+from softar.disk import open_regular
 from softar.evaluate.context import RECOVERY_HISTORY
 from softar.evaluate.retention import (
     ABLATIONS,
@@ -20,7 +21,14 @@ from softar.evaluate.retention import (
     split_context,
 )
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
-from softar.experiments.study import Results, Study, SweepOptions, analogy_section, evaluate_lm_run
+from softar.experiments.study import (
+    Results,
+    Study,
+    SweepOptions,
+    analogy_section,
+    evaluate_lm_run,
+    save_figure,
+)
 
 ARRAYS_FILE = "retention.npz"
 COLUMNS = ["loss", "retention.loss.real", "retention.gap", "retention.loss_minus_short", "retention.gap_closed",
@@ -85,8 +93,10 @@ def load_arrays(dirs: list[Path]) -> dict[str, np.ndarray]:
     for d in dirs:
         path = d / ARRAYS_FILE
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with open_regular(path, "retention arrays") as f, np.load(f, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
+        except SoftarError:
+            raise
         except Exception as e:  # a truncated zip, a bad CRC, a file that is no .npz at all
             raise SoftarError(f"{path}: not a readable retention file ({type(e).__name__})") from None
         shape = arrays.get("real", np.empty(0)).shape
@@ -331,8 +341,7 @@ def plot_context_curve(raw: dict[str, list[dict]], arrays_dirs: dict[str, list[P
     ax.set_ylabel("loss on the retention targets (nats)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "context_curve.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "context_curve.png", dpi=110)
 
 
 class RetentionStudy(Study):

@@ -14,11 +14,10 @@ import numpy as np
 from softar import SoftarError
 from softar.checkpoint import latest_checkpoint
 from softar.config import Config, load_raw, seeded
-from softar.data.dataset import sha256_file
-from softar.disk import read_json, read_jsonl, strict_json, write_text_atomic
+from softar.disk import make_folder, read_json, read_jsonl, sha256_file, strict_json, write_owned
 from softar.evaluate.reasoning import evaluate_task_run
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
-from softar.experiments.study import Results, Study
+from softar.experiments.study import Results, Study, save_figure
 from softar.rl.objective import PASS_K, pass_at_k
 from softar.rl.trainer import RLTrainer
 from softar.rundir import CHECKPOINTS, METRICS_FILE, read_config
@@ -89,7 +88,6 @@ def start_results(inits: list[Path], cfg: Config, out: Path) -> list[dict]:
     OUT/starts/<run>.json with what it was scored on (the run, its latest checkpoint's weights, the test file, the
     sample count and answer limit), and reused only while all of that is unchanged."""
     starts = []
-    (out / STARTS).mkdir(exist_ok=True)
     for init in inits:
         ckpt = latest_checkpoint(init / CHECKPOINTS)
         if ckpt is None:
@@ -97,11 +95,11 @@ def start_results(inits: list[Path], cfg: Config, out: Path) -> list[dict]:
         key = {"run": str(init.resolve()), "weights_sha256": sha256_file(ckpt / "model.safetensors"),
                "data_sha256": sha256_file(test_file(cfg)), "samples": cfg.rl.eval_samples,
                "max_answer": cfg.task.max_answer_tokens, "sigma": cfg.rl.sigma}
-        path = out / STARTS / f"{init.name}.json"
+        path = make_folder(out, STARTS, "--out") / f"{init.name}.json"
         kept = read_json(path, "start scores", {"key": dict, "sampled": dict}) if path.is_file() else None
         if kept is None or kept["key"] != key or not scored_as_now(kept):
             kept = {"key": key, "sampled": sampled_results(init, cfg)}
-            write_text_atomic(path, strict_json(kept, indent=2))
+            write_owned({path: strict_json(kept, indent=2).encode("utf-8")}, "--out")
         starts.append({"run_dir": str(init), "sampled": kept["sampled"]})
     return starts
 
@@ -248,8 +246,7 @@ def plot_curves(run_dirs: dict[str, list[Path]], cfgs: dict[str, Config], out: P
         axes[1][col].set(title=f"{task}: valid pass@1 at evaluations", xlabel="step", ylabel="pass@1")
         axes[0][col].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "reward_curves.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "reward_curves.png")
 
 
 class RLStudy(Study):

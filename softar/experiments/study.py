@@ -5,12 +5,13 @@ signatures; `softar.experiments.sweep` holds no study of its own."""
 
 from __future__ import annotations
 
+import io
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from softar.config import Config
-from softar.disk import read_jsonl
+from softar.disk import read_jsonl, write_owned
 from softar.evaluate.stats import mean_std
 from softar.rundir import METRICS_FILE
 from softar.train import Trainer
@@ -110,6 +111,16 @@ def evaluate_lm_run(run_dir: Path, cfg: Config, options: SweepOptions, **extra) 
     return evaluate_run(run_dir, windows=options.windows, horizons=fits, seed=0, device_name=cfg.train.device, **extra)
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """A matplotlib figure as PNG into a sweep's folder (replacing only a file a sweep wrote), then closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_owned({path: buf.getvalue()}, f"--out {path.parent}")
+
+
 def plot_losses(results: Results, out: Path) -> None:
     """loss_curves.png: each config's sampled val loss over steps, mean over seeds."""
     import matplotlib
@@ -129,8 +140,7 @@ def plot_losses(results: Results, out: Path) -> None:
     ax.set(xlabel="step", ylabel="val loss (sampled batches, mean over seeds)", title="Validation loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "loss_curves.png")
 
 
 def plot_bars(results: Results, metrics: list[str], out: Path) -> None:
@@ -149,8 +159,7 @@ def plot_bars(results: Results, metrics: list[str], out: Path) -> None:
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "metrics.png")
 
 
 def analogy_section(raw: dict[str, list[dict]]) -> list[str]:

@@ -7,18 +7,19 @@ resumed, or split over several processes that share OUT and then be reported by 
 from __future__ import annotations
 
 import csv
+import io
 import signal
 from pathlib import Path
 
-from softar import SoftarError, config
-from softar.disk import read_json, read_text, strict_json, write_text_atomic
+from softar import Preempted, SoftarError, config
+from softar.disk import check_owned, claim, make_folder, read_json, strict_json, write_owned, write_text_atomic
 from softar.evaluate.analogies import read_analogies
 from softar.evaluate.stats import mean_std
 from softar.experiments import rl_study
 from softar.experiments.study import Results, Study, SweepOptions
 from softar.rundir import CONFIG_FILE, RESULT_FILE, RunLock, data_fingerprint, read_config
 from softar.soft.model import check_names
-from softar.train import Preempted, Preemption, train
+from softar.train import Preemption, train
 
 EVAL_FILE = "eval.json"
 
@@ -163,92 +164,49 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
 
 def write_tables(table: dict, columns: list[str], out: Path) -> None:
     used = [c for c in columns if any(c in cols for cols in table.values())]
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["config"] + [f"{c} {s}" for c in used for s in ("mean", "std")])
-        for name, cols in table.items():
-            w.writerow([name] + [f"{x:.6g}" if c in cols else "" for c in used for x in cols.get(c, (0, 0))])
+    rows = io.StringIO()
+    w = csv.writer(rows)
+    w.writerow(["config"] + [f"{c} {s}" for c in used for s in ("mean", "std")])
+    for name, cols in table.items():
+        w.writerow([name] + [f"{x:.6g}" if c in cols else "" for c in used for x in cols.get(c, (0, 0))])
     lines = ["| config | " + " | ".join(used) + " |", "|---" * (len(used) + 1) + "|"]
     for name, cols in table.items():
         cells = [f"{cols[c][0]:.4g} ± {cols[c][1]:.2g}" if c in cols else "" for c in used]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_owned({out / "results.csv": rows.getvalue().encode("utf-8"),
+                 out / "results.md": ("\n".join(lines) + "\n").encode("utf-8")}, "--out")
 
 
-SWEEP_MARK = ".softar-sweep"  # in every --out a sweep made: what it may overwrite there is its own
-SWEEP_DIRS = {"runs", rl_study.STARTS}
-SWEEP_FILES = {"results.md", "results.csv", "loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png",
-               "reward_curves.png", "context_curve.png", "sweep.json", SWEEP_MARK} | SWEEP_DIRS
-REPORT_MARK = "<!-- written by softar sweep -->"
+SWEEP_DIRS = ("runs", rl_study.STARTS)  # the folders a sweep makes in --out
 
 
 def claim_out(out: Path) -> None:
-    """A sweep writes its tables and plots into --out: only into a new or empty folder, or one a sweep made."""
-    if out.is_symlink() or out.exists() and not out.is_dir():
-        raise SoftarError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and not (out / SWEEP_MARK).is_file():
-        names = {p.name for p in out.iterdir()}  # a sweep's output from before the mark existed holds runs/
-        foreign = sorted(names - SWEEP_FILES if "runs" in names else names)
-        if foreign:
-            raise SoftarError(f"--out {out} holds files a sweep did not make ({', '.join(foreign[:3])}"
-                              f"{' ...' if len(foreign) > 3 else ''}); choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SWEEP_MARK).touch()
-    except OSError as e:
-        raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    for name in SWEEP_FILES - {SWEEP_MARK}:
-        path, kind = out / name, ("folder", Path.is_dir) if name in SWEEP_DIRS else ("plain file", Path.is_file)
-        if path.is_symlink() or path.exists() and not kind[1](path):
-            raise SoftarError(f"--out {out}: {name} is not a {kind[0]} a sweep wrote")
-
-
-REPORT_ASSETS = {"loss_curves.png", "metrics.png", "tradeoff.png", "accuracy_curves.png", "reward_curves.png",
-                 "context_curve.png", "results.csv"}
+    """A sweep writes into --out only what it can prove is its own (`softar.disk`'s manifest): a new or empty
+    folder, or one where a sweep wrote everything there is. The last check before the work: it makes the folders."""
+    check_owned(out, "--out")
+    claim(out, (), "--out")
+    for name in SWEEP_DIRS:
+        make_folder(out, name, "--out")
 
 
 def check_report(path: Path, out: Path) -> None:
-    """--report overwrites only a report a sweep wrote (its first line `# Results:` or the mark at its end), and its
-    assets folder (beside it, named after it) must be new or hold only a report's assets and not be --out. Checked
-    before any run, so a sweep never trains for a report it cannot write."""
-    if path.is_symlink() or path.exists() and not path.is_file():
-        raise SoftarError(f"--report {path} is not a plain file")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise SoftarError(f"--report {path}: {path.parent} is not a directory")
-    if path.is_file():
-        text = read_text(path, "report")
-        if not (text.startswith("# Results:") or REPORT_MARK in text):
-            raise SoftarError(f"--report {path} exists and is not a report softar sweep wrote; choose another file")
+    """--report replaces only a report a sweep wrote and nobody changed since (the manifest of the folder it is
+    in), and its assets folder (beside it, named after it) must be new or a sweep's, and not be --out. Checked
+    before any run, writing nothing, so a sweep never trains for a report it cannot write."""
     assets = path.parent / path.stem
     if assets.resolve() == out.resolve():
         raise SoftarError(f"--report {path}: its assets folder {assets} would be --out itself; choose another name")
-    if assets.is_symlink() or assets.exists() and not assets.is_dir():
-        raise SoftarError(f"--report {path}: {assets} (its assets folder) exists and is not a directory")
-    if assets.is_dir() and not path.is_file():
-        raise SoftarError(f"--report {path}: {assets} (its assets folder) already exists without the report that "
-                          "owns it; choose another name")
-    if assets.is_dir():
-        foreign = sorted(p.name for p in assets.iterdir() if p.name not in REPORT_ASSETS or not p.is_file())
-        if foreign:
-            raise SoftarError(f"--report {path}: {assets} holds files a sweep did not write ({', '.join(foreign[:3])}"
-                              f"{' ...' if len(foreign) > 3 else ''}); choose another name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SoftarError(f"--report {path}: cannot write there ({e.strerror or e})") from None
+    claim(path.parent, (path.name, assets.name), f"--report {path}")
+    check_owned(assets, f"--report {path}")
+    claim(assets, (), f"--report {path}")
 
 
 def write_report(path: Path, command: str, configs: list[str], seeds: int, out: Path, sections: list[str],
                  pngs: list[str], setup: str) -> None:
     """A Markdown report: the command that regenerates it, the study's setup, the plots (copied beside it), then
     the study's own sections."""
-    import shutil
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assets = path.parent / path.stem
-    assets.mkdir(exist_ok=True)
-    for name in (*pngs, "results.csv"):
-        shutil.copy(out / name, assets / name)
+    assets = make_folder(path.parent, path.stem, f"--report {path}")
+    write_owned({assets / name: (out / name).read_bytes() for name in (*pngs, "results.csv")}, f"--report {path}")
     text = [
         f"# Results: {', '.join(Path(c).stem for c in configs)}",
         "",
@@ -262,7 +220,5 @@ def write_report(path: Path, command: str, configs: list[str], seeds: int, out: 
         "",
         *[f"![{png[:-4]}]({assets.name}/{png})\n" for png in pngs],
         *sections,
-        "",
-        REPORT_MARK,
     ]
-    write_text_atomic(path, "\n".join(text) + "\n")
+    write_owned({path: ("\n".join(text) + "\n").encode("utf-8")}, f"--report {path}")

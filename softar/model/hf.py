@@ -27,6 +27,18 @@ def _transformers():
     return transformers
 
 
+def check_folder(path: str | Path) -> None:
+    """A local folder (never a hub id: nothing is downloaded) whose every entry is a plain file or folder: a FIFO or
+    a device there would hang whatever reads it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SoftarError(f"--hf: {path} is not a local folder (hub ids are not downloaded; save the model with "
+                          "save_pretrained and pass its folder)")
+    odd = sorted(p.name for p in path.iterdir() if not (p.is_file() or p.is_dir()))
+    if odd:
+        raise SoftarError(f"--hf: {path / odd[0]} is neither a regular file nor a folder")
+
+
 class HFVectorLM(nn.Module):
     """`model`: a `transformers` model with a causal LM head. E is its input embedding table; h_m is its last hidden
     state (after the final norm), which lives in R^m when the hidden size equals the embedding width."""
@@ -45,6 +57,7 @@ class HFVectorLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> HFVectorLM:
+        check_folder(path)
         if not (Path(path) / "config.json").is_file():
             raise SoftarError(f"--hf: {path} holds no Hugging Face model (no config.json; write it with "
                               "save_pretrained)")
@@ -112,15 +125,24 @@ class HFVectorLM(nn.Module):
         return 6 * sum(p.numel() for p in self.parameters()) + 12 * c.num_hidden_layers * c.hidden_size * context
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+
+
 class HFTokenizer:
-    """The folder's own tokenizer, behind softAR's encode / decode."""
+    """The folder's own tokenizer, behind softAR's encode / decode. Its files must be there: without them
+    transformers makes a stand-in tokenizer of one token, which would encode every prompt to nothing."""
 
     def __init__(self, path: str | Path):
+        if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+            raise SoftarError(f"--hf: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it "
+                              "beside the model with tokenizer.save_pretrained")
         try:
             self.tok = _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # whatever transformers raises on a missing or broken tokenizer
             raise SoftarError(f"--hf: no usable tokenizer in {path}: "
                               f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+        if len(self.tok) < 2:
+            raise SoftarError(f"--hf: the tokenizer in {path} has {len(self.tok)} token; it cannot encode text")
 
     @property
     def vocab_size(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from softar import SoftarError
 from softar.model.interface import Outputs
 
 
@@ -116,6 +117,9 @@ def sample_ids(logits: torch.Tensor, generator: Generator = None) -> torch.Tenso
     """One id per row of logits [..., V] (rows with -inf entries allowed). With `RowGenerators` (logits [R, V]) each
     row inverts its CDF at one uniform of its own stream."""
     flat = logits.reshape(-1, logits.shape[-1]).float().softmax(-1)
+    if not flat.sum(-1).isfinite().all():  # a NaN or +inf logit, or a row of -inf: no distribution to sample
+        raise SoftarError("sampling: the model's next-token logits are not finite (NaN, +inf, or all -inf in a row); "
+                          "the weights or the inputs have diverged")
     if isinstance(generator, RowGenerators):
         cdf = flat.cumsum(-1)
         u = generator.rand().to(cdf)[:, None] * cdf[:, -1:]

@@ -39,6 +39,10 @@ class Task(Protocol):
     name: str
     renders: tuple[str, ...]  # the renderings it offers ("text", "symbolic")
 
+    def validate(self, record: dict) -> None:
+        """A `SoftarError` naming what is wrong with a record whose fields have the right types (`check_record`)
+        but which this task cannot pose or score: checked once, at load, so that nothing fails later."""
+
     def render(self, record: dict, rendering: str) -> Rendered: ...
 
     def check(self, record: dict, answer: list[str], rendering: str) -> bool:

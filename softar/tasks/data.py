@@ -14,17 +14,16 @@ import numpy as np
 import torch
 
 from softar import SoftarError
-from softar.data.dataset import sha256_file
 from softar.data.tokenizer import TOKENIZER_FILE, TaskTokenizer, load_tokenizer
-from softar.disk import check_fields, clean_stale_temps, read_json, staged_folder
+from softar.disk import check_fields, check_owned, clean_stale_temps, read_json, sha256_file, staged_folder
 from softar.tasks import get_task
+from softar.tasks.audit import audit
 from softar.tasks.base import MAX_NODES, VOCABULARY, Task
 from softar.tasks.graphs import EDGES, NODES
 from softar.tasks.modes import MODES, Mode
 
 TASK_FILE = "task.json"
 SPLITS = {"train": 17_000, "valid": 300, "test": 500}  # about Coconut's ProsQA sizes (17,886 / 300 / 500)
-TASK_FILES = {TASK_FILE, TOKENIZER_FILE, *(f"{s}.json" for s in SPLITS)}
 RECORD_FIELDS = {"question": str, "answer": str, "steps": list, "edges": list, "root": int, "target": int,
                  "neg_target": int, "idx_to_symbol": list}
 MAX_RECORDS = 10**7
@@ -47,16 +46,22 @@ def check_record(r: dict, where: str) -> None:
         raise SoftarError(f"{where}: steps must be a list of strings")
 
 
-def load_records(path: str | Path) -> list[dict]:
-    """The records of a task JSON file (a list of objects in Coconut's format), each checked."""
+def load_records(path: str | Path, task: Task) -> list[dict]:
+    """The records of a task JSON file (a list of objects in Coconut's format), each checked: its fields
+    (`check_record`) and what the task needs of it (`Task.validate`)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SoftarError(f"task data {path} not found")
     records = read_json(path, "task data")
     if not isinstance(records, list) or not records or len(records) > MAX_RECORDS:
         raise SoftarError(f"task data {path}: expected a non-empty JSON list of records")
     for i, r in enumerate(records):
-        check_record(r, f"task data {path}: record {i}")
+        where = f"task data {path}: record {i}"
+        check_record(r, where)
+        try:
+            task.validate(r)
+        except SoftarError as e:
+            raise SoftarError(f"{where}: {e}") from None
     return records
 
 
@@ -83,8 +88,8 @@ def check_stats(stats: dict, records: int) -> None:
 def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = None, seed: int = 0,
                  force: bool = False) -> dict:
     """Generate a task's splits into `out` (train.json, valid.json, test.json, tokenizer.json, task.json), written
-    into a temp folder first; an existing different dataset is replaced only with `force`, and only a folder that
-    holds nothing but a task dataset's own files."""
+    into a temp folder first; an existing different dataset is replaced only with `force`, and only what softar
+    wrote (its manifest, `softar.disk.check_owned`)."""
     from softar.tasks.prosqa import make_record
 
     get_task(name)
@@ -93,32 +98,39 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise SoftarError(f"--out {out} exists and is not a directory")
     clean_stale_temps(out.parent, (out.name, out.name + ".old"))
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in TASK_FILES or not p.is_file())
-        if foreign:
-            raise SoftarError(f"{out} holds files that are not a softar task dataset's ({', '.join(foreign[:3])}); "
-                              "choose another --out")
-        if any(out.iterdir()) and not force:
-            try:
-                old = load_task_meta(out) if all((out / f"{s}.json").is_file() for s in counts) else None
-            except SoftarError:
-                old = None
-            if old and old["task"] == name and old["seed"] == seed and old["counts"] == counts:
-                return old  # already prepared, every file there and as recorded
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            old = None if force else load_task_meta(out)
+        except SoftarError:
+            old = None
+        if old and old["task"] == name and old["seed"] == seed and old["counts"] == counts and all(
+                (out / f"{s}.json").is_file() for s in counts):
+            return old  # already prepared, every file there and as recorded
+        check_owned(out, "--out")  # never replace or delete what softar did not write
+        if not force:
             raise SoftarError(f"{out} already holds a different or incomplete task dataset; choose another --out "
                               "or pass --force to replace it")
     rng = random.Random(seed)
     splits = {split: [make_record(rng) for _ in range(k)] for split, k in counts.items()}
     stats = graph_stats(splits["train"])
     check_stats(stats, len(splits["train"]))
+    leaks = audit(splits)
     with staged_folder(out, force, "task dataset") as tmp:
         for split, records in splits.items():
             (tmp / f"{split}.json").write_text(json.dumps(records), encoding="utf-8")
         TaskTokenizer(VOCABULARY).save(tmp / TOKENIZER_FILE)
         meta = {"task": name, "seed": seed, "counts": counts, "vocab_size": len(VOCABULARY), "stats": stats,
-                "sha256": {s: sha256_file(tmp / f"{s}.json") for s in splits}}
+                "audit": leaks, "sha256": {s: sha256_file(tmp / f"{s}.json") for s in splits}}
         (tmp / TASK_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
+
+
+def audit_task_dir(data_dir: str | Path) -> dict:
+    """The leak audit (`softar.tasks.audit`) of every split of a task dataset, each record checked as at load."""
+    meta = load_task_meta(data_dir)
+    task = get_task(meta["task"])
+    splits = {s: Path(data_dir) / f"{s}.json" for s in meta["counts"]}
+    return audit({s: load_records(p, task) for s, p in splits.items() if p.exists()})
 
 
 TASK_META_FIELDS = {"task": str, "seed": int, "counts": dict, "vocab_size": int, "sha256": dict}
@@ -131,15 +143,15 @@ def is_task_dir(data_dir: str | Path) -> bool:
 def load_task_meta(data_dir: str | Path) -> dict:
     """task.json, checked against the files beside it."""
     path = Path(data_dir) / TASK_FILE
-    if not path.is_file():
+    if not path.exists():
         raise SoftarError(f"no task dataset in {data_dir} (expected {path}; run `softar task prepare`)")
     meta = read_json(path, "task dataset", TASK_META_FIELDS)
     get_task(meta["task"])
     for split in ("train", "valid", "test"):
         file = Path(data_dir) / f"{split}.json"
-        if split != "test" and not file.is_file():
+        if split != "test" and not file.exists():
             raise SoftarError(f"task dataset {data_dir}: missing {split}.json")
-        if file.is_file() and sha256_file(file) != meta["sha256"].get(split):
+        if file.exists() and sha256_file(file) != meta["sha256"].get(split):
             raise SoftarError(f"task dataset {data_dir}: {split}.json is not the file task.json records (changed "
                               "since `softar task prepare`?)")
     tok = load_tokenizer(data_dir, meta["vocab_size"])
@@ -180,7 +192,8 @@ class Encoder:
             ex = Example(self.tok.encode(r.question) + [self.id["<bot>"]], [self.tok.encode(s) for s in r.steps],
                          [self.id["<ans>"], *self.tok.encode(r.answer), self.id["<eos>"]])
             for name in self.task.node_tokens(record, self.rendering):  # the probe reads every node's embedding
-                self.tok.encode(name)
+                if len(self.tok.encode(name)) != 1:
+                    raise SoftarError(f"node name {name!r} is not one word of the task's vocabulary")
         except SoftarError as e:
             raise SoftarError(f"{where}: {e}") from None
         specials = set(self.id.values())

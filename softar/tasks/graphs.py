@@ -1,11 +1,14 @@
-"""ProsQA-style graphs: random DAGs in which one option is reachable from the root and the other is not, and the
-breadth-first facts every task and probe reads from them (distances, frontiers, a shortest chain)."""
+"""ProsQA-style graphs: random DAGs in which one option is reachable from the root and the other is not (two
+isomorphic twins, so that no local statistic tells them apart), and the breadth-first facts every task and probe
+reads from them (distances, frontiers, a shortest chain)."""
 
 from __future__ import annotations
 
 import random
 from collections import deque
 from dataclasses import dataclass
+
+from softar import SoftarError
 
 # chain lengths (edges from the root to the target) and their probabilities: 3 to 6 steps, mean 3.82
 CHAIN_LENGTHS = {3: 0.45, 4: 0.35, 5: 0.13, 6: 0.07}
@@ -15,13 +18,15 @@ EDGES = (16, 54)  # mean about 36
 
 @dataclass(frozen=True)
 class Graph:
-    """Nodes 0..n-1 with directed edges (a, b), a root, a reachable target and an unreachable negative target."""
+    """Nodes 0..n-1 with directed edges (a, b), a root, a reachable target, an unreachable negative target, and the
+    root of the twin that holds the negative target."""
 
     n: int
     edges: list[tuple[int, int]]
     root: int
     target: int
     neg_target: int
+    twin_root: int
 
 
 def children(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
@@ -43,6 +48,36 @@ def distances(n: int, edges: list[tuple[int, int]], root: int) -> list[int | Non
                 dist[b] = dist[a] + 1
                 queue.append(b)
     return dist
+
+
+def has_cycle(n: int, edges: list[tuple[int, int]]) -> bool:
+    """Whether the directed graph has a cycle (Kahn's algorithm: some node never reaches in-degree 0)."""
+    kids, indeg = children(n, edges), [0] * n
+    for _, b in edges:
+        indeg[b] += 1
+    queue, seen = deque(v for v in range(n) if indeg[v] == 0), 0
+    while queue:
+        a = queue.popleft()
+        seen += 1
+        for b in kids[a]:
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                queue.append(b)
+    return seen < n
+
+
+def check_graph(record: dict, dag: bool) -> None:
+    """Distinct node names, no self-loop or repeated edge, acyclic when `dag`, and the target reachable from the
+    root, a different node from it."""
+    sym, edges = record["idx_to_symbol"], [tuple(e) for e in record["edges"]]
+    if len(set(sym)) != len(sym):
+        raise SoftarError("idx_to_symbol names a node twice")
+    if any(a == b for a, b in edges) or len(set(edges)) != len(edges):
+        raise SoftarError("edges hold a self-loop or a repeated edge")
+    if dag and has_cycle(len(sym), edges):
+        raise SoftarError("edges hold a cycle; the task's graphs are acyclic")
+    if record["target"] == record["root"] or distances(len(sym), edges, record["root"])[record["target"]] is None:
+        raise SoftarError("the target is not reachable from the root")
 
 
 def frontiers(n: int, edges: list[tuple[int, int]], root: int) -> list[set[int]]:
@@ -73,46 +108,38 @@ def shortest_chain(n: int, edges: list[tuple[int, int]], root: int, target: int)
     return path[::-1]
 
 
-def random_graph(rng: random.Random) -> Graph:
-    """A DAG like Coconut's ProsQA graphs. The nodes after the root split into a side the root reaches (each node on
-    a level, edges climb at most one level, so a node at level L is at most L steps away, and a chain guarantees one
-    at exactly L) and a side it cannot reach (edges into it come only from itself). The target is a node at
-    distance L and the negative target an unreachable one with the same in- and out-degree, so neither how many
-    facts mention an option nor which way they point tells the answer."""
-    while True:
-        n = NODES[0] + sum(rng.random() < 0.65 for _ in range(NODES[1] - NODES[0]))
+def twin_graph(rng: random.Random) -> Graph:
+    """A DAG like Coconut's ProsQA graphs (14-28 nodes, 16-54 edges, a 3-6 step chain), built leak-free: two
+    isomorphic components, each hanging from its own person. In the root's component each node has a level, edges
+    climb at most one level, and a chain guarantees a node at exactly distance L, the target; the negative target is
+    the target's image in the twin. Every statistic that ignores who the question is about (degrees, the degrees of
+    parents and children, grandparents, ...) is therefore equal for both options: only search from the root tells
+    them apart (`softar.tasks.audit` measures it)."""
+    while True:  # until a twin has enough edges (a short twin with a long chain may not)
+        k = NODES[0] // 2 + sum(rng.random() < 0.643 for _ in range((NODES[1] - NODES[0]) // 2))  # nodes per twin
         L = rng.choices(list(CHAIN_LENGTHS), weights=list(CHAIN_LENGTHS.values()))[0]
-        n_reach = max(L + 2, (n - 1) // 2 + rng.randint(-1, 1))
-        reach, unreach = list(range(1, 1 + n_reach)), list(range(1 + n_reach, n))
         level = {0: 0}
-        chain = [0, *rng.sample(reach, L)]
+        chain = [0, *rng.sample(range(1, k), L)]
         for i, node in enumerate(chain):
             level[node] = i
-        for node in reach:
+        for node in range(1, k):
             level.setdefault(node, rng.randint(1, L + 1))
-        order = {node: (level[node], rng.random()) for node in reach}  # a topological order of the reachable side
-        u_order = {node: i for i, node in enumerate(rng.sample(unreach, len(unreach)))}
+        order = {node: (level[node], rng.random()) for node in range(k)}  # a topological order
         edges = set(zip(chain, chain[1:], strict=False))
-        u_chain = sorted(rng.sample(unreach, min(len(unreach), max(2, L - 1))), key=u_order.get)
-        edges |= set(zip(u_chain, u_chain[1:], strict=False))
-        candidates = [(0, b) for b in reach if level[b] == 1]
-        candidates += [(a, b) for a in reach for b in reach if order[a] < order[b] and level[b] - level[a] <= 1]
-        candidates += [(a, b) for a in unreach for b in unreach if u_order[a] < u_order[b]]
-        candidates += [(a, b) for a in unreach for b in reach]  # into the reachable side: reachability unchanged
-        m = min(max(round(1.57 * n + rng.gauss(0, 3)), EDGES[0]), EDGES[1])
-        candidates = [e for e in candidates if e not in edges]
+        candidates = [(a, b) for a in range(k) for b in range(1, k)
+                      if (a, b) not in edges and order[a] < order[b] and level[b] - level[a] <= 1]
+        m = min(max(round(1.57 * k + rng.gauss(0, 2.1)), EDGES[0] // 2), EDGES[1] // 2)
         for e in rng.sample(candidates, len(candidates)):  # in random order, until there are m edges
             if len(edges) >= m:
                 break
             if not (e[0] == 0 and sum(a == 0 for a, _ in edges) >= 3):  # the person is at most 3 things
                 edges.add(e)
-        edges = sorted(edges)
-        dist = distances(n, edges, 0)
-        deg = {v: (sum(b == v for _, b in edges), sum(a == v for a, _ in edges)) for v in range(n)}  # (in, out)
-        pairs = [(t, u) for t in range(n) if dist[t] == L for u in unreach if dist[u] is None and deg[t] == deg[u]]
-        if pairs:
-            target, neg = rng.choice(pairs)
-            return Graph(n, edges, 0, target, neg)
+        if len(edges) < EDGES[0] // 2:
+            continue
+        dist = distances(k, sorted(edges), 0)
+        target = rng.choice([v for v in range(k) if dist[v] == L])
+        twin = sorted(edges) + [(a + k, b + k) for a, b in sorted(edges)]
+        return Graph(2 * k, twin, 0, target, target + k, k)
 
 
 def relabel(g: Graph, rng: random.Random) -> Graph:
@@ -121,4 +148,4 @@ def relabel(g: Graph, rng: random.Random) -> Graph:
     perm = rng.sample(range(g.n), g.n)
     edges = [(perm[a], perm[b]) for a, b in g.edges]
     rng.shuffle(edges)
-    return Graph(g.n, edges, perm[g.root], perm[g.target], perm[g.neg_target])
+    return Graph(g.n, edges, perm[g.root], perm[g.target], perm[g.neg_target], perm[g.twin_root])

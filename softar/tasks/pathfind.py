@@ -4,12 +4,16 @@ is a sequence of nodes, so a reward can give partial credit (`reward`), not only
 from __future__ import annotations
 
 from softar.tasks.base import Rendered
-from softar.tasks.graphs import distances, shortest_chain
+from softar.tasks.graphs import check_graph, distances, shortest_chain
 
 
 class PathFind:
     name = "pathfind"
     renders = ("symbolic",)
+
+    def validate(self, record: dict) -> None:
+        """A graph (cycles allowed) whose goal the start reaches."""
+        check_graph(record, dag=False)
 
     def render(self, record: dict, rendering: str) -> Rendered:
         edges, root, target = record["edges"], record["root"], record["target"]

@@ -7,19 +7,21 @@ import random
 
 from softar import SoftarError
 from softar.tasks.base import CONCEPTS, PEOPLE, Rendered
-from softar.tasks.graphs import Graph, random_graph, relabel, shortest_chain
+from softar.tasks.graphs import Graph, check_graph, distances, relabel, shortest_chain, twin_graph
 
 
 def fact(record: dict, a: int, b: int) -> str:
-    sym, root = record["idx_to_symbol"], record["root"]
-    return f"{sym[a]} is a {sym[b]}." if a == root else f"Every {sym[a]} is a {sym[b]}."
+    sym = record["idx_to_symbol"]
+    return f"{sym[a]} is a {sym[b]}." if sym[a] in PEOPLE else f"Every {sym[a]} is a {sym[b]}."
 
 
 def make_record(rng: random.Random) -> dict:
-    """One ProsQA-format record from a fresh random graph: facts in shuffled order, the options in random order."""
-    g: Graph = relabel(random_graph(rng), rng)
-    symbols = rng.sample(CONCEPTS, g.n - 1)
-    idx_to_symbol = [rng.choice(PEOPLE) if i == g.root else symbols.pop() for i in range(g.n)]
+    """One ProsQA-format record from a fresh twin graph (`twin_graph`): the root and its twin's root are two people,
+    the other nodes concepts; facts in shuffled order, the options in random order."""
+    g: Graph = relabel(twin_graph(rng), rng)
+    people, symbols = rng.sample(PEOPLE, 2), rng.sample(CONCEPTS, g.n - 2)
+    idx_to_symbol = [people[0] if i == g.root else people[1] if i == g.twin_root else symbols.pop()
+                     for i in range(g.n)]
     record = {"edges": [list(e) for e in g.edges], "root": g.root, "target": g.target, "neg_target": g.neg_target,
               "idx_to_symbol": idx_to_symbol}
     chain = shortest_chain(g.n, g.edges, g.root, g.target)
@@ -33,19 +35,38 @@ def make_record(rng: random.Random) -> dict:
 
 
 def options_in_order(record: dict) -> list[int]:
-    """[first option, second option] as node ids, in the order the question's last sentence asks them."""
-    words = record["question"].rsplit(" Is ", 1)[-1].replace("?", " ").split()
-    ids = {s: i for i, s in enumerate(record["idx_to_symbol"])}
-    options = (record["target"], record["neg_target"])
-    asked = [ids[w] for w in words if ids.get(w) in options]
-    if sorted(asked) != sorted(options):  # falling back to a fixed order would leak the answer
-        raise SoftarError("its question does not end 'Is NAME a A or B?' with the target and the negative target")
-    return asked
+    """[first option, second option] as node ids, in the order the question's last sentence, "Is NAME a A or B?",
+    asks them."""
+    _, sep, last = record["question"].rpartition(" Is ")
+    sym = record["idx_to_symbol"]
+    words = last.removesuffix("?").split()
+    if not (sep and last.endswith("?") and len(words) == 5 and words[:2] == [sym[record["root"]], "a"]
+            and words[3] == "or" and sorted([words[2], words[4]]) == sorted(
+                [sym[record["target"]], sym[record["neg_target"]]])):
+        raise SoftarError("its question does not end 'Is NAME a A or B?' with the root, the target and the negative "
+                          "target")
+    return [sym.index(words[2]), sym.index(words[4])]
+
+
+NAMES = set(PEOPLE + CONCEPTS)
 
 
 class ProsQA:
     name = "prosqa"
     renders = ("text", "symbolic")
+
+    def validate(self, record: dict) -> None:
+        """A DAG whose target the root reaches and whose negative target it does not, and a question that ends
+        "Is NAME a A or B?" with the two options; every node named by a person or a concept of the vocabulary (a
+        node named "is" or "." would be read out of every answer)."""
+        if not set(record["idx_to_symbol"]) <= NAMES:
+            bad = sorted(set(record["idx_to_symbol"]) - NAMES)[0]
+            raise SoftarError(f"node name {bad!r} is not a person or concept of the task's vocabulary")
+        check_graph(record, dag=True)
+        if distances(len(record["idx_to_symbol"]), [tuple(e) for e in record["edges"]],
+                     record["root"])[record["neg_target"]] is not None:
+            raise SoftarError("the negative target is reachable from the root")
+        options_in_order(record)
 
     def render(self, record: dict, rendering: str) -> Rendered:
         if rendering == "text":
