@@ -359,7 +359,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
     cfg = config.load(a.config, a.overrides)
     check_names(cfg)  # every registry name, before a folder is made
     out = Path(a.out)
-    claim(out, [f"bench_{a.kind}.json", *(("faults.md", "faults_work") if a.kind == "faults" else ())], "--out")
+    claim(out, [f"bench_{a.kind}.json", *(("faults.md",) if a.kind == "faults" else ())], "--out")
     if a.kind == "faults":
         from softar.faults import fault_report
 

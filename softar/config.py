@@ -295,7 +295,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # not TOML (or an integer of more digits than Python parses): a bare word
         value = raw
     return path, value
 
@@ -316,7 +316,7 @@ def load_raw(path: str | Path | None = None, overrides: list[str] = ()) -> dict[
         text = read_text(path, "config file", limit=1 << 24)  # a regular file: a FIFO would block the reader
         try:
             raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: also an integer of more digits than Python parses
             raise ConfigError(f"{path}: not a valid config file: {e}") from None
     for ov in overrides:
         (section, key), value = parse_override(ov)

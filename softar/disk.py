@@ -65,6 +65,12 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_TAG}{os.getpid()}")
 
 
+def _temp_of(name: str) -> str | None:
+    """The name whose temp `name` is (`temp_name`: .<name>.softar-tmp-<pid>), or None."""
+    head, tag, pid = name.rpartition(TEMP_TAG)
+    return head[1:] if tag and head.startswith(".") and len(head) > 1 and pid.isdigit() else None
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -82,10 +88,10 @@ def clean_stale_temps(folder: Path, stems: tuple[str, ...] | None = None) -> lis
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        head, tag, pid = p.name.rpartition(TEMP_TAG)
-        if stems is not None and head not in {f".{stem}" for stem in stems}:
+        base, pid = _temp_of(p.name), p.name.rpartition(TEMP_TAG)[2]
+        if base is None or stems is not None and base not in stems:
             continue
-        if tag and head.startswith(".") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        if int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed
@@ -130,6 +136,8 @@ def _listed(folder: Path) -> dict[str, list[str]]:
     path = folder / MANIFEST
     if not path.exists() and not path.is_symlink():
         return {}
+    if path.is_symlink():
+        raise SoftarError(f"softar manifest {path}: a link, not a manifest softar wrote")
     files = read_json(path, "softar manifest", {"files": dict})["files"]
     if not all(isinstance(v, list) and v and all(isinstance(h, str) for h in v)
                and n and "/" not in n and n not in (".", "..", MANIFEST) for n, v in files.items()):
@@ -145,7 +153,9 @@ def foreign(folder: Path, names: Iterable[str] | None = None) -> list[str]:
     """Of `names` in `folder` (default: all it holds), those softAR cannot prove it wrote: not in the folder's
     manifest, a link, a file changed since (its sha256), or a file where a folder was written (and the reverse).
     Names that are absent are not foreign; neither are softAR's own temp files."""
-    if not folder.is_dir() or folder.is_symlink():
+    if folder.is_symlink() or folder.exists() and not folder.is_dir():
+        raise SoftarError(f"{folder} is a link or not a directory: softar writes only into a folder of its own")
+    if not folder.exists():
         return []
     listed = _listed(folder)
     present = [p.name for p in folder.iterdir()] if names is None else [n for n in names if (folder / n).exists()
@@ -153,7 +163,7 @@ def foreign(folder: Path, names: Iterable[str] | None = None) -> list[str]:
     bad = []
     for name in sorted(present):
         p = folder / name
-        if name == MANIFEST or TEMP_TAG in name:
+        if name == MANIFEST or _temp_of(name) in (*listed, MANIFEST):  # a write of softar's own, in flight or killed
             continue
         kinds = listed.get(name)
         ok = kinds is not None and not p.is_symlink() and (
@@ -210,6 +220,7 @@ def write_owned(files: dict[Path, bytes], what: str) -> None:
     old and the new content of each, so a kill at any moment leaves files softAR still recognises as its own."""
     folder = next(iter(files)).parent
     assert all(p.parent == folder for p in files)
+    check_owned(folder, what, [p.name for p in files])  # before making anything
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -346,7 +357,7 @@ def read_json(path: Path, what: str, fields: dict[str, Any] | None = None) -> An
     text = read_text(path, what)
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: also an integer of more digits than Python parses
         raise SoftarError(f"{what}: {path} is not valid JSON ({str(e).splitlines()[0][:80]})") from None
     try:
         finite = _finite(obj)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from softar.checkpoint import latest_checkpoint, load_checkpoint
-from softar.disk import make_folder, write_owned
+from softar.disk import clean_stale_temps, temp_name, write_owned
 from softar.rundir import CHECKPOINTS, CONFIG_FILE, METRICS_FILE
 from softar.train import Trainer
 
@@ -120,9 +120,9 @@ def fault_report(config_path: str, overrides: list[str], cfg, out: Path, kills: 
     non-finite steps; returns the figures and writes them as a Markdown table to out/faults.md."""
     import shutil
 
-    work = make_folder(out, "faults_work", "--out")  # softar's own (its manifest): what a killed report left goes
-    for p in work.iterdir():
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    clean_stale_temps(out, ("faults_work",))  # what a killed report left
+    work = temp_name(out / "faults_work")  # this process's own: never a folder of the user's
+    work.mkdir(parents=True)
     t = cfg.train
     ckpt_interval = t.ckpt_interval or t.eval_interval
     rows = []

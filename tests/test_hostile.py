@@ -542,3 +542,54 @@ def test_a_fifo_wherever_a_file_is_read_is_refused_not_waited_on(run, task_data,
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "not a regular file" in lines[0], (name, proc.stderr)
     assert tree_hash(out, copy, task_data) == before
+
+
+def test_names_that_look_like_softars_temps_are_still_the_users(small_corpus, tmp_path, capsys):
+    """Only a temp of a name softar lists is softar's: `notes.softar-tmp-1` of a user's is kept, and refused."""
+    out = tmp_path / "d"
+    prepare(str(small_corpus), out, "char")
+    (out / "notes.softar-tmp-1").write_text("mine")
+    (out / ".thesis.softar-tmp-1").write_text("mine too")
+    refused(["prepare", "--corpus", small_corpus, "--out", out, "--force"], capsys, tmp_path,
+            message=".thesis.softar-tmp-1, notes.softar-tmp-1, which softar did not write")
+
+
+def test_a_faults_report_never_touches_a_users_folder_of_its_old_working_name(tmp_path, monkeypatch):
+    from softar import config, faults
+
+    monkeypatch.setattr(faults, "inject", lambda *a, **k: {"signal": "SIGKILL", "injected": 0, "max_lost_steps": 0,
+                                                           "identical_to_uninterrupted": True})
+    monkeypatch.setattr(faults, "inject_nan", lambda *a, **k: {"skipped_steps": 1, "returncode": 2,
+                                                               "checkpoint_step": 0})
+    (tmp_path / "faults_work").mkdir()
+    (tmp_path / "faults_work" / "thesis.txt").write_text("mine")
+    faults.fault_report(CONFIG, [], config.load(CONFIG, []), tmp_path, kills=1)
+    assert (tmp_path / "faults_work" / "thesis.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".softar-manifest.json", "faults.md", "faults_work"]
+
+
+def test_numbers_python_cannot_parse_are_one_line_errors(run, tmp_path, capsys):
+    """An integer of more digits than Python parses (a ValueError, not a JSON or TOML error) anywhere softar reads
+    a number: an override, a TOML or JSON config, a run's files."""
+    out, _ = run
+    huge = "9" * 5000
+    refused(["train", CONFIG, f"train.seed={huge}", "--out", tmp_path / "a"], capsys, tmp_path,
+            message="train.seed")
+    (tmp_path / "c.toml").write_text(f"[train]\nseed = {huge}\n")
+    (tmp_path / "c.json").write_text(f'{{"train": {{"seed": {huge}}}}}')
+    for name in ("c.toml", "c.json"):
+        refused(["train", tmp_path / name, "--out", tmp_path / "b"], capsys, tmp_path, message="not a valid config")
+    (out / "config.json").write_text(f'{{"train": {{"seed": {huge}}}}}')
+    refused(["eval", out], capsys, tmp_path, message="not valid JSON")
+
+
+def test_ownership_checks_fail_closed_on_a_link(tmp_path):
+    from softar import SoftarError
+    from softar.disk import write_owned
+
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "sweep.json").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "theirs")
+    with pytest.raises(SoftarError, match="a link or not a directory"):
+        write_owned({tmp_path / "link" / "sweep.json": b"over"}, "--out")
+    assert (tmp_path / "theirs" / "sweep.json").read_text() == "mine"

@@ -279,6 +279,12 @@ def test_a_record_accepted_at_load_never_fails_later(tmp_path_factory, seed, tas
     ({"edges": [[1, 2], [4, 5], [0, 1], [2, 3], [3, 4]]}, "negative target is reachable"),
     ({"target": 4}, "target is not reachable"),
     ({"idx_to_symbol": ["Tom", "wumpus", "yumpus", "rempus", "wumpus", "impus"]}, "names a node twice"),
+    # the text a model trains on must say what the graph says
+    ({"answer": "Tom is a impus."}, "its answer is not 'Tom is a rempus.'"),
+    ({"answer": ""}, "its answer is not"),
+    ({"steps": []}, "its steps do not end at the target"),
+    ({"steps": ["Tom is a wumpus.", "Every zumpus is a impus."]}, "not a chain of its facts from the root"),
+    ({"question": "Every wumpus is a yumpus. Is Tom a impus or rempus?"}, "its question's facts are not the facts"),
 ])
 def test_records_that_used_to_crash_later_are_refused_at_load(tmp_path, change, match):
     path = tmp_path / "valid.json"

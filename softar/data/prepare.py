@@ -12,7 +12,7 @@ from softar.data.corpus import read_corpus
 from softar.data.dataset import META_FILE, SPLITS, load_meta, load_split, token_dtype
 from softar.data.glove import PRETRAINED_FILE, glove_vectors, pretrained_table
 from softar.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
-from softar.disk import check_owned, clean_stale_temps, sha256_bytes, staged_folder
+from softar.disk import check_owned, claim, clean_stale_temps, sha256_bytes, staged_folder
 
 VAL_FRACTION = 0.1
 
@@ -27,6 +27,7 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
         raise SoftarError(f"--tokenizer: expected 'char', 'bpe' or 'glove', got {tokenizer!r}")
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise SoftarError(f"--out {out} exists and is not a directory")
+    claim(out.parent, (), f"--out {out}")  # a folder softar can write in, before any tokenizing
     text, source = read_corpus(corpus)
     text_sha = sha256_bytes(text.encode("utf-8"))
     clean_stale_temps(out.parent, (out.name, out.name + ".old"))  # what a killed prepare of this --out left

@@ -15,7 +15,7 @@ import torch
 
 from softar import SoftarError
 from softar.data.tokenizer import TOKENIZER_FILE, TaskTokenizer, load_tokenizer
-from softar.disk import check_fields, check_owned, clean_stale_temps, read_json, sha256_file, staged_folder
+from softar.disk import check_fields, check_owned, claim, clean_stale_temps, read_json, sha256_file, staged_folder
 from softar.tasks import get_task
 from softar.tasks.audit import audit
 from softar.tasks.base import MAX_NODES, VOCABULARY, Task
@@ -97,6 +97,7 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
     out = Path(out).absolute()
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise SoftarError(f"--out {out} exists and is not a directory")
+    claim(out.parent, (), f"--out {out}")  # a folder softar can write in, before any generating
     clean_stale_temps(out.parent, (out.name, out.name + ".old"))
     if out.is_dir() and any(out.iterdir()):
         try:
@@ -127,10 +128,10 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
 
 def audit_task_dir(data_dir: str | Path) -> dict:
     """The leak audit (`softar.tasks.audit`) of every split of a task dataset, each record checked as at load."""
-    meta = load_task_meta(data_dir)
-    task = get_task(meta["task"])
-    splits = {s: Path(data_dir) / f"{s}.json" for s in meta["counts"]}
-    return audit({s: load_records(p, task) for s, p in splits.items() if p.exists()})
+    load_task_meta(data_dir)
+    question = get_task("prosqa")  # every task's records pose a two-option question in ProsQA's format
+    splits = {s: Path(data_dir) / f"{s}.json" for s in SPLITS}
+    return audit({s: load_records(p, question) for s, p in splits.items() if p.exists()})
 
 
 TASK_META_FIELDS = {"task": str, "seed": int, "counts": dict, "vocab_size": int, "sha256": dict}
@@ -147,6 +148,8 @@ def load_task_meta(data_dir: str | Path) -> dict:
         raise SoftarError(f"no task dataset in {data_dir} (expected {path}; run `softar task prepare`)")
     meta = read_json(path, "task dataset", TASK_META_FIELDS)
     get_task(meta["task"])
+    if not (set(meta["counts"]) <= set(SPLITS) and all(type(v) is int and v > 0 for v in meta["counts"].values())):
+        raise SoftarError(f"task dataset {path}: counts must map train/valid/test to positive record counts")
     for split in ("train", "valid", "test"):
         file = Path(data_dir) / f"{split}.json"
         if split != "test" and not file.exists():

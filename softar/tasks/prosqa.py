@@ -4,6 +4,7 @@ and never reach the other. Records in Coconut's JSON format; a text rendering an
 from __future__ import annotations
 
 import random
+import re
 
 from softar import SoftarError
 from softar.tasks.base import CONCEPTS, PEOPLE, Rendered
@@ -51,6 +52,25 @@ def options_in_order(record: dict) -> list[int]:
 NAMES = set(PEOPLE + CONCEPTS)
 
 
+def check_text(record: dict) -> None:
+    """What the text rendering trains on must say what the graph says: the question's facts are the edges' facts,
+    the steps a chain of them from the root to the target, the answer "ROOT is a TARGET."."""
+    sym, root, target = record["idx_to_symbol"], record["root"], record["target"]
+    facts = {fact(record, a, b): (a, b) for a, b in record["edges"]}
+    said = {f.strip() for f in re.findall(r"[^.]+\.", record["question"].rpartition(" Is ")[0])}
+    if said != set(facts):
+        raise SoftarError("its question's facts are not the facts of its edges")
+    at = root
+    for step in record["steps"]:
+        if facts.get(step, (None,))[0] != at:
+            raise SoftarError(f"its steps are not a chain of its facts from the root ({step[:40]!r})")
+        at = facts[step][1]
+    if at != target:
+        raise SoftarError("its steps do not end at the target")
+    if record["answer"] != f"{sym[root]} is a {sym[target]}.":
+        raise SoftarError(f"its answer is not '{sym[root]} is a {sym[target]}.'")
+
+
 class ProsQA:
     name = "prosqa"
     renders = ("text", "symbolic")
@@ -67,6 +87,7 @@ class ProsQA:
                      record["root"])[record["neg_target"]] is not None:
             raise SoftarError("the negative target is reachable from the root")
         options_in_order(record)
+        check_text(record)
 
     def render(self, record: dict, rendering: str) -> Rendered:
         if rendering == "text":
