@@ -149,12 +149,16 @@ def _write_manifest(folder: Path, files: dict[str, list[str]]) -> None:
     write_text_atomic(folder / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
 
 
+def _check_is_folder(folder: Path) -> None:
+    if folder.is_symlink() or folder.exists() and not folder.is_dir():
+        raise SoftarError(f"{folder} is a link or not a directory: softar writes only into a folder of its own")
+
+
 def foreign(folder: Path, names: Iterable[str] | None = None) -> list[str]:
     """Of `names` in `folder` (default: all it holds), those softAR cannot prove it wrote: not in the folder's
     manifest, a link, a file changed since (its sha256), or a file where a folder was written (and the reverse).
     Names that are absent are not foreign; neither are softAR's own temp files."""
-    if folder.is_symlink() or folder.exists() and not folder.is_dir():
-        raise SoftarError(f"{folder} is a link or not a directory: softar writes only into a folder of its own")
+    _check_is_folder(folder)
     if not folder.exists():
         return []
     listed = _listed(folder)
@@ -182,9 +186,10 @@ def check_owned(folder: Path, what: str, names: Iterable[str] | None = None) -> 
                           "it replaces only what it wrote: choose another path")
 
 
-def claim(folder: Path, names: Iterable[str], what: str) -> None:
+def claim(folder: Path, names: Iterable[str] | None, what: str) -> None:
     """Before any work, writing nothing: `folder` is a folder or can be made, softAR can write there (a temp file
-    of its own is made and removed), and each of `names` in it is absent or softAR's (`foreign`)."""
+    of its own is made and removed), and each of `names` in it (None: all it holds) is absent or softAR's
+    (`foreign`)."""
     if folder.is_symlink() or folder.exists() and not folder.is_dir():
         raise SoftarError(f"{what}: {folder} is not a directory")
     check_owned(folder, what, names)
@@ -220,7 +225,7 @@ def write_owned(files: dict[Path, bytes], what: str) -> None:
     old and the new content of each, so a kill at any moment leaves files softAR still recognises as its own."""
     folder = next(iter(files)).parent
     assert all(p.parent == folder for p in files)
-    check_owned(folder, what, [p.name for p in files])  # before making anything
+    _check_is_folder(folder)  # before making anything; what it holds is checked under the lock
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -233,8 +238,7 @@ def write_owned(files: dict[Path, bytes], what: str) -> None:
         try:
             for path, data in files.items():
                 staged.append((stage_bytes(path, data), path))
-            present = {n: [sha256_file(folder / n)] for n in new if (folder / n).is_file()}
-            _write_manifest(folder, {**listed, **{n: present.get(n, []) + h for n, h in new.items()}})
+            _write_manifest(folder, {**listed, **{n: listed.get(n, []) + h for n, h in new.items()}})
         except BaseException:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 from softar import Preempted, SoftarError, config
-from softar.disk import check_owned, claim, make_folder, read_json, strict_json, write_owned, write_text_atomic
+from softar.disk import claim, make_folder, read_json, strict_json, write_owned, write_text_atomic
 from softar.evaluate.analogies import read_analogies
 from softar.evaluate.stats import mean_std
 from softar.experiments import rl_study
@@ -183,8 +183,7 @@ SWEEP_DIRS = ("runs", rl_study.STARTS)  # the folders a sweep makes in --out
 def claim_out(out: Path) -> None:
     """A sweep writes into --out only what it can prove is its own (`softar.disk`'s manifest): a new or empty
     folder, or one where a sweep wrote everything there is. The last check before the work: it makes the folders."""
-    check_owned(out, "--out")
-    claim(out, (), "--out")
+    claim(out, None, "--out")
     for name in SWEEP_DIRS:
         make_folder(out, name, "--out")
 
@@ -197,8 +196,7 @@ def check_report(path: Path, out: Path) -> None:
     if assets.resolve() == out.resolve():
         raise SoftarError(f"--report {path}: its assets folder {assets} would be --out itself; choose another name")
     claim(path.parent, (path.name, assets.name), f"--report {path}")
-    check_owned(assets, f"--report {path}")
-    claim(assets, (), f"--report {path}")
+    claim(assets, None, f"--report {path}")
 
 
 def write_report(path: Path, command: str, configs: list[str], seeds: int, out: Path, sections: list[str],
