@@ -55,6 +55,13 @@ def _top_p(text: str) -> float:
     return v
 
 
+def _probability(text: str) -> float:
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text}")
+    return v
+
+
 def _temperature(text: str) -> float:
     v = _nonneg_float(text)
     if v != 0 and not 1e-3 <= v <= 1e3:
@@ -105,8 +112,20 @@ def _emit(result: dict, path: Path | None, owned: bool = False) -> None:
 
 def cmd_prepare(a: argparse.Namespace) -> None:
     from softar.data.prepare import prepare
+    from softar.data.synthetic import HMMSpec, prepare_synthetic
 
-    meta = prepare(a.corpus, a.out, a.tokenizer, a.vocab_size, force=a.force)
+    spec = {k: getattr(a, k) for k in ("states", "symbols", "stickiness", "overlap", "tokens", "seed")}
+    if a.synthetic is None:
+        given = [f"--{k}" for k, v in spec.items() if v is not None]
+        if given:
+            raise SoftarError(f"{', '.join(given)}: only with --synthetic hmm")
+        meta = prepare(a.corpus, a.out, a.tokenizer, a.vocab_size, force=a.force)
+    else:
+        given = [f for f, default in (("--corpus", "shakespeare"), ("--tokenizer", "char"), ("--vocab-size", 1024))
+                 if getattr(a, f[2:].replace("-", "_")) != default]
+        if given:
+            raise SoftarError(f"{', '.join(given)}: not with --synthetic (it makes its own symbols)")
+        meta = prepare_synthetic(a.out, HMMSpec(**{k: v for k, v in spec.items() if v is not None}), force=a.force)
     _emit({"data_dir": str(a.out), **meta}, None)
 
 
@@ -385,7 +404,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 def cmd_quickstart(a: argparse.Namespace) -> None:
     from softar.quickstart import quickstart
 
-    quickstart(Path(a.out), Path(a.data), a.overrides)
+    quickstart(Path(a.out), Path(a.data), a.overrides, Path(a.hmm_data))
 
 
 def _add_decoding_flags(s: argparse.ArgumentParser) -> list[str]:
@@ -453,6 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BPE / GloVe-word vocabulary size (at most 2**20)")
     s.add_argument("--out", required=True, help="dataset folder to write")
     s.add_argument("--force", action="store_true", help="replace a different dataset already in --out")
+    g = s.add_argument_group("synthetic data with a known optimum (`softar eval` reports the Bayes loss beside the "
+                             "model's)")
+    g.add_argument("--synthetic", choices=["hmm"], help="a hidden Markov model's symbols instead of a corpus")
+    g.add_argument("--states", type=_int_at_least(1, 62), help="hidden states (default 8)")
+    g.add_argument("--symbols", type=_int_at_least(2, 62), help="symbols, at least one per state (default 32)")
+    g.add_argument("--stickiness", type=_probability, help="probability that the state stays (default 0.9)")
+    g.add_argument("--overlap", type=_probability, help="probability that a symbol is drawn from all symbols rather "
+                   "than the state's own (default 0.3)")
+    g.add_argument("--tokens", type=_int_at_least(1000, 10**9), help="train + val symbols (default 1,000,000)")
+    g.add_argument("--seed", type=_seed, help="the generator's seed (default 0)")
     s.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser("task", help="reasoning tasks: `softar task prepare prosqa --out DIR`, `softar task audit DIR`")
@@ -579,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="section.key=value overrides of the quickstart config")
     s.add_argument("--out", default="runs/quickstart", help="folder of its two runs")
     s.add_argument("--data", default="data/shakespeare_char", help="folder of the prepared data")
+    s.add_argument("--hmm-data", default="data/hmm", help="folder of the hidden Markov model's symbols")
     s.set_defaults(fn=cmd_quickstart)
     return p
 

@@ -1,5 +1,6 @@
 """`softar quickstart`: prepare the bundled Shakespeare, train nanoGPT's CPU recipe and the seed's context layout at
-the same token budget, generate with soft tokens, and compare the two val losses."""
+the same token budget, generate with soft tokens, and compare the two val losses; then, on a hidden Markov model's
+symbols where the best possible figure is known, soft feedback against averaged rollouts against the Bayes ceiling."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ from softar import config
 from softar.config import SoftConfig
 from softar.data.dataset import load_split, random_windows
 from softar.data.prepare import prepare
+from softar.data.synthetic import HMMSpec, bayes_loss, load_hmm, prepare_synthetic
 from softar.decode import Decoding
 from softar.device import pick_device
 from softar.evaluate.generation import shown_brier
+from softar.evaluate.soft_tokens import AVERAGED_KNOWN, CONSTANTS, open_loop_loss
+from softar.model.oracle import HMMOracle
 from softar.rundir import CONFIG_FILE, load_run
 from softar.soft.collapse import CollapsePolicy, Sampling
 from softar.soft.feeds import HardFeed, SoftFeed
-from softar.soft.model import check_names
+from softar.soft.model import SoftAR, check_names
 from softar.train import train
 
 QUICKSTART_CONFIG = "shakespeare_char.toml"  # the baseline: nanoGPT's CPU recipe
+HMM_CONFIG = "synthetic/hmm.toml"  # soft feedback where the answer is known: a hidden Markov model's symbols
+HMM_HORIZON, HMM_WINDOWS = 8, 128  # open-loop steps and val windows of the known-answer table
 SEED_CONFIG = "shakespeare_char_seed.toml"  # the seed's context layout at the same token budget
 SOFT_THRESHOLD = 2.5  # nats: the soft generation collapses a soft token in place above this entropy
 PROMPT_LEN, BRIER_PROMPTS = 64, 64  # val prompts: the one both runs continue is the first
@@ -61,20 +67,61 @@ def inspect_command(run_dir: Path, page: Path) -> str:
             f"--collapse-threshold {SOFT_THRESHOLD} --max-new-tokens 300 --out {shlex.quote(str(page))}")
 
 
-def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
+def known_answer(run_dir: Path, data: Path, device) -> dict:
+    """Soft feedback of the trained HMM model and of the HMM itself (the positive control), against averaged
+    sampled rollouts and the Bayes ceiling, at `HMM_HORIZON` steps open loop on the same val windows."""
+    run, hmm = load_run(run_dir, device), load_hmm(data)
+    val, train_ids = load_split(data, "val"), load_split(data, "train")
+    block = run.model.window_slots
+    models = {"model": run.model, "oracle": SoftAR(HMMOracle(hmm).to(device), block)}
+    return {name: open_loop_loss(m, val, HMM_HORIZON, train_ids, windows=HMM_WINDOWS, device=device,
+                                 averaged=AVERAGED_KNOWN, bayes=hmm.open_loop) for name, m in models.items()} | \
+        {"bayes_loss": bayes_loss(hmm, val, block)}
+
+
+def print_known_answer(result: dict, val_loss: float) -> None:
+    model, oracle = result["model"], result["oracle"]
+    print(f"\nsoft feedback where the answer is known: {HMM_HORIZON} steps open loop on {HMM_WINDOWS} val windows of "
+          f"a hidden Markov model's symbols (nats per step, lower is better)")
+    print(f"{'':38}{'trained GPT':>13}{'the HMM itself':>16}")
+    rows = [("teacher forced (val loss; Bayes)", val_loss, result["bayes_loss"]),
+            ("soft feedback (expected embedding)", model["soft_expected"], oracle["soft_expected"])]
+    rows += [(f"{S} sampled rollout{'s' if S > 1 else ''} averaged", model[f"sampled_avg_{S}"],
+              oracle[f"sampled_avg_{S}"]) for S in AVERAGED_KNOWN]
+    const = min(CONSTANTS, key=lambda c: model[c])
+    rows += [(f"constant vector fed back ({const})", model[const], oracle[const]),
+             ("Bayes ceiling (exact)", model["bayes"], oracle["bayes"])]
+    for label, a, b in rows:
+        print(f"{label:38}{a:>13.4f}{b:>16.4f}")
+    s_star = [_s_star(r) for r in (model, oracle)]
+    print(f"{'rollouts soft feedback is worth (S*)':38}{s_star[0]:>13}{s_star[1]:>16}")
+    d = model["vs_soft"]["sampled_avg_2"]
+    print(f"the GPT's soft feedback minus 2 averaged rollouts: {-d['diff']:+.4f} [{-d['hi']:+.4f}, {-d['lo']:+.4f}] "
+          "(paired bootstrap 95% over windows). The HMM's own filter fed its expected symbol is the exact belief "
+          "(the positive control: soft feedback must win there); the GPT shows how much of that it keeps.")
+
+
+def _s_star(r: dict) -> str:
+    value, where = r["effective_samples"], r["effective_samples_range"]
+    return "?" if value is None else f"{value:.2f}" if where == "within" else \
+        f"{'<' if where == 'below' else '>'}{value:g}"
+
+
+def quickstart(out: Path, data: Path, overrides: list[str] = (), hmm_data: Path = Path("data/hmm")) -> dict:
     base_cfg, seed_cfg = (config.load(config_path(name), [f"data.dir={json.dumps(str(data))}", *overrides])
                           for name in (QUICKSTART_CONFIG, SEED_CONFIG))  # bad overrides fail before anything is written
-    for cfg in (base_cfg, seed_cfg):
+    hmm_cfg = config.load(config_path(HMM_CONFIG), [f"data.dir={json.dumps(str(hmm_data))}", *overrides])
+    for cfg in (base_cfg, seed_cfg, hmm_cfg):
         check_names(cfg)
-    print(f"[1/4] preparing character-level Shakespeare in {data}", flush=True)
+    print(f"[1/5] preparing character-level Shakespeare in {data}", flush=True)
     meta = prepare("shakespeare", data, "char")
     print(f"      {meta['characters']['train'] + meta['characters']['val']:,} characters, "
           f"{meta['vocab_size']} symbols", flush=True)
     base_dir, seed_dir = out / "baseline", out / "seed_layout"
-    base = _train(QUICKSTART_CONFIG, base_cfg, base_dir, "[2/4]")
-    seed = _train(SEED_CONFIG, seed_cfg, seed_dir, "[3/4]")
+    base = _train(QUICKSTART_CONFIG, base_cfg, base_dir, "[2/5]")
+    seed = _train(SEED_CONFIG, seed_cfg, seed_dir, "[3/5]")
 
-    print(f"[4/4] the same val prompt continued by both runs: the baseline's ordinary sampling, and the seed "
+    print(f"[4/5] the same val prompt continued by both runs: the baseline's ordinary sampling, and the seed "
           f"layout's soft generation, in which [ ] marks characters that re-entered the context as soft tokens (the "
           f"rest were collapsed in place: entropy > {SOFT_THRESHOLD} nats)", flush=True)
     device = pick_device(seed_cfg.train.device)
@@ -113,8 +160,21 @@ def quickstart(out: Path, data: Path, overrides: list[str] = ()) -> dict:
           f"next:        softar sample {seed_dir} --mode soft --show-soft   |   softar eval {seed_dir}")
     see = inspect_command(seed_dir, out / "inspect.html")
     print(f"see it:      {see}")
+
+    print(f"\n[5/5] soft feedback where the answer is known: a hidden Markov model's symbols in {hmm_data}",
+          flush=True)
+    prepare_synthetic(hmm_data, HMMSpec())
+    hmm_dir = out / "hmm"
+    hmm_run = _train(HMM_CONFIG, hmm_cfg, hmm_dir, "     ")
+    known = known_answer(hmm_dir, hmm_data, device)
+    print_known_answer(known, hmm_run["val_loss"])
+    print(f"the study behind it (3 seeds, K = 8 and 32, intervals): softar sweep configs/synthetic/hmm*.toml --seeds 3 "
+          f"--report REPORT.md; every figure of one run: softar eval {hmm_dir}")
     summary = {"data_dir": str(data), "baseline": base, "seed_layout": seed, "soft_fraction": sum(soft) / len(soft),
                "brier2": {name: {"mean": m, "se": se} for name, (m, se) in brier.items()},
+               "hmm": {"run": hmm_run, "bayes_loss": known["bayes_loss"],
+                       **{name: {k: v for k, v in known[name].items() if k not in ("per_window", "per_step")}
+                          for name in ("model", "oracle")}},
                "inspect": see}  # the last line names the command that draws the soft generation as a page
     print(json.dumps(summary))
     return summary

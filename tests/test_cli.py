@@ -203,11 +203,12 @@ def test_layout_run_end_to_end(char_data, tmp_path, trained_run):
 
 def test_quickstart_end_to_end(tmp_path):
     """The README's first command, shrunk: both runs trained, one val prompt continued by each (ordinary sampling
-    beside soft generation), the Brier-2 of each, and the val losses side by side."""
+    beside soft generation), the Brier-2 of each, the val losses side by side, and the known-answer table."""
     tiny = ["model.n_layer=1", "model.n_head=2", "model.d_model=16", "train.max_iters=2", "train.eval_interval=2",
             "train.eval_iters=1", "train.batch_size=2", "train.warmup_iters=1", "train.lr_decay_iters=2",
             "train.device=\"cpu\""]
-    proc = softar_process("quickstart", *tiny, "--data", tmp_path / "data", "--out", tmp_path / "runs")
+    proc = softar_process("quickstart", *tiny, "--data", tmp_path / "data", "--out", tmp_path / "runs",
+                          "--hmm-data", tmp_path / "hmm")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "--- baseline " in out and "--- seed_layout " in out and "Brier-2 of the shown text" in out
@@ -216,6 +217,10 @@ def test_quickstart_end_to_end(tmp_path):
         b = summary["brier2"][name]
         assert -1 <= b["mean"] <= 1 and b["se"] >= 0
     assert 0 <= summary["soft_fraction"] <= 1
+    hmm = summary["hmm"]  # soft feedback where the answer is known: the oracle's is the Bayes ceiling exactly
+    assert "Bayes ceiling (exact)" in out and hmm["run"]["step"] == 2
+    assert hmm["oracle"]["soft_expected"] == pytest.approx(hmm["oracle"]["bayes"], abs=1e-5)
+    assert hmm["model"]["bayes"] == hmm["oracle"]["bayes"] < hmm["oracle"]["sampled_avg_1"]
     command = shlex.split(summary["inspect"])  # the last line names the page's command, and it runs
     assert command[:2] == ["softar", "inspect"] and f"see it:      {summary['inspect']}" in out
     proc = softar(*command[1:])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import save_file
 
 from softar import SoftarError
@@ -25,21 +27,14 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     out = Path(out).absolute()
     if tokenizer not in ("char", "bpe", "glove"):
         raise SoftarError(f"--tokenizer: expected 'char', 'bpe' or 'glove', got {tokenizer!r}")
-    if out.is_symlink() or out.exists() and not out.is_dir():
-        raise SoftarError(f"--out {out} exists and is not a directory")
-    claim(out.parent, (), f"--out {out}")  # a folder softar can write in, before any tokenizing
+    claim_out(out)
     text, source = read_corpus(corpus)
     text_sha = sha256_bytes(text.encode("utf-8"))
-    clean_stale_temps(out.parent, (out.name, out.name + ".old"))  # what a killed prepare of this --out left
-    if out.is_dir() and any(out.iterdir()):
-        old = None if force else _complete_dataset(out)
-        if old is not None and old.get("text_sha256") == text_sha and old.get("tokenizer") == tokenizer and (
-                tokenizer == "char" or old.get("requested_vocab_size", old.get("vocab_size")) == vocab_size):
-            return old  # already prepared: nothing to do
-        check_owned(out, "--out")  # never replace or delete what softar did not write
-        if not force:
-            raise SoftarError(f"{out} already holds a different or incomplete dataset; choose another --out or "
-                              "pass --force to replace it")
+    old = existing_dataset(out, force, lambda old: old.get("text_sha256") == text_sha and old.get("tokenizer") ==
+                           tokenizer and (tokenizer == "char" or old.get("requested_vocab_size",
+                                                                         old.get("vocab_size")) == vocab_size))
+    if old is not None:
+        return old  # already prepared: nothing to do
 
     split = int(len(text) * (1 - VAL_FRACTION))  # by position: first 90% train, last 10% val
     train_text, val_text = text[:split], text[split:]
@@ -54,28 +49,57 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
         words, vectors = glove_vectors()
         tok = WordTokenizer.train(train_text, vocab_size, set(words))
         table = pretrained_table(tok.words, words, vectors)
-    dtype = token_dtype(tok.vocab_size)
+    meta = {
+        "source": source,
+        "tokenizer": tokenizer,
+        "requested_vocab_size": None if tokenizer == "char" else vocab_size,
+        "characters": {"train": len(train_text), "val": len(val_text)},
+        "text_sha256": text_sha,
+        "val_fraction": VAL_FRACTION,
+    }
+    files = {PRETRAINED_FILE: lambda path: save_file({"E": table}, str(path))} if table is not None else {}
+    return write_dataset(out, force, tok, {"train": tok.encode_array(train_text), "val": tok.encode_array(val_text)},
+                         meta, files)
 
+
+def claim_out(out: Path) -> None:
+    """--out must be a folder (or absent) in a folder softar can write in: checked before any work."""
+    if out.is_symlink() or out.exists() and not out.is_dir():
+        raise SoftarError(f"--out {out} exists and is not a directory")
+    claim(out.parent, (), f"--out {out}")
+
+
+def existing_dataset(out: Path, force: bool, same: Callable[[dict], bool]) -> dict | None:
+    """The meta of the complete dataset already in `out` when `same(meta)` says it is the one asked for (nothing to
+    do), else None when `out` may be written: empty, or with `force` a folder softar wrote. Anything else is an
+    error; what a killed prepare of this --out left is cleaned first."""
+    clean_stale_temps(out.parent, (out.name, out.name + ".old"))
+    if not (out.is_dir() and any(out.iterdir())):
+        return None
+    old = None if force else _complete_dataset(out)
+    if old is not None and same(old):
+        return old
+    check_owned(out, "--out")  # never replace or delete what softar did not write
+    if not force:
+        raise SoftarError(f"{out} already holds a different or incomplete dataset; choose another --out or "
+                          "pass --force to replace it")
+    return None
+
+
+def write_dataset(out: Path, force: bool, tok, splits: dict[str, np.ndarray], meta: dict,
+                  files: dict[str, Callable[[Path], None]]) -> dict:
+    """Write a dataset folder at once (`staged_folder`): each split's ids as train.bin / val.bin, the tokenizer,
+    `files` (name -> a writer of that path) and meta.json (`meta` plus the vocabulary, dtype and token counts);
+    returns the meta."""
+    dtype = token_dtype(tok.vocab_size)
+    meta = {**meta, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+            "tokens": {name: len(ids) for name, ids in splits.items()}}
     with staged_folder(out, force, "dataset") as tmp:
-        counts = {}
-        for name, part in (("train", train_text), ("val", val_text)):
-            ids = tok.encode_array(part)
+        for name, ids in splits.items():
             ids.astype(dtype).tofile(tmp / f"{name}.bin")
-            counts[name] = len(ids)
         tok.save(tmp / TOKENIZER_FILE)
-        if table is not None:
-            save_file({"E": table}, str(tmp / PRETRAINED_FILE))
-        meta = {
-            "source": source,
-            "tokenizer": tokenizer,
-            "vocab_size": tok.vocab_size,
-            "requested_vocab_size": None if tokenizer == "char" else vocab_size,
-            "dtype": dtype.name,
-            "tokens": counts,
-            "characters": {"train": len(train_text), "val": len(val_text)},
-            "text_sha256": text_sha,
-            "val_fraction": VAL_FRACTION,
-        }
+        for name, write in files.items():
+            write(tmp / name)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from softar import SoftarError
 from softar.data.dataset import load_meta, load_split
+from softar.data.synthetic import HMM, bayes_loss, bayes_loss_full, load_hmm
 from softar.device import autocast, pick_device
 from softar.disk import commit, read_json, stage_bytes
 from softar.evaluate.analogies import analogy_accuracy, read_analogies
@@ -26,10 +27,19 @@ from softar.evaluate.retention import (
     stretches,
     target_logprobs,
 )
-from softar.evaluate.soft_tokens import BRIER_N, brier_lm, nn_spacing, open_loop_loss, soft_output_metrics
+from softar.evaluate.soft_tokens import (
+    AVERAGED_KNOWN,
+    BRIER_N,
+    brier_lm,
+    nn_spacing,
+    open_loop_loss,
+    soft_output_metrics,
+)
 from softar.evaluate.stats import at_bound
 from softar.model.embedding import embedding_stats
+from softar.model.oracle import HMMOracle
 from softar.rundir import RESULT_FILE, load_run
+from softar.soft.model import SoftAR
 
 DEFAULT_HORIZONS = (8, 32)
 
@@ -41,6 +51,15 @@ def parse_gap_run(spec: str) -> tuple[str, int | None]:
     """--gap's RUN or RUN:CONTEXT -> (run directory, context or None for the run's whole window). A directory
     whose own name ends in ':N' is that directory."""
     return (spec, None) if Path(spec).is_dir() else split_context(spec)
+
+
+def bayes_ceiling(hmm: HMM, data: np.ndarray, window: int, loss: float) -> dict:
+    """The exact optimum of synthetic data beside a model's loss: `bayes_loss` on the very targets the model's loss
+    scores, each read from its window's start as the model reads it; `bayes_loss_full`, each given the whole split
+    before it (what no window reaches); `bayes_gap`, the model's loss over `bayes_loss` minus 1 (the soft-feedback
+    study's gate: at most 0.02)."""
+    bayes = bayes_loss(hmm, data, window)
+    return {"bayes_loss": bayes, "bayes_loss_full": bayes_loss_full(hmm, data), "bayes_gap": loss / bayes - 1}
 
 
 def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windows: int = 256,
@@ -72,6 +91,7 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
         if not 1 <= k < block:
             raise SoftarError(f"--horizons: {k} must be in [1, model.block_size={block})")
     data, train_data = load_split(data_dir, split), load_split(data_dir, "train")
+    hmm = load_hmm(data_dir)  # synthetic data: the exact optimum beside every figure
     chars = load_meta(data_dir)["characters"][split]
     amp = autocast(device, run.cfg.train.dtype)
     ended = read_json(Path(run_dir) / RESULT_FILE, "run result") if (Path(run_dir) / RESULT_FILE).is_file() else {}
@@ -90,14 +110,23 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
     kw = dict(windows=windows, seed=seed, device=device)
     result = {"run_dir": str(run_dir), "step": run.step, "split": split, **metrics,
               "embedding": {**embedding_stats(model.E), "nn_spacing": nn_spacing(model.E)}}
+    if hmm is not None:
+        result.update(bayes_ceiling(hmm, data, lay.token_slots, metrics["loss"]))
+    known = {"averaged": AVERAGED_KNOWN, "bayes": hmm.open_loop} if hmm is not None else {}
     if model.regression_only:  # load_run fitted it
         result["readout"] = {"kind": "cosine", "temperature": model.cosine_readout,
                              "at_bound": at_bound(model.cosine_readout)}
     if lay.plain and soft_metrics:  # these read the model through a plain window (and a KV cache)
         result.update(soft_outputs=soft_output_metrics(model, data, **kw),
-                      open_loop={str(k): open_loop_loss(model, data, k, train_data, **kw) for k in horizons})
+                      open_loop={str(k): open_loop_loss(model, data, k, train_data, **kw, **known)
+                                  for k in horizons})
         if block >= BRIER_N:  # BrierLM reads 4-grams inside the window
             result["brier"] = brier_lm(model, data, **kw)
+        if hmm is not None:
+            result["bayes_open_loop"] = {k: ol["bayes"] for k, ol in result["open_loop"].items()}
+            oracle = SoftAR(HMMOracle(hmm).to(device), block)  # the positive control: the same code, the same windows
+            result["positive_control"] = {str(k): open_loop_loss(oracle, data, k, train_data, **kw, **known)
+                                          for k in horizons}
     prior = token_frequencies(train_data, model.E.shape[0])  # the frequency prior of every probe below
     if lay.n_summary and model.memory is None:  # the slots are pure arithmetic: what can be read back out
         result["recovery"] = recovery_probe(model, data, prior, windows=min(windows, 64), seed=seed, device=device)

@@ -8,6 +8,7 @@ function returns per-window values, so `softar.evaluate.stats` can put bootstrap
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from softar.soft.model import SoftAR
 from softar.soft.tokens import SOFT_TOKENS, heads_of, make_soft_token
 
 AVERAGED = (1, 2, 4, 16)  # sampled rollouts averaged in probability: sampled_avg_S
+AVERAGED_KNOWN = (*AVERAGED, 64)  # where the optimum is known (synthetic data): how close averaging gets to it
 CONSTANTS = ("constant_mean", "constant_unigram", "zero")  # one fixed vector fed back at every step
 BRIER_N = 4  # BrierLM is the geometric mean of Brier-1..4
 
@@ -93,12 +95,12 @@ def _truth_logp(logits: torch.Tensor, truth: torch.Tensor, temperature: float = 
     return (logits / temperature).log_softmax(-1).gather(-1, truth.unsqueeze(-1)).squeeze(-1)
 
 
-def _feeds(model: SoftAR, truth: torch.Tensor, prior: torch.Tensor) -> dict[str, Feed]:
+def _feeds(model: SoftAR, truth: torch.Tensor, prior: torch.Tensor, samples: int) -> dict[str, Feed]:
     """Every feedback mode -> its feed. Sampled rollout s is `sampled_<s>` (drawn with seed + s: rollout 0 draws what
     a single sampled rollout always drew); soft modes run two independent paths (`soft_<kind>#0`, `#1`)."""
     E = model.E
     feeds: dict[str, Feed] = {"teacher": TeacherFeed(truth), "greedy": HardFeed(Sampling(temperature=0.0))}
-    feeds.update({f"sampled_{s}": HardFeed(Sampling(temperature=1.0)) for s in range(max(AVERAGED))})
+    feeds.update({f"sampled_{s}": HardFeed(Sampling(temperature=1.0)) for s in range(samples)})
     vectors = {"constant_mean": E.mean(0), "constant_unigram": prior.to(E) @ E, "zero": torch.zeros_like(E[0])}
     feeds.update({name: ConstantFeed(vectors[name]) for name in CONSTANTS})
     for kind in soft_kinds(model):  # two independent paths each: the shown text's Brier needs a pair
@@ -145,17 +147,20 @@ def fit_greedy_temperature(model: SoftAR, train_data: np.ndarray, horizon: int, 
 @torch.no_grad()
 def open_loop_loss(model: SoftAR, data: np.ndarray, horizon: int, train_data: np.ndarray | None = None,
                    windows: int = 64, seed: int = 0, device: torch.device | str = "cpu",
-                   n_boot: int = 2000) -> dict:
+                   n_boot: int = 2000, averaged: tuple[int, ...] = AVERAGED,
+                   bayes: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None) -> dict:
     """Cross-entropy on the true next `horizon` tokens when, for those steps, the model's inputs are its own outputs
     instead of the truth, for every feedback mode, on the same windows:
 
     - `teacher` (the truth, for reference), `greedy`, and `greedy_calibrated` (greedy rollouts scored with the
       probabilities at a temperature fitted on train, when `train_data` is given);
-    - `sampled_avg_S`, S = 1, 2, 4, 16: the loss of the *mean* probability over S sampled rollouts, the model's
-      own k-step prediction (one rollout scored alone rewards hedging);
+    - `sampled_avg_S`, S in `averaged` (default 1, 2, 4, 16): the loss of the *mean* probability over S sampled
+      rollouts, the model's own k-step prediction (one rollout scored alone rewards hedging);
     - `constant_mean`, `constant_unigram`, `zero`: a fixed vector fed back at every step, which carries no
       information; `unigram`: the frequency prior alone, no network (from `train_data`, else this split);
-    - `soft_<kind>` for each soft token the model can make.
+    - `soft_<kind>` for each soft token the model can make;
+    - `bayes`, where the data's optimum is known: `bayes(ids [W, T + 1], prefix, horizon)` gives the exact log
+      p(truth) [W, horizon] from the prefix alone (`softar.data.synthetic.HMM.open_loop`), the open-loop ceiling.
 
     Also per-step loss curves (`per_step`), per-window losses (`per_window`, for paired comparisons across runs on
     the same windows), each mode's difference to the model's own soft feedback with a paired
@@ -171,16 +176,18 @@ def open_loop_loss(model: SoftAR, data: np.ndarray, horizon: int, train_data: np
     prior = unigram(train_data if train_data is not None else data, E.shape[0]).to(E.device)
     logp, first, drawn = {}, {}, {}  # mode -> [W, K]; the first steps' logits [W, n, V] (for Brier); draws
     greedy_logits = None
-    for mode, feed in _feeds(model, truth, prior).items():
+    for mode, feed in _feeds(model, truth, prior, max(averaged)).items():
         gen = torch.Generator(device=E.device).manual_seed(_seed_of(mode, seed))
         logits, drawn[mode] = rollout(model, ids, prefix, horizon, feed, gen)
         logp[mode], first[mode] = _truth_logp(logits, truth), logits[:, :BRIER_N]
         if mode == "greedy":
             greedy_logits = logits
-    samples = torch.stack([logp.pop(f"sampled_{s}") for s in range(max(AVERAGED))])  # [16, W, K]
-    for S in AVERAGED:
+    samples = torch.stack([logp.pop(f"sampled_{s}") for s in range(max(averaged))])  # [S, W, K]
+    for S in averaged:
         logp[f"sampled_avg_{S}"] = samples[:S].logsumexp(0) - math.log(S)
     logp["unigram"] = prior.log()[truth]
+    if bayes is not None:
+        logp["bayes"] = bayes(ids, prefix, horizon).to(logp["unigram"])
     temperature = None
     if train_data is not None:
         temperature = fit_greedy_temperature(model, train_data, horizon, windows, seed)
@@ -199,7 +206,7 @@ def open_loop_loss(model: SoftAR, data: np.ndarray, horizon: int, train_data: np
     result["vs_soft"] = {mode: paired_bootstrap(v.cpu(), per_window[soft_mode].cpu(), n_boot, seed)
                          for mode, v in per_window.items() if mode != soft_mode}
     result["effective_samples"], result["effective_samples_range"] = effective_samples(
-        {S: result[f"sampled_avg_{S}"] for S in AVERAGED}, result[soft_mode])
+        {S: result[f"sampled_avg_{S}"] for S in averaged}, result[soft_mode])
     if temperature is not None:
         result["greedy_temperature"], result["greedy_temperature_at_bound"] = temperature, at_bound(temperature)
     if horizon >= 2:

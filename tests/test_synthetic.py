@@ -1,0 +1,186 @@
+"""Synthetic data with a known optimum: the forward algorithm against brute-force enumeration of state paths, the
+sampler against the model's exact joint distribution, the HMM oracle through the engine against the exact k-step
+prediction, and hostile data folders."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from softar import SoftarError, config
+from softar.data.dataset import load_split, random_windows
+from softar.data.synthetic import HMM, HMM_FILE, HMMSpec, bayes_loss, bayes_loss_full, load_hmm, prepare_synthetic
+from softar.evaluate.soft_tokens import open_loop_loss
+from softar.model.oracle import HMMOracle
+from softar.soft.model import SoftAR
+from softar.train import train
+
+from .conftest import tiny_overrides
+from .test_cli import assert_one_line_error, softar, tree
+
+
+def random_hmm(S: int, V: int, seed: int) -> HMM:
+    """A dense random HMM whose initial distribution is its chain's stationary one (unlike the generator's sticky,
+    block-structured ones)."""
+    rng = np.random.default_rng(seed)
+    A = rng.dirichlet(np.ones(S), size=S)
+    B = rng.dirichlet(np.ones(V), size=S)
+    vals, vecs = np.linalg.eig(A.T)
+    pi = np.real(vecs[:, np.argmin(np.abs(vals - 1))])
+    return HMM(pi / pi.sum(), A, B)
+
+
+def path_probability(hmm: HMM, xs: list[int]) -> float:
+    """P(x_0..x_n) by summing over every state path: the definition, no recursion shared with the code."""
+    total = 0.0
+    for path in itertools.product(range(hmm.states), repeat=len(xs)):
+        p = hmm.initial[path[0]] * hmm.emission[path[0], xs[0]]
+        for t in range(1, len(xs)):
+            p *= hmm.transition[path[t - 1], path[t]] * hmm.emission[path[t], xs[t]]
+        total += p
+    return total
+
+
+def test_forward_algorithm_equals_enumeration_of_state_paths():
+    hmm = random_hmm(3, 4, seed=0)
+    xs = [2, 0, 3, 3, 1]
+    logp = hmm.teacher_forced(torch.tensor([xs]))[0]  # log p(x_{t+1} | x_<=t)
+    for t in range(len(xs) - 1):
+        exact = path_probability(hmm, xs[: t + 2]) / path_probability(hmm, xs[: t + 1])
+        assert logp[t].item() == pytest.approx(math.log(exact), abs=1e-12)
+    # the whole-split loss carries the belief across its chunks: the same as one pass
+    full = -sum(math.log(path_probability(hmm, xs[: t + 2]) / path_probability(hmm, xs[: t + 1]))
+                for t in range(len(xs) - 1)) / (len(xs) - 1)
+    assert bayes_loss_full(hmm, np.array(xs), chunk=2) == pytest.approx(full, abs=1e-12)
+
+
+def test_open_loop_ceiling_equals_marginalising_the_unseen_symbols():
+    hmm = random_hmm(2, 3, seed=1)
+    xs = [1, 0, 2, 2, 0]  # prefix x_0..x_1, then 3 steps ahead
+    logp = hmm.open_loop(torch.tensor([xs]), prefix=1, horizon=3)[0]
+    p_prefix = path_probability(hmm, xs[:2])
+    for k in range(3):  # p(x_{2+k} | x_0, x_1): every symbol in between summed out
+        between = itertools.product(range(hmm.symbols), repeat=k)
+        joint = sum(path_probability(hmm, xs[:2] + list(mid) + [xs[2 + k]]) for mid in between)
+        assert logp[k].item() == pytest.approx(math.log(joint / p_prefix), abs=1e-12)
+
+
+def test_sampler_matches_the_exact_joint_of_neighbouring_symbols():
+    hmm = HMM.from_spec(HMMSpec(states=3, symbols=6, stickiness=0.8, overlap=0.4))
+    x = hmm.sample(300_000, np.random.default_rng(0))
+    counts = np.zeros((6, 6))
+    np.add.at(counts, (x[:-1], x[1:]), 1)
+    pi, A, B = hmm.initial, hmm.transition, hmm.emission
+    exact = (pi[:, None] * B).T @ A @ B  # P(x_t = a, x_t+1 = b)
+    assert np.abs(counts / counts.sum() - exact).max() < 0.003  # about 6 standard errors of the largest cell
+    assert exact.sum() == pytest.approx(1.0)
+
+
+def test_the_oracle_through_the_engine_feeds_back_exactly_the_bayes_prediction():
+    """Its expected embedding fed back (soft feedback) is the exact k-step prediction, computed by matrix powers;
+    one sampled rollout is worse and averaging rollouts closes in: the effect the positive control must show."""
+    for hmm in (random_hmm(3, 5, seed=2), HMM.from_spec(HMMSpec(states=4, symbols=8))):  # dense; sticky
+        data = hmm.sample(5000, np.random.default_rng(1))
+        oracle = SoftAR(HMMOracle(hmm), 24)
+        r = open_loop_loss(oracle, data, 8, data, windows=64, averaged=(1, 2, 4, 16), bayes=hmm.open_loop)
+        assert np.allclose(r["per_window"]["soft_expected"], r["per_window"]["bayes"], atol=1e-5)
+        ids = random_windows(data, 25, 64, 0, "cpu")  # the windows open_loop_loss draws; the prefix ends at 16
+        assert np.allclose(r["per_window"]["teacher"], -hmm.teacher_forced(ids)[:, 16:].mean(1).numpy(), atol=1e-5)
+    assert r["sampled_avg_1"] > r["sampled_avg_2"] > r["sampled_avg_16"] > r["bayes"]  # the sticky one
+    assert r["vs_soft"]["sampled_avg_2"]["lo"] > 0 and r["effective_samples_range"] == "above"
+
+
+def test_bayes_loss_scores_the_same_targets_as_the_model(tmp_path):
+    """Windows read from their start: the first target of each window is predicted from one symbol."""
+    hmm = random_hmm(2, 3, seed=3)
+    data = np.array([0, 1, 2, 2, 1, 0, 0])
+    by_hand = []
+    for start in range(0, len(data) - 1, 3):  # windows of 3 inputs, the last shorter
+        w = data[start : start + 4]
+        by_hand += [-math.log(path_probability(hmm, w[: t + 2].tolist()) / path_probability(hmm, w[: t + 1].tolist()))
+                    for t in range(len(w) - 1)]
+    assert bayes_loss(hmm, data, 3) == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def hmm_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "hmm"
+    prepare_synthetic(out, HMMSpec(tokens=20_000, states=4, symbols=8))
+    return out
+
+
+def test_prepare_writes_a_char_dataset_whose_parameters_match_its_tokens(hmm_data, tmp_path):
+    hmm = load_hmm(hmm_data)
+    assert hmm.symbols == 8 and hmm.states == 4
+    train_ids = load_split(hmm_data, "train")
+    assert len(train_ids) == 18_000 and len(load_split(hmm_data, "val")) == 2000
+    again = tmp_path / "again"
+    proc = softar("prepare", "--synthetic", "hmm", "--tokens", 20_000, "--states", 4, "--symbols", 8, "--out", again)
+    assert proc.returncode == 0, proc.stderr
+    assert (again / "train.bin").read_bytes() == (hmm_data / "train.bin").read_bytes()  # seeded: reproducible
+    assert json.loads(proc.stdout.splitlines()[-1])["synthetic"]["overlap"] == 0.3
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "rows", "tokens", "symbols", "stationary"])
+def test_a_synthetic_folder_that_disagrees_with_its_parameters_is_one_line_and_exit_2(hmm_data, tmp_path, damage):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(hmm_data, data)
+    path = data / HMM_FILE
+    raw = json.loads(path.read_text())
+    if damage == "missing":
+        path.unlink()
+    elif damage == "corrupt":
+        path.write_text("{not json")
+    elif damage == "rows":
+        raw["emission"][0][0] += 0.5
+    elif damage == "symbols":
+        raw["emission"] = [[v / sum(row[:-1]) for v in row[:-1]] for row in raw["emission"]]  # 7 symbols, not 8
+    elif damage == "stationary":
+        raw["initial"] = [1.0] + [0.0] * (len(raw["initial"]) - 1)
+    elif damage == "tokens":  # a token changed within the vocabulary: meta.json still agrees, the checksum does not
+        ids = np.fromfile(data / "val.bin", dtype=np.uint16)
+        ids[5] = (ids[5] + 1) % 8
+        ids.tofile(data / "val.bin")
+    if damage in ("rows", "symbols", "stationary"):
+        path.write_text(json.dumps(raw))
+    with pytest.raises(SoftarError):
+        load_hmm(data)
+    if damage in ("missing", "tokens"):  # and through the CLI, on a run trained on the undamaged data
+        run = tmp_path / "run"
+        train(config.load(None, tiny_overrides(hmm_data)), run, quiet=True)
+        before = tree(run)
+        assert_one_line_error(softar("eval", run, "--data", data), "hmm.json" if damage == "missing" else "sha256")
+        assert tree(run) == before
+
+
+def test_eval_reports_the_bayes_ceiling_and_the_positive_control(hmm_data, tmp_path):
+    run = tmp_path / "run"
+    train(config.load(None, tiny_overrides(hmm_data)), run, quiet=True)
+    proc = softar("eval", run, "--windows", 8, "--horizons", "4")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.splitlines()[-1])
+    hmm = load_hmm(hmm_data)
+    assert r["bayes_loss"] == pytest.approx(bayes_loss(hmm, load_split(hmm_data, "val"), 16))
+    assert r["bayes_gap"] == pytest.approx(r["loss"] / r["bayes_loss"] - 1)
+    assert r["bayes_loss_full"] <= r["bayes_loss"] < r["loss"]  # more context never hurts the optimum
+    ol, control = r["open_loop"]["4"], r["positive_control"]["4"]
+    assert r["bayes_open_loop"]["4"] == ol["bayes"] == control["bayes"]  # the same windows
+    assert "sampled_avg_64" in ol and ol["bayes"] < ol["sampled_avg_64"]
+    assert control["soft_expected"] == pytest.approx(control["bayes"], abs=1e-5)
+
+
+def test_plain_data_has_no_ceiling_and_synthetic_flags_need_synthetic(char_data, tmp_path):
+    assert load_hmm(char_data) is None
+    assert_one_line_error(softar("prepare", "--states", 4, "--out", tmp_path / "x"), "--synthetic")
+    assert_one_line_error(softar("prepare", "--synthetic", "hmm", "--corpus", "x.txt", "--out", tmp_path / "x"),
+                          "--corpus")
+    assert_one_line_error(softar("prepare", "--synthetic", "hmm", "--states", 9, "--symbols", 8,
+                                 "--out", tmp_path / "x"), "--symbols")
+    assert not (tmp_path / "x").exists()
