@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stickiness", type=_probability, help="probability that the state stays (default 0.9)")
     g.add_argument("--overlap", type=_probability, help="probability that a symbol is drawn from all symbols rather "
                    "than the state's own (default 0.3)")
-    g.add_argument("--tokens", type=_int_at_least(1000, 10**9), help="train + val symbols (default 1,000,000)")
+    g.add_argument("--tokens", type=_int_at_least(1000, 10**8), help="train + val symbols (default 1,000,000)")
     g.add_argument("--seed", type=_seed, help="the generator's seed (default 0)")
     s.set_defaults(fn=cmd_prepare)
 

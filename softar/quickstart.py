@@ -12,12 +12,12 @@ from pathlib import Path
 from softar import config
 from softar.config import SoftConfig
 from softar.data.dataset import load_split, random_windows
-from softar.data.prepare import prepare
+from softar.data.prepare import claim_out, prepare
 from softar.data.synthetic import HMMSpec, bayes_loss, load_hmm, prepare_synthetic
 from softar.decode import Decoding
 from softar.device import pick_device
 from softar.evaluate.generation import shown_brier
-from softar.evaluate.soft_tokens import AVERAGED_KNOWN, CONSTANTS, open_loop_loss
+from softar.evaluate.soft_tokens import AVERAGED_KNOWN, CONSTANTS, format_effective, open_loop_loss
 from softar.model.oracle import HMMOracle
 from softar.rundir import CONFIG_FILE, load_run
 from softar.soft.collapse import CollapsePolicy, Sampling
@@ -93,18 +93,12 @@ def print_known_answer(result: dict, val_loss: float) -> None:
              ("Bayes ceiling (exact)", model["bayes"], oracle["bayes"])]
     for label, a, b in rows:
         print(f"{label:38}{a:>13.4f}{b:>16.4f}")
-    s_star = [_s_star(r) for r in (model, oracle)]
+    s_star = [format_effective(r["effective_samples"], r["effective_samples_range"]) for r in (model, oracle)]
     print(f"{'rollouts soft feedback is worth (S*)':38}{s_star[0]:>13}{s_star[1]:>16}")
     d = model["vs_soft"]["sampled_avg_2"]
     print(f"the GPT's soft feedback minus 2 averaged rollouts: {-d['diff']:+.4f} [{-d['hi']:+.4f}, {-d['lo']:+.4f}] "
           "(paired bootstrap 95% over windows). The HMM's own filter fed its expected symbol is the exact belief "
           "(the positive control: soft feedback must win there); the GPT shows how much of that it keeps.")
-
-
-def _s_star(r: dict) -> str:
-    value, where = r["effective_samples"], r["effective_samples_range"]
-    return "?" if value is None else f"{value:.2f}" if where == "within" else \
-        f"{'<' if where == 'below' else '>'}{value:g}"
 
 
 def quickstart(out: Path, data: Path, overrides: list[str] = (), hmm_data: Path = Path("data/hmm")) -> dict:
@@ -113,6 +107,7 @@ def quickstart(out: Path, data: Path, overrides: list[str] = (), hmm_data: Path 
     hmm_cfg = config.load(config_path(HMM_CONFIG), [f"data.dir={json.dumps(str(hmm_data))}", *overrides])
     for cfg in (base_cfg, seed_cfg, hmm_cfg):
         check_names(cfg)
+    claim_out(hmm_data.absolute())  # step 5 writes there: a path it cannot use fails before any training
     print(f"[1/5] preparing character-level Shakespeare in {data}", flush=True)
     meta = prepare("shakespeare", data, "char")
     print(f"      {meta['characters']['train'] + meta['characters']['val']:,} characters, "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import string
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,8 @@ from softar.disk import read_json, sha256_bytes, sha256_file, strict_json
 HMM_FILE = "hmm.json"
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits  # symbol i is character i
 VAL_FRACTION = 0.1  # of the tokens, as for a corpus; val is an independent chain
+MAX_TOKENS = 10**8  # about 2.5 GB while sampling (states, symbols and draws as int64/float64)
+SAMPLE_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class HMMSpec:
         if not 0.0 < self.overlap <= 1.0:
             return f"--overlap: expected a probability in (0, 1] (every symbol possible in every state), got " \
                    f"{self.overlap}"
-        if not 1000 <= self.tokens <= 10**9:
-            return f"--tokens: expected 1000..10**9, got {self.tokens}"
+        if not 1000 <= self.tokens <= MAX_TOKENS:
+            return f"--tokens: expected 1000..{MAX_TOKENS:,}, got {self.tokens}"
         if not 0 <= self.seed < 2**32:
             return f"--seed: expected 0..2**32-1, got {self.seed}"
         return None
@@ -108,14 +110,15 @@ class HMM:
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """n symbols of one chain started from the initial distribution [n] int64."""
-        cum_a = [list(np.cumsum(row)) for row in self.transition]
-        u = rng.random(n).tolist()
+        cum_a, cum_initial = [list(np.cumsum(row)) for row in self.transition], list(np.cumsum(self.initial))
         states = np.empty(n, dtype=np.int64)
-        s = min(bisect.bisect(list(np.cumsum(self.initial)), u[0]), self.states - 1)
-        for t in range(n):  # each state from the last: a Python loop over floats, ~0.3 us a step
-            if t:
-                s = min(bisect.bisect(cum_a[s], u[t]), self.states - 1)
-            states[t] = s
+        s = None
+        for start in range(0, n, SAMPLE_CHUNK):  # uniforms as Python floats a chunk at a time (one stream)
+            u = rng.random(min(SAMPLE_CHUNK, n - start)).tolist()
+            for t, ut in enumerate(u, start):  # each state from the last: a Python loop, ~0.3 us a step
+                cum = cum_initial if s is None else cum_a[s]
+                s = min(bisect.bisect(cum, ut), self.states - 1)
+                states[t] = s
         x = np.empty(n, dtype=np.int64)
         draws = rng.random(n)
         for s in range(self.states):  # emissions, vectorised per state
@@ -233,9 +236,8 @@ def load_hmm(data_dir: str | Path) -> HMM | None:
     if raw["kind"] != "hmm":
         raise SoftarError(f"{path}: kind {raw['kind']!r} is not 'hmm'")
     try:
-        spec = HMMSpec(**{f.name: raw["spec"][f.name] for f in fields(HMMSpec)})
         hmm = HMM(raw["initial"], raw["transition"], raw["emission"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         raise SoftarError(f"{path}: not an HMM's parameters ({type(e).__name__}: {str(e)[:80]})") from None
     except SoftarError as e:
         raise SoftarError(f"{path}: {e}") from None
@@ -244,7 +246,6 @@ def load_hmm(data_dir: str | Path) -> HMM | None:
     for split in SPLITS:
         if raw["token_sha256"].get(split) != sha256_file(data_dir / f"{split}.bin"):
             raise SoftarError(f"{path}: {split}.bin is not the data these parameters generated (sha256 differs)")
-    del spec  # checked for completeness; the parameters are what the evaluation reads
     return hmm
 
 

@@ -132,6 +132,12 @@ def effective_samples(losses: dict[int, float], soft: float) -> tuple[float | No
     return float(S[-1]), "above"
 
 
+def format_effective(value: float | None, where: str) -> str:
+    """S* as tables print it: "2.74" within the measured S, "<1" or ">64" censored at an end, "?" undefined."""
+    return "?" if value is None else f"{value:.2f}" if where == "within" else \
+        f"{'<' if where == 'below' else '>'}{value:g}"
+
+
 @torch.no_grad()
 def fit_greedy_temperature(model: SoftAR, train_data: np.ndarray, horizon: int, windows: int = 64,
                            seed: int = 0) -> float:

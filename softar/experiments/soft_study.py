@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from softar.config import Config
-from softar.evaluate.soft_tokens import AVERAGED_KNOWN, CONSTANTS, effective_samples
+from softar.evaluate.soft_tokens import AVERAGED_KNOWN, CONSTANTS, effective_samples, format_effective
 from softar.evaluate.stats import mean_std, paired_bootstrap_2way
 from softar.experiments.study import Results, Study, analogy_section, evaluate_lm_run
 from softar.soft.tokens import SOFT_TOKENS
@@ -130,9 +130,7 @@ def _effective(runs: list[dict], k: int, mode: str, part: str = "open_loop") -> 
     for run in runs:
         ol = run[part][str(k)]
         measured = {int(m.rsplit("_", 1)[1]): v for m, v in ol.items() if m.startswith("sampled_avg_")}
-        value, where = effective_samples(measured, ol[mode])
-        cells.append("?" if value is None else f"{value:.2f}" if where == "within" else
-                     f"{'<' if where == 'below' else '>'}{value:g}")
+        cells.append(format_effective(*effective_samples(measured, ol[mode])))
     return ", ".join(cells)
 
 
