@@ -111,21 +111,29 @@ def _emit(result: dict, path: Path | None, owned: bool = False) -> None:
 
 
 def cmd_prepare(a: argparse.Namespace) -> None:
-    from softar.data.prepare import prepare
-    from softar.data.synthetic import HMMSpec, prepare_synthetic
+    from dataclasses import fields
 
-    spec = {k: getattr(a, k) for k in ("states", "symbols", "stickiness", "overlap", "tokens", "seed")}
+    from softar.data.prepare import prepare
+    from softar.data.synthetic import SPECS, prepare_synthetic
+
+    flags = ("states", "symbols", "stickiness", "overlap", "concentration", "doc_length", "pairs", "filler", "tokens",
+             "seed")
+    spec = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
     if a.synthetic is None:
-        given = [f"--{k}" for k, v in spec.items() if v is not None]
-        if given:
-            raise SoftarError(f"{', '.join(given)}: only with --synthetic hmm")
+        if spec:
+            raise SoftarError(f"{', '.join('--' + k.replace('_', '-') for k in spec)}: only with --synthetic")
         meta = prepare(a.corpus, a.out, a.tokenizer, a.vocab_size, force=a.force)
     else:
         given = [f for f, default in (("--corpus", "shakespeare"), ("--tokenizer", "char"), ("--vocab-size", 1024))
                  if getattr(a, f[2:].replace("-", "_")) != default]
         if given:
             raise SoftarError(f"{', '.join(given)}: not with --synthetic (it makes its own symbols)")
-        meta = prepare_synthetic(a.out, HMMSpec(**{k: v for k, v in spec.items() if v is not None}), force=a.force)
+        cls = SPECS[a.synthetic]
+        foreign = [k for k in spec if k not in {f.name for f in fields(cls)}]
+        if foreign:
+            raise SoftarError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)}: not a parameter of "
+                              f"--synthetic {a.synthetic}")
+        meta = prepare_synthetic(a.out, cls(**spec), force=a.force)
     _emit({"data_dir": str(a.out), **meta}, None)
 
 
@@ -474,13 +482,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a different dataset already in --out")
     g = s.add_argument_group("synthetic data with a known optimum (`softar eval` reports the Bayes loss beside the "
                              "model's)")
-    g.add_argument("--synthetic", choices=["hmm"], help="a hidden Markov model's symbols instead of a corpus")
-    g.add_argument("--states", type=_int_at_least(1, 62), help="hidden states (default 8)")
-    g.add_argument("--symbols", type=_int_at_least(2, 62), help="symbols, at least one per state (default 32)")
-    g.add_argument("--stickiness", type=_probability, help="probability that the state stays (default 0.9)")
-    g.add_argument("--overlap", type=_probability, help="probability that a symbol is drawn from all symbols rather "
-                   "than the state's own (default 0.3)")
-    g.add_argument("--tokens", type=_int_at_least(1000, 10**8), help="train + val symbols (default 1,000,000)")
+    g.add_argument("--synthetic", choices=["hmm", "bag", "binding"],
+                   help="hmm: a hidden Markov model's symbols (the soft-feedback study); bag: documents of a latent "
+                   "topic, whose token counts are sufficient; binding: key-value pairs queried past a 32-token window "
+                   "(the retention study)")
+    g.add_argument("--states", type=_int_at_least(1, 62), help="hmm: hidden states (default 8)")
+    g.add_argument("--symbols", type=_int_at_least(2, 62), help="hmm: symbols, at least one per state (default 32); "
+                   "bag: content symbols, at most 61 (default 61; a separator is one more)")
+    g.add_argument("--stickiness", type=_probability, help="hmm: probability that the state stays (default 0.9)")
+    g.add_argument("--overlap", type=_probability, help="hmm: probability that a symbol is drawn from all symbols "
+                   "rather than the state's own (default 0.3)")
+    g.add_argument("--concentration", type=_nonneg_float, help="bag: the Dirichlet's alpha per symbol, 0.01..100 "
+                   "(default 0.2: each document uses few symbols)")
+    g.add_argument("--doc-length", type=_int_at_least(2, 10**7), help="bag: mean tokens per document (default "
+                   "1024)")
+    g.add_argument("--pairs", type=_int_at_least(2, 26), help="binding: key-value pairs per document (default 16)")
+    g.add_argument("--filler", type=_int_at_least(0, 64), help="binding: filler symbols after each query (default 3)")
+    g.add_argument("--tokens", type=_int_at_least(1000, 10**8), help="train + val symbols (default 1,000,000; bag "
+                   "10,000,000)")
     g.add_argument("--seed", type=_seed, help="the generator's seed (default 0)")
     s.set_defaults(fn=cmd_prepare)
 

@@ -13,7 +13,7 @@ from softar import config
 from softar.config import SoftConfig
 from softar.data.dataset import load_split, random_windows
 from softar.data.prepare import claim_out, prepare
-from softar.data.synthetic import HMMSpec, bayes_loss, load_hmm, prepare_synthetic
+from softar.data.synthetic import HMMSpec, bayes_loss, load_language, prepare_synthetic
 from softar.decode import Decoding
 from softar.device import pick_device
 from softar.evaluate.generation import shown_brier
@@ -70,7 +70,7 @@ def inspect_command(run_dir: Path, page: Path) -> str:
 def known_answer(run_dir: Path, data: Path, device) -> dict:
     """Soft feedback of the trained HMM model and of the HMM itself (the positive control), against averaged
     sampled rollouts and the Bayes ceiling, at `HMM_HORIZON` steps open loop on the same val windows."""
-    run, hmm = load_run(run_dir, device), load_hmm(data)
+    run, hmm = load_run(run_dir, device), load_language(data)
     val, train_ids = load_split(data, "val"), load_split(data, "train")
     block = run.model.window_slots
     models = {"model": run.model, "oracle": SoftAR(HMMOracle(hmm).to(device), block)}

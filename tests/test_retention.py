@@ -305,3 +305,32 @@ def test_the_study_configs_compare_like_with_like():
     assert ft.train == sum_ft.train and ft.train.init_from.endswith("w32_s{seed}")
     gpu = [c for n, c in cfgs.items() if n.startswith("gpu_")]
     assert len({c.train.batch_size * Layout.from_config(c.context, c.model.block_size).token_slots for c in gpu}) == 1
+
+
+@pytest.mark.parametrize("kind", ["bag", "binding"])
+def test_the_known_answer_verdict_reads_the_slots_share_over_the_short_window_model(kind):
+    """Arrays built so that the sum layout gains exactly 0.3 of the same-weights gap over w32 on every scored target:
+    the prediction (bag: at least 0.5; binding: at most 0.1) must fail in both, with a degenerate interval."""
+    from softar.config import Config, ContextConfig
+    from softar.experiments.retention_study import known_answer_section
+
+    S, W, K = 2, 6, 4
+    rng = np.random.default_rng(0)
+    short = -3.0 - rng.random((S, W, K))
+    long = short + 0.2
+    w32 = short + 0.05
+    summed = w32 + 0.3 * 0.2
+    common = {"short": short, "long": long, "hit_short": np.zeros((S, W, K)), "hit_long": np.ones((S, W, K)),
+              "bayes_short": short - 0.1, "bayes_long": long - 0.1, "bayes_history": long - 0.2}
+    if kind == "binding":
+        common = {k: v for k, v in common.items() if not k.startswith("bayes")}
+        common.update(query_mask=np.ones((S, W, K), bool), query_window_loss=np.full((S, W, K), np.log(10)))
+    arrays = {"w128": {**common, "real": long, "hit_real": np.ones((S, W, K))},
+              "w32": {**common, "real": w32, "hit_real": np.zeros((S, W, K))},
+              "sum": {**common, "real": summed, "hit_real": np.zeros((S, W, K))}}
+    loaded = {"w128": Config(model=ModelConfig(block_size=128)), "w32": Config(model=ModelConfig(block_size=32)),
+              "sum": Config(model=ModelConfig(block_size=35),
+                            context=ContextConfig(aggregate=1, segments=2, segment_len=32, op="sum"))}
+    text = "\n".join(known_answer_section(arrays, loaded, [("w128", 32), ("w128", 128)], 544, "w32"))
+    assert "the apparatus sees the gap" in text.lower()
+    assert "- sum (sum): +0.300 [+0.300, +0.300]: fails." in text

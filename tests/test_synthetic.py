@@ -14,7 +14,18 @@ import torch
 
 from softar import SoftarError, config
 from softar.data.dataset import load_split, random_windows
-from softar.data.synthetic import HMM, HMM_FILE, HMMSpec, bayes_loss, bayes_loss_full, load_hmm, prepare_synthetic
+from softar.data.synthetic import (
+    HMM,
+    Bag,
+    BagSpec,
+    Binding,
+    BindingSpec,
+    HMMSpec,
+    bayes_loss,
+    load_language,
+    parameter_file,
+    prepare_synthetic,
+)
 from softar.evaluate.soft_tokens import open_loop_loss
 from softar.model.oracle import HMMOracle
 from softar.soft.model import SoftAR
@@ -56,7 +67,7 @@ def test_forward_algorithm_equals_enumeration_of_state_paths():
     # the whole-split loss carries the belief across its chunks: the same as one pass
     full = -sum(math.log(path_probability(hmm, xs[: t + 2]) / path_probability(hmm, xs[: t + 1]))
                 for t in range(len(xs) - 1)) / (len(xs) - 1)
-    assert bayes_loss_full(hmm, np.array(xs), chunk=2) == pytest.approx(full, abs=1e-12)
+    assert hmm.loss_full(np.array(xs), chunk=2) == pytest.approx(full, abs=1e-12)
 
 
 def test_open_loop_ceiling_equals_marginalising_the_unseen_symbols():
@@ -115,7 +126,7 @@ def hmm_data(tmp_path_factory):
 
 
 def test_prepare_writes_a_char_dataset_whose_parameters_match_its_tokens(hmm_data, tmp_path):
-    hmm = load_hmm(hmm_data)
+    hmm = load_language(hmm_data)
     assert hmm.symbols == 8 and hmm.states == 4
     train_ids = load_split(hmm_data, "train")
     assert len(train_ids) == 18_000 and len(load_split(hmm_data, "val")) == 2000
@@ -132,7 +143,7 @@ def test_a_synthetic_folder_that_disagrees_with_its_parameters_is_one_line_and_e
 
     data = tmp_path / "data"
     shutil.copytree(hmm_data, data)
-    path = data / HMM_FILE
+    path = data / "hmm.json"
     raw = json.loads(path.read_text())
     if damage == "missing":
         path.unlink()
@@ -151,7 +162,7 @@ def test_a_synthetic_folder_that_disagrees_with_its_parameters_is_one_line_and_e
     if damage in ("rows", "symbols", "stationary"):
         path.write_text(json.dumps(raw))
     with pytest.raises(SoftarError):
-        load_hmm(data)
+        load_language(data)
     if damage in ("missing", "tokens"):  # and through the CLI, on a run trained on the undamaged data
         run = tmp_path / "run"
         train(config.load(None, tiny_overrides(hmm_data)), run, quiet=True)
@@ -166,7 +177,7 @@ def test_eval_reports_the_bayes_ceiling_and_the_positive_control(hmm_data, tmp_p
     proc = softar("eval", run, "--windows", 8, "--horizons", "4")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.splitlines()[-1])
-    hmm = load_hmm(hmm_data)
+    hmm = load_language(hmm_data)
     assert r["bayes_loss"] == pytest.approx(bayes_loss(hmm, load_split(hmm_data, "val"), 16))
     assert r["bayes_gap"] == pytest.approx(r["loss"] / r["bayes_loss"] - 1)
     assert r["bayes_loss_full"] <= r["bayes_loss"] < r["loss"]  # more context never hurts the optimum
@@ -177,10 +188,112 @@ def test_eval_reports_the_bayes_ceiling_and_the_positive_control(hmm_data, tmp_p
 
 
 def test_plain_data_has_no_ceiling_and_synthetic_flags_need_synthetic(char_data, tmp_path):
-    assert load_hmm(char_data) is None
+    assert load_language(char_data) is None
     assert_one_line_error(softar("prepare", "--states", 4, "--out", tmp_path / "x"), "--synthetic")
     assert_one_line_error(softar("prepare", "--synthetic", "hmm", "--corpus", "x.txt", "--out", tmp_path / "x"),
                           "--corpus")
     assert_one_line_error(softar("prepare", "--synthetic", "hmm", "--states", 9, "--symbols", 8,
                                  "--out", tmp_path / "x"), "--symbols")
+    assert not (tmp_path / "x").exists()
+
+
+def bag_by_hand(bag: Bag, w: list[int]) -> list[float]:
+    """log p of each next token of a window from its start, by the definition: a document ends after a token with
+    probability hazard; its tokens are a Dirichlet-multinomial (Polya urn) of the ones since the last separator."""
+    V, a, h = bag.symbols, bag.concentration, bag.hazard
+    out = []
+    for t in range(len(w) - 1):
+        doc = list(itertools.takewhile(lambda x: x != V, reversed(w[: t + 1])))
+        if w[t] == V:
+            out.append(-math.inf if w[t + 1] == V else -math.log(V))
+        elif w[t + 1] == V:
+            out.append(math.log(h))
+        else:
+            out.append(math.log(1 - h) + math.log(a + doc.count(w[t + 1])) - math.log(V * a + len(doc)))
+    return out
+
+
+def test_bag_optimum_is_the_polya_urn_of_the_document_so_far():
+    bag = Bag(5, 0.3, 0.1)
+    data = bag.sample(4000, np.random.default_rng(0))
+    assert data[0] != 5 and (data == 5).any()
+    starts = np.random.default_rng(1).integers(0, len(data) - 40, 16)
+    windows = torch.from_numpy(np.stack([data[s : s + 40] for s in starts]))
+    want = torch.tensor([bag_by_hand(bag, w.tolist()) for w in windows], dtype=torch.float64)
+    assert torch.allclose(bag.teacher_forced(windows), want, rtol=0, atol=1e-12)
+    assert bag.loss_full(data[:300]) == pytest.approx(-np.mean(bag_by_hand(bag, data[:300].tolist())), abs=1e-12)
+
+
+def test_bag_sampler_matches_the_polya_urn_it_is_scored_by():
+    """The second token of a document repeats the first with probability (1 - h)(alpha + 1) / (V alpha + 1)."""
+    bag = Bag(4, 0.5, 0.25)
+    x = bag.sample(400_000, np.random.default_rng(2))
+    second = np.flatnonzero((x[:-2] == 4) & (x[1:-1] != 4)) + 2  # the token after a document's first
+    p = (1 - 0.25) * (0.5 + 1) / (4 * 0.5 + 1)
+    got = (x[second] == x[second - 1]).mean()
+    assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / len(second))
+    assert abs((x[second] == 4).mean() - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(second))
+
+
+def test_binding_documents_bind_each_key_to_one_value_and_query_each_key_once():
+    lang = Binding(pairs=5, filler=2)
+    x = lang.sample(10 * lang.doc_length, np.random.default_rng(0)).reshape(10, -1)
+    for doc in x:
+        assert doc[0] == lang.start and (doc[1:] != lang.start).all()
+        keys, values = doc[1:11:2], doc[2:12:2]
+        assert sorted(keys) == list(range(5)) and sorted(values) == list(range(5, 10))
+        queries = doc[11:].reshape(5, 4)
+        assert sorted(queries[:, 0]) == list(range(5))
+        assert all(dict(zip(keys, values, strict=True))[k] == v for k, v in queries[:, :2])
+        assert ((queries[:, 2:] >= 10) & (queries[:, 2:] < 18)).all()
+
+
+def test_binding_queries_past_the_window_and_the_optimum_of_a_reader_of_the_window():
+    lang = Binding(pairs=4, filler=3)  # documents of 1 + 8 + 4 * 5 = 29 tokens
+    ids = torch.from_numpy(lang.sample(200, np.random.default_rng(3)))[None]
+    prefix, window = 60, 12
+    got = lang.query_targets(ids, prefix, window)
+    x = ids[0].tolist()
+    for k, t in enumerate(range(prefix, 200)):  # by hand: a query's value is the token after a key past the pairs
+        s = t - (t % 29)
+        value_pos = s + 2 + 2 * x[s + 1 : s + 9 : 2].index(x[t - 1]) if t % 29 in (10, 15, 20, 25) else None
+        expect = value_pos is not None and value_pos < t - window
+        assert bool(got["mask"][0, k]) == expect
+        if expect:
+            seen = {v for v in x[max(s, t - window) : t] if 4 <= v < 8}
+            assert got["window_loss"][0, k].item() == pytest.approx(math.log(4 - len(seen)))
+            assert x[t] == x[value_pos]
+
+
+@pytest.mark.parametrize("kind", ["bag", "binding"])
+def test_prepare_and_eval_a_retention_language(kind, tmp_path):
+    data, run = tmp_path / kind, tmp_path / "run"
+    spec = BagSpec(tokens=20_000, symbols=6) if kind == "bag" else BindingSpec(tokens=20_000, pairs=4, filler=2)
+    prepare_synthetic(data, spec)
+    lang = load_language(data)
+    assert type(lang) is (Bag if kind == "bag" else Binding)
+    train(config.load(None, tiny_overrides(data)), run, quiet=True)
+    proc = softar("eval", run, "--windows", 8, "--gap", f"{run}:4", str(run))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.splitlines()[-1])
+    ret = r["retention"]
+    if kind == "bag":
+        assert r["bayes_loss"] == pytest.approx(bayes_loss(lang, load_split(data, "val"), 16))
+        bayes = ret["bayes"]["loss"]
+        assert bayes["history"] <= bayes["long"] <= bayes["short"] + 1e-9  # more of the document never hurts
+    else:
+        assert "bayes_loss" not in r
+        q = ret["queries"]
+        assert q["targets"] > 0 and 0 <= q["accuracy"]["long"] <= 1 and q["window_optimum"]["loss"] > 0
+    (data / parameter_file(kind)).write_text("{}")
+    assert_one_line_error(softar("eval", run), "kind")
+
+
+def test_retention_flags_belong_to_their_language(tmp_path):
+    assert_one_line_error(softar("prepare", "--synthetic", "bag", "--pairs", 3, "--out", tmp_path / "x"),
+                          "--pairs")
+    assert_one_line_error(softar("prepare", "--synthetic", "binding", "--concentration", 1, "--out", tmp_path / "x"),
+                          "--concentration")
+    assert_one_line_error(softar("prepare", "--synthetic", "bag", "--concentration", 0, "--out", tmp_path / "x"),
+                          "--concentration")
     assert not (tmp_path / "x").exists()

@@ -1,13 +1,20 @@
-"""Languages whose optimum is known exactly: `softar prepare --synthetic hmm`.
+"""Languages whose optimum is known exactly: `softar prepare --synthetic hmm|bag|binding`.
 
-A hidden Markov model: a sticky chain over `states` (each step it stays with probability `stickiness`, else jumps to
-a state drawn uniformly), each state emitting mostly from its own block of symbols and, with probability `overlap`,
-any symbol. One symbol says little about the state; the posterior over states (the belief) weighs them all. So the
-k-step prediction p(x_{t+k} | x_<=t) = b_t A^k B keeps what one sampled symbol loses, and the forward algorithm gives
-the Bayes-optimal teacher-forced and open-loop losses exactly: the ceiling every model is measured against.
+- **hmm**: a hidden Markov model: a sticky chain over `states` (each step it stays with probability `stickiness`, else
+  jumps to a state drawn uniformly), each state emitting mostly from its own block of symbols and, with probability
+  `overlap`, any symbol. One symbol says little about the state; the posterior over states (the belief) weighs them
+  all. So the k-step prediction p(x_{t+k} | x_<=t) = b_t A^k B keeps what one sampled symbol loses, and the forward
+  algorithm gives the Bayes-optimal teacher-forced and open-loop losses exactly: the soft-feedback study's ceiling.
+- **bag**: documents of a latent topic: each draws its own unigram distribution from a Dirichlet and then its tokens
+  independently from it, until a separator (after each token with probability 1 / doc_length). The counts of the
+  document's tokens so far are a sufficient statistic: p(v | past) = (alpha + n_v) / (V alpha + n), exactly, from
+  any window (exchangeability). Old tokens matter, and a sum of their embeddings keeps all they say.
+- **binding**: documents of key-value pairs and, past a 32-token window, one query for each key: the value is known
+  exactly from the pair, and a sum of the pairs' embeddings (every key and every value, whatever the pairing) says
+  nothing about which value goes with which key.
 
 The data folder is an ordinary character dataset (one character per symbol, so `softar sample` prints text) plus
-`hmm.json`: the spec, the parameters, and the sha256 of the token files they generated.
+`KIND.json`: the spec, the parameters, and the sha256 of the token files they generated.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import bisect
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,9 +32,8 @@ from softar import SoftarError
 from softar.data.dataset import META_FILE, SPLITS, load_meta
 from softar.disk import read_json, sha256_bytes, sha256_file, strict_json
 
-HMM_FILE = "hmm.json"
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits  # symbol i is character i
-VAL_FRACTION = 0.1  # of the tokens, as for a corpus; val is an independent chain
+VAL_FRACTION, MAX_VAL = 0.1, 100_000  # of the tokens, as for a corpus (at most 100k: every eval reads all of it)
 MAX_TOKENS = 10**8  # about 2.5 GB while sampling (states, symbols and draws as int64/float64)
 SAMPLE_CHUNK = 1 << 20
 
@@ -38,6 +45,7 @@ class HMMSpec:
     2.80 nats against the unigram's 3.47, and at 8 steps open loop the exact belief (3.05) beats two averaged sampled
     rollouts (3.22) and even sixteen (3.07): soft feedback has something to win."""
 
+    kind: ClassVar[str] = "hmm"
     states: int = 8
     symbols: int = 32
     stickiness: float = 0.9
@@ -57,11 +65,13 @@ class HMMSpec:
         if not 0.0 < self.overlap <= 1.0:
             return f"--overlap: expected a probability in (0, 1] (every symbol possible in every state), got " \
                    f"{self.overlap}"
-        if not 1000 <= self.tokens <= MAX_TOKENS:
-            return f"--tokens: expected 1000..{MAX_TOKENS:,}, got {self.tokens}"
-        if not 0 <= self.seed < 2**32:
-            return f"--seed: expected 0..2**32-1, got {self.seed}"
-        return None
+        return _common_problem(self)
+
+    def language(self) -> HMM:
+        return HMM.from_spec(self)
+
+    def chars(self) -> list[str]:
+        return list(ALPHABET[: self.symbols])
 
 
 class HMM:
@@ -175,82 +185,320 @@ class HMM:
     def one_hot(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.one_hot(ids, self.symbols).double()
 
-    def to_json(self, spec: HMMSpec, token_sha256: dict[str, str]) -> str:
-        return strict_json({"kind": "hmm", "spec": asdict(spec), "initial": self.initial.tolist(),
-                            "transition": self.transition.tolist(), "emission": self.emission.tolist(),
-                            "token_sha256": token_sha256}, indent=1)
+    def loss_full(self, data: np.ndarray, chunk: int = 4096) -> float:
+        """The Bayes-optimal loss of every token of a split after the first, given everything before it: the limit
+        no window reaches."""
+        ids = torch.from_numpy(np.asarray(data, dtype=np.int64))
+        emission = self._tensors("cpu")[2]
+        total, prior = 0.0, None
+        for start in range(0, len(ids) - 1, chunk):  # the belief carries from chunk to chunk
+            part = ids[start : start + chunk + 1]
+            b = self.beliefs(self.one_hot(part[None, :-1]), prior)  # [1, n, S]
+            total -= (b[0] @ emission).log().gather(-1, part[1:, None]).sum().item()
+            prior = b[:, -1]
+        return total / (len(ids) - 1)
+
+    def to_json(self) -> dict:
+        return {"initial": self.initial.tolist(), "transition": self.transition.tolist(),
+                "emission": self.emission.tolist()}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> HMM:
+        return cls(*(_field(raw, k, list) for k in ("initial", "transition", "emission")))
 
 
-def bayes_loss(hmm: HMM, data: np.ndarray, length: int, batch_size: int = 256) -> float:
+class Bag:
+    """Documents of a latent topic (`--synthetic bag`): each draws a unigram distribution theta ~ Dirichlet(alpha)
+    over `symbols` content symbols, then its tokens i.i.d. from theta; after each token the document ends with
+    probability `hazard` (a separator, the last symbol, then a new document). The predictive given any window is
+    exact: after a separator 1 / V; else a separator with probability `hazard`, and symbol v with (1 - hazard)
+    (alpha + n_v) / (V alpha + n), n_v counting v among the window's tokens since its last separator (the tokens
+    before the window are exchangeable with the ones it holds, so they need not be seen)."""
+
+    def __init__(self, symbols: int, concentration: float, hazard: float):
+        self.symbols, self.concentration, self.hazard = int(symbols), float(concentration), float(hazard)
+        if not (2 <= self.symbols < len(ALPHABET) and 0 < self.concentration < float("inf") and 0 < self.hazard < 1):
+            raise SoftarError(f"not a bag language: symbols {symbols}, concentration {concentration}, "
+                              f"hazard {hazard}")
+
+    @property
+    def vocab(self) -> int:
+        return self.symbols + 1  # the separator is the last symbol
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n tokens of documents [n] int64, the first starting a document."""
+        V, parts, total = self.symbols, [], 0
+        while total < n:
+            length = int(rng.geometric(self.hazard))
+            theta = rng.dirichlet(np.full(V, self.concentration))
+            doc = np.minimum(np.searchsorted(np.cumsum(theta), rng.random(length), side="right"), V - 1)
+            parts += [doc, np.array([V])]
+            total += length + 1
+        return np.concatenate(parts)[:n].astype(np.int64)
+
+    def teacher_forced(self, ids: torch.Tensor) -> torch.Tensor:
+        """log p(ids[:, t + 1] | ids[:, :t + 1]) [W, T] for windows ids [W, T + 1], each read from its start alone."""
+        x = ids.cpu().numpy().astype(np.int64)
+        W, L = x.shape
+        V, a, h = self.symbols, self.concentration, self.hazard
+        sep = x == V
+        segment = np.cumsum(sep, 1)  # a separator opens the next document's segment
+        same = _occurrences_before(((np.arange(W)[:, None] * (L + 1) + segment) * (V + 1) + x).ravel()).reshape(W, L)
+        content = np.cumsum(~sep, 1)  # content tokens up to and including t
+        last_sep = np.maximum.accumulate(np.where(sep, np.arange(L), -1), 1)
+        n = content - np.where(last_sep >= 0, np.take_along_axis(content, last_sep.clip(0), 1), 0)  # since it
+        prev, target = x[:, :-1], x[:, 1:]
+        logp = np.log1p(-h) + np.log(a + same[:, 1:]) - np.log(V * a + n[:, :-1])
+        logp = np.where(target == V, np.log(h), logp)
+        logp = np.where(prev == V, np.where(target == V, -np.inf, -np.log(V)), logp)  # a document starts
+        return torch.from_numpy(logp).to(ids.device)
+
+    def loss_full(self, data: np.ndarray) -> float:
+        """The Bayes-optimal loss of every token of a split after the first, given everything before it."""
+        return -self.teacher_forced(torch.from_numpy(np.asarray(data, dtype=np.int64))[None]).mean().item()
+
+    def to_json(self) -> dict:
+        return {"symbols": self.symbols, "concentration": self.concentration, "hazard": self.hazard}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Bag:
+        return cls(_field(raw, "symbols", int), _field(raw, "concentration", float), _field(raw, "hazard", float))
+
+
+def _occurrences_before(keys: np.ndarray) -> np.ndarray:
+    """For each entry of keys [n], how many entries before it hold the same key."""
+    order = np.argsort(keys, kind="stable")
+    k = keys[order]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, len(k)]))
+    out = np.empty(len(k), dtype=np.int64)
+    out[order] = np.arange(len(k)) - first
+    return out
+
+
+class Binding:
+    """Documents of key-value pairs (`--synthetic binding`): a start symbol, `pairs` keys each followed by its value
+    (the keys in a random order, the values a random permutation of as many value symbols), then one query per key
+    in a random order: the key, its value, and `filler` random filler symbols. The optimum of a query's value is
+    exact: certain given its pair; given a window that does not hold the pair, uniform over the values the window
+    does not show bound to other keys (the rest of a random permutation)."""
+
+    FILLERS = 8
+
+    def __init__(self, pairs: int, filler: int):
+        self.pairs, self.filler = int(pairs), int(filler)
+        if not (1 <= self.pairs <= 26 and 0 <= self.filler <= 64):
+            raise SoftarError(f"not a binding language: pairs {pairs}, filler {filler}")
+
+    @property
+    def vocab(self) -> int:
+        return 2 * self.pairs + self.FILLERS + 1  # keys, values, fillers, the start symbol
+
+    @property
+    def start(self) -> int:
+        return self.vocab - 1
+
+    @property
+    def doc_length(self) -> int:
+        return 1 + 2 * self.pairs + self.pairs * (2 + self.filler)
+
+    def chars(self) -> list[str]:
+        P = self.pairs
+        return list(string.ascii_lowercase[:P] + string.ascii_uppercase[:P] + string.digits[: self.FILLERS] + ".")
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n tokens of documents [n] int64, the first starting a document."""
+        P, D = self.pairs, self.doc_length
+        docs = -(-n // D)
+        keys = rng.permuted(np.tile(np.arange(P), (docs, 1)), axis=1)  # [docs, P] the pairs' order
+        value_of = rng.permuted(np.tile(np.arange(P), (docs, 1)), axis=1)  # key k's value is P + value_of[:, k]
+        asked = rng.permuted(np.tile(np.arange(P), (docs, 1)), axis=1)  # the queries' order
+        rows = np.arange(docs)[:, None]
+        pairs = np.stack([keys, P + value_of[rows, keys]], 2).reshape(docs, 2 * P)
+        fill = 2 * P + rng.integers(0, self.FILLERS, (docs, P, self.filler))
+        queries = np.concatenate([np.stack([asked, P + value_of[rows, asked]], 2), fill], 2).reshape(docs, -1)
+        out = np.concatenate([np.full((docs, 1), self.start), pairs, queries], 1)
+        return out.reshape(-1)[:n].astype(np.int64)
+
+    def query_targets(self, ids: torch.Tensor, prefix: int, window: int) -> dict[str, torch.Tensor]:
+        """The targets ids[:, prefix:] [N, K] that are queries' values whose pair lies before the last `window`
+        tokens: `mask` (bool), and there the optimum of a reader of those `window` tokens alone, `window_loss`
+        log(P - m) and `window_accuracy` 1 / (P - m), m the values the window shows bound to other keys (a reader
+        of the whole document: loss 0, accuracy 1)."""
+        x = ids.cpu().numpy()
+        N, L = x.shape
+        P, period, first = self.pairs, 2 + self.filler, 2 + 2 * self.pairs  # the first query's value
+        mask = np.zeros((N, L - prefix), dtype=bool)
+        loss = np.zeros((N, L - prefix))
+        for r in range(N):
+            starts = np.flatnonzero(x[r] == self.start)
+            for k, t in enumerate(range(prefix, L)):
+                i = np.searchsorted(starts, t, side="right") - 1
+                if i < 0 or (t - starts[i] - first) % period or not 0 <= (t - starts[i] - first) // period < P:
+                    continue
+                s = starts[i]
+                where = np.flatnonzero(x[r, s + 1 : s + 1 + 2 * P : 2] == x[r, t - 1])  # the key's pair
+                if len(where) != 1 or s + 2 + 2 * where[0] >= t - window:
+                    continue
+                seen = x[r, max(s, t - window) : t]
+                mask[r, k] = True
+                loss[r, k] = np.log(P - len(np.unique(seen[(seen >= P) & (seen < 2 * P)])))
+        return {"mask": torch.from_numpy(mask), "window_loss": torch.from_numpy(loss),
+                "window_accuracy": torch.from_numpy(np.where(mask, np.exp(-loss), 0.0))}
+
+    def to_json(self) -> dict:
+        return {"pairs": self.pairs, "filler": self.filler}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Binding:
+        return cls(_field(raw, "pairs", int), _field(raw, "filler", int))
+
+
+def _field(raw: dict, key: str, kind: type):
+    """raw[key] as `kind` (an int is a float too), else a one-line error."""
+    v = raw.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind):
+        raise SoftarError(f"parameter {key!r}: expected {kind.__name__}, got {type(v).__name__}")
+    return float(v) if kind is float else v
+
+
+@dataclass(frozen=True)
+class BagSpec:
+    """What `softar prepare --synthetic bag` draws. The defaults leave a wide gap between short and long contexts:
+    the Bayes loss of a token read from 32 tokens is about 3.48 nats, from 128 about 3.16, given everything before
+    it 2.88, against the unigram's 4.11 (61 symbols, alpha 0.2, documents of 1,024 tokens on average). Ten million
+    tokens make about 8,800 documents: a small GPT overfits the topics of a few hundred."""
+
+    kind: ClassVar[str] = "bag"
+    symbols: int = 61
+    concentration: float = 0.2
+    doc_length: int = 1024
+    tokens: int = 10_000_000
+    seed: int = 0
+
+    def problem(self) -> str | None:
+        if not 2 <= self.symbols < len(ALPHABET):
+            return f"--symbols: expected 2..{len(ALPHABET) - 1} (the separator is one more), got {self.symbols}"
+        if not 0.01 <= self.concentration <= 100:
+            return f"--concentration: expected 0.01..100, got {self.concentration}"
+        if not 2 <= self.doc_length <= 10**7:
+            return f"--doc-length: expected 2..10**7, got {self.doc_length}"
+        return _common_problem(self)
+
+    def language(self) -> Bag:
+        return Bag(self.symbols, self.concentration, 1 / self.doc_length)
+
+    def chars(self) -> list[str]:
+        return list(ALPHABET[: self.symbols + 1])
+
+
+@dataclass(frozen=True)
+class BindingSpec:
+    """What `softar prepare --synthetic binding` draws: 16 pairs and 3 filler symbols after each query, documents of
+    113 tokens. Past a 32-token window most queries' pairs are out of sight, and the window shows too few other
+    queries for elimination to name the value (with 8 pairs and 2 fillers it shows up to 7 of the 8, and a reader of
+    the window alone answers 0.89 of the queries whose pair it cannot see)."""
+
+    kind: ClassVar[str] = "binding"
+    pairs: int = 16
+    filler: int = 3
+    tokens: int = 1_000_000
+    seed: int = 0
+
+    def problem(self) -> str | None:
+        if not 2 <= self.pairs <= 26:
+            return f"--pairs: expected 2..26, got {self.pairs}"
+        if not 0 <= self.filler <= 64:
+            return f"--filler: expected 0..64, got {self.filler}"
+        return _common_problem(self)
+
+    def language(self) -> Binding:
+        return Binding(self.pairs, self.filler)
+
+    def chars(self) -> list[str]:
+        return self.language().chars()
+
+
+def _common_problem(spec: HMMSpec | BagSpec | BindingSpec) -> str | None:
+    if not 1000 <= spec.tokens <= MAX_TOKENS:
+        return f"--tokens: expected 1000..{MAX_TOKENS:,}, got {spec.tokens}"
+    if not 0 <= spec.seed < 2**32:
+        return f"--seed: expected 0..2**32-1, got {spec.seed}"
+    return None
+
+
+Language = HMM | Bag | Binding
+SPECS: dict[str, type] = {"hmm": HMMSpec, "bag": BagSpec, "binding": BindingSpec}
+LANGUAGES: dict[str, type] = {"hmm": HMM, "bag": Bag, "binding": Binding}
+EXACT = (HMM, Bag)  # languages whose every token's optimum `teacher_forced` gives
+
+
+def bayes_loss(lang: HMM | Bag, data: np.ndarray, length: int, batch_size: int = 256) -> float:
     """The Bayes-optimal loss on exactly the targets `softar.evaluate.lm.evaluate_split` scores, each read, as the
     model reads it, from its window's start alone (`sequential_windows`)."""
     from softar.data.dataset import sequential_windows
 
     total, count = 0.0, 0
     for x, y in sequential_windows(data, length, batch_size):
-        total -= hmm.teacher_forced(torch.cat([x, y[:, -1:]], 1)).sum().item()
+        total -= lang.teacher_forced(torch.cat([x, y[:, -1:]], 1)).sum().item()
         count += y.numel()
     return total / count
 
 
-def bayes_loss_full(hmm: HMM, data: np.ndarray, chunk: int = 4096) -> float:
-    """The Bayes-optimal loss of every token of a split after the first, given everything before it: the limit no
-    window reaches."""
-    ids = torch.from_numpy(np.asarray(data, dtype=np.int64))
-    emission = hmm._tensors("cpu")[2]
-    total, prior = 0.0, None
-    for start in range(0, len(ids) - 1, chunk):  # the belief carries from chunk to chunk
-        part = ids[start : start + chunk + 1]
-        b = hmm.beliefs(hmm.one_hot(part[None, :-1]), prior)  # [1, n, S]
-        total -= (b[0] @ emission).log().gather(-1, part[1:, None]).sum().item()
-        prior = b[:, -1]
-    return total / (len(ids) - 1)
-
-
-def generate(spec: HMMSpec) -> tuple[HMM, dict[str, np.ndarray]]:
-    """The HMM of a spec and its two splits, independent chains from one seeded generator."""
+def generate(spec: HMMSpec | BagSpec | BindingSpec) -> tuple[Language, dict[str, np.ndarray]]:
+    """The language of a spec and its two splits, independent draws from one seeded generator."""
     problem = spec.problem()
     if problem:
         raise SoftarError(problem)
-    hmm = HMM.from_spec(spec)
+    lang = spec.language()
     rng = np.random.default_rng(spec.seed)
-    n_val = max(2, int(spec.tokens * VAL_FRACTION))
-    return hmm, {"train": hmm.sample(spec.tokens - n_val, rng), "val": hmm.sample(n_val, rng)}
+    n_val = min(max(2, int(spec.tokens * VAL_FRACTION)), MAX_VAL)
+    return lang, {"train": lang.sample(spec.tokens - n_val, rng), "val": lang.sample(n_val, rng)}
 
 
-def load_hmm(data_dir: str | Path) -> HMM | None:
-    """The HMM behind a synthetic dataset, checked against its tokens (the sha256 of each split file, the number of
-    symbols); None for a dataset that is not synthetic. A synthetic dataset whose hmm.json is missing, corrupt or
-    disagrees with its tokens is a one-line error."""
+def parameter_file(kind: str) -> str:
+    return f"{kind}.json"
+
+
+def load_language(data_dir: str | Path) -> Language | None:
+    """The language behind a synthetic dataset, checked against its tokens (the sha256 of each split file, the
+    vocabulary); None for a dataset that is not synthetic. A synthetic dataset whose parameter file is missing,
+    corrupt or disagrees with its tokens is a one-line error."""
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
-    path = data_dir / HMM_FILE
-    if not str(meta.get("source", "")).startswith("synthetic:"):
-        if path.exists():
-            raise SoftarError(f"{path}: {META_FILE} says the data is {meta.get('source')!r}, not synthetic")
+    source = str(meta.get("source", ""))
+    if not source.startswith("synthetic:"):
+        for kind in LANGUAGES:
+            if (data_dir / parameter_file(kind)).exists():
+                raise SoftarError(f"{data_dir / parameter_file(kind)}: {META_FILE} says the data is "
+                                  f"{meta.get('source')!r}, not synthetic")
         return None
+    kind = source.removeprefix("synthetic:")
+    if kind not in LANGUAGES:
+        raise SoftarError(f"{data_dir / META_FILE}: unknown synthetic language {kind!r}")
+    path = data_dir / parameter_file(kind)
     if not path.is_file():
-        raise SoftarError(f"synthetic dataset {data_dir} has no {HMM_FILE} (its parameters); prepare it again")
-    raw = read_json(path, "HMM parameters", {"kind": str, "spec": dict, "initial": list, "transition": list,
-                                              "emission": list, "token_sha256": dict})
-    if raw["kind"] != "hmm":
-        raise SoftarError(f"{path}: kind {raw['kind']!r} is not 'hmm'")
+        raise SoftarError(f"synthetic dataset {data_dir} has no {path.name} (its parameters); prepare it again")
+    raw = read_json(path, f"{kind} parameters", {"kind": str, "spec": dict, "token_sha256": dict})
+    if raw["kind"] != kind:
+        raise SoftarError(f"{path}: kind {raw['kind']!r} is not {kind!r}")
     try:
-        hmm = HMM(raw["initial"], raw["transition"], raw["emission"])
+        lang = LANGUAGES[kind].from_json(raw)
     except (TypeError, ValueError) as e:
-        raise SoftarError(f"{path}: not an HMM's parameters ({type(e).__name__}: {str(e)[:80]})") from None
+        raise SoftarError(f"{path}: not a {kind}'s parameters ({type(e).__name__}: {str(e)[:80]})") from None
     except SoftarError as e:
         raise SoftarError(f"{path}: {e}") from None
-    if hmm.symbols != meta["vocab_size"]:
-        raise SoftarError(f"{path}: {hmm.symbols} symbols, but the tokens have a vocabulary of {meta['vocab_size']}")
+    vocab = lang.symbols if isinstance(lang, HMM) else lang.vocab
+    if vocab != meta["vocab_size"]:
+        raise SoftarError(f"{path}: {vocab} symbols, but the tokens have a vocabulary of {meta['vocab_size']}")
     for split in SPLITS:
         if raw["token_sha256"].get(split) != sha256_file(data_dir / f"{split}.bin"):
             raise SoftarError(f"{path}: {split}.bin is not the data these parameters generated (sha256 differs)")
-    return hmm
+    return lang
 
 
-def prepare_synthetic(out: str | Path, spec: HMMSpec, force: bool = False) -> dict:
-    """Write a synthetic dataset folder (`softar prepare --synthetic hmm`); returns its meta. The same spec in the
+def prepare_synthetic(out: str | Path, spec: HMMSpec | BagSpec | BindingSpec, force: bool = False) -> dict:
+    """Write a synthetic dataset folder (`softar prepare --synthetic KIND`); returns its meta. The same spec in the
     same folder is nothing to do."""
     from softar.data.prepare import claim_out, existing_dataset, write_dataset
     from softar.data.tokenizer import CharTokenizer
@@ -260,18 +508,21 @@ def prepare_synthetic(out: str | Path, spec: HMMSpec, force: bool = False) -> di
     if problem:
         raise SoftarError(problem)
     claim_out(out)
-    if (old := existing_dataset(out, force, lambda old: old.get("synthetic") == asdict(spec))) is not None:
+    source = f"synthetic:{spec.kind}"
+    if (old := existing_dataset(out, force, lambda old: old.get("source") == source and
+                                old.get("synthetic") == asdict(spec))) is not None:
         return old
-    hmm, splits = generate(spec)
-    tok = CharTokenizer(list(ALPHABET[: spec.symbols]))
+    lang, splits = generate(spec)
+    tok = CharTokenizer(spec.chars())
     text = {name: tok.decode(ids.tolist()) for name, ids in splits.items()}
 
-    def write_hmm(path: Path) -> None:  # written after the split files, whose checksums it holds
+    def write_parameters(path: Path) -> None:  # written after the split files, whose checksums it holds
         shas = {split: sha256_file(path.parent / f"{split}.bin") for split in SPLITS}
-        path.write_text(hmm.to_json(spec, shas), encoding="utf-8")
+        path.write_text(strict_json({"kind": spec.kind, "spec": asdict(spec), **lang.to_json(),
+                                     "token_sha256": shas}, indent=1), encoding="utf-8")
 
-    meta = {"source": "synthetic:hmm", "tokenizer": "char", "requested_vocab_size": None,
+    meta = {"source": source, "tokenizer": "char", "requested_vocab_size": None,
             "characters": {name: len(t) for name, t in text.items()},
             "text_sha256": sha256_bytes("".join(text[split] for split in SPLITS).encode("utf-8")),
             "synthetic": asdict(spec)}
-    return write_dataset(out, force, tok, splits, meta, {HMM_FILE: write_hmm})
+    return write_dataset(out, force, tok, splits, meta, {parameter_file(spec.kind): write_parameters})

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from softar.data.dataset import random_windows
+from softar.data.synthetic import HMM, Bag, Binding, Language
 from softar.evaluate.stats import paired_bootstrap
 from softar.soft.model import SoftAR
 
@@ -119,16 +120,25 @@ def scored_windows(model: SoftAR, ids: torch.Tensor, prefix: int, context: int |
 
 
 @torch.no_grad()
-def target_logprobs(model: SoftAR, ids: torch.Tensor, prefix: int, context: int | None = None,
-                    ablation: str = "real") -> torch.Tensor:
-    """log p of every target ids[:, prefix:] from exactly its own context (`scored_windows`) -> [N, K] float64."""
+def target_scores(model: SoftAR, ids: torch.Tensor, prefix: int, context: int | None = None,
+                  ablation: str = "real") -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of every target ids[:, prefix:] from exactly its own context (`scored_windows`) [N, K] float64, and
+    whether the target is the model's most likely token there [N, K] bool."""
     model.eval()
     target = ids[:, prefix:].reshape(-1)
-    out = torch.empty(target.shape[0], dtype=torch.float64)
+    logps = torch.empty(target.shape[0], dtype=torch.float64)
+    hits = torch.empty(target.shape[0], dtype=torch.bool)
     for rows, window in scored_windows(model, ids, prefix, context, ablation):
         logp = model.read(window, last=True).logits[:, -1].float().log_softmax(-1)
-        out[rows] = logp.gather(1, target[rows, None])[:, 0].double().cpu()
-    return out.view(ids.shape[0], -1)
+        logps[rows] = logp.gather(1, target[rows, None])[:, 0].double().cpu()
+        hits[rows] = (logp.argmax(-1) == target[rows]).cpu()
+    return logps.view(ids.shape[0], -1), hits.view(ids.shape[0], -1)
+
+
+def target_logprobs(model: SoftAR, ids: torch.Tensor, prefix: int, context: int | None = None,
+                    ablation: str = "real") -> torch.Tensor:
+    """log p of every target ids[:, prefix:] from exactly its own context -> [N, K] float64 (`target_scores`)."""
+    return target_scores(model, ids, prefix, context, ablation)[0]
 
 
 def held_only_in_history(ids: torch.Tensor, prefix: int, window: int, history: int) -> torch.Tensor:
@@ -162,26 +172,29 @@ def copy_scores(scorer: Scorer, ids: torch.Tensor, prefix: int, distances: tuple
     return result
 
 
-def gap_closed(short: np.ndarray, model: np.ndarray, long: np.ndarray) -> float:
-    """(L_short - L_model) / (L_short - L_long) from per-target log p's: 0 = nothing closed, 1 = as good as long."""
-    return float((model.mean() - short.mean()) / (long.mean() - short.mean()))
+def gap_closed(short: np.ndarray, model: np.ndarray, long: np.ndarray, base: np.ndarray | None = None) -> float:
+    """(L_short - L_model) / (L_short - L_long) from per-target log p's: 0 = nothing closed, 1 = as good as long.
+    `base` counts the model's gain over another model instead (L_base - L_model), still as a share of the gap."""
+    base = short if base is None else base
+    return float((model.mean() - base.mean()) / (long.mean() - short.mean()))
 
 
 def bootstrap_gap_closed(short: np.ndarray, model: np.ndarray, long: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                         level: float = 0.95) -> list[float]:
+                         level: float = 0.95, base: np.ndarray | None = None) -> list[float]:
     """A percentile interval for `gap_closed` over log p arrays [S, W] (seeds x stretches, every seed on the same
     stretches; a 1-d array is one seed): the bootstrap resamples seeds and, shared across them, stretches."""
-    arrs = [np.atleast_2d(np.asarray(a, dtype=np.float64)) for a in (short, model, long)]
+    arrs = [np.atleast_2d(np.asarray(a, dtype=np.float64)) for a in (short, model, long,
+                                                                     short if base is None else base)]
     arrs = [a.reshape(a.shape[0], a.shape[1], -1).mean(-1) for a in arrs]  # per-stretch means
-    if not arrs[0].shape == arrs[1].shape == arrs[2].shape:
-        raise ValueError("bootstrap_gap_closed needs three equal-shape [seeds, stretches] arrays")
+    if len({a.shape for a in arrs}) > 1:
+        raise ValueError("bootstrap_gap_closed needs equal-shape [seeds, stretches] arrays")
     rng = np.random.default_rng(seed)
     S, W = arrs[0].shape
     values = np.empty(n_boot)
     for i in range(n_boot):
         s, w = rng.integers(0, S, S), rng.integers(0, W, W)
-        a, m, b = (x[s][:, w].mean() for x in arrs)
-        values[i] = (m - a) / (b - a) if b != a else np.nan
+        a, m, b, c = (x[s][:, w].mean() for x in arrs)
+        values[i] = (m - c) / (b - a) if b != a else np.nan
     tail = (1 - level) / 2 * 100
     lo, hi = np.nanpercentile(values, [tail, 100 - tail])
     return [float(lo), float(hi)]
@@ -199,16 +212,53 @@ def diff_ci(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) 
     return {**paired_bootstrap(d.numpy(), np.zeros(int(keep.sum()))), "targets": int(mask.sum())}
 
 
-def retention_eval(model: SoftAR, ids: torch.Tensor, prefix: int, short: torch.Tensor, long: torch.Tensor,
-                   short_context: int, seed: int = 0) -> tuple[dict, dict]:
-    """`softar eval --gap`: this model on the targets ids[:, prefix:] against a short and a long reference's log p
-    of the same targets ([N, K], `target_logprobs`; the short one read `short_context` tokens). -> (the `retention`
-    metrics, the per-target arrays for a study's pooled bootstrap)."""
-    arrays = {"short": short, "long": long}
+def bayes_logprobs(lang: HMM | Bag, ids: torch.Tensor, prefix: int, context: int, rows: int = 256) -> torch.Tensor:
+    """The exact optimum's log p of every target ids[:, prefix:] read from exactly the `context` tokens before it
+    (as a plain model of that context reads it) -> [N, K] float64."""
+    N, L = ids.shape
+    t = torch.arange(prefix, L, device=ids.device)
+    windows = ids[:, t[:, None] - context + torch.arange(context + 1, device=ids.device)].reshape(-1, context + 1)
+    return torch.cat([lang.teacher_forced(windows[s : s + rows])[:, -1].cpu()
+                      for s in range(0, len(windows), rows)]).view(N, L - prefix)
+
+
+def known_answer(lang: Language, ids: torch.Tensor, prefix: int, contexts: tuple[int, int],
+                 logps: dict[str, torch.Tensor], hits: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Where the data's optimum is known (`softar.data.synthetic`), the retention targets against it -> (metrics,
+    per-target arrays). Exact languages: the optimum's loss from the short context, the long one and the whole
+    stretch before each target (`bayes`). Binding: the queries whose pair lies outside the short context, each
+    model's accuracy and loss there beside a reader of the short context's optimum (`queries`)."""
+    if isinstance(lang, Binding):
+        q = lang.query_targets(ids, prefix, contexts[0])
+        m = q["mask"]
+        if not m.any():
+            return {"queries": {"targets": 0}}, {"query_mask": m.numpy()}
+        metrics = {"targets": int(m.sum()), "accuracy": {k: hits[k][m].float().mean().item() for k in hits},
+                   "loss": {k: -logps[k][m].mean().item() for k in logps},
+                   "window_optimum": {"loss": q["window_loss"][m].mean().item(),
+                                      "accuracy": q["window_accuracy"][m].mean().item()}}
+        return {"queries": metrics}, {"query_mask": m.numpy(), "query_window_loss": q["window_loss"].numpy(),
+                                      **{f"hit_{k}": v.numpy() for k, v in hits.items()}}
+    spans = {"short": contexts[0], "long": contexts[1], "history": prefix}
+    bayes = {k: bayes_logprobs(lang, ids, prefix, c) for k, c in spans.items()}
+    loss = {k: -v.mean().item() for k, v in bayes.items()}
+    return {"bayes": {"context": spans, "loss": loss, "gap": loss["short"] - loss["history"],
+                      "gap_long": loss["short"] - loss["long"]}}, {f"bayes_{k}": v.numpy() for k, v in bayes.items()}
+
+
+def retention_eval(model: SoftAR, ids: torch.Tensor, prefix: int, short: tuple[torch.Tensor, torch.Tensor],
+                   long: tuple[torch.Tensor, torch.Tensor], contexts: tuple[int, int], seed: int = 0,
+                   lang: Language | None = None) -> tuple[dict, dict]:
+    """`softar eval --gap`: this model on the targets ids[:, prefix:] against a short and a long reference's scores
+    of the same targets ((log p, hit) [N, K] each, `target_scores`; read from `contexts` tokens) -> (the `retention`
+    metrics, the per-target arrays for a study's pooled bootstrap). `lang`, the synthetic language of the data,
+    adds what its known optimum says (`known_answer`)."""
+    scores = {"short": short, "long": long}
     lay = model.layout
     for ab in ABLATIONS if lay.n_summary else ("real",):
-        arrays[ab] = target_logprobs(model, ids, prefix, ablation=ab)
-    window, history = short_context, prefix - short_context  # the same subset for every model of a study
+        scores[ab] = target_scores(model, ids, prefix, ablation=ab)
+    arrays = {k: v[0] for k, v in scores.items()}
+    window, history = contexts[0], prefix - contexts[0]  # the same subset for every model of a study
     cached = held_only_in_history(ids, prefix, window, history)
     loss = {k: -v.mean().item() for k, v in arrays.items()}
     s, m, lg = (arrays[k].numpy() for k in ("short", "real", "long"))
@@ -218,13 +268,18 @@ def retention_eval(model: SoftAR, ids: torch.Tensor, prefix: int, short: torch.T
               "gap_closed_ci": bootstrap_gap_closed(s[None], m[None], lg[None], seed=seed),  # one seed
               "cached": {"fraction": cached.float().mean().item(),
                          "loss": {k: -(v[cached]).mean().item() for k, v in arrays.items()}},
-              "cache": {"long_vs_short": diff_ci(long, short, cached)}}
+              "cache": {"long_vs_short": diff_ci(long[0], short[0], cached)}}
     if lay.n_summary:
         result["ablation"] = {ab: diff_ci(arrays["real"], arrays[ab]) for ab in ABLATIONS[1:]}
         result["cache"].update({ab: diff_ci(arrays["real"], arrays[ab], cached) for ab in ("swapped", "zeroed")})
     copies = copy_scores(lambda x, p: target_logprobs(model, x, p), ids[:COPY_STRETCHES], prefix)
     result["copy"] = {n: diff_ci(g, torch.zeros_like(g)) for n, g in copies.items()}
-    return result, {**{k: v.numpy() for k, v in arrays.items()}, "cached": cached.numpy()}
+    out = {**{k: v.numpy() for k, v in arrays.items()}, "cached": cached.numpy()}
+    if lang is not None:
+        known, known_arrays = known_answer(lang, ids, prefix, contexts, arrays, {k: v[1] for k, v in scores.items()})
+        result.update(known)
+        out.update(known_arrays)
+    return result, out
 
 
 def context_curve(model: SoftAR, ids: torch.Tensor, prefix: int) -> dict[str, float]:

@@ -9,7 +9,7 @@ import numpy as np
 
 from softar import SoftarError
 from softar.data.dataset import load_meta, load_split
-from softar.data.synthetic import HMM, bayes_loss, bayes_loss_full, load_hmm
+from softar.data.synthetic import EXACT, HMM, Bag, bayes_loss, load_language
 from softar.device import autocast, pick_device
 from softar.disk import commit, read_json, stage_bytes
 from softar.evaluate.analogies import analogy_accuracy, read_analogies
@@ -25,7 +25,7 @@ from softar.evaluate.retention import (
     retention_eval,
     split_context,
     stretches,
-    target_logprobs,
+    target_scores,
 )
 from softar.evaluate.soft_tokens import (
     AVERAGED_KNOWN,
@@ -53,13 +53,13 @@ def parse_gap_run(spec: str) -> tuple[str, int | None]:
     return (spec, None) if Path(spec).is_dir() else split_context(spec)
 
 
-def bayes_ceiling(hmm: HMM, data: np.ndarray, window: int, loss: float) -> dict:
+def bayes_ceiling(lang: HMM | Bag, data: np.ndarray, window: int, loss: float) -> dict:
     """The exact optimum of synthetic data beside a model's loss: `bayes_loss` on the very targets the model's loss
     scores, each read from its window's start as the model reads it; `bayes_loss_full`, each given the whole split
     before it (what no window reaches); `bayes_gap`, the model's loss over `bayes_loss` minus 1 (the soft-feedback
     study's gate: at most 0.02)."""
-    bayes = bayes_loss(hmm, data, window)
-    return {"bayes_loss": bayes, "bayes_loss_full": bayes_loss_full(hmm, data), "bayes_gap": loss / bayes - 1}
+    bayes = bayes_loss(lang, data, window)
+    return {"bayes_loss": bayes, "bayes_loss_full": lang.loss_full(data), "bayes_gap": loss / bayes - 1}
 
 
 def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windows: int = 256,
@@ -91,7 +91,8 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
         if not 1 <= k < block:
             raise SoftarError(f"--horizons: {k} must be in [1, model.block_size={block})")
     data, train_data = load_split(data_dir, split), load_split(data_dir, "train")
-    hmm = load_hmm(data_dir)  # synthetic data: the exact optimum beside every figure
+    lang = load_language(data_dir)  # synthetic data: the exact optimum beside every figure
+    hmm = lang if isinstance(lang, HMM) else None
     chars = load_meta(data_dir)["characters"][split]
     amp = autocast(device, run.cfg.train.dtype)
     ended = read_json(Path(run_dir) / RESULT_FILE, "run result") if (Path(run_dir) / RESULT_FILE).is_file() else {}
@@ -110,8 +111,8 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
     kw = dict(windows=windows, seed=seed, device=device)
     result = {"run_dir": str(run_dir), "step": run.step, "split": split, **metrics,
               "embedding": {**embedding_stats(model.E), "nn_spacing": nn_spacing(model.E)}}
-    if hmm is not None:
-        result.update(bayes_ceiling(hmm, data, lay.token_slots, metrics["loss"]))
+    if isinstance(lang, EXACT):
+        result.update(bayes_ceiling(lang, data, lay.token_slots, metrics["loss"]))
     known = {"averaged": AVERAGED_KNOWN, "bayes": hmm.open_loop} if hmm is not None else {}
     if model.regression_only:  # load_run fitted it
         result["readout"] = {"kind": "cosine", "temperature": model.cosine_readout,
@@ -154,9 +155,9 @@ def evaluate_run(run_dir, split: str = "val", data_dir: str | None = None, windo
         for (path, loaded), context in zip(refs, contexts, strict=True):
             key = (str(Path(path).resolve()), loaded.step, context, split, str(data_dir), count, seed, prefix)
             if key not in _REFERENCE_SCORES:  # a sweep scores each reference once per seed
-                _REFERENCE_SCORES[key] = target_logprobs(loaded.model, ids, prefix, context)
+                _REFERENCE_SCORES[key] = target_scores(loaded.model, ids, prefix, context)
             scores.append(_REFERENCE_SCORES[key])
-        retention, arrays = retention_eval(model, ids, prefix, scores[0], scores[1], contexts[0], seed)
+        retention, arrays = retention_eval(model, ids, prefix, scores[0], scores[1], tuple(contexts), seed, lang)
         retention.update(references=list(gap_runs), prefix=prefix)
         # the history before the short context; the probe's own check: the short context itself
         spans = {"history": (contexts[0], prefix - contexts[0]), "window": (0, contexts[0])}
