@@ -217,7 +217,8 @@ class Bag:
 
     def __init__(self, symbols: int, concentration: float, hazard: float):
         self.symbols, self.concentration, self.hazard = int(symbols), float(concentration), float(hazard)
-        if not (2 <= self.symbols < len(ALPHABET) and 0 < self.concentration < float("inf") and 0 < self.hazard < 1):
+        if not (2 <= self.symbols < len(ALPHABET) and 0.01 <= self.concentration <= 100
+                and 1e-7 <= self.hazard <= 0.5):  # the ranges a BagSpec can ask for
             raise SoftarError(f"not a bag language: symbols {symbols}, concentration {concentration}, "
                               f"hazard {hazard}")
 
@@ -287,7 +288,7 @@ class Binding:
 
     def __init__(self, pairs: int, filler: int):
         self.pairs, self.filler = int(pairs), int(filler)
-        if not (1 <= self.pairs <= 26 and 0 <= self.filler <= 64):
+        if not (2 <= self.pairs <= 26 and 0 <= self.filler <= 64):
             raise SoftarError(f"not a binding language: pairs {pairs}, filler {filler}")
 
     @property
@@ -365,9 +366,10 @@ def _field(raw: dict, key: str, kind: type):
 @dataclass(frozen=True)
 class BagSpec:
     """What `softar prepare --synthetic bag` draws. The defaults leave a wide gap between short and long contexts:
-    the Bayes loss of a token read from 32 tokens is about 3.48 nats, from 128 about 3.16, given everything before
-    it 2.88, against the unigram's 4.11 (61 symbols, alpha 0.2, documents of 1,024 tokens on average). Ten million
-    tokens make about 8,800 documents: a small GPT overfits the topics of a few hundred."""
+    `softar eval`'s Bayes loss (each token read from its window's start, so from 0..N-1 tokens) is about 3.48 nats
+    for windows of 32, 3.16 for 128, and 2.88 given everything before each token, against the unigram's 4.11 (61
+    symbols, alpha 0.2, documents of 1,024 tokens on average). Ten million tokens make about 8,800 documents: a
+    small GPT overfits the topics of a few hundred."""
 
     kind: ClassVar[str] = "bag"
     symbols: int = 61
@@ -484,10 +486,14 @@ def load_language(data_dir: str | Path) -> Language | None:
         raise SoftarError(f"{path}: kind {raw['kind']!r} is not {kind!r}")
     try:
         lang = LANGUAGES[kind].from_json(raw)
-    except (TypeError, ValueError) as e:
+        spec = SPECS[kind](**raw["spec"])
+        problem = spec.problem()
+    except (TypeError, ValueError, OverflowError) as e:
         raise SoftarError(f"{path}: not a {kind}'s parameters ({type(e).__name__}: {str(e)[:80]})") from None
     except SoftarError as e:
         raise SoftarError(f"{path}: {e}") from None
+    if problem or lang.to_json() != spec.language().to_json():  # the optimum is computed from these parameters
+        raise SoftarError(f"{path}: the parameters are not the ones its spec makes ({problem or 'they differ'})")
     vocab = lang.symbols if isinstance(lang, HMM) else lang.vocab
     if vocab != meta["vocab_size"]:
         raise SoftarError(f"{path}: {vocab} symbols, but the tokens have a vocabulary of {meta['vocab_size']}")
