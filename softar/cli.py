@@ -140,8 +140,18 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 def cmd_task_prepare(a: argparse.Namespace) -> None:
     from softar.tasks.data import SPLITS, prepare_task
 
-    counts = {"train": a.train, "valid": a.valid, "test": a.test}
-    meta = prepare_task(a.task, a.out, counts if counts != SPLITS else None, a.seed, force=a.force)
+    given = {split: n for split, n in (("train", a.train), ("valid", a.valid), ("test", a.test)) if n is not None}
+    generator = None
+    if a.task == "twins":
+        from softar.tasks import twins
+
+        generator = {"nodes": a.nodes or twins.NODES, "depths": list(range(1, (a.max_depth or max(twins.DEPTHS)) + 1))}
+        counts = twins.COUNTS | given
+    else:
+        if a.nodes or a.max_depth:
+            raise SoftarError(f"--nodes and --max-depth are the twins generator's; {a.task} has fixed graphs")
+        counts = SPLITS | given
+    meta = prepare_task(a.task, a.out, counts, a.seed, force=a.force, generator=generator)
     _emit({"data_dir": str(a.out), **meta}, None)
 
 
@@ -505,12 +515,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("task", help="reasoning tasks: `softar task prepare prosqa --out DIR`, `softar task audit DIR`")
     task_sub = s.add_subparsers(dest="task_command", required=True, parser_class=_Parser)
-    t = task_sub.add_parser("prepare", help="generate a task's train/valid/test JSON (Coconut's ProsQA format)")
+    t = task_sub.add_parser("prepare", help="generate a task's train/valid/test JSON (Coconut's ProsQA format); "
+                            "twins writes valid/test per depth (training questions are generated every batch)")
     t.add_argument("task", choices=list(TASK_NAMES))
     t.add_argument("--out", required=True, help="dataset folder to write")
     t.add_argument("--seed", type=_seed, default=0, help="the generator's seed (below 2**32)")
     for split, n in (("train", 17_000), ("valid", 300), ("test", 500)):
-        t.add_argument(f"--{split}", type=_int_at_least(1, 10**6), default=n, help=f"records (default {n})")
+        t.add_argument(f"--{split}", type=_int_at_least(1, 10**6), help=f"records (default {n}; twins: questions per "
+                       f"depth, {'none: generated every batch' if split == 'train' else ''}"
+                       f"{100 if split == 'valid' else 1000 if split == 'test' else ''})")
+    t.add_argument("--nodes", type=_int_at_least(2, 32), help="twins: nodes per twin (default 8)")
+    t.add_argument("--max-depth", type=_int_at_least(1, 31), help="twins: depths 1..N (default 4; below --nodes)")
     t.add_argument("--force", action="store_true", help="replace a different task dataset already in --out")
     t.set_defaults(fn=cmd_task_prepare)
     t = task_sub.add_parser("audit", help="how often rules that read only local graph statistics of the two options "

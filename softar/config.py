@@ -172,6 +172,10 @@ class TaskConfig:
     pauses: int = 6  # pause mode: <pause> slots between question and answer
     eval_examples: int = 100  # periodic evals: greedy accuracy on this many valid examples (the final eval: all)
     max_answer_tokens: int = 64  # greedy decoding stops after this many tokens without <eos>
+    # the first steps train associative recall over node tokens (`softar.tasks.recall`: the role pretraining plays
+    # for a pretrained model), then the task; 0: no warm-up
+    recall_iters: int = 0
+    recall_pairs: int = 14  # facts per recall sequence (over recall_pairs + 2 nodes)
 
 
 @dataclass
@@ -448,8 +452,11 @@ def validate(cfg: Config) -> None:
         need(t.parallel == "ddp", "train.parallel", "reasoning tasks run with ddp (their evaluation reads the "
              "unsharded model)")
     for key, low, high in (("thoughts_per_step", 1, 64), ("max_stage", 0, 64), ("stage_iters", 0, 2**31),
-                           ("pauses", 0, 4096), ("eval_examples", 1, 10**6), ("max_answer_tokens", 1, 4096)):
+                           ("pauses", 0, 4096), ("eval_examples", 1, 10**6), ("max_answer_tokens", 1, 4096),
+                           ("recall_pairs", 1, 62)):
         need(low <= getattr(k, key) <= high, f"task.{key}", f"must be in [{low}, {high}]")
+    need(0 <= k.recall_iters < max(t.max_iters, 1), "task.recall_iters", f"must be in [0, train.max_iters) "
+         f"(leaving steps for the task), got {k.recall_iters}")
     r = cfg.rl
     for key, low, high in (("group_size", 2, 4096), ("inner_steps", 1, 64), ("eval_samples", 1, 4096)):
         need(low <= getattr(r, key) <= high, f"rl.{key}", f"must be in [{low}, {high}]")

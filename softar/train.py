@@ -5,6 +5,7 @@ a clean stop on SIGTERM/SIGINT; non-finite steps skipped, counted, and fatal whe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -59,8 +60,14 @@ TRAINER_FIELDS = {"step": int, "wall_s": float, "train_s": float, "skipped_steps
                   "optimizer": dict, "config": {"train": {"batch_size": int}}}
 
 
-def lr_at(step: int, t) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr over lr_decay_iters (nanoGPT's schedule)."""
+def lr_at(step: int, t, restart: int = 0) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr over lr_decay_iters (nanoGPT's schedule). With `restart`
+    (the end of a recall warm-up) the run has two phases, each on its own schedule, warm-up included: the first
+    decays over `restart` steps, the second over the steps left, as a fine-tuning run would start afresh."""
+    if restart:
+        first = step < restart
+        step, decay = (step, restart) if first else (step - restart, max(1, t.lr_decay_iters - restart))
+        t = dataclasses.replace(t, lr_decay_iters=decay)
     if step < t.warmup_iters:
         return t.lr * (step + 1) / (t.warmup_iters + 1)
     if step >= t.lr_decay_iters:
@@ -373,9 +380,14 @@ class Trainer:
         return self.workload.final(self)
 
     def schedule(self) -> None:
-        """This step's learning rate (`lr_at`) on every parameter group."""
+        """This step's learning rate (`lr_at`) on every parameter group. The first step after a recall warm-up
+        starts the task as a fine-tuning run would: AdamW's moments cleared, the schedule begun again (carried over,
+        the warm-up's state and a learning rate already high wiped the lookup it had learned)."""
+        restart = self.cfg.task.recall_iters
+        if restart and self.step == restart:
+            self.opt.state.clear()
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, self.cfg.train)
+            g["lr"] = lr_at(self.step, self.cfg.train, restart)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step over grad_accum micro-batches at this step's learning rate: (mean loss over ranks,

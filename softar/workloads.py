@@ -25,6 +25,8 @@ from softar.evaluate.reasoning import TaskData, evaluate_task, task_loss_on
 from softar.model.embedding import embedding_stats
 from softar.soft.window import Layout
 from softar.tasks.data import TaskSampler
+from softar.tasks.modes import MODES
+from softar.tasks.recall import recall_accuracy
 
 
 class Trainer(Protocol):
@@ -129,13 +131,20 @@ class ReasoningTask(Workload):
         self.vocab_size = self.data.meta["vocab_size"]
 
     def check(self, cfg: Config, layout: Layout) -> None:
-        for split in ("train", "valid"):
+        for split in self.data.examples:  # valid holds every depth a generating task trains on
             self.data.check_fits(split, cfg.model.block_size, f"model.block_size ({split}.json)")
+        recall = 6 * cfg.task.recall_pairs + 2
+        if cfg.task.recall_iters and recall > cfg.model.block_size:
+            raise ConfigError(f"task.recall_pairs: {cfg.task.recall_pairs} pairs make {recall}-slot recall "
+                              f"sequences, more than model.block_size ({cfg.model.block_size})")
 
     def sampler(self, cfg: Config, world: World, layout: Layout) -> TaskSampler:
-        t = cfg.train
-        return TaskSampler(self.data.encoder, self.data.examples["train"], t.batch_size, t.seed, t.max_iters,
-                           t.grad_accum, world.rank, world.size)
+        t, task, meta = cfg.train, self.data.task, self.data.meta
+        aligned = MODES[cfg.task.mode].slot == "<thought>"  # thoughts need one question length per batch
+        generate = (lambda rng, n: task.generate(rng, meta["generator"], n, aligned)) \
+            if getattr(task, "online", False) else None
+        return TaskSampler(self.data.encoder, self.data.examples.get("train", []), t.batch_size, t.seed,
+                           t.max_iters, t.grad_accum, world.rank, world.size, generate)
 
     def units_per_batch(self, layout: Layout) -> int:
         return 1
@@ -147,7 +156,15 @@ class ReasoningTask(Workload):
         report = evaluate_task(trainer.net, self.data, "valid", [k], limit)
         return {"stage": k, "val_loss": task_loss_on(trainer.net, self.data, "valid", k, t.batch_size, limit,
                                                      trainer.device),
-                "val_accuracy": report[f"stage_{k}"]["accuracy"]}
+                "val_accuracy": report[f"stage_{k}"]["accuracy"], **self.recall(trainer)}
+
+    def recall(self, trainer: Trainer) -> dict:
+        """With a recall warm-up: the model's accuracy on the fixed recall sequences (did the warm-up take?)."""
+        task = trainer.cfg.task
+        if not task.recall_iters:
+            return {}
+        return {"recall_accuracy": recall_accuracy(trainer.net, self.data.encoder.tok.stoi, task.recall_pairs,
+                                                   trainer.device)}
 
     def final(self, trainer: Trainer) -> dict:
         """The loss and greedy accuracy at the mode's final stage, and with a curriculum the accuracy at each of its
@@ -157,10 +174,12 @@ class ReasoningTask(Workload):
         report = evaluate_task(trainer.net, self.data, "valid", list(range(final + 1)) if final else [final])
         loss = task_loss_on(trainer.net, self.data, "valid", final, trainer.cfg.train.batch_size, None,
                             trainer.device)
-        return {"loss": loss, "accuracy": report["accuracy"], "stage": final, "report": report}
+        return {"loss": loss, "accuracy": report["accuracy"], "stage": final, "report": report,
+                **self.recall(trainer)}
 
     def result(self, final: dict) -> dict:
         return {"val_accuracy": final["accuracy"], "stage": final["stage"],
+                **({"recall_accuracy": final["recall_accuracy"]} if "recall_accuracy" in final else {}),
                 **({"val_sampled": final["sampled"]} if "sampled" in final else {})}
 
 

@@ -35,7 +35,7 @@ def test_a_task_run_trains_reports_accuracy_and_resumes_exactly(task_data, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("mode", ["no_cot", "cot", "pause"])
+@pytest.mark.parametrize("mode", ["no_cot", "cot", "cot_reversed", "pause"])
 def test_every_mode_trains_on_its_own_sequences(task_data, tmp_path, mode):
     """Each mode's sequences hold what it says between <bot> and <eot> and after <eot>, and the val loss the run
     reports is the cross-entropy on what follows <eot>, recomputed here with a plain forward per question."""
@@ -57,7 +57,8 @@ def test_every_mode_trains_on_its_own_sequences(task_data, tmp_path, mode):
         seq, eot = enc.sequence(ex, 0)
     assert result["val_loss"] == pytest.approx(total / count, rel=1e-5)
     assert seq[len(ex.question) : eot] == ([enc.id["<pause>"]] * 6 if mode == "pause" else [])
-    assert seq[eot + 1 :] == ([t for step in ex.steps for t in step] if mode == "cot" else []) + ex.answer
+    steps = {"cot": ex.steps, "cot_reversed": ex.steps[::-1]}.get(mode, [])
+    assert seq[eot + 1 :] == [t for step in steps for t in step] + ex.answer
 
 
 def test_eval_reports_accuracy_by_steps_stage_tokens_time_norms_and_the_probe(task_data, tmp_path):

@@ -179,3 +179,55 @@ def test_a_fine_tuning_config_needs_its_start_before_any_run(char_data, tmp_path
     with pytest.raises(SoftarError, match="neither a finished run nor a run of a config listed before it"):
         sweep([str(tmp_path / "ft.toml"), str(tmp_path / "base.toml")], 1, overrides, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_depth_report_applies_the_gate_the_control_and_the_preregistered_rule():
+    """Per-question results built by hand (depths 1 and 2, 40 questions each, 2 seeds): no-CoT passes the gate and
+    fails at depth 2, CoT answers everything, the reversed chain is no better than no-CoT; the rule's verdict then
+    follows Coconut's figures, and a Coconut below the floor gets no conclusion."""
+    import dataclasses
+
+    from softar.config import Config
+    from softar.experiments.reasoning_study import depth_sections
+
+    steps = [1] * 40 + [2] * 40
+    half = [1, 0] * 20
+
+    def runs(d1: list[int], d2: list[int]) -> list[dict]:
+        return [{"question_steps": steps, "correct": d1 + d2} for _ in range(2)]
+
+    def cfg(mode: str, kind: str = "hidden") -> Config:
+        c = Config()
+        return dataclasses.replace(c, task=dataclasses.replace(c.task, mode=mode),
+                                   soft=dataclasses.replace(c.soft, kind=kind))
+
+    cfgs = {"nc": cfg("no_cot"), "cot": cfg("cot"), "rev": cfg("cot_reversed"), "coco": cfg("thoughts")}
+    raw = {"nc": runs([1] * 40, half), "cot": runs([1] * 40, [1] * 40), "rev": runs([1] * 40, half),
+           "coco": runs([1] * 40, [1] * 40)}
+    text = "\n".join(depth_sections(raw, cfgs))
+    assert "| nc | no CoT | 1.000, 1.000 | passes |" in text
+    assert "At depth 2, the largest where no-CoT fails (accuracy 0.500), CoT minus no-CoT is +0.500 [" in text
+    assert "the apparatus sees the effect" in text and "the order of the lookups is what helps" in text
+    assert "coco minus cot at depth 2: +0.000 [+0.000, +0.000] -> **equivalent" in text and "pilot" in text
+    raw["coco"] = runs(half, [0] * 40)  # below the floor: the rule is not applied
+    text = "\n".join(depth_sections(raw, cfgs))
+    assert "| coco | thoughts (hidden) | 0.500, 0.500 | below the floor |" in text
+    assert "-> no conclusion (Coconut below the floor)" in text
+    raw["nc"] = runs(half, half)  # no-CoT below the floor: no control, so no verdict either
+    text = "\n".join(depth_sections(raw, cfgs))
+    assert "Not interpretable" in text and "the positive control does not hold" in text
+    assert depth_sections({"nc": [{"question_steps": [3, 4], "correct": [1, 0]}]}, cfgs) == []  # no depth 1: ProsQA
+
+
+def test_rl_findings_say_below_the_floor_when_the_start_solves_nothing():
+    from softar.experiments.rl_study import findings
+
+    def runs(right: list[int]) -> list[dict]:
+        sampled = {"samples": 4, "right": right}
+        return [{"sampled": {p: {**sampled, "pass@1": sum(right) / (4 * len(right))} for p in ("hard", "soft")}}
+                for _ in range(2)]
+
+    lines = findings(["rl"], {"rl": runs([1, 0, 0, 0])}, runs([0, 0, 0, 0]), None, (1, 4), options=False)
+    assert lines[0].startswith("- **Below the floor at this budget**: the supervised start solves under 0.05")
+    lines = findings(["rl"], {"rl": runs([4, 4, 0, 0])}, runs([2, 2, 1, 1]), None, (1, 4), options=False)
+    assert not any("Below the floor" in line for line in lines)  # a start at 0.375 has something to sharpen

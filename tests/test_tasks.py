@@ -303,7 +303,7 @@ def test_the_audit_catches_planted_leaks_one_and_two_hops_away():
     for r in clean:  # a parent of the target gains a parent: only a statistic two hops out sees it
         parent = next(a for a, b in r["edges"] if b == r["target"])
         two_hop.append({**r, "edges": [*r["edges"], [r["root"], parent]]})
-    rules = {name: audit({"x": rs})["x"]["rules"] for name, rs in
+    rules = {name: audit({"x": rs}, PROSQA)["x"]["rules"] for name, rs in
              (("clean", clean), ("one_hop", one_hop), ("two_hop", two_hop))}
     assert rules["one_hop"]["in_degree"] == 1.0 and rules["one_hop"]["facts_mentioning"] == 1.0
     assert rules["two_hop"]["in_degree"] == 0.5 and rules["two_hop"]["parents_in_degree_sum"] == 1.0
@@ -315,7 +315,7 @@ def test_the_generator_does_not_leak():
     question (0.5); the order-based rules sit near 0.5 by shuffling (n = 2000: 0.6 is 9 standard errors away)."""
     from softar.tasks.audit import audit
 
-    result = audit({"train": records(2000, seed=11)})["train"]
+    result = audit({"train": records(2000, seed=11)}, PROSQA)["train"]
     structural = {k: v for k, v in result["rules"].items() if k not in ("first_mention", "asked_first")}
     assert set(structural.values()) == {0.5} and len(structural) == 9
     assert result["max"] <= 0.6

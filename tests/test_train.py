@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -29,6 +30,11 @@ def test_lr_schedule():
     assert lr_at(10, t) == pytest.approx(1.0)
     assert lr_at(60, t) == pytest.approx(0.55)
     assert lr_at(110, t) == lr_at(500, t) == pytest.approx(0.1)
+    # two phases (a recall warm-up of 50 steps, then the task): each warms up and decays on its own
+    assert lr_at(0, t, 50) == pytest.approx(1 / 11) and lr_at(30, t, 50) == pytest.approx(0.55)
+    assert lr_at(49, t, 50) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 39 / 40)))
+    assert lr_at(50, t, 50) == pytest.approx(1 / 11) and lr_at(60, t, 50) == pytest.approx(1.0)
+    assert lr_at(85, t, 50) == pytest.approx(0.55) and lr_at(110, t, 50) == pytest.approx(0.1)
 
 
 def test_train_writes_a_complete_run(tiny_cfg, tmp_path):

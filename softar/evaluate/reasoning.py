@@ -45,6 +45,8 @@ class TaskData:
             raise SoftarError(f"task.name: {cfg.task.name!r}, but {data_dir} holds the {meta['task']!r} task")
         task = get_task(cfg.task.name)
         encoder = Encoder(task, load_tokenizer(data_dir, meta["vocab_size"]), cfg.task.render, cfg.task)
+        if getattr(task, "online", False):  # it generates its training questions: no train split to read
+            splits = tuple(s for s in splits if s != "train")
         paths = {s: data_dir / f"{s}.json" for s in splits} | (files or {})
         records = {s: load_records(p, task) for s, p in paths.items()}
         examples = {s: [encoder.example(r, f"{paths[s]}: record {i}") for i, r in enumerate(rs)]
@@ -148,7 +150,8 @@ def evaluate_task(model, data: TaskData, split: str, stages: list[int] | None = 
     records, examples = data.records[split][:limit], data.examples[split][:limit]
     was_training = model.training
     model.eval()
-    report: dict = {"split": split, "examples": len(examples), "mode": cfg.mode, "render": enc.rendering}
+    report: dict = {"split": split, "examples": len(examples), "mode": cfg.mode, "render": enc.rendering,
+                    "question_steps": [len(r["steps"]) for r in records]}  # per question: comparisons at one depth
     try:
         for stage in stages:
             res = solve(model, enc, examples, stage, cfg.max_answer_tokens, seed=seed)

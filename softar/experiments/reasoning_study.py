@@ -18,7 +18,10 @@ from softar.experiments.study import Results, Study, save_figure
 from softar.tasks.data import stage_iters
 from softar.tasks.modes import MODES
 
-STAGES, DEPTHS, STEPS = range(7), range(1, 7), range(3, 7)
+STAGES, DEPTHS, STEPS = range(7), range(1, 7), range(1, 7)
+# the gate every compared model must pass, and the pre-registered comparison (docs/reasoning.md states them before
+# any run): a model counts only if it answers >= GATE of the depth-1 questions; Coconut minus CoT at the deepest depth
+GATE, GATE_DEPTH, EQUIVALENCE, PREREGISTERED_SEEDS = 0.95, 1, 0.02, 5
 BAR_METRICS = ["accuracy", "step_tokens", "seconds_per_question"]
 SETUP = ("Every config trains the same model on the same questions for the same number of steps and batch (its "
          "header and docs/reasoning's table say what differs: the mode). Loss curves: the sampled valid loss; "
@@ -132,9 +135,10 @@ def report_sections(table: dict, raw: dict[str, list[dict]], cfgs: dict[str, Con
                    f"{_ms(table, n, 'option_rate')} | {_ms(table, n, 'accuracy_when_option')} | "
                    f"{_ms(table, n, 'thought_tokens')} | {_ms(table, n, 'pause_tokens')} | "
                    f"{_ms(table, n, 'step_tokens')} | {_ms(table, n, 'seconds_per_question', 1000)} |")
-    out += ["", "## By number of reasoning steps", "", "| config | " + " | ".join(f"{k} steps" for k in STEPS) + " |",
-            "|---" * (len(STEPS) + 1) + "|"]
-    out += [f"| {n} | " + " | ".join(_ms(table, n, f"accuracy_by_steps.{k}") for k in STEPS) + " |" for n in names]
+    steps = [k for k in STEPS if any(f"accuracy_by_steps.{k}" in table[n] for n in names)]
+    out += ["", "## By number of reasoning steps", "", "| config | " + " | ".join(f"{k} steps" for k in steps) + " |",
+            "|---" * (len(steps) + 1) + "|"]
+    out += [f"| {n} | " + " | ".join(_ms(table, n, f"accuracy_by_steps.{k}") for k in steps) + " |" for n in names]
     staged = [n for n in names if MODES[cfgs[n].task.mode].curriculum]
     if staged:
         out += ["", "## By curriculum stage", "",
@@ -173,13 +177,127 @@ def report_sections(table: dict, raw: dict[str, list[dict]], cfgs: dict[str, Con
     winners = [n for n in staged if deltas.get(n) and deltas[n]["lo"] > 0 and reasoning[n]
                and reasoning[n]["lo"] > 0.5]
     budget = first.train.max_iters * first.train.batch_size
+    learned = [n for n in names if reasoning[n] and reasoning[n]["lo"] > 0.5]
     out += ["", ("Continuous or soft thoughts beat CoT beyond the seed-and-question interval, and above chance among "
                  "answers naming an option: " + ", ".join(winners) + ".") if winners else
-            "No thought mode beats CoT in reasoning at this budget: the direction of Coconut's result is not "
-            "reproduced here.",
+            ("Below the floor at this budget: no config picks the reachable option more often than chance, so this "
+             "sweep cannot say whether any mode helps." if not learned else
+             "No thought mode beats CoT beyond the interval, among configs that pick the reachable option above "
+             "chance: " + ", ".join(learned) + "."),
             "", f"Budget here: a {first.model.n_layer}-layer, d_model {first.model.d_model} model trained from "
             f"scratch for {first.train.max_iters} steps of {first.train.batch_size} questions ({budget:,} questions "
             f"seen) in the {first.task.render} rendering, on CPU. {ANCHORS}"]
+    return out
+
+
+def at_depth(runs: list[dict], depth: int) -> np.ndarray | None:
+    """Correctness [seeds, questions with `depth` reasoning steps], every seed on the same questions; None without
+    per-question steps or without such questions."""
+    steps = runs[0].get("question_steps")
+    if steps is None or any(r.get("question_steps") != steps or r.get("correct") is None for r in runs):
+        return None
+    cols = [i for i, k in enumerate(steps) if k == depth]
+    return np.array([r["correct"] for r in runs], dtype=np.float64)[:, cols] if cols else None
+
+
+def paired_at(raw: dict[str, list[dict]], a: str, b: str, depth: int) -> dict | None:
+    """a's accuracy minus b's at one depth, paired by seed and question, with a two-way bootstrap 95% interval."""
+    x, y = at_depth(raw[a], depth), at_depth(raw[b], depth)
+    return paired_bootstrap_2way(x, y) if x is not None and y is not None and x.shape == y.shape else None
+
+
+def by_role(cfgs: dict[str, Config]) -> dict[str, str]:
+    """The config that plays each role of the pre-registered comparison: no_cot, cot, cot_reversed, pause, coconut
+    (thoughts of the last hidden state), soft (thoughts of another soft token); the first config of each."""
+    roles: dict[str, str] = {}
+    for n, c in cfgs.items():
+        mode = c.task.mode
+        role = ("coconut" if c.soft.kind == "hidden" else "soft") if mode == "thoughts" else mode
+        roles.setdefault(role, n)
+    return roles
+
+
+def _ci(d: dict | None) -> str:
+    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "-"
+
+
+def verdict(d: dict) -> str:
+    """The pre-registered decision rule on an interval of A - B."""
+    if d["lo"] > 0:
+        return "better"
+    if d["hi"] < 0:
+        return "worse"
+    if d["lo"] > -EQUIVALENCE and d["hi"] < EQUIVALENCE:
+        return f"equivalent (the interval lies within ±{EQUIVALENCE})"
+    return "not resolved"
+
+
+def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[str]:
+    """For a task with depth-1 questions (twins): the gate, the positive control (CoT against no-CoT where no-CoT
+    fails, and against the reversed chain), and the pre-registered comparison with its decision rule."""
+    names = list(raw)
+    depths = sorted({k for n in names for k in (raw[n][0].get("question_steps") or [])})
+    if GATE_DEPTH not in depths:
+        return []
+    deepest, seeds = depths[-1], len(raw[names[0]])
+    gate = {n: [float(x.mean()) for x in at_depth(raw[n], GATE_DEPTH)] for n in names}
+    passes = {n: min(gate[n]) >= GATE for n in names}
+    out = ["## Gate", "",
+           f"A model counts in a comparison only if it answers at least {GATE} of the depth-{GATE_DEPTH} questions "
+           "(every seed): otherwise it is below the floor, and nothing is concluded from it.", "",
+           f"| config | mode | depth-{GATE_DEPTH} accuracy, each seed | gate |", "|---|---|---|---|"]
+    out += [f"| {n} | {_label(cfgs[n])} | {', '.join(f'{a:.3f}' for a in gate[n])} | "
+            f"{'passes' if passes[n] else 'below the floor'} |" for n in names]
+    role = by_role(cfgs)
+    out += ["", "## Positive control", ""]
+    control = False
+    if "no_cot" not in role or "cot" not in role:
+        out.append("Not run: the control needs a no-CoT and a CoT config in the sweep.")
+    elif not (passes[role["no_cot"]] and passes[role["cot"]]):
+        out.append("Not interpretable: no-CoT or CoT is below the floor.")
+    else:
+        nc, cot = role["no_cot"], role["cot"]
+        fails = [d for d in depths if at_depth(raw[nc], d).mean() < GATE]
+        if not fails:
+            out.append(f"No-CoT answers at least {GATE} at every depth: there is no depth where a chain could help.")
+        else:
+            d = max(fails)
+            c = paired_at(raw, cot, nc, d)
+            control = c["lo"] > 0
+            out.append(f"At depth {d}, the largest where no-CoT fails (accuracy {at_depth(raw[nc], d).mean():.3f}), "
+                       f"CoT minus no-CoT is {_ci(c)}: "
+                       + ("the apparatus sees the effect a chain must have." if control else
+                          "the interval does not exclude zero, so the apparatus sees no effect where one must exist, "
+                          "and the comparison below draws no conclusion."))
+            if "cot_reversed" in role:
+                r = paired_at(raw, cot, role["cot_reversed"], d)
+                out += ["", f"The chain's content: CoT minus the same step tokens reversed (the first of them the "
+                            f"answer) is {_ci(r)} at depth {d}: " + ("the order of the lookups is what helps, not the "
+                                                                   "extra tokens." if r["lo"] > 0 else "not resolved.")]
+    out += ["", "## The pre-registered comparison", "",
+            f"Primary endpoint (docs/reasoning.md, stated before the runs): Coconut minus CoT accuracy at depth "
+            f"{deepest}, paired by seed and question, bootstrap 95% interval; pre-registered with "
+            f"{PREREGISTERED_SEEDS} seeds, this sweep has {seeds}. Decision rule: better if the interval is above "
+            f"0, worse if below, equivalent if inside ±{EQUIVALENCE}, otherwise not resolved; it counts only if both "
+            "models pass the gate and the positive control holds.", ""]
+    if "coconut" not in role or "cot" not in role:
+        out.append("Not run: the sweep has no Coconut or no CoT config.")
+    else:
+        co, cot = role["coconut"], role["cot"]
+        p = paired_at(raw, co, cot, deepest)
+        counts = passes[co] and passes[cot] and control
+        out.append(f"- **Primary**: {co} minus {cot} at depth {deepest}: {_ci(p)} -> "
+                   + (f"**{verdict(p)}**" if counts else "no conclusion (" + ", ".join(
+                       w for w, ok in (("Coconut below the floor", passes[co]), ("CoT below the floor", passes[cot]),
+                                       ("the positive control does not hold", control)) if not ok) + ")")
+                   + ("" if seeds >= PREREGISTERED_SEEDS else f"; {seeds} of the {PREREGISTERED_SEEDS} "
+                      "pre-registered seeds, so this is a pilot"))
+        for r in ("pause", "soft", "cot_reversed", "no_cot"):
+            if r in role:
+                n = role[r]
+                out.append(f"- Secondary: {n} ({_label(cfgs[n])}) minus {cot} at depth {deepest}: "
+                           f"{_ci(paired_at(raw, n, cot, deepest))}"
+                           + ("" if passes[n] else " (below the floor: no conclusion)"))
     return out
 
 
@@ -208,4 +326,5 @@ class ReasoningStudy(Study):
         return SETUP
 
     def sections(self, results: Results) -> list[str]:
-        return report_sections(results.table, results.raw, results.configs)
+        return depth_sections(results.raw, results.configs) + \
+            report_sections(results.table, results.raw, results.configs)

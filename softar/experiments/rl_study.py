@@ -31,6 +31,8 @@ SETUP = ("Each RL run starts from the supervised run of the same seed (`rl.init_
          "question, with a bootstrap 95% interval that resamples both. Every metric of every config, mean and "
          "standard deviation over seeds: [results.csv]({assets}/results.csv).")
 
+FLOOR_PASS = 0.05  # a start that solves less than this (pass@1) is below the floor: RL has nothing to sharpen
+
 
 def start_name(task: str) -> str:
     """The results table's row for a task's supervised start (a space: no config file is named so)."""
@@ -187,6 +189,12 @@ def findings(names: list[str], raw: dict, start: list[dict], hard: str | None, k
     """What the grid says, read off its tables. Each family of comparisons is tested at a Bonferroni-corrected level
     (95% over the family), so picking the best of several cells does not manufacture a win."""
     lines = []
+    floor = any(over_guessing(start, p, 1)["lo"] > 0.01 for p in INFERENCE) if options else max(
+        statistics.fmean(r["sampled"][p]["pass@1"] for r in start) for p in INFERENCE) >= FLOOR_PASS
+    if not floor:
+        lines.append("- **Below the floor at this budget**: the supervised start " + (
+            "is not above the option-guessing null" if options else f"solves under {FLOOR_PASS} of the questions")
+            + ", so RL starts with nothing to sharpen; no comparison below says what RL can or cannot do.")
     cells = [(n, p) for n in names for p in INFERENCE]
     level = 1 - 0.05 / len(cells)
     gains = {(n, p): delta(raw[n], start, p, 1, level) for n, p in cells}

@@ -92,6 +92,9 @@ def check_policy(cfg: Config) -> None:
     """Before a run directory is touched: the policy can run on this model and task, and the initial checkpoint
     loads into it."""
     data = TaskData.open(cfg)
+    if "train" not in data.examples:
+        raise ConfigError(f"rl.init_from: {cfg.task.name} generates its training questions; RL reads a fixed train "
+                          "split (RL on generated questions is not built yet)")
     enc = data.encoder
     longest = max(len(enc.prompt(ex, enc.final_stage())) for split in ("train", "valid")
                   for ex in data.examples[split])

@@ -11,8 +11,9 @@ from softar import SoftarError
 from softar.tasks.base import VOCABULARY, Rendered, Task
 from softar.tasks.pathfind import PathFind
 from softar.tasks.prosqa import ProsQA
+from softar.tasks.twins import Twins
 
-TASKS: dict[str, Task] = {"prosqa": ProsQA(), "pathfind": PathFind()}
+TASKS: dict[str, Task] = {"prosqa": ProsQA(), "pathfind": PathFind(), "twins": Twins()}
 TASK_NAMES = tuple(TASKS)
 
 __all__ = ["TASKS", "TASK_NAMES", "VOCABULARY", "Rendered", "Task", "get_task"]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from softar.tasks.prosqa import options_in_order
-
 Stat = Callable[[dict, int], float]
 
 
@@ -45,7 +43,6 @@ def _stats() -> dict[str, Stat]:
         "distinct_grandparents": via(lambda p, k, v: len({g for u in p[v] for g in p[u]})),
         "distinct_grandchildren": via(lambda p, k, v: len({g for u in k[v] for g in k[u]})),
         "first_mention": _first_mention,
-        "asked_first": lambda r, v: float(options_in_order(r)[0] == v),
     }
 
 
@@ -61,12 +58,14 @@ def rule_accuracy(records: list[dict], stat: Stat) -> float:
     return score / len(records)
 
 
-def audit(splits: dict[str, list[dict]]) -> dict:
-    """Per split: each rule's accuracy in its better direction, and the largest of them."""
+def audit(splits: dict[str, list[dict]], task) -> dict:
+    """Per split: each rule's accuracy in its better direction, and the largest of them; `task` reads which option
+    a question asks first (`options_in_order`), the last rule."""
+    rules_of = RULES | {"asked_first": lambda r, v: float(task.options_in_order(r)[0] == v)}
     out = {}
     for split, records in splits.items():
         rules = {name: round(max(a, 1 - a), 4) for name, a in
-                 ((name, rule_accuracy(records, stat)) for name, stat in RULES.items())}
+                 ((name, rule_accuracy(records, stat)) for name, stat in rules_of.items())}
         worst = max(rules, key=rules.get)
         out[split] = {"rules": rules, "max": rules[worst], "max_rule": worst, "questions": len(records)}
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from softar.tasks.audit import audit
 from softar.tasks.base import MAX_NODES, VOCABULARY, Task
 from softar.tasks.graphs import EDGES, NODES
 from softar.tasks.modes import MODES, Mode
+from softar.tasks.recall import recall_batch
 
 TASK_FILE = "task.json"
 SPLITS = {"train": 17_000, "valid": 300, "test": 500}  # about Coconut's ProsQA sizes (17,886 / 300 / 500)
@@ -86,13 +88,23 @@ def check_stats(stats: dict, records: int) -> None:
 
 
 def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = None, seed: int = 0,
-                 force: bool = False) -> dict:
-    """Generate a task's splits into `out` (train.json, valid.json, test.json, tokenizer.json, task.json), written
-    into a temp folder first; an existing different dataset is replaced only with `force`, and only what softar
-    wrote (its manifest, `softar.disk.check_owned`)."""
-    from softar.tasks.prosqa import make_record
+                 force: bool = False, generator: dict | None = None) -> dict:
+    """Generate a task's splits into `out` (its split files, tokenizer.json, task.json), written into a temp folder
+    first; an existing different dataset is replaced only with `force`, and only what softar wrote (its manifest,
+    `softar.disk.check_owned`). A task that generates its training questions (`online`) writes valid and test only,
+    `counts` per depth, and records its `generator` parameters (default the task's) in task.json."""
+    task = get_task(name)
+    online = getattr(task, "online", False)
+    if online:
+        from softar.tasks import twins
 
-    get_task(name)
+        generator = generator or {"nodes": twins.NODES, "depths": list(twins.DEPTHS)}
+        twins.check_params(generator["nodes"], generator["depths"])
+        counts = counts or dict(twins.COUNTS)
+        if "train" in counts:
+            raise SoftarError(f"{name} generates its training questions afresh every batch: no train split to count")
+    elif generator:
+        raise SoftarError(f"{name} reads fixed splits: generator parameters are for a task that generates its own")
     counts = counts or dict(SPLITS)
     out = Path(out).absolute()
     if out.is_symlink() or out.exists() and not out.is_dir():
@@ -104,34 +116,47 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
             old = None if force else load_task_meta(out)
         except SoftarError:
             old = None
-        if old and old["task"] == name and old["seed"] == seed and old["counts"] == counts and all(
-                (out / f"{s}.json").is_file() for s in counts):
+        if old and old["task"] == name and old["seed"] == seed and old["counts"] == counts and \
+                old.get("generator") == generator and all((out / f"{s}.json").is_file() for s in counts):
             return old  # already prepared, every file there and as recorded
         check_owned(out, "--out")  # never replace or delete what softar did not write
         if not force:
             raise SoftarError(f"{out} already holds a different or incomplete task dataset; choose another --out "
                               "or pass --force to replace it")
     rng = random.Random(seed)
-    splits = {split: [make_record(rng) for _ in range(k)] for split, k in counts.items()}
-    stats = graph_stats(splits["train"])
-    check_stats(stats, len(splits["train"]))
-    leaks = audit(splits)
+    if online:
+        splits = task.splits(rng, counts, generator)
+        stats = graph_stats([r for rs in splits.values() for r in rs])
+    else:
+        from softar.tasks.prosqa import make_record
+
+        splits = {split: [make_record(rng) for _ in range(k)] for split, k in counts.items()}
+        stats = graph_stats(splits["train"])
+        check_stats(stats, len(splits["train"]))
+    leaks = audit(splits, question_task(name))
     with staged_folder(out, force, "task dataset") as tmp:
         for split, records in splits.items():
             (tmp / f"{split}.json").write_text(json.dumps(records), encoding="utf-8")
         TaskTokenizer(VOCABULARY).save(tmp / TOKENIZER_FILE)
-        meta = {"task": name, "seed": seed, "counts": counts, "vocab_size": len(VOCABULARY), "stats": stats,
-                "audit": leaks, "sha256": {s: sha256_file(tmp / f"{s}.json") for s in splits}}
+        meta = {"task": name, "seed": seed, "counts": counts, **({"generator": generator} if online else {}),
+                "vocab_size": len(VOCABULARY), "stats": stats, "audit": leaks,
+                "sha256": {s: sha256_file(tmp / f"{s}.json") for s in splits}}
         (tmp / TASK_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
 
 
+def question_task(name: str) -> Task:
+    """The task that poses a dataset's two-option question: its own, or ProsQA's for path finding's graphs."""
+    task = get_task(name)
+    return task if hasattr(task, "options_in_order") else get_task("prosqa")
+
+
 def audit_task_dir(data_dir: str | Path) -> dict:
     """The leak audit (`softar.tasks.audit`) of every split of a task dataset, each record checked as at load."""
-    load_task_meta(data_dir)
-    question = get_task("prosqa")  # every task's records pose a two-option question in ProsQA's format
+    meta = load_task_meta(data_dir)
+    question = question_task(meta["task"])
     splits = {s: Path(data_dir) / f"{s}.json" for s in SPLITS}
-    return audit({s: load_records(p, question) for s, p in splits.items() if p.exists()})
+    return audit({s: load_records(p, question) for s, p in splits.items() if p.exists()}, question)
 
 
 TASK_META_FIELDS = {"task": str, "seed": int, "counts": dict, "vocab_size": int, "sha256": dict}
@@ -150,9 +175,21 @@ def load_task_meta(data_dir: str | Path) -> dict:
     get_task(meta["task"])
     if not (set(meta["counts"]) <= set(SPLITS) and all(type(v) is int and v > 0 for v in meta["counts"].values())):
         raise SoftarError(f"task dataset {path}: counts must map train/valid/test to positive record counts")
+    online = getattr(get_task(meta["task"]), "online", False)
+    if online:
+        from softar.tasks.twins import check_params
+
+        generator = meta.get("generator")
+        if not isinstance(generator, dict) or set(generator) != {"nodes", "depths"}:
+            raise SoftarError(f"task dataset {path}: generator must map nodes and depths (the training questions' "
+                              "parameters)")
+        check_params(generator["nodes"], generator["depths"])
     for split in ("train", "valid", "test"):
         file = Path(data_dir) / f"{split}.json"
-        if split != "test" and not file.exists():
+        if split == "train" and online and file.exists():
+            raise SoftarError(f"task dataset {data_dir}: {meta['task']} generates its training questions; a "
+                              "train.json there is not its own")
+        if split != "test" and not (split == "train" and online) and not file.exists():
             raise SoftarError(f"task dataset {data_dir}: missing {split}.json")
         if file.exists() and sha256_file(file) != meta["sha256"].get(split):
             raise SoftarError(f"task dataset {data_dir}: {split}.json is not the file task.json records (changed "
@@ -164,9 +201,9 @@ def load_task_meta(data_dir: str | Path) -> dict:
 
 
 def stage_iters(task, max_iters: int) -> int:
-    """Optimizer steps per curriculum stage: task.stage_iters, or max_iters // (max_stage + 1) when it is 0 (a
-    resolved config holds the number, so a resumed run keeps its curriculum)."""
-    return task.stage_iters or max(1, max_iters // (task.max_stage + 1))
+    """Optimizer steps per curriculum stage: task.stage_iters, or the steps after the recall warm-up over
+    (max_stage + 1) when it is 0 (a resolved config holds the number, so a resumed run keeps its curriculum)."""
+    return task.stage_iters or max(1, (max_iters - task.recall_iters) // (task.max_stage + 1))
 
 
 @dataclass(frozen=True)
@@ -220,17 +257,18 @@ class Encoder:
     def sequence(self, ex: Example, stage: int) -> tuple[list[int], int]:
         """The whole training sequence and the index of its <eot> (the loss covers what follows it)."""
         mid, skip = self.middle(stage)
-        steps = [t for s in ex.steps[skip:] for t in s] if self.mode.writes_steps else []
+        written = ex.steps[skip:][::-1] if self.mode.reversed_steps else ex.steps[skip:]
+        steps = [t for s in written for t in s] if self.mode.writes_steps else []
         prompt = ex.question + mid + [self.id["<eot>"]]
         return prompt + steps + ex.answer, len(prompt) - 1
 
     def stage_at(self, step: int, max_iters: int) -> int:
-        """The curriculum stage at an optimizer step (0 for a mode without a curriculum): stage k for stage_iters
-        steps each, the last stage for the rest."""
+        """The curriculum stage at an optimizer step (0 for a mode without a curriculum, and during the recall
+        warm-up): stage k for stage_iters steps each after the warm-up, the last stage for the rest."""
         c = self.cfg
         if not self.mode.curriculum:
             return 0
-        return min(step // stage_iters(c, max_iters), c.max_stage)
+        return min(max(step - c.recall_iters, 0) // stage_iters(c, max_iters), c.max_stage)
 
     def final_stage(self) -> int:
         return self.cfg.max_stage if self.mode.curriculum else 0
@@ -250,14 +288,18 @@ class Encoder:
 class TaskSampler:
     """Random training batches of examples whose questions have one length, so the thought slots of a batch sit
     at the same positions and continuous thoughts run through the KV cache for the whole batch (an example is
-    drawn uniformly, then its batch from its length group). Under data parallelism every rank draws the same
-    global batch and keeps its own slice. Its state (a generator and the batches drawn, which set the curriculum
-    stage) checkpoints as one uint8 tensor and resumes exactly."""
+    drawn uniformly, then its batch from its length group). A task with a generator (`generate(rng)` -> records of
+    one depth, so of one length) draws fresh questions instead, each batch from its own seeded generator; the first
+    task.recall_iters batches are the recall warm-up's (`softar.tasks.recall`). Under data parallelism every rank
+    draws the same global batch and keeps its own slice. Its state (a generator and the batches drawn, which set
+    the curriculum stage) checkpoints as one uint8 tensor and resumes exactly."""
 
     def __init__(self, encoder: Encoder, examples: list[Example], batch_size: int, seed: int, max_iters: int,
-                 grad_accum: int = 1, rank: int = 0, world: int = 1):
+                 grad_accum: int = 1, rank: int = 0, world: int = 1,
+                 generate: Callable[[random.Random, int], list[dict]] | None = None):
         self.enc, self.examples, self.batch_size = encoder, examples, batch_size
         self.max_iters, self.grad_accum, self.rank, self.world = max_iters, grad_accum, rank, world
+        self.seed, self.generate = seed, generate
         groups: dict[int, list[int]] = {}
         for i, ex in enumerate(examples):
             groups.setdefault(len(ex.question), []).append(i)
@@ -276,10 +318,23 @@ class TaskSampler:
         group = self.group_of[first]
         picks = torch.randint(len(group), (n,), generator=self.gen).tolist()
         self.drawn += 1
-        return [group[j] for j in picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]]
+        return [group[j] for j in self.mine(picks)]
+
+    def mine(self, rows):
+        """This rank's slice of a global batch."""
+        return rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        stage = self.stage  # of the batch about to be drawn
+        stage, cfg, n = self.stage, self.enc.cfg, self.batch_size * self.world  # stage: of the batch to draw
+        rng = random.Random(f"{self.seed}:{self.drawn}")  # this batch's own generator: a resume draws it again
+        if self.drawn // self.grad_accum < cfg.recall_iters:
+            self.drawn += 1
+            x, y = recall_batch(rng, self.enc.tok.stoi, n, cfg.recall_pairs)
+            return self.mine(x), self.mine(y)
+        if self.generate is not None:
+            self.drawn += 1
+            records = self.mine(self.generate(rng, n))
+            return self.enc.batch([self.enc.example(r, "a generated question") for r in records], stage)
         return self.enc.batch([self.examples[i] for i in self.next_indices()], stage)
 
     def state(self) -> torch.Tensor:

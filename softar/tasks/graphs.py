@@ -149,3 +149,17 @@ def relabel(g: Graph, rng: random.Random) -> Graph:
     edges = [(perm[a], perm[b]) for a, b in g.edges]
     rng.shuffle(edges)
     return Graph(g.n, edges, perm[g.root], perm[g.target], perm[g.neg_target], perm[g.twin_root])
+
+
+def twin_chains(rng: random.Random, nodes: int, depth: int) -> Graph:
+    """The depth-controlled twins (`softar.tasks.twins`): two isomorphic components of `nodes` nodes, each hanging
+    from its own person, in which every node has at most one child (edges point toward one sink). The person's
+    chain of `depth` edges ends at the sink, the target; every other node points at a node after the person (a
+    tributary), so the person reaches only its chain, and the negative target is the twin's sink. Each step from
+    the person is one lookup (its only child), so `depth` counts exactly the hops a question needs."""
+    if not 1 <= depth < nodes:
+        raise SoftarError(f"twins: depth {depth} needs 1 <= depth < nodes ({nodes})")
+    child = {i: i + 1 for i in range(depth)} | {i: rng.randrange(1, i) for i in range(depth + 1, nodes)}
+    edges = sorted(child.items())
+    twin = edges + [(a + nodes, b + nodes) for a, b in edges]
+    return Graph(2 * nodes, twin, 0, depth, depth + nodes, nodes)

@@ -22,6 +22,7 @@ class Mode:
     writes_steps: bool  # the sequence holds the reasoning steps (those the curriculum has not replaced)
     curriculum: bool  # Coconut's stages: stage k replaces the first k steps by its slots
     label: Callable[[object], str]  # (the whole config) -> how reports name a config of this mode
+    reversed_steps: bool = False  # the steps are written last first (a control: the same tokens, another order)
 
     def slots(self, cfg, stage: int) -> int:
         return self.count(cfg, stage) if self.slot else 0
@@ -35,6 +36,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("no_cot", "the answer right after the question", None, lambda t, k: 0, False, False, lambda c: "no CoT"),
     Mode("cot", "every reasoning step, then the answer (chain of thought)", None, lambda t, k: 0, True, False,
          lambda c: "CoT"),
+    Mode("cot_reversed", "every reasoning step in reverse order, then the answer (a control for chain of thought: "
+         "the same tokens, in an order that leaves each step nothing to look up)", None, lambda t, k: 0, True, False,
+         lambda c: "CoT reversed", reversed_steps=True),
     Mode("pause", "task.pauses learned <pause> slots, then the answer (no steps)", "<pause>",
          lambda t, k: t.pauses, False, False, lambda c: f"pause ({c.task.pauses})"),
     Mode("thoughts", "Coconut's curriculum: at stage k, k * task.thoughts_per_step continuous thoughts (each the soft "

@@ -104,6 +104,9 @@ class ProsQA:
         nodes = [names.index(w) for w in answer if w in names]
         return nodes[-1] if nodes else None
 
+    def options_in_order(self, record: dict) -> list[int]:
+        return options_in_order(record)
+
     def options(self, record: dict) -> tuple[int, int]:
         """The two nodes the question offers: a model that names one at random is right half the time."""
         return record["target"], record["neg_target"]

@@ -1,0 +1,190 @@
+"""The depth-controlled twins task and the recall warm-up: generated questions against a by-hand walk of their graph,
+the audit's ties, validation of hostile records, online batches that resume exactly, and the CLI end to end."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from softar import SoftarError, config
+from softar.data.tokenizer import TaskTokenizer
+from softar.tasks import VOCABULARY, get_task
+from softar.tasks.audit import audit
+from softar.tasks.data import Encoder, TaskSampler, prepare_task
+from softar.tasks.recall import recall_batch
+from softar.tasks.twins import make_record
+from softar.train import train
+
+from .conftest import task_overrides
+from .test_cli import assert_one_line_error, softar
+
+TWINS = get_task("twins")
+TOK = TaskTokenizer(VOCABULARY)
+
+
+def walk(record: dict) -> list[int]:
+    """The person's chain, followed by hand: each node's children read off the edges (at most one)."""
+    at, chain = record["root"], []
+    while True:
+        kids = [b for a, b in record["edges"] if a == at]
+        assert len(kids) <= 1
+        if not kids:
+            return chain
+        at = kids[0]
+        chain.append(at)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 7])
+def test_a_question_at_depth_d_needs_d_lookups_and_says_so(depth):
+    rng = random.Random(depth)
+    for _ in range(50):
+        r = make_record(rng, 8, depth)
+        TWINS.validate(r)
+        chain = walk(r)
+        assert len(chain) == depth and chain[-1] == r["target"]  # the person reaches its sink in exactly D hops
+        assert r["steps"] == [f"n{v}" for v in chain] and r["answer"] == f"n{r['target']}"
+        facts, _, asked = r["question"].partition(" ? ")
+        assert facts.split(" ; ")[0] == f"n{r['edges'][0][0]} n{r['edges'][0][1]}"
+        words = asked.split()
+        assert words[:depth] == [";"] * depth and words[-1] == f"n{r['root']}" and len(words) == depth + 3
+        assert sorted(words[depth:-1]) == sorted([f"n{r['target']}", f"n{r['neg_target']}"])
+        # the twin: some other source reaches the negative target in exactly D hops too (its person)
+        assert any(v != r["root"] and not any(b == v for _, b in r["edges"])
+                   and walk({**r, "root": v})[-1:] == [r["neg_target"]] and len(walk({**r, "root": v})) == depth
+                   for v in range(16))
+
+
+def test_every_structural_audit_rule_ties_on_the_twins():
+    records = [make_record(random.Random(i), 8, 1 + i % 4) for i in range(1000)]
+    result = audit({"x": records}, TWINS)["x"]
+    structural = {k: v for k, v in result["rules"].items() if k not in ("first_mention", "asked_first")}
+    assert set(structural.values()) == {0.5} and result["max"] <= 0.6  # 0.6: six standard errors at n = 1000
+
+
+def test_hostile_twins_records_are_refused_with_the_reason():
+    r = make_record(random.Random(0), 8, 3)
+    a, b = r["edges"][0]
+    extra = next(v for v in range(16) if v not in (a, b) and [a, v] not in r["edges"])
+    bad = {
+        "two children": ({**r, "edges": [*r["edges"], [a, extra]]}, "more than one child|question is not"),
+        "a wrong depth mark": ({**r, "question": r["question"].replace(" ? ;", " ? ; ;", 1)}, "question is not"),
+        "a wrong step": ({**r, "steps": r["steps"][::-1]}, "steps are not the chain"),
+        "an option that is no sink": ({**r, "question": r["question"][: r["question"].rindex(" n")].rsplit(" ", 2)[0]
+                                       + f" n{a} n{r['neg_target']} n{r['root']}"}, "options are not"),
+        "a cycle": ({**r, "edges": [*r["edges"], [r["target"], r["root"]]]}, "cycle"),
+        "other names": ({**r, "idx_to_symbol": ["Tom", *r["idx_to_symbol"][1:]]}, "n0, n1"),
+    }
+    for name, (record, match) in bad.items():
+        with pytest.raises(SoftarError, match=match):
+            TWINS.validate(record)
+        assert name
+
+
+def test_recall_sequences_ask_every_key_for_its_own_value():
+    x, y = recall_batch(random.Random(3), TOK.stoi, 16, 10)
+    words = [[TOK.words[i] for i in row] for row in x.tolist()]
+    for w, t in zip(words, y.tolist(), strict=True):
+        facts = w[: w.index("<bot>")]
+        table = {facts[i]: facts[i + 1] for i in range(0, len(facts), 3)}
+        assert len(table) == 10 and all(facts[i + 2] == ";" for i in range(0, 30, 3))
+        assert len({*table, *table.values()}) <= 12 and all(k != v for k, v in table.items())
+        asked = [(i, w[i]) for i in range(32, len(w), 3)]
+        assert sorted(k for _, k in asked) == sorted(table)  # every key once
+        for i, key in asked:  # the target at a key is that key's value; nothing else is scored
+            assert TOK.words[t[i]] == table[key]
+        assert sum(v >= 0 for v in t) == 10
+
+
+def sampler(data, seed: int, recall: int, mode: str = "thoughts", **kw) -> TaskSampler:
+    cfg = config.load(None, task_overrides(data, **{"task.name": '"twins"', "task.mode": f'"{mode}"',
+                                                    "task.max_stage": 4, "task.stage_iters": 2,
+                                                    "task.recall_iters": recall, "train.max_iters": 20}))
+    enc = Encoder(TWINS, TOK, "symbolic", cfg.task)
+    meta = json.loads((data / "task.json").read_text())
+    return TaskSampler(enc, [], 4, seed, 20, generate=lambda rng, n: TWINS.generate(
+        rng, meta["generator"], n, one_depth=mode == "thoughts"), **kw)
+
+
+def test_online_batches_are_fresh_seeded_and_resume_exactly(twins_data):
+    a, b = sampler(twins_data, 5, recall=2), sampler(twins_data, 5, recall=2)
+    first = [a.next_batch() for _ in range(6)]
+    assert all(torch.equal(u, v) for (u, _), (v, _) in zip(first, [b.next_batch() for _ in range(6)], strict=True))
+    assert first[0][0].shape[1] == 6 * 14 + 2 and first[2][0].shape[1] != first[0][0].shape[1]  # recall, then task
+    thought, mark = VOCABULARY.index("<thought>"), VOCABULARY.index(";")
+    assert [int((x[0] == thought).sum()) for x, _ in first[2:]] == [0, 0, 1, 1]  # the curriculum after the warm-up
+    assert all(len({int((row == mark).sum()) for row in x}) == 1 for x, _ in first[2:])  # thoughts: one depth
+    mixed = sampler(twins_data, 5, recall=0, mode="cot")
+    depths = {int((row == mark).sum()) - 14 for _ in range(4) for row in mixed.next_batch()[0]}
+    assert len(depths) > 1 and depths <= {1, 2, 3, 4}  # other modes: depths mix within a batch
+    c = sampler(twins_data, 5, recall=2)
+    c.load_state(a.state())
+    assert torch.equal(c.next_batch()[0], a.next_batch()[0])
+    assert not torch.equal(sampler(twins_data, 6, recall=2).next_batch()[0], first[0][0])  # the seed matters
+    # data parallelism: two ranks split one global batch
+    r0, r1 = sampler(twins_data, 5, 0, rank=0, world=2), sampler(twins_data, 5, 0, rank=1, world=2)
+    full = sampler(twins_data, 5, 0)
+    full.batch_size = 8
+    x0, x1, xf = r0.next_batch()[0], r1.next_batch()[0], full.next_batch()[0]
+    assert torch.equal(torch.cat([x0, x1]), xf)
+
+
+@pytest.fixture(scope="module")
+def twins_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("twins") / "twins"
+    prepare_task("twins", out, {"valid": 3, "test": 5}, seed=1)
+    return out
+
+
+def test_a_twins_run_warms_up_trains_and_reports_accuracy_by_depth(twins_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = config.load(None, task_overrides(twins_data, **{"task.name": '"twins"', "task.mode": '"cot"',
+                                                          "task.recall_iters": 2, "task.recall_pairs": 6,
+                                                          "train.max_iters": 4}))
+    result = train(cfg, run, quiet=True)
+    assert 0 <= result["recall_accuracy"] <= 1 and 0 <= result["val_accuracy"] <= 1
+    assert not (twins_data / "train.json").exists()
+    out = softar("eval", run, "--task", "twins", "--data", twins_data / "test.json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["examples"] == 20 and set(report["accuracy_by_steps"]) == {"1", "2", "3", "4"}
+    assert report["accuracy"] == sum(report["correct"]) / 20
+    rl = tmp_path / "rl.toml"
+    rl.write_text(f'[rl]\ninit_from = "{run}"\n')
+    assert_one_line_error(softar("rl", rl, "--out", tmp_path / "rl"), "generates its training questions")
+    assert not (tmp_path / "rl").exists()
+
+
+def test_twins_prepare_cli_counts_per_depth_and_refuses_what_it_cannot_use(tmp_path):
+    out = softar("task", "prepare", "twins", "--out", tmp_path / "d", "--valid", 2, "--test", 3, "--max-depth", 2,
+                 "--nodes", 5)
+    assert out.returncode == 0, out.stderr
+    meta = json.loads(out.stdout.strip().splitlines()[-1])
+    assert meta["counts"] == {"valid": 2, "test": 3} and meta["generator"] == {"nodes": 5, "depths": [1, 2]}
+    assert len(json.loads((tmp_path / "d" / "test.json").read_text())) == 6
+    assert_one_line_error(softar("task", "prepare", "twins", "--out", tmp_path / "e", "--train", 5), "no train split")
+    assert_one_line_error(softar("task", "prepare", "twins", "--out", tmp_path / "e", "--max-depth", 8),
+                          "depths must be")
+    assert_one_line_error(softar("task", "prepare", "prosqa", "--out", tmp_path / "e", "--nodes", 5), "twins")
+    assert not (tmp_path / "e").exists()
+    (tmp_path / "d" / "train.json").write_text("[]")  # a train split beside a generating task's data is not its own
+    assert_one_line_error(softar("task", "audit", tmp_path / "d"), "train.json")
+
+
+def test_a_run_with_a_warm_up_resumes_exactly_across_its_two_phases(twins_data, tmp_path):
+    """Recall for 2 steps, then the task with fresh optimizer moments and its own schedule: stopped after step 3
+    and resumed, it ends bit for bit where the uninterrupted run does."""
+    from .test_train import final_weights, train_losses
+
+    def cfg(**kw):
+        return config.load(None, task_overrides(twins_data, **{"task.name": '"twins"', "task.mode": '"no_cot"',
+                                                               "task.recall_iters": 2, "task.recall_pairs": 6,
+                                                               "train.lr_decay_iters": 4, **kw}))
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(cfg(), full, quiet=True)
+    train(cfg(**{"train.max_iters": 3}), split, quiet=True)
+    train(cfg(), split, resume=True, quiet=True)
+    assert train_losses(full) == train_losses(split)
+    a, b = final_weights(full), final_weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
