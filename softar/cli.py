@@ -145,7 +145,8 @@ def cmd_task_prepare(a: argparse.Namespace) -> None:
     if a.task == "twins":
         from softar.tasks import twins
 
-        generator = {"nodes": a.nodes or twins.NODES, "depths": list(range(1, (a.max_depth or max(twins.DEPTHS)) + 1))}
+        nodes = a.nodes or twins.NODES
+        generator = {"nodes": nodes, "depths": list(range(1, (a.max_depth or min(max(twins.DEPTHS), nodes - 1)) + 1))}
         counts = twins.COUNTS | given
     else:
         if a.nodes or a.max_depth:
@@ -521,9 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="dataset folder to write")
     t.add_argument("--seed", type=_seed, default=0, help="the generator's seed (below 2**32)")
     for split, n in (("train", 17_000), ("valid", 300), ("test", 500)):
-        t.add_argument(f"--{split}", type=_int_at_least(1, 10**6), help=f"records (default {n}; twins: questions per "
-                       f"depth, {'none: generated every batch' if split == 'train' else ''}"
-                       f"{100 if split == 'valid' else 1000 if split == 'test' else ''})")
+        twins = {"train": "not accepted: generated every batch", "valid": "100 per depth", "test": "1000 per depth"}
+        t.add_argument(f"--{split}", type=_int_at_least(1, 10**6),
+                       help=f"records (default {n}; twins: {twins[split]})")
     t.add_argument("--nodes", type=_int_at_least(2, 32), help="twins: nodes per twin (default 8)")
     t.add_argument("--max-depth", type=_int_at_least(1, 31), help="twins: depths 1..N (default 4; below --nodes)")
     t.add_argument("--force", action="store_true", help="replace a different task dataset already in --out")

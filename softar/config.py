@@ -457,6 +457,7 @@ def validate(cfg: Config) -> None:
         need(low <= getattr(k, key) <= high, f"task.{key}", f"must be in [{low}, {high}]")
     need(0 <= k.recall_iters < max(t.max_iters, 1), "task.recall_iters", f"must be in [0, train.max_iters) "
          f"(leaving steps for the task), got {k.recall_iters}")
+    need(not k.recall_iters or k.name, "task.recall_iters", "is a reasoning task's warm-up: set task.name too")
     r = cfg.rl
     for key, low, high in (("group_size", 2, 4096), ("inner_steps", 1, 64), ("eval_samples", 1, 4096)):
         need(low <= getattr(r, key) <= high, f"rl.{key}", f"must be in [{low}, {high}]")

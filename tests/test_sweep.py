@@ -217,6 +217,11 @@ def test_the_depth_report_applies_the_gate_the_control_and_the_preregistered_rul
     text = "\n".join(depth_sections(raw, cfgs))
     assert "Not interpretable" in text and "the positive control does not hold" in text
     assert depth_sections({"nc": [{"question_steps": [3, 4], "correct": [1, 0]}]}, cfgs) == []  # no depth 1: ProsQA
+    raw = {"nc": runs([1] * 40, half), "cot": runs([1] * 40, [1] * 40), "coco": runs([1] * 40, [1] * 40)[:1]}
+    text = "\n".join(depth_sections(raw, cfgs))  # a seed short: reported, not a crash
+    assert "the runs are not comparable" in text and "1 of the 5 pre-registered seeds" in text
+    raw["cot"] = [{"question_steps": steps}] * 2  # no per-question results
+    assert "| cot | CoT | no per-question results | below the floor |" in "\n".join(depth_sections(raw, cfgs))
 
 
 def test_rl_findings_say_below_the_floor_when_the_start_solves_nothing():

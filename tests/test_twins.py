@@ -13,7 +13,7 @@ from softar.tasks import VOCABULARY, get_task
 from softar.tasks.audit import audit
 from softar.tasks.data import Encoder, TaskSampler, prepare_task
 from softar.tasks.recall import recall_batch
-from softar.tasks.twins import make_record
+from softar.tasks.twins import make_record, question_text
 from softar.train import train
 
 from .conftest import task_overrides
@@ -75,6 +75,11 @@ def test_hostile_twins_records_are_refused_with_the_reason():
         "a cycle": ({**r, "edges": [*r["edges"], [r["target"], r["root"]]]}, "cycle"),
         "other names": ({**r, "idx_to_symbol": ["Tom", *r["idx_to_symbol"][1:]]}, "n0, n1"),
     }
+    source = next(v for v in range(16) if v != r["root"] and all(b != v for _, b in r["edges"])
+                  and walk({**r, "root": v})[-1:] == [r["neg_target"]])  # a source in the negative's twin
+    not_a_sink = {**r, "neg_target": source,
+                  "question": question_text(r["edges"], [r["target"], source], r["root"], 3)}
+    bad["a negative target that is not a sink"] = (not_a_sink, "not two twin components")
     for name, (record, match) in bad.items():
         with pytest.raises(SoftarError, match=match):
             TWINS.validate(record)

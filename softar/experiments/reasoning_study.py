@@ -239,16 +239,17 @@ def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[
     depths = sorted({k for n in names for k in (raw[n][0].get("question_steps") or [])})
     if GATE_DEPTH not in depths:
         return []
-    deepest, seeds = depths[-1], len(raw[names[0]])
-    gate = {n: [float(x.mean()) for x in at_depth(raw[n], GATE_DEPTH)] for n in names}
-    passes = {n: min(gate[n]) >= GATE for n in names}
+    deepest, seeds = depths[-1], min(len(raw[n]) for n in names)
+    at1 = {n: at_depth(raw[n], GATE_DEPTH) for n in names}
+    gate = {n: [float(x.mean()) for x in at1[n]] if at1[n] is not None else [] for n in names}
+    passes = {n: bool(gate[n]) and min(gate[n]) >= GATE for n in names}
     out = ["## Gate", "",
            f"A model counts in a comparison only if it answers at least {GATE} of the depth-{GATE_DEPTH} questions "
            "(every seed): otherwise it is below the floor, and nothing is concluded from it.", "",
            f"| config | mode | depth-{GATE_DEPTH} accuracy, each seed | gate |", "|---|---|---|---|"]
-    out += [f"| {n} | {_label(cfgs[n])} | {', '.join(f'{a:.3f}' for a in gate[n])} | "
+    out += [f"| {n} | {_label(cfgs[n])} | {', '.join(f'{a:.3f}' for a in gate[n]) or 'no per-question results'} | "
             f"{'passes' if passes[n] else 'below the floor'} |" for n in names]
-    role = by_role(cfgs)
+    role = by_role({n: cfgs[n] for n in names})
     out += ["", "## Positive control", ""]
     control = False
     if "no_cot" not in role or "cot" not in role:
@@ -257,23 +258,25 @@ def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[
         out.append("Not interpretable: no-CoT or CoT is below the floor.")
     else:
         nc, cot = role["no_cot"], role["cot"]
-        fails = [d for d in depths if at_depth(raw[nc], d).mean() < GATE]
+        fails = [d for d in depths if (x := at_depth(raw[nc], d)) is not None and x.mean() < GATE]
         if not fails:
             out.append(f"No-CoT answers at least {GATE} at every depth: there is no depth where a chain could help.")
         else:
             d = max(fails)
             c = paired_at(raw, cot, nc, d)
-            control = c["lo"] > 0
+            control = c is not None and c["lo"] > 0
             out.append(f"At depth {d}, the largest where no-CoT fails (accuracy {at_depth(raw[nc], d).mean():.3f}), "
                        f"CoT minus no-CoT is {_ci(c)}: "
                        + ("the apparatus sees the effect a chain must have." if control else
+                          "the runs are not comparable (other seeds or questions)." if c is None else
                           "the interval does not exclude zero, so the apparatus sees no effect where one must exist, "
                           "and the comparison below draws no conclusion."))
             if "cot_reversed" in role:
                 r = paired_at(raw, cot, role["cot_reversed"], d)
-                out += ["", f"The chain's content: CoT minus the same step tokens reversed (the first of them the "
+                out += ["", f"The chain's order: CoT minus the same step tokens reversed (the first of them the "
                             f"answer) is {_ci(r)} at depth {d}: " + ("the order of the lookups is what helps, not the "
-                                                                   "extra tokens." if r["lo"] > 0 else "not resolved.")]
+                                                                   "extra tokens." if r and r["lo"] > 0 else
+                                                                   "not resolved.")]
     out += ["", "## The pre-registered comparison", "",
             f"Primary endpoint (docs/reasoning.md, stated before the runs): Coconut minus CoT accuracy at depth "
             f"{deepest}, paired by seed and question, bootstrap 95% interval; pre-registered with "
@@ -285,11 +288,12 @@ def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[
     else:
         co, cot = role["coconut"], role["cot"]
         p = paired_at(raw, co, cot, deepest)
-        counts = passes[co] and passes[cot] and control
+        counts = passes[co] and passes[cot] and control and p is not None
         out.append(f"- **Primary**: {co} minus {cot} at depth {deepest}: {_ci(p)} -> "
                    + (f"**{verdict(p)}**" if counts else "no conclusion (" + ", ".join(
                        w for w, ok in (("Coconut below the floor", passes[co]), ("CoT below the floor", passes[cot]),
-                                       ("the positive control does not hold", control)) if not ok) + ")")
+                                       ("the positive control does not hold", control),
+                                       ("the runs are not comparable", p is not None)) if not ok) + ")")
                    + ("" if seeds >= PREREGISTERED_SEEDS else f"; {seeds} of the {PREREGISTERED_SEEDS} "
                       "pre-registered seeds, so this is a pilot"))
         for r in ("pause", "soft", "cot_reversed", "no_cot"):

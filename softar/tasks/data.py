@@ -288,8 +288,8 @@ class Encoder:
 class TaskSampler:
     """Random training batches of examples whose questions have one length, so the thought slots of a batch sit
     at the same positions and continuous thoughts run through the KV cache for the whole batch (an example is
-    drawn uniformly, then its batch from its length group). A task with a generator (`generate(rng)` -> records of
-    one depth, so of one length) draws fresh questions instead, each batch from its own seeded generator; the first
+    drawn uniformly, then its batch from its length group). A task with a generator (`generate(rng, n)` -> n
+    records) draws fresh questions instead, each batch from its own seeded generator; the first
     task.recall_iters batches are the recall warm-up's (`softar.tasks.recall`). Under data parallelism every rank
     draws the same global batch and keeps its own slice. Its state (a generator and the batches drawn, which set
     the curriculum stage) checkpoints as one uint8 tensor and resumes exactly."""

@@ -47,8 +47,7 @@ class Twins:
     def generate(self, rng: random.Random, params: dict, n: int, one_depth: bool) -> list[dict]:
         """A training batch from a dataset's generator parameters (task.json's "generator"): n fresh questions, each
         at a depth drawn uniformly from its depths, or with `one_depth` all at one such depth (one question length,
-        which continuous thoughts need for their slots to line up). Mixed depths are what no-CoT learns from: with
-        one depth per batch, or with every question padded to one length, it stayed at chance even at depth 1."""
+        which continuous thoughts need for their slots to line up)."""
         depths = [rng.choice(params["depths"])] * n if one_depth else [rng.choice(params["depths"]) for _ in range(n)]
         return [make_record(rng, params["nodes"], d) for d in depths]
 
@@ -83,12 +82,47 @@ class Twins:
         if sorted(options) != sorted([record["target"], record["neg_target"]]):
             raise SoftarError("its options are not the target and the negative target")
         depth = dist[record["target"]]
+        self.check_twins(record, edges, depth)
         chain = shortest_chain(n, edges, root, record["target"]) or []
         if record["question"] != question_text(record["edges"], options, root, depth):
             raise SoftarError("its question is not its edges' facts, then '?', one ';' per hop and 'nA nB nR'")
         if record["steps"] != [f"n{v}" for v in chain[1:]] or record["answer"] != f"n{record['target']}":
             raise SoftarError("its steps are not the chain from the root to the target, or its answer is not "
                               "the target")
+
+    @staticmethod
+    def check_twins(record: dict, edges: list[tuple[int, int]], depth: int) -> None:
+        """The structure that keeps a question leak-free: two components, one per option, with the same size and
+        the same multiset of (in-degree, out-degree); both options sinks; another source reaching the negative
+        target in exactly `depth` hops (the twin's person). Cheap necessary conditions of the isomorphism the
+        generator builds, so a foreign file cannot pose a question that local statistics answer."""
+        n = len(record["idx_to_symbol"])
+        parent = list(range(n))
+
+        def find(v: int) -> int:
+            while parent[v] != v:
+                parent[v] = parent[parent[v]]
+                v = parent[v]
+            return v
+
+        for a, b in edges:
+            parent[find(a)] = find(b)
+        kids = children(n, edges)
+        indeg = [0] * n
+        for _, b in edges:
+            indeg[b] += 1
+        t, u = record["target"], record["neg_target"]
+        comps = {find(v) for v in range(n)}
+
+        def profile(c: int) -> list[tuple[int, int]]:
+            return sorted((indeg[v], len(kids[v])) for v in range(n) if find(v) == c)
+
+        if len(comps) != 2 or find(t) == find(u) or find(record["root"]) != find(t) or kids[t] or kids[u] \
+                or profile(find(t)) != profile(find(u)):
+            raise SoftarError("its graph is not two twin components (one per option, the same degrees, both "
+                              "options sinks)")
+        if not any(indeg[v] == 0 and find(v) == find(u) and distances(n, edges, v)[u] == depth for v in range(n)):
+            raise SoftarError("no person in the negative target's component reaches it in as many hops")
 
     def render(self, record: dict, rendering: str) -> Rendered:
         return Rendered(record["question"], list(record["steps"]), record["answer"])
