@@ -140,7 +140,7 @@ class ReasoningTask(Workload):
 
     def sampler(self, cfg: Config, world: World, layout: Layout) -> TaskSampler:
         t, task, meta = cfg.train, self.data.task, self.data.meta
-        aligned = MODES[cfg.task.mode].slot == "<thought>"  # thoughts need one question length per batch
+        aligned = MODES[cfg.task.mode].curriculum  # thoughts need one question length per batch (and their control)
         generate = (lambda rng, n: task.generate(rng, meta["generator"], n, aligned)) \
             if getattr(task, "online", False) else None
         return TaskSampler(self.data.encoder, self.data.examples.get("train", []), t.batch_size, t.seed,

@@ -193,3 +193,17 @@ def test_a_run_with_a_warm_up_resumes_exactly_across_its_two_phases(twins_data, 
     assert train_losses(full) == train_losses(split)
     a, b = final_weights(full), final_weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_pause_curriculum_replaces_steps_by_pauses_as_coconut_replaces_them_by_thoughts():
+    r = make_record(random.Random(4), 8, 3)
+    modes = ("thoughts", "pause_curriculum")
+    encoders = {m: Encoder(TWINS, TOK, "symbolic", config.TaskConfig(name="twins", render="symbolic", mode=m,
+                                                                     max_stage=4)) for m in modes}
+    for k in range(5):
+        (a, ea), (b, eb) = (encoders[m].sequence(encoders[m].example(r), k) for m in modes)
+        assert ea == eb and len(a) == len(b)  # the same layout, stage by stage
+        slots = b[len(encoders["pause_curriculum"].example(r).question): eb]
+        assert slots == [TOK.stoi["<pause>"]] * k
+        assert [t for t, u in zip(a, b, strict=True) if t != u] == [TOK.stoi["<thought>"]] * k  # only the slot token
+        assert b[eb + 1 :] == [TOK.stoi[s] for s in r["steps"][k:]] + encoders["pause_curriculum"].example(r).answer

@@ -296,7 +296,11 @@ def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[
                                        ("the runs are not comparable", p is not None)) if not ok) + ")")
                    + ("" if seeds >= PREREGISTERED_SEEDS else f"; {seeds} of the {PREREGISTERED_SEEDS} "
                       "pre-registered seeds, so this is a pilot"))
-        for r in ("pause", "soft", "cot_reversed", "no_cot"):
+        if "pause_curriculum" in role:  # the strongest null: the same curriculum and slots, nothing fed back
+            n = role["pause_curriculum"]
+            out.append(f"- Secondary: {co} minus {n} (the same curriculum with pause tokens) at depth {deepest}: "
+                       f"{_ci(paired_at(raw, co, n, deepest))}")
+        for r in ("pause", "pause_curriculum", "soft", "cot_reversed", "no_cot"):
             if r in role:
                 n = role[r]
                 out.append(f"- Secondary: {n} ({_label(cfgs[n])}) minus {cot} at depth {deepest}: "

@@ -41,6 +41,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          lambda c: "CoT reversed", reversed_steps=True),
     Mode("pause", "task.pauses learned <pause> slots, then the answer (no steps)", "<pause>",
          lambda t, k: t.pauses, False, False, lambda c: f"pause ({c.task.pauses})"),
+    Mode("pause_curriculum", "Coconut's curriculum with <pause> tokens in place of the thoughts (Coconut's 'pause as "
+         "thought' control: the curriculum and the slots, without anything fed back)", "<pause>",
+         lambda t, k: t.thoughts_per_step * k, True, True, lambda c: "pause curriculum"),
     Mode("thoughts", "Coconut's curriculum: at stage k, k * task.thoughts_per_step continuous thoughts (each the soft "
          "token soft.kind of the slot before) replace the first k steps", "<thought>",
          lambda t, k: t.thoughts_per_step * k, True, True,
