@@ -138,16 +138,14 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_task_prepare(a: argparse.Namespace) -> None:
+    from softar.tasks import get_task
     from softar.tasks.data import SPLITS, prepare_task
 
     given = {split: n for split, n in (("train", a.train), ("valid", a.valid), ("test", a.test)) if n is not None}
-    generator = None
-    if a.task == "twins":
-        from softar.tasks import twins
-
-        nodes = a.nodes or twins.NODES
-        generator = {"nodes": nodes, "depths": list(range(1, (a.max_depth or min(max(twins.DEPTHS), nodes - 1)) + 1))}
-        counts = twins.COUNTS | given
+    task, generator = get_task(a.task), None
+    if getattr(task, "online", False):  # it generates its training questions from these parameters
+        generator = task.generator(a.nodes, a.max_depth)
+        counts = task.counts | given
     else:
         if a.nodes or a.max_depth:
             raise SoftarError(f"--nodes and --max-depth are the twins generator's; {a.task} has fixed graphs")
@@ -521,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("task", choices=list(TASK_NAMES))
     t.add_argument("--out", required=True, help="dataset folder to write")
     t.add_argument("--seed", type=_seed, default=0, help="the generator's seed (below 2**32)")
+    twins = {"train": "not accepted: generated every batch", "valid": "100 per depth", "test": "1000 per depth"}
     for split, n in (("train", 17_000), ("valid", 300), ("test", 500)):
-        twins = {"train": "not accepted: generated every batch", "valid": "100 per depth", "test": "1000 per depth"}
         t.add_argument(f"--{split}", type=_int_at_least(1, 10**6),
                        help=f"records (default {n}; twins: {twins[split]})")
     t.add_argument("--nodes", type=_int_at_least(2, 32), help="twins: nodes per twin (default 8)")

@@ -172,6 +172,11 @@ def test_twins_prepare_cli_counts_per_depth_and_refuses_what_it_cannot_use(tmp_p
                           "depths must be")
     assert_one_line_error(softar("task", "prepare", "prosqa", "--out", tmp_path / "e", "--nodes", 5), "twins")
     assert not (tmp_path / "e").exists()
+    meta_file = tmp_path / "d" / "task.json"
+    good = meta_file.read_text()
+    meta_file.write_text(good.replace('"nodes": 5', '"nodes": 99'))  # a hostile generator: one line, nothing loads
+    assert_one_line_error(softar("task", "audit", tmp_path / "d"), "nodes per twin must be 2 to 32")
+    meta_file.write_text(good)
     (tmp_path / "d" / "train.json").write_text("[]")  # a train split beside a generating task's data is not its own
     assert_one_line_error(softar("task", "audit", tmp_path / "d"), "train.json")
 

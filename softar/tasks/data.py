@@ -96,11 +96,9 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
     task = get_task(name)
     online = getattr(task, "online", False)
     if online:
-        from softar.tasks import twins
-
-        generator = generator or {"nodes": twins.NODES, "depths": list(twins.DEPTHS)}
-        twins.check_params(generator["nodes"], generator["depths"])
-        counts = counts or dict(twins.COUNTS)
+        generator = generator or task.generator()
+        task.check_generator(generator)
+        counts = counts or dict(task.counts)
         if "train" in counts:
             raise SoftarError(f"{name} generates its training questions afresh every batch: no train split to count")
     elif generator:
@@ -175,15 +173,13 @@ def load_task_meta(data_dir: str | Path) -> dict:
     get_task(meta["task"])
     if not (set(meta["counts"]) <= set(SPLITS) and all(type(v) is int and v > 0 for v in meta["counts"].values())):
         raise SoftarError(f"task dataset {path}: counts must map train/valid/test to positive record counts")
-    online = getattr(get_task(meta["task"]), "online", False)
+    task = get_task(meta["task"])
+    online = getattr(task, "online", False)
     if online:
-        from softar.tasks.twins import check_params
-
-        generator = meta.get("generator")
-        if not isinstance(generator, dict) or set(generator) != {"nodes", "depths"}:
-            raise SoftarError(f"task dataset {path}: generator must map nodes and depths (the training questions' "
-                              "parameters)")
-        check_params(generator["nodes"], generator["depths"])
+        try:
+            task.check_generator(meta.get("generator"))
+        except SoftarError as e:
+            raise SoftarError(f"task dataset {path}: {e}") from None
     for split in ("train", "valid", "test"):
         file = Path(data_dir) / f"{split}.json"
         if split == "train" and online and file.exists():
@@ -320,20 +316,23 @@ class TaskSampler:
         self.drawn += 1
         return [group[j] for j in self.mine(picks)]
 
+    def batch_rng(self) -> random.Random:
+        """The next batch's own generator (a resume draws the same batch again), the batch counted as drawn."""
+        rng = random.Random(f"{self.seed}:{self.drawn}")
+        self.drawn += 1
+        return rng
+
     def mine(self, rows):
         """This rank's slice of a global batch."""
         return rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         stage, cfg, n = self.stage, self.enc.cfg, self.batch_size * self.world  # stage: of the batch to draw
-        rng = random.Random(f"{self.seed}:{self.drawn}")  # this batch's own generator: a resume draws it again
         if self.drawn // self.grad_accum < cfg.recall_iters:
-            self.drawn += 1
-            x, y = recall_batch(rng, self.enc.tok.stoi, n, cfg.recall_pairs)
+            x, y = recall_batch(self.batch_rng(), self.enc.tok.stoi, n, cfg.recall_pairs)
             return self.mine(x), self.mine(y)
         if self.generate is not None:
-            self.drawn += 1
-            records = self.mine(self.generate(rng, n))
+            records = self.mine(self.generate(self.batch_rng(), n))
             return self.enc.batch([self.enc.example(r, "a generated question") for r in records], stage)
         return self.enc.batch([self.examples[i] for i in self.next_indices()], stage)
 

@@ -43,6 +43,27 @@ class Twins:
     name = "twins"
     renders = ("symbolic",)
     online = True  # training questions are generated fresh every batch: no train.json
+    counts = COUNTS  # the fixed splits' questions per depth
+
+    @staticmethod
+    def generator(nodes: int | None = None, max_depth: int | None = None) -> dict:
+        """The generator's parameters (task.json's "generator"), defaults filled: depths 1..max_depth, at most 4
+        and below `nodes`."""
+        nodes = nodes or NODES
+        return {"nodes": nodes, "depths": list(range(1, (max_depth or min(max(DEPTHS), nodes - 1)) + 1))}
+
+    @staticmethod
+    def check_generator(params: object) -> None:
+        """Generator parameters a dataset may hold: two twins within the node-token vocabulary, depths below
+        nodes; anything else is a one-line error."""
+        if not isinstance(params, dict) or set(params) != {"nodes", "depths"}:
+            raise SoftarError("twins: the generator must map nodes and depths (the training questions' parameters)")
+        nodes, depths = params["nodes"], params["depths"]
+        if not (type(nodes) is int and 2 <= nodes <= MAX_NODES // 2):
+            raise SoftarError(f"twins: nodes per twin must be 2 to {MAX_NODES // 2}, got {nodes!r}")
+        if not (isinstance(depths, list) and depths and all(type(d) is int and 1 <= d < nodes for d in depths)
+                and len(set(depths)) == len(depths)):
+            raise SoftarError(f"twins: depths must be distinct integers in [1, {nodes - 1}], got {depths!r}")
 
     def generate(self, rng: random.Random, params: dict, n: int, one_depth: bool) -> list[dict]:
         """A training batch from a dataset's generator parameters (task.json's "generator"): n fresh questions, each
@@ -142,11 +163,3 @@ class Twins:
     def node_tokens(self, record: dict, rendering: str) -> list[str]:
         return list(record["idx_to_symbol"])
 
-
-def check_params(nodes: int, depths: list[int]) -> None:
-    """Generator parameters a dataset may hold: two twins within the node-token vocabulary, depths below nodes."""
-    if not (isinstance(nodes, int) and 2 <= nodes <= MAX_NODES // 2):
-        raise SoftarError(f"twins: nodes per twin must be 2 to {MAX_NODES // 2}, got {nodes!r}")
-    if not (isinstance(depths, list) and depths and all(type(d) is int and 1 <= d < nodes for d in depths)
-            and len(set(depths)) == len(depths)):
-        raise SoftarError(f"twins: depths must be distinct integers in [1, {nodes - 1}], got {depths!r}")
