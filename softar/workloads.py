@@ -24,8 +24,7 @@ from softar.evaluate.lm import estimate_loss, evaluate_split
 from softar.evaluate.reasoning import TaskData, evaluate_task, task_loss_on
 from softar.model.embedding import embedding_stats
 from softar.soft.window import Layout
-from softar.tasks.data import TaskSampler
-from softar.tasks.modes import MODES
+from softar.tasks.data import TaskSampler, batch_generator
 from softar.tasks.recall import recall_accuracy
 
 
@@ -133,6 +132,13 @@ class ReasoningTask(Workload):
     def check(self, cfg: Config, layout: Layout) -> None:
         for split in self.data.examples:  # valid holds every depth a generating task trains on
             self.data.check_fits(split, cfg.model.block_size, f"model.block_size ({split}.json)")
+        k, gen = cfg.task, self.data.meta.get("generator")
+        if k.depth_iters and not gen:
+            raise ConfigError(f"task.depth_iters: {k.name} reads fixed splits; a depth curriculum needs a task that "
+                              "generates its questions")
+        if k.depth_iters and k.recall_iters + k.depth_iters * (len(gen["depths"]) - 1) >= cfg.train.max_iters:
+            raise ConfigError(f"task.depth_iters: {k.depth_iters} steps per depth leave depth {max(gen['depths'])} "
+                              f"untrained within train.max_iters ({cfg.train.max_iters})")
         recall = 6 * cfg.task.recall_pairs + 2
         if cfg.task.recall_iters and recall > cfg.model.block_size:
             raise ConfigError(f"task.recall_pairs: {cfg.task.recall_pairs} pairs make {recall}-slot recall "
@@ -140,9 +146,7 @@ class ReasoningTask(Workload):
 
     def sampler(self, cfg: Config, world: World, layout: Layout) -> TaskSampler:
         t, task, meta = cfg.train, self.data.task, self.data.meta
-        aligned = MODES[cfg.task.mode].curriculum  # thoughts need one question length per batch (and their control)
-        generate = (lambda rng, n: task.generate(rng, meta["generator"], n, aligned)) \
-            if getattr(task, "online", False) else None
+        generate = batch_generator(task, meta["generator"], cfg.task) if getattr(task, "online", False) else None
         return TaskSampler(self.data.encoder, self.data.examples.get("train", []), t.batch_size, t.seed,
                            t.max_iters, t.grad_accum, world.rank, world.size, generate)
 

@@ -11,7 +11,7 @@ from softar import SoftarError, config
 from softar.data.tokenizer import TaskTokenizer
 from softar.tasks import VOCABULARY, get_task
 from softar.tasks.audit import audit
-from softar.tasks.data import Encoder, TaskSampler, prepare_task
+from softar.tasks.data import Encoder, TaskSampler, batch_generator, prepare_task
 from softar.tasks.recall import recall_batch
 from softar.tasks.twins import make_record, question_text
 from softar.train import train
@@ -101,14 +101,14 @@ def test_recall_sequences_ask_every_key_for_its_own_value():
         assert sum(v >= 0 for v in t) == 10
 
 
-def sampler(data, seed: int, recall: int, mode: str = "thoughts", **kw) -> TaskSampler:
+def sampler(data, seed: int, recall: int, mode: str = "thoughts", depth_iters: int = 0, **kw) -> TaskSampler:
     cfg = config.load(None, task_overrides(data, **{"task.name": '"twins"', "task.mode": f'"{mode}"',
                                                     "task.max_stage": 4, "task.stage_iters": 2,
-                                                    "task.recall_iters": recall, "train.max_iters": 20}))
+                                                    "task.recall_iters": recall, "task.depth_iters": depth_iters,
+                                                    "train.max_iters": 20}))
     enc = Encoder(TWINS, TOK, "symbolic", cfg.task)
     meta = json.loads((data / "task.json").read_text())
-    return TaskSampler(enc, [], 4, seed, 20, generate=lambda rng, n: TWINS.generate(
-        rng, meta["generator"], n, one_depth=mode == "thoughts"), **kw)
+    return TaskSampler(enc, [], 4, seed, 20, generate=batch_generator(TWINS, meta["generator"], cfg.task), **kw)
 
 
 def test_online_batches_are_fresh_seeded_and_resume_exactly(twins_data):
@@ -132,6 +132,23 @@ def test_online_batches_are_fresh_seeded_and_resume_exactly(twins_data):
     full.batch_size = 8
     x0, x1, xf = r0.next_batch()[0], r1.next_batch()[0], full.next_batch()[0]
     assert torch.equal(torch.cat([x0, x1]), xf)
+
+
+def test_a_depth_curriculum_admits_one_more_depth_every_depth_iters_steps(twins_data, task_data, tmp_path):
+    mark = VOCABULARY.index(";")
+    for mode in ("cot", "thoughts"):  # mixed depths, and one depth per batch
+        s = sampler(twins_data, 5, recall=2, mode=mode, depth_iters=3)
+        depths = [{int((row == mark).sum()) - 14 for row in s.next_batch()[0]} for _ in range(2 + 3 * 3 + 30)][2:]
+        assert all(d <= {1} for d in depths[:3])  # the first 3 task steps: depth 1 only
+        for k in (1, 2, 3):  # then every 3 steps one depth more, up to the dataset's deepest
+            assert set().union(*depths[3 * k : 3 * k + 3]) <= set(range(1, k + 2))
+        assert max(set().union(*depths[9:])) == 4
+    over = {"task.name": '"twins"', "task.mode": '"no_cot"', "train.max_iters": 10}
+    with pytest.raises(SoftarError, match="leave depth 4 untrained"):  # 3 x 4 steps to reach depth 4: more than 10
+        train(config.load(None, task_overrides(twins_data, **over, **{"task.depth_iters": 4})), tmp_path / "a")
+    with pytest.raises(SoftarError, match="reads fixed splits"):  # ProsQA's questions are not generated
+        train(config.load(None, task_overrides(task_data, **{"task.depth_iters": 1})), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.fixture(scope="module")

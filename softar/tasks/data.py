@@ -196,6 +196,22 @@ def load_task_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def depths_at(task, depths: list[int], step: int) -> list[int]:
+    """The depths a generating task draws from at an optimizer step: with task.depth_iters, the shallowest for the
+    first depth_iters steps after the recall warm-up, one more every depth_iters steps; else all of them."""
+    if not task.depth_iters:
+        return depths
+    return sorted(depths)[: max(step - task.recall_iters, 0) // task.depth_iters + 1]
+
+
+def batch_generator(task: Task, generator: dict, cfg) -> Callable[[random.Random, int, int], list[dict]]:
+    """A generating task's training batches, `(rng, n, step)` -> n fresh questions at the depths `depths_at` admits
+    at the step; a curriculum mode's all at one depth (one question length, so its thought slots line up)."""
+    aligned = MODES[cfg.mode].curriculum
+    return lambda rng, n, step: task.generate(rng, {**generator, "depths": depths_at(cfg, generator["depths"], step)},
+                                              n, aligned)
+
+
 def stage_iters(task, max_iters: int) -> int:
     """Optimizer steps per curriculum stage: task.stage_iters, or the steps after the recall warm-up over
     (max_stage + 1) when it is 0 (a resolved config holds the number, so a resumed run keeps its curriculum)."""
@@ -284,7 +300,7 @@ class Encoder:
 class TaskSampler:
     """Random training batches of examples whose questions have one length, so the thought slots of a batch sit
     at the same positions and continuous thoughts run through the KV cache for the whole batch (an example is
-    drawn uniformly, then its batch from its length group). A task with a generator (`generate(rng, n)` -> n
+    drawn uniformly, then its batch from its length group). A task with a generator (`generate(rng, n, step)` -> n
     records) draws fresh questions instead, each batch from its own seeded generator; the first
     task.recall_iters batches are the recall warm-up's (`softar.tasks.recall`). Under data parallelism every rank
     draws the same global batch and keeps its own slice. Its state (a generator and the batches drawn, which set
@@ -292,7 +308,7 @@ class TaskSampler:
 
     def __init__(self, encoder: Encoder, examples: list[Example], batch_size: int, seed: int, max_iters: int,
                  grad_accum: int = 1, rank: int = 0, world: int = 1,
-                 generate: Callable[[random.Random, int], list[dict]] | None = None):
+                 generate: Callable[[random.Random, int, int], list[dict]] | None = None):
         self.enc, self.examples, self.batch_size = encoder, examples, batch_size
         self.max_iters, self.grad_accum, self.rank, self.world = max_iters, grad_accum, rank, world
         self.seed, self.generate = seed, generate
@@ -332,7 +348,8 @@ class TaskSampler:
             x, y = recall_batch(self.batch_rng(), self.enc.tok.stoi, n, cfg.recall_pairs)
             return self.mine(x), self.mine(y)
         if self.generate is not None:
-            records = self.mine(self.generate(self.batch_rng(), n))
+            step = self.drawn // self.grad_accum
+            records = self.mine(self.generate(self.batch_rng(), n, step))
             return self.enc.batch([self.enc.example(r, "a generated question") for r in records], stage)
         return self.enc.batch([self.examples[i] for i in self.next_indices()], stage)
 
