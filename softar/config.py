@@ -179,6 +179,8 @@ class TaskConfig:
     # a generating task's depth curriculum: its first depth_iters task steps (after the warm-up) draw questions of
     # its shallowest depth only, and every depth_iters more steps admit the next depth; 0: every depth from the start
     depth_iters: int = 0
+    # the depths a generating task trains on (supervised or RL), some of its dataset's; []: all of them
+    depths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -196,6 +198,11 @@ class RLConfig:
     sigma: float = 0.5  # noisy_soft: noise std, relative to the soft tokens' root-mean-square coordinate
     temperature: float = 1.0  # of every sampled token
     eval_samples: int = 32  # periodic evals: samples per valid prompt, for pass@1..pass@eval_samples
+    reward: str = "answer"  # a name in softar.rl.rewards.REWARDS: answer, path, path_partial, format
+    scale_advantages: bool = True  # divide by the group's std (GRPO); false: Dr. GRPO's unscaled advantages
+    # "sequence": each rollout's actions averaged, then the rollouts (GRPO); "token": every action of the batch
+    # weighs the same (DAPO, Dr. GRPO), so long rollouts weigh more
+    loss_average: Literal["sequence", "token"] = "sequence"
 
 
 @dataclass
@@ -221,6 +228,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")
         return value
+    if origin is list:  # list[int]: an array of numbers
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected an array, got {type(value).__name__} {value!r}")
+        return [_check_type(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
     if origin is dict:  # dict[str, float]: a table of named numbers
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
@@ -462,6 +473,8 @@ def validate(cfg: Config) -> None:
          f"(leaving steps for the task), got {k.recall_iters}")
     need(not k.recall_iters or k.name, "task.recall_iters", "is a reasoning task's warm-up: set task.name too")
     need(not k.depth_iters or k.name, "task.depth_iters", "is a reasoning task's curriculum: set task.name too")
+    need(len(set(k.depths)) == len(k.depths) and all(1 <= d <= 64 for d in k.depths), "task.depths",
+         f"must be distinct depths in [1, 64], got {k.depths}")
     r = cfg.rl
     for key, low, high in (("group_size", 2, 4096), ("inner_steps", 1, 64), ("eval_samples", 1, 4096)):
         need(low <= getattr(r, key) <= high, f"rl.{key}", f"must be in [{low}, {high}]")
@@ -469,6 +482,11 @@ def validate(cfg: Config) -> None:
     need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
     need(0 < r.sigma <= 100, "rl.sigma", "must be in (0, 100]")
     need(1e-3 <= r.temperature <= 1e3, "rl.temperature", "must be in [1e-3, 1e3]")
+    from softar.rl.rewards import PATH_REWARDS, REWARDS
+
+    need(r.reward in REWARDS, "rl.reward", f"expected one of {', '.join(REWARDS)}, got {r.reward!r}")
+    need(r.reward not in PATH_REWARDS or not r.init_from or k.render == "symbolic", "rl.reward",
+         f"{r.reward!r} reads the written steps as node tokens: it needs task.render = \"symbolic\"")
 
 
 def seeded(path: str, seed: int) -> str:

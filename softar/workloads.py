@@ -133,11 +133,14 @@ class ReasoningTask(Workload):
         for split in self.data.examples:  # valid holds every depth a generating task trains on
             self.data.check_fits(split, cfg.model.block_size, f"model.block_size ({split}.json)")
         k, gen = cfg.task, self.data.meta.get("generator")
-        if k.depth_iters and not gen:
-            raise ConfigError(f"task.depth_iters: {k.name} reads fixed splits; a depth curriculum needs a task that "
-                              "generates its questions")
-        if k.depth_iters and k.recall_iters + k.depth_iters * (len(gen["depths"]) - 1) >= cfg.train.max_iters:
-            raise ConfigError(f"task.depth_iters: {k.depth_iters} steps per depth leave depth {max(gen['depths'])} "
+        if (k.depth_iters or k.depths) and not gen:
+            raise ConfigError(f"task.{'depth_iters' if k.depth_iters else 'depths'}: {k.name} reads fixed splits; "
+                              "choosing depths needs a task that generates its questions")
+        if gen and set(k.depths) - set(gen["depths"]):
+            raise ConfigError(f"task.depths: {k.depths} are not all among the dataset's depths {gen['depths']}")
+        depths = k.depths or (gen or {}).get("depths", [])
+        if k.depth_iters and k.recall_iters + k.depth_iters * (len(depths) - 1) >= cfg.train.max_iters:
+            raise ConfigError(f"task.depth_iters: {k.depth_iters} steps per depth leave depth {max(depths)} "
                               f"untrained within train.max_iters ({cfg.train.max_iters})")
         recall = 6 * cfg.task.recall_pairs + 2
         if cfg.task.recall_iters and recall > cfg.model.block_size:

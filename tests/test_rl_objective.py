@@ -29,9 +29,10 @@ def test_advantages_of_a_hand_built_group():
         assert torch.equal(group_advantages(torch.full((1, 8), value)), torch.zeros(1, 8))
 
 
-def slow_objective(logp, logp_old, adv, mask, clip):
-    """The clipped surrogate written out action by action."""
-    total = 0.0
+def slow_objective(logp, logp_old, adv, mask, clip, average="sequence"):
+    """The clipped surrogate written out action by action: each rollout's mean, then their mean; or ("token") the
+    sum over every action of the batch over their number."""
+    total, actions = 0.0, 0
     for n in range(logp.shape[0]):
         acts = [t for t in range(logp.shape[1]) if mask[n, t]]
         per = 0.0
@@ -39,11 +40,13 @@ def slow_objective(logp, logp_old, adv, mask, clip):
             ratio = torch.exp(logp[n, t] - logp_old[n, t])
             unclipped, clipped = ratio * adv[n], torch.clamp(ratio, 1 - clip, 1 + clip) * adv[n]
             per = per + (unclipped if unclipped <= clipped else clipped)
-        total = total + per / max(len(acts), 1)
-    return -total / logp.shape[0]
+        total = total + (per if average == "token" else per / max(len(acts), 1))
+        actions += len(acts)
+    return -total / (actions if average == "token" else logp.shape[0])
 
 
-def test_the_clipped_objective_and_its_gradient_against_a_slow_reference():
+@pytest.mark.parametrize("average", ["sequence", "token"])
+def test_the_clipped_objective_and_its_gradient_against_a_slow_reference(average):
     g = torch.Generator().manual_seed(0)
     logp_old = -torch.rand(6, 5, generator=g) * 3
     base = (logp_old + torch.randn(6, 5, generator=g) * 0.4).detach()  # ratios on both sides of the clip range
@@ -51,8 +54,8 @@ def test_the_clipped_objective_and_its_gradient_against_a_slow_reference():
     mask = torch.rand(6, 5, generator=g) < 0.7
     mask[0] = False  # a rollout without actions counts as 0
     fast_in, slow_in = base.clone().requires_grad_(), base.clone().requires_grad_()
-    loss, clipped = clipped_objective(fast_in, logp_old, adv, mask, 0.2)
-    ref = slow_objective(slow_in, logp_old, adv, mask, 0.2)
+    loss, clipped = clipped_objective(fast_in, logp_old, adv, mask, 0.2, average)
+    ref = slow_objective(slow_in, logp_old, adv, mask, 0.2, average)
     loss.backward()
     ref.backward()
     torch.testing.assert_close(loss, ref)

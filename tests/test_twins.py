@@ -158,7 +158,7 @@ def twins_data(tmp_path_factory):
     return out
 
 
-def test_a_twins_run_warms_up_trains_and_reports_accuracy_by_depth(twins_data, tmp_path):
+def test_a_twins_run_warms_up_trains_reports_accuracy_by_depth_and_starts_rl(twins_data, tmp_path):
     run = tmp_path / "run"
     cfg = config.load(None, task_overrides(twins_data, **{"task.name": '"twins"', "task.mode": '"cot"',
                                                           "task.recall_iters": 2, "task.recall_pairs": 6,
@@ -171,10 +171,49 @@ def test_a_twins_run_warms_up_trains_and_reports_accuracy_by_depth(twins_data, t
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["examples"] == 20 and set(report["accuracy_by_steps"]) == {"1", "2", "3", "4"}
     assert report["accuracy"] == sum(report["correct"]) / 20
+
+    # RL from it on generated questions at one depth the dataset holds, rewarded for the exact path
     rl = tmp_path / "rl.toml"
-    rl.write_text(f'[rl]\ninit_from = "{run}"\n')
-    assert_one_line_error(softar("rl", rl, "--out", tmp_path / "rl"), "generates its training questions")
-    assert not (tmp_path / "rl").exists()
+    rl.write_text(f'[rl]\ninit_from = "{run}"\npolicy = "hard"\ngroup_size = 4\neval_samples = 4\nreward = "path"\n'
+                  '[train]\nmax_iters = 4\nbatch_size = 2\neval_interval = 2\nwarmup_iters = 0\nthreads = 1\n'
+                  '[task]\ndepths = [3]\neval_examples = 4\n')
+    full, split = tmp_path / "rl", tmp_path / "rl_split"
+    proc = softar("rl", rl, "--out", full, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 <= result["val_sampled"]["well_formed"] <= 1 and result["val_sampled"]["pass@1"] <= 1
+    saved = json.loads((full / "config.json").read_text())["task"]
+    assert saved["depths"] == [3] and saved["recall_iters"] == 0  # the warm-up was the supervised run's
+    assert softar("rl", rl, "train.max_iters=2", "train.lr_decay_iters=4", "--out", split, "--quiet").returncode == 0
+    assert softar("rl", rl, "train.lr_decay_iters=4", "--out", split, "--resume", "--quiet").returncode == 0
+    losses = [[(r["step"], r["loss"], r["reward"]) for r in map(json.loads, (d / "metrics.jsonl").read_text()
+               .splitlines()) if r["kind"] == "train"] for d in (full, split)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4  # generated prompts resume exactly
+    for args, message in ((["task.depths=[5]"], "task.depths: [5] are not all among"),
+                          (['rl.reward="beauty"'], "rl.reward: expected one of")):
+        assert_one_line_error(softar("rl", rl, *args, "--out", tmp_path / "bad"), message)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_rewards_of_written_paths_by_hand():
+    from softar.rl.rewards import REWARDS
+
+    r = make_record(random.Random(3), 8, 3)
+    chain, wrong = list(r["steps"]), f"n{r['neg_target']}"
+    other = next(f"n{v}" for v in range(16) if f"n{v}" not in chain)
+
+    def score(name, steps, answer):
+        return REWARDS[name](TWINS, r, steps, answer, "symbolic")
+
+    assert score("path", chain, [r["answer"]]) == 1.0 and score("answer", chain, [r["answer"]]) == 1.0
+    assert score("path", chain, [wrong]) == 0.0 and score("answer", [], [r["answer"]]) == 1.0  # a guess is right
+    assert score("path", [], [r["answer"]]) == 0.0 and score("path", chain[:2] + [other], [r["answer"]]) == 0.0
+    assert score("path_partial", chain, [r["answer"]]) == 1.0
+    assert score("path_partial", chain[:2] + [other], [wrong]) == pytest.approx(0.9 * 2 / 3)
+    assert score("path_partial", [other, *chain], [r["answer"]]) == 0.0  # the first step must leave the person
+    assert score("path_partial", chain, [wrong]) == pytest.approx(0.9)  # every step right, the answer not
+    assert score("format", [other], [wrong]) == 1.0 and score("format", chain, []) == 0.0
+    assert score("format", ["?"], [r["answer"]]) == 0.0 and score("format", [], [r["answer"], wrong]) == 0.0
 
 
 def test_twins_prepare_cli_counts_per_depth_and_refuses_what_it_cannot_use(tmp_path):

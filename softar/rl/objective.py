@@ -26,8 +26,9 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
 
 
 def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                      clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate, per action, averaged over each rollout's actions and then over rollouts (GRPO).
+                      clip: float, average: str = "sequence") -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, per action, averaged over each rollout's actions and then over rollouts (GRPO,
+    `average="sequence"`), or over all actions at once (`"token"`: DAPO, Dr. GRPO).
 
     logp, logp_old, mask [N, T]; advantages [N]. Returns (the loss to minimise, the clipped fraction of actions).
     The ratio exp(logp - logp_old) is exactly 1 on the first inner step, where logp_old is logp detached."""
@@ -35,8 +36,10 @@ def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, advantages: to
     a = advantages[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
     m = mask.to(surrogate.dtype)
-    per_rollout = (surrogate * m).sum(-1) / m.sum(-1).clamp_min(1)
     clipped = (((ratio - 1).abs() > clip) & mask).sum() / mask.sum().clamp_min(1)
+    if average == "token":
+        return -(surrogate * m).sum() / m.sum().clamp_min(1), clipped.detach()
+    per_rollout = (surrogate * m).sum(-1) / m.sum(-1).clamp_min(1)
     return -per_rollout.mean(), clipped.detach()
 
 

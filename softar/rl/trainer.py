@@ -34,6 +34,7 @@ from softar.rl.objective import (
     kl_to_reference,
     pass_at_k,
 )
+from softar.rl.rewards import REWARDS
 from softar.rl.rollout import Actions, Policy, replay, rollout, rollout_seeds
 from softar.rundir import check_data, load_latest, read_config
 from softar.soft.gate import gate_state, load_initial
@@ -41,7 +42,7 @@ from softar.soft.model import build_model
 from softar.train import Trainer, apply_update
 
 PARTS = ("reward", "reward_std", "kl", "clipped", "answer_entropy", "thought_norm", "rollout_tokens_per_s")
-RL_KEYS = {"rl": None, "train": None, "data": None, "task": ("eval_examples", "max_answer_tokens")}
+RL_KEYS = {"rl": None, "train": None, "data": None, "task": ("eval_examples", "max_answer_tokens", "depths")}
 UNUSED_TRAIN_KEYS = ("grad_accum", "dtype", "compile")
 
 
@@ -76,6 +77,7 @@ def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
                           "itself; only \"ddp\" is supported")
     merged = base.to_dict()
     merged["train"] = dataclasses.asdict(TrainConfig())
+    merged["task"].update(recall_iters=0, depth_iters=0)  # the initial run's warm-up and curriculum, not the RL run's
     for section, values in raw.items():  # [train] starts from the defaults: the schedule is the RL run's own
         if isinstance(values, dict):
             merged[section].update(values)
@@ -92,11 +94,14 @@ def check_policy(cfg: Config) -> None:
     """Before a run directory is touched: the policy can run on this model and task, and the initial checkpoint
     loads into it."""
     data = TaskData.open(cfg)
-    if "train" not in data.examples:
-        raise ConfigError(f"rl.init_from: {cfg.task.name} generates its training questions; RL reads a fixed train "
-                          "split (RL on generated questions is not built yet)")
-    enc = data.encoder
-    longest = max(len(enc.prompt(ex, enc.final_stage())) for split in ("train", "valid")
+    gen = data.meta.get("generator")
+    if gen and set(cfg.task.depths) - set(gen["depths"]):
+        raise ConfigError(f"task.depths: {cfg.task.depths} are not all among the dataset's depths {gen['depths']}")
+    if cfg.task.depths and not gen:
+        raise ConfigError(f"task.depths: {cfg.task.name} reads fixed splits; choosing depths needs a task that "
+                          "generates its questions")
+    enc = data.encoder  # a generated question is as long as a valid one of its depth (valid holds every depth)
+    longest = max(len(enc.prompt(ex, enc.final_stage())) for split in ("train", "valid") if split in data.examples
                   for ex in data.examples[split])
     model = build_model(resolve(cfg, data.meta["vocab_size"])).eval()
     try:
@@ -143,9 +148,8 @@ class RLTrainer(Trainer):
         t, r = self.cfg.train, self.cfg.rl
         self.schedule()
         t0 = time.perf_counter()
-        examples, records = self.task.examples["train"], self.task.records["train"]
-        picked = self.sampler.next_indices()
-        prompts = [self.enc.prompt(examples[i], self.stage) for i in picked]
+        records = self.next_records()
+        prompts = [self.enc.prompt(self.enc.example(rec, "a generated question"), self.stage) for rec in records]
         G = r.group_size
         # rollout j of the prompt in slot s of the global batch draws from its own stream: R ranks of B prompts roll
         # out what one process of R x B does
@@ -153,14 +157,18 @@ class RLTrainer(Trainer):
         drawn = rollout(self.net, prompts, G, self.policy, self.eos,
                         rollout_seeds(self._seed(self.step), first, len(prompts) * G))
         groups: list[tuple[list[int], Actions]] = [(p, drawn.rows(k * G, (k + 1) * G)) for k, p in enumerate(prompts)]
-        rewards = [[reward_of(self.task, records[i], answer_words(self.task, a)) for a in acts.answers]
-                   for i, (_, acts) in zip(picked, groups, strict=True)]
+        rewards = [[reward_of(self.task, rec, a, r.reward) for a in acts.answers]
+                   for rec, (_, acts) in zip(records, groups, strict=True)]
         seconds = time.perf_counter() - t0
         tokens = int((drawn.answers >= 0).sum()) + drawn.thought_ids.numel()
         rewards = torch.tensor(rewards, device=self.device)  # [P, G]
-        advantages = group_advantages(rewards)
+        advantages = group_advantages(rewards, r.scale_advantages)
         with torch.no_grad():
-            ref = [replay(self.reference, p, a, self.policy, self.eos)[0] for p, a in groups]
+            ref, masks = zip(*(replay(self.reference, p, a, self.policy, self.eos) for p, a in groups), strict=True)
+        # each group's share of the loss: 1/P (sequence averaging), or its share of the batch's actions (token)
+        actions = torch.stack([m.sum() for m in masks]).float()
+        weights = actions / actions.sum().clamp_min(1) if r.loss_average == "token" \
+            else torch.full_like(actions, 1 / len(groups))
         old: list[torch.Tensor] = []  # the rollouts' log-probs: the first inner step's replay, detached (ratio 1)
         bad, kl, clipped, first = False, 0.0, 0.0, torch.zeros((), device=self.device)
         for inner in range(r.inner_steps):  # loss and kl: at the rollouts' policy; clipped: in the later updates
@@ -169,12 +177,12 @@ class RLTrainer(Trainer):
                 logp, mask = replay(self.net, prompt, actions, self.policy, self.eos)
                 if inner == 0:
                     old.append(logp.detach())
-                loss, frac = clipped_objective(logp, old[k], advantages[k], mask, r.clip)
+                loss, frac = clipped_objective(logp, old[k], advantages[k], mask, r.clip, r.loss_average)
                 div = kl_to_reference(logp, ref[k], mask)
                 if r.kl_coef > 0:
                     loss = loss + r.kl_coef * div
-                (loss / len(groups)).backward()
-                total = total + loss.detach() / len(groups)
+                (loss * weights[k]).backward()
+                total = total + loss.detach() * weights[k]
                 if inner == 0:
                     kl += div.item() / len(groups)
                 else:
@@ -193,12 +201,23 @@ class RLTrainer(Trainer):
                              device=self.device)
         return self.world.mean(first[None])[0], self.world.mean(parts), bad
 
+    def next_records(self) -> list[dict]:
+        """This rank's prompts of the next step, as records: drawn from the train split, or generated afresh at
+        task.depths (else every depth of the dataset) for a task that generates its questions."""
+        gen = self.task.meta.get("generator")
+        if gen is None:
+            return [self.task.records["train"][i] for i in self.sampler.next_indices()]
+        n = self.cfg.train.batch_size * self.world.size
+        params = {**gen, "depths": sorted(self.cfg.task.depths or gen["depths"])}
+        aligned = self.enc.mode.curriculum  # one depth per batch where thought slots must line up
+        return self.sampler.mine(self.enc.task.generate(self.sampler.batch_rng(), params, n, aligned))
+
     def final_evaluation(self) -> dict:
         """The supervised final evaluation (greedy, soft thoughts, every curriculum stage), and pass@k under the
         policy on the whole valid split."""
         final = super().final_evaluation()  # evaluate_task leaves the model in eval mode, as it found it
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, None,
-                             self._seed(-(2**40)))
+                             self._seed(-(2**40)), self.cfg.rl.reward)
         final["sampled"] = {k: v for k, v in sampled.items() if k not in ("right", "named")}  # no per-question lists
         return final
 
@@ -208,32 +227,34 @@ class RLTrainer(Trainer):
         limit = self.cfg.task.eval_examples
         greedy = evaluate_task(self.net, self.task, "valid", [self.stage], limit)[f"stage_{self.stage}"]
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, limit,
-                             self._seed(-1 - self.step))
+                             self._seed(-1 - self.step), self.cfg.rl.reward)
         return {"kind": "eval", "step": self.step, "val_accuracy_greedy_soft": greedy["accuracy"],
                 **{f"val_{k}": v for k, v in sampled.items() if isinstance(v, float)},
                 **{f"val_option_guess_{k}": v for k, v in sampled.get("option_guess", {}).items()}}
 
 
-def answer_words(data: TaskData, answer: torch.Tensor) -> list[str]:
-    """A rollout's answer [A] (<eos> and -1 padding included) as the task's words."""
+def written(data: TaskData, answer: torch.Tensor) -> tuple[list[str], list[str]]:
+    """What a rollout wrote after its prompt, [A] ids (<eos> and -1 padding included), as the task's words: (its
+    steps, before its last <ans>; its answer, after it; empty without <ans>)."""
     enc = data.encoder
-    return split_answer(enc, [a for a in answer.tolist() if a >= 0 and a != enc.id["<eos>"]])[0]
+    ids = [a for a in answer.tolist() if a >= 0 and a != enc.id["<eos>"]]
+    words, at = split_answer(enc, ids)
+    return [enc.tok.words[i] for i in ids[:at]], words
 
 
-def reward_of(data: TaskData, record: dict, words: list[str]) -> float:
-    """A rollout's reward from its answer words: the task's `reward` where it has one (partial credit), else 1 for a
-    right answer."""
-    enc = data.encoder
-    if hasattr(enc.task, "reward"):
-        return float(enc.task.reward(record, words))
-    return float(enc.task.check(record, words, enc.rendering))
+def reward_of(data: TaskData, record: dict, answer: torch.Tensor, reward: str = "answer") -> float:
+    """A rollout's reward (`softar.rl.rewards.REWARDS[reward]`) from what it wrote, `answer` [A] ids."""
+    steps, words = written(data, answer)
+    return REWARDS[reward](data.encoder.task, record, steps, words, data.encoder.rendering)
 
 
-def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, limit: int | None, seed: int) -> dict:
+def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, limit: int | None, seed: int,
+               reward: str = "answer") -> dict:
     """`samples` rollouts of each of the first `limit` questions of a split under `policy`, at the final curriculum
     stage, all as one batch (rollout j of question q draws from a stream of its own, from `seed`): pass@k for k in
-    1, 4, 16, 32 up to `samples` (a rollout passes when its reward is 1; the unbiased estimator, averaged over
-    questions), the mean reward, and per question the number of passing rollouts (`right`).
+    1, 4, 16, 32 up to `samples` (a rollout passes when its `reward` is 1; the unbiased estimator, averaged over
+    questions), the mean reward, and per question the number of passing rollouts (`right`). On the symbolic
+    rendering, `well_formed`: the fraction of rollouts whose output is well formed (`format`), right or wrong.
 
     For a choice between options (ProsQA) it also gives `named` (per question, the rollouts whose answer names one
     of the options), `options` (how many a question offers) and `option_guess`: the pass@k the same rollouts would
@@ -249,9 +270,13 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
     right: list[int] = []
     named: list[int] = []
     options: set[int] = set()
+    formed = 0.0
     for q, rec in enumerate(records):
-        answers = [answer_words(data, a) for a in actions.answers[q * samples : (q + 1) * samples]]
-        scores = [reward_of(data, rec, w) for w in answers]
+        rows = actions.answers[q * samples : (q + 1) * samples]
+        scores = [reward_of(data, rec, a, reward) for a in rows]
+        answers = [written(data, a)[1] for a in rows]
+        if enc.rendering == "symbolic":
+            formed += sum(reward_of(data, rec, a, "format") for a in rows)
         rewards += scores
         right.append(sum(s == 1.0 for s in scores))
         if hasattr(enc.task, "options"):
@@ -260,7 +285,7 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
             named.append(sum(enc.task.answer_node(rec, w, enc.rendering) in offered for w in answers))
     result = {"samples": samples, "reward": sum(rewards) / len(rewards),
               **{f"pass@{k}": statistics.fmean(pass_at_k(samples, r, k) for r in right) for k in ks},
-              "right": right}
+              "right": right, **({"well_formed": formed / len(rewards)} if enc.rendering == "symbolic" else {})}
     if named and len(options) == 1:  # the null needs one chance level: every question offers as many options
         result |= {"named": named, "options": options.pop()}
         result["option_guess"] = {f"pass@{k}": option_guess(result, k) for k in ks}

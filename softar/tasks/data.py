@@ -196,20 +196,21 @@ def load_task_meta(data_dir: str | Path) -> dict:
     return meta
 
 
-def depths_at(task, depths: list[int], step: int) -> list[int]:
-    """The depths a generating task draws from at an optimizer step: with task.depth_iters, the shallowest for the
-    first depth_iters steps after the recall warm-up, one more every depth_iters steps; else all of them."""
+def depths_at(task, generator: dict, step: int) -> list[int]:
+    """The depths a generating task draws from at an optimizer step: task.depths (else all its `generator`'s), and
+    with task.depth_iters the shallowest of them for the first depth_iters steps after the recall warm-up, one more
+    every depth_iters steps."""
+    depths = sorted(task.depths or generator["depths"])
     if not task.depth_iters:
         return depths
-    return sorted(depths)[: max(step - task.recall_iters, 0) // task.depth_iters + 1]
+    return depths[: max(step - task.recall_iters, 0) // task.depth_iters + 1]
 
 
 def batch_generator(task: Task, generator: dict, cfg) -> Callable[[random.Random, int, int], list[dict]]:
     """A generating task's training batches, `(rng, n, step)` -> n fresh questions at the depths `depths_at` admits
     at the step; a curriculum mode's all at one depth (one question length, so its thought slots line up)."""
     aligned = MODES[cfg.mode].curriculum
-    return lambda rng, n, step: task.generate(rng, {**generator, "depths": depths_at(cfg, generator["depths"], step)},
-                                              n, aligned)
+    return lambda rng, n, step: task.generate(rng, {**generator, "depths": depths_at(cfg, generator, step)}, n, aligned)
 
 
 def stage_iters(task, max_iters: int) -> int:
