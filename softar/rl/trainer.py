@@ -2,11 +2,11 @@
 atomic checkpoints, exact resume, SIGTERM, the non-finite guard, metrics.jsonl and TensorBoard, torchrun DDP).
 
 The RL config names the run to start from (`rl.init_from`) and sets [rl] and [train] (and the task's eval_examples and
-max_answer_tokens); the model, the task and the data are the initial run's. Each step draws train.batch_size train
-prompts at the task's final curriculum stage, samples rl.group_size rollouts of each under the thought policy, as one
-batch (`softar.rl.rollout`), scores them with the task's reward (its `reward` where it has one, else 1 for a right
-answer), and takes rl.inner_steps clipped-objective updates with a KL estimate to the initial policy (weight
-rl.kl_coef; it is logged either way). Each rollout draws from a stream of its own, seeded by (train.seed, step, its
+max_answer_tokens, task.depths); the model, the task and the data are the initial run's. Each step draws
+train.batch_size train prompts at the task's final curriculum stage (a generating task's: fresh questions at
+task.depths), samples rl.group_size rollouts of each under the thought policy, as one batch (`softar.rl.rollout`),
+scores them with rl.reward (`softar.rl.rewards`), and takes rl.inner_steps clipped-objective updates with a KL
+estimate to the initial policy (weight rl.kl_coef; it is logged either way). Each rollout draws from a stream of its own, seeded by (train.seed, step, its
 place in the global batch), so a resumed run draws what the uninterrupted one drew, and R ranks draw what one process
 does.
 """
