@@ -200,8 +200,8 @@ class RLConfig:
     eval_samples: int = 32  # periodic evals: samples per valid prompt, for pass@1..pass@eval_samples
     reward: str = "answer"  # a name in softar.rl.rewards.REWARDS: answer, path, path_partial, format
     scale_advantages: bool = True  # divide by the group's std (GRPO); false: Dr. GRPO's unscaled advantages
-    # "sequence": each rollout's actions averaged, then the rollouts (GRPO); "token": every action of the batch
-    # weighs the same (DAPO, Dr. GRPO), so long rollouts weigh more
+    # "sequence": each rollout's actions averaged, then the rollouts (GRPO); "token": every action of the global
+    # batch weighs the same, in the objective and the KL (DAPO), so long rollouts weigh more
     loss_average: Literal["sequence", "token"] = "sequence"
 
 
@@ -473,6 +473,7 @@ def validate(cfg: Config) -> None:
          f"(leaving steps for the task), got {k.recall_iters}")
     need(not k.recall_iters or k.name, "task.recall_iters", "is a reasoning task's warm-up: set task.name too")
     need(not k.depth_iters or k.name, "task.depth_iters", "is a reasoning task's curriculum: set task.name too")
+    need(not k.depths or k.name, "task.depths", "are a reasoning task's: set task.name too")
     need(len(set(k.depths)) == len(k.depths) and all(1 <= d <= 64 for d in k.depths), "task.depths",
          f"must be distinct depths in [1, 64], got {k.depths}")
     r = cfg.rl
@@ -482,11 +483,9 @@ def validate(cfg: Config) -> None:
     need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
     need(0 < r.sigma <= 100, "rl.sigma", "must be in (0, 100]")
     need(1e-3 <= r.temperature <= 1e3, "rl.temperature", "must be in [1e-3, 1e3]")
-    from softar.rl.rewards import PATH_REWARDS, REWARDS
+    from softar.rl.rewards import REWARDS
 
     need(r.reward in REWARDS, "rl.reward", f"expected one of {', '.join(REWARDS)}, got {r.reward!r}")
-    need(r.reward not in PATH_REWARDS or not r.init_from or k.render == "symbolic", "rl.reward",
-         f"{r.reward!r} reads the written steps as node tokens: it needs task.render = \"symbolic\"")
 
 
 def seeded(path: str, seed: int) -> str:

@@ -24,7 +24,7 @@ from softar.evaluate.lm import estimate_loss, evaluate_split
 from softar.evaluate.reasoning import TaskData, evaluate_task, task_loss_on
 from softar.model.embedding import embedding_stats
 from softar.soft.window import Layout
-from softar.tasks.data import TaskSampler, batch_generator
+from softar.tasks.data import TaskSampler, batch_generator, training_depths
 from softar.tasks.recall import recall_accuracy
 
 
@@ -132,13 +132,8 @@ class ReasoningTask(Workload):
     def check(self, cfg: Config, layout: Layout) -> None:
         for split in self.data.examples:  # valid holds every depth a generating task trains on
             self.data.check_fits(split, cfg.model.block_size, f"model.block_size ({split}.json)")
-        k, gen = cfg.task, self.data.meta.get("generator")
-        if (k.depth_iters or k.depths) and not gen:
-            raise ConfigError(f"task.{'depth_iters' if k.depth_iters else 'depths'}: {k.name} reads fixed splits; "
-                              "choosing depths needs a task that generates its questions")
-        if gen and set(k.depths) - set(gen["depths"]):
-            raise ConfigError(f"task.depths: {k.depths} are not all among the dataset's depths {gen['depths']}")
-        depths = k.depths or (gen or {}).get("depths", [])
+        k = cfg.task
+        depths = training_depths(k, self.data.meta)
         if k.depth_iters and k.recall_iters + k.depth_iters * (len(depths) - 1) >= cfg.train.max_iters:
             raise ConfigError(f"task.depth_iters: {k.depth_iters} steps per depth leave depth {max(depths)} "
                               f"untrained within train.max_iters ({cfg.train.max_iters})")

@@ -10,6 +10,7 @@ import torch
 from softar.rl.objective import (
     clipped_objective,
     group_advantages,
+    group_weights,
     guessed_pass_at_k,
     kl_to_reference,
     pass_at_k,
@@ -123,3 +124,30 @@ def test_the_option_guessing_null_in_closed_form():
         right[:m] = rng.random(m) < 0.5
         hits += right[rng.choice(n, k, replace=False)].any()
     assert guessed_pass_at_k(n, m, k) == pytest.approx(hits / trials, abs=0.01)
+
+
+def test_group_weights_make_the_token_average_of_the_whole_batch_across_ranks():
+    """Token averaging: per-group token means, weighted by `group_weights` and averaged over ranks as the gradients
+    are, equal one token mean over every action of the global batch (and sequence averaging is 1/P per group)."""
+    g = torch.Generator().manual_seed(1)
+    logp = -torch.rand(8, 6, generator=g)
+    old = logp + torch.randn(8, 6, generator=g) * 0.3
+    adv = torch.randn(8, generator=g)
+    mask = torch.rand(8, 6, generator=g) < 0.6
+    mask[3] = False
+    whole = clipped_objective(logp, old, adv, mask, 0.2, "token")[0]
+    ranks = [range(0, 2), range(2, 4)], [range(4, 6), range(6, 8)]  # 2 ranks x 2 groups of 2 rollouts
+    counts = [torch.stack([mask[list(grp)].sum() for grp in rank]) for rank in ranks]
+    total = sum(c.sum() for c in counts)
+    per_rank = []
+    for rank, c in zip(ranks, counts, strict=True):
+        w = group_weights(c, "token", total, ranks=2)
+        per_rank.append(sum(w[k] * clipped_objective(logp[list(grp)], old[list(grp)], adv[list(grp)],
+                                                     mask[list(grp)], 0.2, "token")[0] for k, grp in enumerate(rank)))
+    torch.testing.assert_close(sum(per_rank) / 2, whole)  # the mean over ranks, as `World.mean_grads` takes
+    assert torch.equal(group_weights(counts[0], "sequence", total), torch.tensor([0.5, 0.5]))
+    kl_whole = kl_to_reference(logp, old, mask, "token")
+    kl_parts = sum(group_weights(torch.stack([mask[list(grp)].sum() for grp in pair]), "token", mask.sum())[k]
+                   * kl_to_reference(logp[list(grp)], old[list(grp)], mask[list(grp)], "token")
+                   for pair in [[range(0, 4), range(4, 8)]] for k, grp in enumerate(pair))
+    torch.testing.assert_close(kl_parts, kl_whole)

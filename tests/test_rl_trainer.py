@@ -89,6 +89,7 @@ def test_rl_configs_it_cannot_run_are_one_line_errors(init_run, char_data, tmp_p
         ([cfg, "rl.group_size=1"], "rl.group_size"),
         ([cfg, "rl.policy=beam"], "rl.policy"),
         ([cfg, "task.depths=[2]"], "task.depths: prosqa reads fixed splits"),
+        ([cfg, 'rl.reward="path"'], "'path' reads each written step as one node; prosqa's steps are not"),
         ([cfg, "rl.loss_average=mean"], "rl.loss_average: expected one of"),
         ([cfg, "train.grad_accum=2"], "train.grad_accum: not used by an RL run"),
         ([cfg, 'train.parallel="fsdp"'], "train.parallel: an RL run replicates"),

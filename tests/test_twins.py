@@ -11,7 +11,7 @@ from softar import SoftarError, config
 from softar.data.tokenizer import TaskTokenizer
 from softar.tasks import VOCABULARY, get_task
 from softar.tasks.audit import audit
-from softar.tasks.data import Encoder, TaskSampler, batch_generator, prepare_task
+from softar.tasks.data import Encoder, TaskSampler, batch_generator, depths_at, prepare_task
 from softar.tasks.recall import recall_batch
 from softar.tasks.twins import make_record, question_text
 from softar.train import train
@@ -148,7 +148,22 @@ def test_a_depth_curriculum_admits_one_more_depth_every_depth_iters_steps(twins_
         train(config.load(None, task_overrides(twins_data, **over, **{"task.depth_iters": 4})), tmp_path / "a")
     with pytest.raises(SoftarError, match="reads fixed splits"):  # ProsQA's questions are not generated
         train(config.load(None, task_overrides(task_data, **{"task.depth_iters": 1})), tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(SoftarError, match=r"task.depths: \[5\] are not all among the dataset's depths"):
+        train(config.load(None, task_overrides(twins_data, **over, **{"task.depths": "[5]"})), tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_depths_at_each_step_of_the_curriculum():
+    """The depths drawn at each optimizer step, written out for 2 recall steps and 3 steps per depth."""
+    gen = {"nodes": 8, "depths": [1, 2, 3, 4]}
+    cfg = config.load(None, ["task.name=twins", "task.recall_iters=2", "task.depth_iters=3", "train.max_iters=20"]).task
+    want = [[1]] * 5 + [[1, 2]] * 3 + [[1, 2, 3]] * 3 + [[1, 2, 3, 4]] * 4  # steps 0-1 recall (unused), 2-4 ...
+    assert [depths_at(cfg, gen, step) for step in range(15)] == want
+    chosen = config.load(None, ["task.name=twins", "task.depths=[4, 2]", "task.depth_iters=3"]).task
+    assert [depths_at(chosen, gen, step) for step in (0, 2, 3, 9)] == [[2], [2], [2, 4], [2, 4]]
+    plain = config.load(None, ["task.name=twins", "task.depths=[3]"]).task
+    questions = batch_generator(TWINS, gen, plain)(random.Random(0), 50, 0)
+    assert {len(q["steps"]) for q in questions} == {3}
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +190,19 @@ def test_a_twins_run_warms_up_trains_reports_accuracy_by_depth_and_starts_rl(twi
     # RL from it on generated questions at one depth the dataset holds, rewarded for the exact path
     rl = tmp_path / "rl.toml"
     rl.write_text(f'[rl]\ninit_from = "{run}"\npolicy = "hard"\ngroup_size = 4\neval_samples = 4\nreward = "path"\n'
+                  'loss_average = "token"\nscale_advantages = false\nkl_coef = 0.1\n'
                   '[train]\nmax_iters = 4\nbatch_size = 2\neval_interval = 2\nwarmup_iters = 0\nthreads = 1\n'
                   '[task]\ndepths = [3]\neval_examples = 4\n')
     full, split = tmp_path / "rl", tmp_path / "rl_split"
     proc = softar("rl", rl, "--out", full, "--quiet")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 0 <= result["val_sampled"]["well_formed"] <= 1 and result["val_sampled"]["pass@1"] <= 1
+    from softar.rl.trainer import RLTrainer, rl_config
+
+    trainer = RLTrainer(rl_config(rl), tmp_path / "rl_probe", quiet=True)
+    records, examples = trainer.next_questions()
+    assert [len(r["steps"]) for r in records] == [3, 3]  # task.depths = [3]: every prompt three hops deep
+    assert [ex.question.count(VOCABULARY.index(";")) for ex in examples] == [14 + 3] * 2
     saved = json.loads((full / "config.json").read_text())["task"]
     assert saved["depths"] == [3] and saved["recall_iters"] == 0  # the warm-up was the supervised run's
     assert softar("rl", rl, "train.max_iters=2", "train.lr_decay_iters=4", "--out", split, "--quiet").returncode == 0
@@ -189,8 +210,12 @@ def test_a_twins_run_warms_up_trains_reports_accuracy_by_depth_and_starts_rl(twi
     losses = [[(r["step"], r["loss"], r["reward"]) for r in map(json.loads, (d / "metrics.jsonl").read_text()
                .splitlines()) if r["kind"] == "train"] for d in (full, split)]
     assert losses[0] == losses[1] and len(losses[0]) == 4  # generated prompts resume exactly
+    coconut = tmp_path / "coconut"  # a run that writes no chain: the path rewards cannot score it
+    train(config.load(None, task_overrides(twins_data, **{"task.name": '"twins"', "train.max_iters": 1})), coconut,
+          quiet=True)
     for args, message in ((["task.depths=[5]"], "task.depths: [5] are not all among"),
-                          (['rl.reward="beauty"'], "rl.reward: expected one of")):
+                          (['rl.reward="beauty"'], "rl.reward: expected one of"),
+                          ([f'rl.init_from="{coconut}"'], "'path' scores the whole chain written in order")):
         assert_one_line_error(softar("rl", rl, *args, "--out", tmp_path / "bad"), message)
     assert not (tmp_path / "bad").exists()
 
@@ -233,6 +258,11 @@ def test_twins_prepare_cli_counts_per_depth_and_refuses_what_it_cannot_use(tmp_p
     meta_file.write_text(good.replace('"nodes": 5', '"nodes": 99'))  # a hostile generator: one line, nothing loads
     assert_one_line_error(softar("task", "audit", tmp_path / "d"), "nodes per twin must be 2 to 32")
     meta_file.write_text(good)
+    prosqa = tmp_path / "p"  # a generator in the task.json of a task with fixed splits: refused, not ignored
+    prepare_task("prosqa", prosqa, {"train": 4, "valid": 2, "test": 2}, seed=0)
+    meta = json.loads((prosqa / "task.json").read_text())
+    (prosqa / "task.json").write_text(json.dumps({**meta, "generator": {"depths": [1, 2]}}))
+    assert_one_line_error(softar("task", "audit", prosqa), "prosqa reads fixed splits; a generator is for")
     (tmp_path / "d" / "train.json").write_text("[]")  # a train split beside a generating task's data is not its own
     assert_one_line_error(softar("task", "audit", tmp_path / "d"), "train.json")
 

@@ -28,7 +28,7 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
 def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                       clip: float, average: str = "sequence") -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, per action, averaged over each rollout's actions and then over rollouts (GRPO,
-    `average="sequence"`), or over all actions at once (`"token"`: DAPO, Dr. GRPO).
+    `average="sequence"`), or over all actions at once (`"token"`: DAPO).
 
     logp, logp_old, mask [N, T]; advantages [N]. Returns (the loss to minimise, the clipped fraction of actions).
     The ratio exp(logp - logp_old) is exactly 1 on the first inner step, where logp_old is logp detached."""
@@ -43,14 +43,26 @@ def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, advantages: to
     return -per_rollout.mean(), clipped.detach()
 
 
-def kl_to_reference(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def kl_to_reference(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor,
+                    average: str = "sequence") -> torch.Tensor:
     """The k3 estimate of KL(policy || reference) per action, exp(r) - r - 1 with r = logp_ref - logp clamped to
-    [-20, 20] (unbiased within it, never negative), averaged as `clipped_objective` averages: over each rollout's
-    actions, then over rollouts."""
+    [-20, 20] (unbiased within it, never negative), averaged as `clipped_objective` averages (`average`)."""
     r = (logp_ref - logp).clamp(-20, 20)  # a noisy thought's log-density ratio can be large: no overflow
     k3 = r.exp() - r - 1
     m = mask.to(k3.dtype)
+    if average == "token":
+        return (k3 * m).sum() / m.sum().clamp_min(1)
     return ((k3 * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()
+
+
+def group_weights(actions: torch.Tensor, average: str, total: torch.Tensor, ranks: int = 1) -> torch.Tensor:
+    """Each prompt group's weight in the batch loss, the groups' own losses averaged as `clipped_objective`
+    averages: 1/P each for "sequence" (P groups on this rank), or for "token" the group's share of the global
+    batch's actions, `actions` [P] this rank's counts and `total` the count over all ranks, times `ranks` since
+    the gradients are then averaged over ranks: every action of the global batch then weighs 1/total."""
+    if average == "token":
+        return actions.float() * ranks / total.float().clamp_min(1)
+    return torch.full(actions.shape, 1 / len(actions), device=actions.device)
 
 
 PASS_K = (1, 4, 16, 32)  # the k of every pass@k softAR reports (up to the number of samples)

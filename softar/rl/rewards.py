@@ -11,8 +11,8 @@ a rollout *passes* (pass@k) only where the reward is exactly 1.
 - **format**: 1 for a well-formed output (every step a node of this graph, then exactly one node as the answer),
   right or wrong: the format-only null a learned format must not be mistaken for.
 
-The path rewards read steps as node tokens, one node a step: the symbolic rendering (`softar rl` refuses them
-otherwise).
+The path rewards read each step as one node token (a task with `node_steps`: twins), and path and path_partial
+the whole chain written in order (a cot run); `softar rl` refuses them otherwise.
 """
 
 from __future__ import annotations

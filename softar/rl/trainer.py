@@ -6,9 +6,9 @@ max_answer_tokens, task.depths); the model, the task and the data are the initia
 train.batch_size train prompts at the task's final curriculum stage (a generating task's: fresh questions at
 task.depths), samples rl.group_size rollouts of each under the thought policy, as one batch (`softar.rl.rollout`),
 scores them with rl.reward (`softar.rl.rewards`), and takes rl.inner_steps clipped-objective updates with a KL
-estimate to the initial policy (weight rl.kl_coef; it is logged either way). Each rollout draws from a stream of its own, seeded by (train.seed, step, its
-place in the global batch), so a resumed run draws what the uninterrupted one drew, and R ranks draw what one process
-does.
+estimate to the initial policy (weight rl.kl_coef; it is logged either way). Each rollout draws from a stream of
+its own, seeded by (train.seed, step, its place in the global batch), so a resumed run draws what the uninterrupted
+one drew, and R ranks draw what one process does.
 """
 
 from __future__ import annotations
@@ -30,15 +30,18 @@ from softar.rl.objective import (
     PASS_K,
     clipped_objective,
     group_advantages,
+    group_weights,
     guessed_pass_at_k,
     kl_to_reference,
     pass_at_k,
 )
-from softar.rl.rewards import REWARDS
+from softar.rl.rewards import PATH_REWARDS, REWARDS
 from softar.rl.rollout import Actions, Policy, replay, rollout, rollout_seeds
 from softar.rundir import check_data, load_latest, read_config
 from softar.soft.gate import gate_state, load_initial
 from softar.soft.model import build_model
+from softar.tasks.data import Example, training_depths
+from softar.tasks.modes import MODES
 from softar.train import Trainer, apply_update
 
 PARTS = ("reward", "reward_std", "kl", "clipped", "answer_entropy", "thought_norm", "rollout_tokens_per_s")
@@ -48,7 +51,8 @@ UNUSED_TRAIN_KEYS = ("grad_accum", "dtype", "compile")
 
 def rl_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """The RL run's config: the initial run's, with the RL file's (and the overrides') rl, train, data and
-    task.eval_examples / task.max_answer_tokens on top."""
+    task.eval_examples / task.max_answer_tokens / task.depths on top (the initial run's warm-up and depth
+    curriculum are its own, not repeated)."""
     raw = load_raw(path, overrides)
     for section, values in raw.items():
         if section not in RL_KEYS:
@@ -94,13 +98,18 @@ def check_policy(cfg: Config) -> None:
     """Before a run directory is touched: the policy can run on this model and task, and the initial checkpoint
     loads into it."""
     data = TaskData.open(cfg)
-    gen = data.meta.get("generator")
-    if gen and set(cfg.task.depths) - set(gen["depths"]):
-        raise ConfigError(f"task.depths: {cfg.task.depths} are not all among the dataset's depths {gen['depths']}")
-    if cfg.task.depths and not gen:
-        raise ConfigError(f"task.depths: {cfg.task.name} reads fixed splits; choosing depths needs a task that "
-                          "generates its questions")
-    enc = data.encoder  # a generated question is as long as a valid one of its depth (valid holds every depth)
+    try:
+        training_depths(cfg.task, data.meta)
+    except SoftarError as e:
+        raise ConfigError(str(e)) from None
+    enc, mode = data.encoder, MODES[cfg.task.mode]
+    if cfg.rl.reward in PATH_REWARDS and not getattr(data.task, "node_steps", False):
+        raise ConfigError(f"rl.reward: {cfg.rl.reward!r} reads each written step as one node; {cfg.task.name}'s "
+                          "steps are not (twins' are)")
+    if cfg.rl.reward in ("path", "path_partial") and (mode.curriculum or mode.reversed_steps or not mode.writes_steps):
+        raise ConfigError(f"rl.reward: {cfg.rl.reward!r} scores the whole chain written in order; the "
+                          f"{cfg.task.mode!r} run does not write it (a cot run does)")
+    # a generated question is as long as a valid one of its depth (valid holds every depth the dataset generates)
     longest = max(len(enc.prompt(ex, enc.final_stage())) for split in ("train", "valid") if split in data.examples
                   for ex in data.examples[split])
     model = build_model(resolve(cfg, data.meta["vocab_size"])).eval()
@@ -148,8 +157,8 @@ class RLTrainer(Trainer):
         t, r = self.cfg.train, self.cfg.rl
         self.schedule()
         t0 = time.perf_counter()
-        records = self.next_records()
-        prompts = [self.enc.prompt(self.enc.example(rec, "a generated question"), self.stage) for rec in records]
+        records, examples = self.next_questions()
+        prompts = [self.enc.prompt(ex, self.stage) for ex in examples]
         G = r.group_size
         # rollout j of the prompt in slot s of the global batch draws from its own stream: R ranks of B prompts roll
         # out what one process of R x B does
@@ -165,10 +174,9 @@ class RLTrainer(Trainer):
         advantages = group_advantages(rewards, r.scale_advantages)
         with torch.no_grad():
             ref, masks = zip(*(replay(self.reference, p, a, self.policy, self.eos) for p, a in groups), strict=True)
-        # each group's share of the loss: 1/P (sequence averaging), or its share of the batch's actions (token)
-        actions = torch.stack([m.sum() for m in masks]).float()
-        weights = actions / actions.sum().clamp_min(1) if r.loss_average == "token" \
-            else torch.full_like(actions, 1 / len(groups))
+        counts = torch.stack([m.sum() for m in masks]).float()  # each group's actions
+        weights = group_weights(counts, r.loss_average, self.world.mean(counts.sum()[None])[0] * self.world.size,
+                                self.world.size)
         old: list[torch.Tensor] = []  # the rollouts' log-probs: the first inner step's replay, detached (ratio 1)
         bad, kl, clipped, first = False, 0.0, 0.0, torch.zeros((), device=self.device)
         for inner in range(r.inner_steps):  # loss and kl: at the rollouts' policy; clipped: in the later updates
@@ -178,13 +186,13 @@ class RLTrainer(Trainer):
                 if inner == 0:
                     old.append(logp.detach())
                 loss, frac = clipped_objective(logp, old[k], advantages[k], mask, r.clip, r.loss_average)
-                div = kl_to_reference(logp, ref[k], mask)
+                div = kl_to_reference(logp, ref[k], mask, r.loss_average)
                 if r.kl_coef > 0:
                     loss = loss + r.kl_coef * div
                 (loss * weights[k]).backward()
                 total = total + loss.detach() * weights[k]
                 if inner == 0:
-                    kl += div.item() / len(groups)
+                    kl += div.item() * weights[k].item()
                 else:
                     clipped += frac.item() / len(groups) / (r.inner_steps - 1)
             self.world.mean_grads(self.net)
@@ -201,16 +209,17 @@ class RLTrainer(Trainer):
                              device=self.device)
         return self.world.mean(first[None])[0], self.world.mean(parts), bad
 
-    def next_records(self) -> list[dict]:
-        """This rank's prompts of the next step, as records: drawn from the train split, or generated afresh at
-        task.depths (else every depth of the dataset) for a task that generates its questions."""
-        gen = self.task.meta.get("generator")
-        if gen is None:
-            return [self.task.records["train"][i] for i in self.sampler.next_indices()]
-        n = self.cfg.train.batch_size * self.world.size
-        params = {**gen, "depths": sorted(self.cfg.task.depths or gen["depths"])}
-        aligned = self.enc.mode.curriculum  # one depth per batch where thought slots must line up
-        return self.sampler.mine(self.enc.task.generate(self.sampler.batch_rng(), params, n, aligned))
+    def next_questions(self) -> tuple[list[dict], list[Example]]:
+        """This rank's questions of the next step, records and examples: drawn from the train split, or for a task
+        that generates its questions fresh ones at task.depths (else every depth of the dataset), depths mixed in
+        every mode (the decode loop batches prompts of any length)."""
+        if "generator" not in self.task.meta:
+            picked = self.sampler.next_indices()
+            return [self.task.records["train"][i] for i in picked], [self.task.examples["train"][i] for i in picked]
+        params = {**self.task.meta["generator"], "depths": training_depths(self.cfg.task, self.task.meta)}
+        records = self.sampler.mine(self.enc.task.generate(
+            self.sampler.batch_rng(), params, self.cfg.train.batch_size * self.world.size, False))
+        return records, [self.enc.example(r, "a generated question") for r in records]
 
     def final_evaluation(self) -> dict:
         """The supervised final evaluation (greedy, soft thoughts, every curriculum stage), and pass@k under the
@@ -253,8 +262,9 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
     """`samples` rollouts of each of the first `limit` questions of a split under `policy`, at the final curriculum
     stage, all as one batch (rollout j of question q draws from a stream of its own, from `seed`): pass@k for k in
     1, 4, 16, 32 up to `samples` (a rollout passes when its `reward` is 1; the unbiased estimator, averaged over
-    questions), the mean reward, and per question the number of passing rollouts (`right`). On the symbolic
-    rendering, `well_formed`: the fraction of rollouts whose output is well formed (`format`), right or wrong.
+    questions), the mean reward, and per question the number of passing rollouts (`right`). For a task whose steps
+    are one node each (twins), `well_formed`: the share of rollouts whose output is well formed (`format`), right or
+    wrong.
 
     For a choice between options (ProsQA) it also gives `named` (per question, the rollouts whose answer names one
     of the options), `options` (how many a question offers) and `option_guess`: the pass@k the same rollouts would
@@ -270,13 +280,14 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
     right: list[int] = []
     named: list[int] = []
     options: set[int] = set()
-    formed = 0.0
+    formed, node_steps = 0.0, getattr(enc.task, "node_steps", False)
+    score, well_formed = REWARDS[reward], REWARDS["format"]
     for q, rec in enumerate(records):
-        rows = actions.answers[q * samples : (q + 1) * samples]
-        scores = [reward_of(data, rec, a, reward) for a in rows]
-        answers = [written(data, a)[1] for a in rows]
-        if enc.rendering == "symbolic":
-            formed += sum(reward_of(data, rec, a, "format") for a in rows)
+        outputs = [written(data, a) for a in actions.answers[q * samples : (q + 1) * samples]]
+        scores = [score(enc.task, rec, steps, words, enc.rendering) for steps, words in outputs]
+        answers = [words for _, words in outputs]
+        if node_steps:
+            formed += sum(well_formed(enc.task, rec, steps, words, enc.rendering) for steps, words in outputs)
         rewards += scores
         right.append(sum(s == 1.0 for s in scores))
         if hasattr(enc.task, "options"):
@@ -285,7 +296,7 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
             named.append(sum(enc.task.answer_node(rec, w, enc.rendering) in offered for w in answers))
     result = {"samples": samples, "reward": sum(rewards) / len(rewards),
               **{f"pass@{k}": statistics.fmean(pass_at_k(samples, r, k) for r in right) for k in ks},
-              "right": right, **({"well_formed": formed / len(rewards)} if enc.rendering == "symbolic" else {})}
+              "right": right, **({"well_formed": formed / len(rewards)} if node_steps else {})}
     if named and len(options) == 1:  # the null needs one chance level: every question offers as many options
         result |= {"named": named, "options": options.pop()}
         result["option_guess"] = {f"pass@{k}": option_guess(result, k) for k in ks}

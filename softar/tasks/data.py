@@ -180,6 +180,9 @@ def load_task_meta(data_dir: str | Path) -> dict:
             task.check_generator(meta.get("generator"))
         except SoftarError as e:
             raise SoftarError(f"task dataset {path}: {e}") from None
+    elif "generator" in meta:
+        raise SoftarError(f"task dataset {path}: {meta['task']} reads fixed splits; a generator is for a task that "
+                          "generates its questions")
     for split in ("train", "valid", "test"):
         file = Path(data_dir) / f"{split}.json"
         if split == "train" and online and file.exists():
@@ -194,6 +197,19 @@ def load_task_meta(data_dir: str | Path) -> dict:
     if getattr(tok, "words", None) != VOCABULARY:
         raise SoftarError(f"task dataset {data_dir}: its tokenizer is not softar's task vocabulary")
     return meta
+
+
+def training_depths(task, meta: dict) -> list[int]:
+    """The depths a task config (task.depths, task.depth_iters) trains on, from its dataset's task.json: task.depths,
+    else every depth of the dataset's generator; [] for a task with fixed splits. Depths it cannot train on are a
+    one-line error."""
+    gen = meta.get("generator")  # only a generating task's dataset holds one (`load_task_meta`)
+    if (task.depths or task.depth_iters) and not gen:
+        raise SoftarError(f"task.{'depths' if task.depths else 'depth_iters'}: {meta['task']} reads fixed splits; "
+                          "choosing depths needs a task that generates its questions")
+    if gen and set(task.depths) - set(gen["depths"]):
+        raise SoftarError(f"task.depths: {task.depths} are not all among the dataset's depths {gen['depths']}")
+    return sorted(task.depths or (gen or {}).get("depths", []))
 
 
 def depths_at(task, generator: dict, step: int) -> list[int]:
@@ -302,10 +318,11 @@ class TaskSampler:
     """Random training batches of examples whose questions have one length, so the thought slots of a batch sit
     at the same positions and continuous thoughts run through the KV cache for the whole batch (an example is
     drawn uniformly, then its batch from its length group). A task with a generator (`generate(rng, n, step)` -> n
-    records) draws fresh questions instead, each batch from its own seeded generator; the first
-    task.recall_iters batches are the recall warm-up's (`softar.tasks.recall`). Under data parallelism every rank
-    draws the same global batch and keeps its own slice. Its state (a generator and the batches drawn, which set
-    the curriculum stage) checkpoints as one uint8 tensor and resumes exactly."""
+    records, at the depths of the step's curriculum) draws fresh questions instead, each batch from its own seeded
+    generator; the first task.recall_iters batches are the recall warm-up's (`softar.tasks.recall`). Under data
+    parallelism every rank draws the same global batch and keeps its own slice. Its state (a generator and the
+    batches drawn, which set the curriculum stage and the depths) checkpoints as one uint8 tensor and resumes
+    exactly."""
 
     def __init__(self, encoder: Encoder, examples: list[Example], batch_size: int, seed: int, max_iters: int,
                  grad_accum: int = 1, rank: int = 0, world: int = 1,

@@ -43,6 +43,7 @@ class Twins:
     name = "twins"
     renders = ("symbolic",)
     online = True  # training questions are generated fresh every batch: no train.json
+    node_steps = True  # each step one node token, the answer one node: what the path rewards of `softar rl` read
     counts = COUNTS  # the fixed splits' questions per depth
 
     @staticmethod
