@@ -176,6 +176,9 @@ class TaskConfig:
     # for a pretrained model), then the task; 0: no warm-up
     recall_iters: int = 0
     recall_pairs: int = 14  # facts per recall sequence (over recall_pairs + 2 nodes)
+    # after the warm-up, every recall_every-th step trains recall again (replay, so that the task does not wipe the
+    # lookup the warm-up taught); 0: never
+    recall_every: int = 0
     # a generating task's depth curriculum: its first depth_iters task steps (after the warm-up) draw questions of
     # its shallowest depth only, and every depth_iters more steps admit the next depth; 0: every depth from the start
     depth_iters: int = 0
@@ -467,11 +470,14 @@ def validate(cfg: Config) -> None:
              "unsharded model)")
     for key, low, high in (("thoughts_per_step", 1, 64), ("max_stage", 0, 64), ("stage_iters", 0, 2**31),
                            ("pauses", 0, 4096), ("eval_examples", 1, 10**6), ("max_answer_tokens", 1, 4096),
-                           ("recall_pairs", 1, 62), ("depth_iters", 0, 2**31)):
+                           ("recall_pairs", 1, 62), ("depth_iters", 0, 2**31),
+                           ("recall_every", 0, 2**31)):
         need(low <= getattr(k, key) <= high, f"task.{key}", f"must be in [{low}, {high}]")
     need(0 <= k.recall_iters < max(t.max_iters, 1), "task.recall_iters", f"must be in [0, train.max_iters) "
          f"(leaving steps for the task), got {k.recall_iters}")
     need(not k.recall_iters or k.name, "task.recall_iters", "is a reasoning task's warm-up: set task.name too")
+    need(k.recall_every != 1, "task.recall_every", "1 would train recall only: 0 (never) or 2 and up")
+    need(not k.recall_every or k.name, "task.recall_every", "is a reasoning task's replay: set task.name too")
     need(not k.depth_iters or k.name, "task.depth_iters", "is a reasoning task's curriculum: set task.name too")
     need(not k.depths or k.name, "task.depths", "are a reasoning task's: set task.name too")
     need(len(set(k.depths)) == len(k.depths) and all(1 <= d <= 64 for d in k.depths), "task.depths",

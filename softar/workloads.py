@@ -138,7 +138,7 @@ class ReasoningTask(Workload):
             raise ConfigError(f"task.depth_iters: {k.depth_iters} steps per depth leave depth {max(depths)} "
                               f"untrained within train.max_iters ({cfg.train.max_iters})")
         recall = 6 * cfg.task.recall_pairs + 2
-        if cfg.task.recall_iters and recall > cfg.model.block_size:
+        if (cfg.task.recall_iters or cfg.task.recall_every) and recall > cfg.model.block_size:
             raise ConfigError(f"task.recall_pairs: {cfg.task.recall_pairs} pairs make {recall}-slot recall "
                               f"sequences, more than model.block_size ({cfg.model.block_size})")
 
@@ -163,7 +163,7 @@ class ReasoningTask(Workload):
     def recall(self, trainer: Trainer) -> dict:
         """With a recall warm-up: the model's accuracy on the fixed recall sequences (did the warm-up take?)."""
         task = trainer.cfg.task
-        if not task.recall_iters:
+        if not (task.recall_iters or task.recall_every):
             return {}
         return {"recall_accuracy": recall_accuracy(trainer.net, self.data.encoder.tok.stoi, task.recall_pairs,
                                                    trainer.device)}

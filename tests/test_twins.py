@@ -11,7 +11,7 @@ from softar import SoftarError, config
 from softar.data.tokenizer import TaskTokenizer
 from softar.tasks import VOCABULARY, get_task
 from softar.tasks.audit import audit
-from softar.tasks.data import Encoder, TaskSampler, batch_generator, depths_at, prepare_task
+from softar.tasks.data import Encoder, TaskSampler, batch_generator, depths_at, prepare_task, recall_at
 from softar.tasks.recall import recall_batch
 from softar.tasks.twins import make_record, question_text
 from softar.train import train
@@ -151,6 +151,18 @@ def test_a_depth_curriculum_admits_one_more_depth_every_depth_iters_steps(twins_
     with pytest.raises(SoftarError, match=r"task.depths: \[5\] are not all among the dataset's depths"):
         train(config.load(None, task_overrides(twins_data, **over, **{"task.depths": "[5]"})), tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_recall_is_replayed_every_recall_every_steps_after_the_warm_up(twins_data):
+    cfg = config.load(None, ["task.name=twins", "task.recall_iters=2", "task.recall_every=3"]).task
+    assert [recall_at(cfg, step) for step in range(11)] == [True, True, False, False, True, False, False, True,
+                                                             False, False, True]
+    never = config.load(None, ["task.name=twins", "task.recall_iters=2"]).task
+    assert [recall_at(never, step) for step in range(5)] == [True, True, False, False, False]
+    s = sampler(twins_data, 5, recall=2, mode="cot")
+    s.enc.cfg.recall_every = 3
+    widths = [s.next_batch()[0].shape[1] for _ in range(8)]
+    assert [w == 6 * 14 + 2 for w in widths] == [True, True, False, False, True, False, False, True]
 
 
 def test_depths_at_each_step_of_the_curriculum():

@@ -229,6 +229,13 @@ def batch_generator(task: Task, generator: dict, cfg) -> Callable[[random.Random
     return lambda rng, n, step: task.generate(rng, {**generator, "depths": depths_at(cfg, generator, step)}, n, aligned)
 
 
+def recall_at(task, step: int) -> bool:
+    """Whether an optimizer step trains associative recall: the warm-up's first task.recall_iters steps, and after
+    them every task.recall_every-th step (replay)."""
+    after = step - task.recall_iters
+    return after < 0 or bool(task.recall_every) and after % task.recall_every == task.recall_every - 1
+
+
 def stage_iters(task, max_iters: int) -> int:
     """Optimizer steps per curriculum stage: task.stage_iters, or the steps after the recall warm-up over
     (max_stage + 1) when it is 0 (a resolved config holds the number, so a resumed run keeps its curriculum)."""
@@ -319,7 +326,7 @@ class TaskSampler:
     at the same positions and continuous thoughts run through the KV cache for the whole batch (an example is
     drawn uniformly, then its batch from its length group). A task with a generator (`generate(rng, n, step)` -> n
     records, at the depths of the step's curriculum) draws fresh questions instead, each batch from its own seeded
-    generator; the first task.recall_iters batches are the recall warm-up's (`softar.tasks.recall`). Under data
+    generator; the recall warm-up's batches and its replays are recall (`recall_at`, `softar.tasks.recall`). Under data
     parallelism every rank draws the same global batch and keeps its own slice. Its state (a generator and the
     batches drawn, which set the curriculum stage and the depths) checkpoints as one uint8 tensor and resumes
     exactly."""
@@ -362,7 +369,7 @@ class TaskSampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         stage, cfg, n = self.stage, self.enc.cfg, self.batch_size * self.world  # stage: of the batch to draw
-        if self.drawn // self.grad_accum < cfg.recall_iters:
+        if recall_at(cfg, self.drawn // self.grad_accum):
             x, y = recall_batch(self.batch_rng(), self.enc.tok.stoi, n, cfg.recall_pairs)
             return self.mine(x), self.mine(y)
         if self.generate is not None:
