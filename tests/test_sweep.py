@@ -188,7 +188,7 @@ def test_the_depth_report_applies_the_gate_the_control_and_the_preregistered_rul
     import dataclasses
 
     from softar.config import Config
-    from softar.experiments.reasoning_study import depth_sections
+    from softar.experiments.reasoning_study import depth_sections, gate_passes
 
     steps = [1] * 40 + [2] * 40
     half = [1, 0] * 20
@@ -213,6 +213,7 @@ def test_the_depth_report_applies_the_gate_the_control_and_the_preregistered_rul
     text = "\n".join(depth_sections(raw, cfgs))
     assert "| coco | thoughts (hidden) | 0.500, 0.500 | below the floor |" in text
     assert "-> no conclusion (Coconut below the floor)" in text
+    assert gate_passes(raw) == {"nc": True, "cot": True, "rev": True, "coco": False}  # what "What it shows" reads
     raw["nc"] = runs(half, half)  # no-CoT below the floor: no control, so no verdict either
     text = "\n".join(depth_sections(raw, cfgs))
     assert "Not interpretable" in text and "the positive control does not hold" in text
@@ -222,6 +223,17 @@ def test_the_depth_report_applies_the_gate_the_control_and_the_preregistered_rul
     assert "the runs are not comparable" in text and "1 of the 5 pre-registered seeds" in text
     raw["cot"] = [{"question_steps": steps}] * 2  # no per-question results
     assert "| cot | CoT | no per-question results | below the floor |" in "\n".join(depth_sections(raw, cfgs))
+
+
+def test_the_budget_counts_question_steps_apart_from_recall():
+    from softar import config
+    from softar.experiments.reasoning_study import task_steps
+
+    over = ["task.name=twins", "train.max_iters=1200", "task.recall_iters=300"]
+    assert task_steps(config.load(None, over)) == 900
+    assert task_steps(config.load(None, [*over, "task.recall_every=2"])) == 450  # every other step after 300
+    assert task_steps(config.load(None, [*over, "task.recall_every=3"])) == 600
+    assert task_steps(config.load(None, ["train.max_iters=50"])) == 50
 
 
 def test_rl_findings_say_below_the_floor_when_the_start_solves_nothing():

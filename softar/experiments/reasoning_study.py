@@ -15,7 +15,7 @@ from softar.disk import read_jsonl
 from softar.evaluate.reasoning import evaluate_task_run
 from softar.evaluate.stats import paired_bootstrap_2way
 from softar.experiments.study import Results, Study, save_figure
-from softar.tasks.data import stage_iters
+from softar.tasks.data import recall_at, stage_iters
 from softar.tasks.modes import MODES
 
 STAGES, DEPTHS, STEPS = range(7), range(1, 7), range(1, 7)
@@ -164,6 +164,8 @@ def report_sections(table: dict, raw: dict[str, list[dict]], cfgs: dict[str, Con
             "bootstrap 95% interval over seeds and questions, above 0.5): otherwise its edge is format, not "
             "reasoning.", ""]
     reasoning = {n: beyond_chance(raw[n]) for n in names}
+    gated = gate_passes(raw)
+    floor = {n for n in names if gated is not None and not gated[n]}  # below the gate: nothing concluded from them
     for n in names:
         d, r = deltas[n], reasoning[n]
         parts = []
@@ -173,20 +175,26 @@ def report_sections(table: dict, raw: dict[str, list[dict]], cfgs: dict[str, Con
             parts.append(f"names an option in {r['option_rate']:.0%} of its answers, and among those is right "
                          f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
                          + (" (above chance)" if r["lo"] > 0.5 else " (not above the 0.5 of chance)"))
+        if n in floor:
+            parts.append(f"below the floor (depth-{GATE_DEPTH} accuracy under {GATE} on some seed): nothing is "
+                         "concluded from it")
         out.append(f"- **{n}** ({_label(cfgs[n])}): " + "; ".join(parts) + ".")
     winners = [n for n in staged if deltas.get(n) and deltas[n]["lo"] > 0 and reasoning[n]
-               and reasoning[n]["lo"] > 0.5]
-    budget = first.train.max_iters * first.train.batch_size
-    learned = [n for n in names if reasoning[n] and reasoning[n]["lo"] > 0.5]
+               and reasoning[n]["lo"] > 0.5 and n not in floor]
+    steps = task_steps(first)
+    recall = first.train.max_iters - steps
+    learned = [n for n in names if reasoning[n] and reasoning[n]["lo"] > 0.5 and n not in floor]
     out += ["", ("Continuous or soft thoughts beat CoT beyond the seed-and-question interval, and above chance among "
                  "answers naming an option: " + ", ".join(winners) + ".") if winners else
             ("Below the floor at this budget: no config picks the reachable option more often than chance, so this "
              "sweep cannot say whether any mode helps." if not learned else
-             "No thought mode beats CoT beyond the interval, among configs that pick the reachable option above "
-             "chance: " + ", ".join(learned) + "."),
+             "No thought mode beats CoT beyond the interval. Configs that pick the reachable option above chance "
+             "(and pass the gate, where one applies): " + ", ".join(learned) + "."),
             "", f"Budget here: a {first.model.n_layer}-layer, d_model {first.model.d_model} model trained from "
-            f"scratch for {first.train.max_iters} steps of {first.train.batch_size} questions ({budget:,} questions "
-            f"seen) in the {first.task.render} rendering, on CPU. {ANCHORS}"]
+            f"scratch for {first.train.max_iters} steps of {first.train.batch_size} sequences"
+            + (f", {recall} of them associative recall (warm-up and replay) and {steps} questions" if recall else "")
+            + f" ({steps * first.train.batch_size:,} questions seen) in the {first.task.render} rendering, on CPU. "
+            f"{ANCHORS}"]
     return out
 
 
@@ -232,6 +240,22 @@ def verdict(d: dict) -> str:
     return "not resolved"
 
 
+def gate_passes(raw: dict[str, list[dict]]) -> dict[str, bool] | None:
+    """Per config, whether every seed answers at least GATE of the depth-GATE_DEPTH questions; None for a task
+    without such questions (no gate applies)."""
+    names = list(raw)
+    depths = {k for n in names for k in (raw[n][0].get("question_steps") or [])}
+    if GATE_DEPTH not in depths:
+        return None
+    return {n: (x := at_depth(raw[n], GATE_DEPTH)) is not None and min(float(a.mean()) for a in x) >= GATE
+            for n in names}
+
+
+def task_steps(cfg: Config) -> int:
+    """Optimizer steps that train on the task's questions: those that are not recall (warm-up or replay)."""
+    return sum(not recall_at(cfg.task, step) for step in range(cfg.train.max_iters))
+
+
 def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[str]:
     """For a task with depth-1 questions (twins): the gate, the positive control (CoT against no-CoT where no-CoT
     fails, and against the reversed chain), and the pre-registered comparison with its decision rule."""
@@ -242,7 +266,7 @@ def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[
     deepest, seeds = depths[-1], min(len(raw[n]) for n in names)
     at1 = {n: at_depth(raw[n], GATE_DEPTH) for n in names}
     gate = {n: [float(x.mean()) for x in at1[n]] if at1[n] is not None else [] for n in names}
-    passes = {n: bool(gate[n]) and min(gate[n]) >= GATE for n in names}
+    passes = gate_passes(raw) or {}
     out = ["## Gate", "",
            f"A model counts in a comparison only if it answers at least {GATE} of the depth-{GATE_DEPTH} questions "
            "(every seed): otherwise it is below the floor, and nothing is concluded from it.", "",
@@ -306,7 +330,7 @@ def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[
                 out.append(f"- Secondary: {n} ({_label(cfgs[n])}) minus {cot} at depth {deepest}: "
                            f"{_ci(paired_at(raw, n, cot, deepest))}"
                            + ("" if passes[n] else " (below the floor: no conclusion)"))
-    return out
+    return [*out, ""]
 
 
 class ReasoningStudy(Study):
