@@ -201,7 +201,7 @@ class RLConfig:
     sigma: float = 0.5  # noisy_soft: noise std, relative to the soft tokens' root-mean-square coordinate
     temperature: float = 1.0  # of every sampled token
     eval_samples: int = 32  # periodic evals: samples per valid prompt, for pass@1..pass@eval_samples
-    reward: str = "answer"  # a name in softar.rl.rewards.REWARDS: answer, path, path_partial, format
+    reward: str = "answer"  # a name in softar.tasks.rewards.REWARDS: answer, path, path_partial, format
     scale_advantages: bool = True  # divide by the group's std (GRPO); false: Dr. GRPO's unscaled advantages
     # "sequence": each rollout's actions averaged, then the rollouts (GRPO); "token": every action of the global
     # batch weighs the same, in the objective and the KL (DAPO), so long rollouts weigh more
@@ -489,7 +489,7 @@ def validate(cfg: Config) -> None:
     need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
     need(0 < r.sigma <= 100, "rl.sigma", "must be in (0, 100]")
     need(1e-3 <= r.temperature <= 1e3, "rl.temperature", "must be in [1e-3, 1e3]")
-    from softar.rl.rewards import REWARDS
+    from softar.tasks.rewards import REWARDS
 
     need(r.reward in REWARDS, "rl.reward", f"expected one of {', '.join(REWARDS)}, got {r.reward!r}")
 

@@ -233,7 +233,7 @@ def test_a_twins_run_warms_up_trains_reports_accuracy_by_depth_and_starts_rl(twi
 
 
 def test_the_rewards_of_written_paths_by_hand():
-    from softar.rl.rewards import REWARDS
+    from softar.tasks.rewards import REWARDS
 
     r = make_record(random.Random(3), 8, 3)
     chain, wrong = list(r["steps"]), f"n{r['neg_target']}"

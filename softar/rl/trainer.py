@@ -5,7 +5,7 @@ The RL config names the run to start from (`rl.init_from`) and sets [rl] and [tr
 max_answer_tokens, task.depths); the model, the task and the data are the initial run's. Each step draws
 train.batch_size train prompts at the task's final curriculum stage (a generating task's: fresh questions at
 task.depths), samples rl.group_size rollouts of each under the thought policy, as one batch (`softar.rl.rollout`),
-scores them with rl.reward (`softar.rl.rewards`), and takes rl.inner_steps clipped-objective updates with a KL
+scores them with rl.reward (`softar.tasks.rewards`), and takes rl.inner_steps clipped-objective updates with a KL
 estimate to the initial policy (weight rl.kl_coef; it is logged either way). Each rollout draws from a stream of
 its own, seeded by (train.seed, step, its place in the global batch), so a resumed run draws what the uninterrupted
 one drew, and R ranks draw what one process does.
@@ -35,13 +35,13 @@ from softar.rl.objective import (
     kl_to_reference,
     pass_at_k,
 )
-from softar.rl.rewards import PATH_REWARDS, REWARDS
 from softar.rl.rollout import Actions, Policy, replay, rollout, rollout_seeds
 from softar.rundir import check_data, load_latest, read_config
 from softar.soft.gate import gate_state, load_initial
 from softar.soft.model import build_model
 from softar.tasks.data import Example, training_depths
 from softar.tasks.modes import MODES
+from softar.tasks.rewards import PATH_REWARDS, REWARDS
 from softar.train import Trainer, apply_update
 
 PARTS = ("reward", "reward_std", "kl", "clipped", "answer_entropy", "thought_norm", "rollout_tokens_per_s")
@@ -252,7 +252,7 @@ def written(data: TaskData, answer: torch.Tensor) -> tuple[list[str], list[str]]
 
 
 def reward_of(data: TaskData, record: dict, answer: torch.Tensor, reward: str = "answer") -> float:
-    """A rollout's reward (`softar.rl.rewards.REWARDS[reward]`) from what it wrote, `answer` [A] ids."""
+    """A rollout's reward (`softar.tasks.rewards.REWARDS[reward]`) from what it wrote, `answer` [A] ids."""
     steps, words = written(data, answer)
     return REWARDS[reward](data.encoder.task, record, steps, words, data.encoder.rendering)
 
