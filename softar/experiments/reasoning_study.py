@@ -23,8 +23,9 @@ STAGES, DEPTHS, STEPS = range(7), range(1, 7), range(1, 7)
 # any run): a model counts only if it answers >= GATE of the depth-1 questions; Coconut minus CoT at the deepest depth
 GATE, GATE_DEPTH, EQUIVALENCE, PREREGISTERED_SEEDS = 0.95, 1, 0.02, 5
 BAR_METRICS = ["accuracy", "step_tokens", "seconds_per_question"]
-SETUP = ("Every config trains the same model on the same questions for the same number of steps and batch (its "
-         "header and docs/reasoning's table say what differs: the mode). Loss curves: the sampled valid loss; "
+SETUP = ("Every config trains the same model for the same number of steps and batch on the same question "
+         "distribution (its header and docs/reasoning's table say what differs: the mode; a curriculum mode also "
+         "draws one depth per batch and replaces steps in stages). Loss curves: the sampled valid loss; "
          "everything else on the test split, once, after training. Every metric of every config, mean and standard "
          "deviation over seeds: [results.csv]({assets}/results.csv).")
 REFERENCE_MODE = "cot"
