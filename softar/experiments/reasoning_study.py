@@ -176,6 +176,9 @@ def report_sections(table: dict, raw: dict[str, list[dict]], cfgs: dict[str, Con
             parts.append(f"names an option in {r['option_rate']:.0%} of its answers, and among those is right "
                          f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
                          + (" (above chance)" if r["lo"] > 0.5 else " (not above the 0.5 of chance)"))
+        deepest = max(raw[n][0].get("question_steps") or [0])
+        if gated is not None and (x := at_depth(raw[n], deepest)) is not None:  # pooled figures hide the depths
+            parts.append(f"at depth {deepest} alone it is right {float(x.mean()):.3f}")
         if n in floor:
             parts.append(f"below the floor (depth-{GATE_DEPTH} accuracy under {GATE} on some seed): nothing is "
                          "concluded from it")
