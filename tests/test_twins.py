@@ -101,10 +101,12 @@ def test_recall_sequences_ask_every_key_for_its_own_value():
         assert sum(v >= 0 for v in t) == 10
 
 
-def sampler(data, seed: int, recall: int, mode: str = "thoughts", depth_iters: int = 0, **kw) -> TaskSampler:
+def sampler(data, seed: int, recall: int, mode: str = "thoughts", depth_iters: int = 0, recall_every: int = 0,
+            **kw) -> TaskSampler:
     cfg = config.load(None, task_overrides(data, **{"task.name": '"twins"', "task.mode": f'"{mode}"',
                                                     "task.max_stage": 4, "task.stage_iters": 2,
                                                     "task.recall_iters": recall, "task.depth_iters": depth_iters,
+                                                    "task.recall_every": recall_every,
                                                     "train.max_iters": 20}))
     enc = Encoder(TWINS, TOK, "symbolic", cfg.task)
     meta = json.loads((data / "task.json").read_text())
@@ -159,8 +161,7 @@ def test_recall_is_replayed_every_recall_every_steps_after_the_warm_up(twins_dat
                                                              False, False, True]
     never = config.load(None, ["task.name=twins", "task.recall_iters=2"]).task
     assert [recall_at(never, step) for step in range(5)] == [True, True, False, False, False]
-    s = sampler(twins_data, 5, recall=2, mode="cot")
-    s.enc.cfg.recall_every = 3
+    s = sampler(twins_data, 5, recall=2, mode="cot", recall_every=3)
     widths = [s.next_batch()[0].shape[1] for _ in range(8)]
     assert [w == 6 * 14 + 2 for w in widths] == [True, True, False, False, True, False, False, True]
 

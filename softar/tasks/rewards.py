@@ -60,4 +60,4 @@ def format_reward(task, record: dict, steps: list[str], answer: list[str], rende
 
 REWARDS: dict[str, Reward] = {"answer": answer_reward, "path": path_reward, "path_partial": path_partial_reward,
                               "format": format_reward}
-PATH_REWARDS = ("path", "path_partial", "format")  # read steps as node tokens: the symbolic rendering only
+PATH_REWARDS = ("path", "path_partial", "format")  # read each step as one node token: tasks with `node_steps`
