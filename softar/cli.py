@@ -116,7 +116,7 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     from softar.data.prepare import prepare
     from softar.data.synthetic import SPECS, prepare_synthetic
 
-    flags = ("states", "symbols", "stickiness", "overlap", "concentration", "doc_length", "pairs", "filler", "tokens",
+    flags = ("states", "symbols", "stickiness", "overlap", "concentration", "doc_length", "pairs", "nodes", "tokens",
              "seed")
     spec = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
     if a.synthetic is None:
@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's)")
     g.add_argument("--synthetic", choices=["hmm", "bag", "binding"],
                    help="hmm: a hidden Markov model's symbols (the soft-feedback study); bag: documents of a latent "
-                   "topic, whose token counts are sufficient; binding: key-value pairs queried past a 32-token window "
+                   "topic, whose token counts are sufficient; binding: key-value facts queried past a 32-token window "
                    "(the retention study)")
     g.add_argument("--states", type=_int_at_least(1, 62), help="hmm: hidden states (default 8)")
     g.add_argument("--symbols", type=_int_at_least(2, 62), help="hmm: symbols, at least one per state (default 32); "
@@ -505,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0.2: each document uses few symbols)")
     g.add_argument("--doc-length", type=_int_at_least(2, 10**7), help="bag: mean tokens per document (default "
                    "1024)")
-    g.add_argument("--pairs", type=_int_at_least(2, 26), help="binding: key-value pairs per document (default 16)")
-    g.add_argument("--filler", type=_int_at_least(0, 64), help="binding: filler symbols after each query (default 3)")
+    g.add_argument("--pairs", type=_int_at_least(2, 26), help="binding: key-value facts per document (default 14)")
+    g.add_argument("--nodes", type=_int_at_least(2, 26), help="binding: the symbols keys and values are drawn from, "
+                   "at least --pairs (default 26)")
     g.add_argument("--tokens", type=_int_at_least(1000, 10**8), help="train + val symbols (default 1,000,000; bag "
                    "10,000,000)")
     g.add_argument("--seed", type=_seed, help="the generator's seed (default 0)")

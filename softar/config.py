@@ -53,6 +53,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dir: str = "data/shakespeare_char"  # the output of `softar prepare`
+    # which next tokens the training loss is on: "all", or "queries": on binding data (`softar prepare --synthetic
+    # binding`) only the queries' values whose fact is in the context (window plus history), the lookup's dense
+    # supervision; the logged evals and the final val loss still count every token (the retention study scores
+    # the queries)
+    targets: str = "all"
 
 
 @dataclass
@@ -399,6 +404,11 @@ def validate(cfg: Config) -> None:
          "must name a run directory when model.embedding = 'checkpoint'")
     need(bool(cfg.data.dir), "data.dir", "must not be empty")
     lc = cfg.loss
+    need(cfg.data.targets in ("all", "queries"), "data.targets", f"expected 'all' or 'queries', got "
+         f"{cfg.data.targets!r}")
+    if cfg.data.targets == "queries":  # the others' targets are embeddings, which a masked target has none of
+        need(not (cfg.task.name or lc.mse or lc.cosine or lc.infonce or lc.vmf or lc.collapse), "data.targets",
+             "'queries' trains a language model's cross-entropy alone (no task.name, no loss but loss.ce)")
     for key in ("ce", "mse", "cosine", "infonce", "vmf", "collapse"):
         need(getattr(lc, key) >= 0, f"loss.{key}", "must be >= 0")
     need(lc.ce + lc.mse + lc.cosine + lc.infonce + lc.vmf > 0, "loss.ce", "at least one of loss.ce, loss.mse, "

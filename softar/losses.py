@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits [B, T, V] against targets [B, T], computed in float32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+    """Cross-entropy of logits [B, T, V] against targets [B, T] (-1: not scored), computed in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction, ignore_index=-1)
 
 
 def regression_losses(y: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

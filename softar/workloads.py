@@ -18,6 +18,7 @@ import torch
 
 from softar.config import Config, ConfigError
 from softar.data.dataset import WindowSampler, load_meta, load_split
+from softar.data.synthetic import Binding, load_language
 from softar.data.tokenizer import load_tokenizer
 from softar.distributed import World
 from softar.evaluate.lm import estimate_loss, evaluate_split
@@ -91,11 +92,22 @@ class LanguageModeling(Workload):
                               f"the train split ({len(self.train_data)} tokens)")
         # sampled evals: as much history as the (smaller) val split allows
         self.eval_history = min(layout.history, len(self.val_data) - layout.token_slots - 1)
+        self.queries = None
+        if cfg.data.targets == "queries":
+            lang = load_language(self.dir)
+            if not isinstance(lang, Binding):
+                raise ConfigError(f"data.targets: 'queries' needs binding data (softar prepare --synthetic binding), "
+                                  f"not {self.dir}")
+            if layout.token_slots + layout.history < 4:  # the last fact's key, value, ";" and the first query's key
+                raise ConfigError(f"data.targets: a context of {layout.token_slots} tokens plus "
+                                  f"{layout.history} of history never holds a query together with its fact")
+            self.queries = lang
 
     def sampler(self, cfg: Config, world: World, layout: Layout) -> WindowSampler:
         t = cfg.train
-        return WindowSampler(self.train_data, layout.token_slots, t.batch_size, t.seed, world.rank, world.size,
-                             layout.history)
+        windows = WindowSampler(self.train_data, layout.token_slots, t.batch_size, t.seed, world.rank, world.size,
+                                layout.history)
+        return windows if self.queries is None else QueryTargets(windows, self.queries)
 
     def units_per_batch(self, layout: Layout) -> int:
         return layout.token_slots
@@ -120,6 +132,32 @@ class LanguageModeling(Workload):
     def result(self, final: dict) -> dict:
         return {"val_bits_per_token": final["bits_per_token"], "val_bits_per_char": final.get("bits_per_char"),
                 **{f"val_{k}": final[k] for k in ("loss_hard_slots", "loss_soft_slots") if k in final}}
+
+
+class QueryTargets:
+    """A WindowSampler whose targets are -1 (not scored) except the binding queries' values whose fact (key and
+    value) lies in the window or its counted history: dense supervision of the lookup, on exactly what the context
+    can tell. A batch without one such target (possible only with short contexts) is drawn again."""
+
+    def __init__(self, windows: WindowSampler, lang: Binding):
+        self.windows, self.fact = windows, torch.from_numpy(lang.fact_positions(windows.data))
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        while True:
+            starts, lens = self.windows.draw()
+            batch = self.windows.windows_at(starts, lens)
+            y = batch[1]
+            first = starts if lens is None else starts - lens  # the context's first token
+            fact = self.fact[starts[:, None] + 1 + torch.arange(y.shape[1])]  # [B, T] where each target's fact ends
+            keep = fact - 1 >= first[:, None]  # the fact's key is in the context too
+            if keep.any():
+                return (batch[0], torch.where(keep, y, -1), *batch[2:])
+
+    def state(self) -> torch.Tensor:
+        return self.windows.state()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.windows.load_state(state)
 
 
 class ReasoningTask(Workload):

@@ -235,44 +235,99 @@ def test_bag_sampler_matches_the_polya_urn_it_is_scored_by():
     assert abs((x[second] == 4).mean() - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(second))
 
 
-def test_binding_documents_bind_each_key_to_one_value_and_query_each_key_once():
-    lang = Binding(pairs=5, filler=2)
-    x = lang.sample(10 * lang.doc_length, np.random.default_rng(0)).reshape(10, -1)
-    for doc in x:
-        assert doc[0] == lang.start and (doc[1:] != lang.start).all()
-        keys, values = doc[1:11:2], doc[2:12:2]
-        assert sorted(keys) == list(range(5)) and sorted(values) == list(range(5, 10))
-        queries = doc[11:].reshape(5, 4)
-        assert sorted(queries[:, 0]) == list(range(5))
-        assert all(dict(zip(keys, values, strict=True))[k] == v for k, v in queries[:, :2])
-        assert ((queries[:, 2:] >= 10) & (queries[:, 2:] < 18)).all()
+@pytest.mark.parametrize("nodes", [5, 9])
+def test_binding_documents_bind_each_key_to_one_value_and_query_each_key_once(nodes):
+    lang = Binding(pairs=5, nodes=nodes)  # tokens: nodes 0..nodes-1, ";" then the start symbol
+    assert lang.vocab == nodes + 2 and len(lang.chars()) == lang.vocab and lang.doc_length == 31
+    x = lang.sample(4000 * 31, np.random.default_rng(0)).reshape(4000, 31)
+    for doc in x[:10]:
+        assert doc[0] == nodes + 1 and (doc[1:] != nodes + 1).all()
+        facts, queries = doc[1:16].reshape(5, 3), doc[16:].reshape(5, 3)
+        assert (facts[:, 2] == nodes).all() and (queries[:, 2] == nodes).all()  # every fact and query ends in ";"
+        assert len(set(facts[:, 0])) == 5 and (facts[:, :2] < nodes).all()  # distinct keys, nodes for all
+        assert sorted(queries[:, 0]) == sorted(facts[:, 0])
+        assert all(dict(facts[:, :2].tolist())[k] == v for k, v in queries[:, :2].tolist())
+    # a value is any node, whatever its key (the key itself included): uniform and independent
+    key, value = x[:, 1:16:3].ravel(), x[:, 2:16:3].ravel()
+    for chosen in (value, value[key == 0]):
+        p = np.bincount(chosen, minlength=nodes) / len(chosen)
+        assert len(p) == nodes and abs(p - 1 / nodes).max() < 4 * math.sqrt(1 / nodes / len(chosen))
 
 
-def test_binding_queries_past_the_window_and_the_optimum_of_a_reader_of_the_window():
-    lang = Binding(pairs=4, filler=3)  # documents of 1 + 8 + 4 * 5 = 29 tokens
+@pytest.mark.parametrize("nodes", [4, 7])
+def test_binding_queries_past_the_window_and_what_a_reader_of_the_window_can_know(nodes):
+    lang = Binding(pairs=4, nodes=nodes)  # documents of 1 + 12 + 12 = 25 tokens
     ids = torch.from_numpy(lang.sample(200, np.random.default_rng(3)))[None]
-    prefix, window = 60, 12
+    prefix, window = 60, 9
     got = lang.query_targets(ids, prefix, window)
     x = ids[0].tolist()
-    for k, t in enumerate(range(prefix, 200)):  # by hand: a query's value is the token after a key past the pairs
-        s = t - (t % 29)
-        value_pos = s + 2 + 2 * x[s + 1 : s + 9 : 2].index(x[t - 1]) if t % 29 in (10, 15, 20, 25) else None
+    for k, t in enumerate(range(prefix, 200)):  # by hand: a query's value is the token after a key past the facts
+        s = t - (t % 25)
+        value_pos = s + 2 + 3 * x[s + 1 : s + 13 : 3].index(x[t - 1]) if t % 25 in (14, 17, 20, 23) else None
         expect = value_pos is not None and value_pos < t - window
         assert bool(got["mask"][0, k]) == expect
-        if expect:
-            seen = {v for v in x[max(s, t - window) : t] if 4 <= v < 8}
-            assert got["window_loss"][0, k].item() == pytest.approx(math.log(4 - len(seen)))
+        if value_pos is not None:
             assert x[t] == x[value_pos]
+        if expect:
+            assert got["window_loss"][0, k].item() == pytest.approx(math.log(nodes))
+            assert got["window_accuracy"][0, k].item() == pytest.approx(1 / nodes)
+            # the bag reader, by enumeration: every way to give the document's values to its keys that agrees with
+            # the facts and queries the window shows whole, each equally likely
+            keys, values = x[s + 1 : s + 13 : 3], x[s + 2 : s + 13 : 3]
+            shown = {x[p] for p in range(s + 1, s + 25) if x[p] in keys and p in range(t - window, t - 1)
+                     and (p - s) % 3 == 1 and p != t - 1}
+            ways = [w for w in set(itertools.permutations(values))
+                    if all(w[keys.index(q)] == values[keys.index(q)] for q in shown)]
+            p_true = sum(w[keys.index(x[t - 1])] == x[t] for w in ways) / len(ways)
+            assert got["bag_loss"][0, k].item() == pytest.approx(-math.log(p_true))
+
+
+def test_query_targets_train_only_the_values_whose_fact_the_context_holds():
+    """The sampler of data.targets = "queries": each kept target is a query's value whose fact, key and value, lies
+    in the window or the history that counts, found here by reading the split; every other target is -1; the
+    windows are the WindowSampler's own draws."""
+    from softar.data.dataset import WindowSampler
+    from softar.workloads import QueryTargets
+
+    lang = Binding(pairs=4, nodes=7)  # documents of 25 tokens
+    data = lang.sample(5000, np.random.default_rng(1))
+    kept = 0
+    for history in (0, 40):
+        plain = WindowSampler(data, 30, 16, seed=5, history=history)
+        masked = QueryTargets(WindowSampler(data, 30, 16, seed=5, history=history), lang)
+        for _ in range(5):
+            want, got = plain.next_batch(), masked.next_batch()
+            x, y = want[:2]
+            assert torch.equal(got[0], x) and all(torch.equal(a, b) for a, b in zip(want[2:], got[2:], strict=True))
+            for r in range(len(x)):
+                s = next(i for i in range(len(data)) if (data[i : i + 31] == np.r_[x[r], y[r, -1]]).all())
+                first = s - (int(want[3][r]) if history else 0)
+                for t in range(30):
+                    p = s + t + 1  # the target's place in the split
+                    doc, offset = p - p % 25, p % 25
+                    keep = False
+                    if offset in (14, 17, 20, 23):  # a query's value: its fact is "key value ;" with that key
+                        fact = doc + 1 + 3 * [data[doc + 1 + 3 * i] for i in range(4)].index(data[p - 1])
+                        keep = fact >= first and data[fact + 1] == data[p]
+                    assert int(got[1][r, t]) == (int(y[r, t]) if keep else -1)
+                    kept += keep
+    assert kept > 100
 
 
 @pytest.mark.parametrize("kind", ["bag", "binding"])
 def test_prepare_and_eval_a_retention_language(kind, tmp_path):
     data, run = tmp_path / kind, tmp_path / "run"
-    spec = BagSpec(tokens=20_000, symbols=6) if kind == "bag" else BindingSpec(tokens=20_000, pairs=4, filler=2)
+    spec = BagSpec(tokens=20_000, symbols=6) if kind == "bag" else BindingSpec(tokens=20_000, pairs=4, nodes=6)
     prepare_synthetic(data, spec)
     lang = load_language(data)
     assert type(lang) is (Bag if kind == "bag" else Binding)
-    train(config.load(None, tiny_overrides(data)), run, quiet=True)
+    if kind == "bag":  # the loss on the queries alone is binding's: elsewhere a one-line error, nothing written
+        queries = tiny_overrides(data, **{"data.targets": '"queries"'})
+        assert_one_line_error(softar("train", "configs/shakespeare_char.toml", *queries, "--out", tmp_path / "q"),
+                              "data.targets")
+        assert not (tmp_path / "q").exists()
+    targets = {"data.targets": '"queries"'} if kind == "binding" else {}
+    train(config.load(None, tiny_overrides(data, **targets)), run, quiet=True)
     proc = softar("eval", run, "--windows", 8, "--gap", f"{run}:4", str(run))
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.splitlines()[-1])

@@ -92,17 +92,26 @@ class WindowSampler:
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         """(inputs [B, T], targets [B, T]), plus (history ids [B, h] newest last, history lengths [B]) when
         `history` > 0. History ids beyond a window's length are real text but do not count."""
+        return self.windows_at(*self.draw())
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's next window starts [B] (offsets into the split) and counted history lengths [B] (or None)."""
         n = self.batch_size * self.world
         starts = torch.randint(len(self.data) - self.length - self.history, (n,), generator=self.gen)
         starts = starts + self.history
         lens = torch.randint(0, self.history + 1, (n,), generator=self.gen) if self.history else None
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        starts = starts[mine].tolist()
-        win = torch.from_numpy(np.stack([self.data[s : s + self.length + 1] for s in starts]).astype(np.int64))
+        return starts[mine], None if lens is None else lens[mine]
+
+    def windows_at(self, starts: torch.Tensor, lens: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """`next_batch` of the windows that begin at `starts`."""
+        win = torch.from_numpy(np.stack([self.data[s : s + self.length + 1] for s in starts.tolist()])
+                               .astype(np.int64))
         if not self.history:
             return win[:, :-1], win[:, 1:]  # [B, T] inputs, [B, T] targets
-        hist = torch.from_numpy(np.stack([self.data[s - self.history : s] for s in starts]).astype(np.int64))
-        return win[:, :-1], win[:, 1:], hist, lens[mine]
+        hist = torch.from_numpy(np.stack([self.data[s - self.history : s] for s in starts.tolist()])
+                                .astype(np.int64))
+        return win[:, :-1], win[:, 1:], hist, lens
 
     def state(self) -> torch.Tensor:
         return self.gen.get_state()

@@ -9,9 +9,9 @@
   independently from it, until a separator (after each token with probability 1 / doc_length). The counts of the
   document's tokens so far are a sufficient statistic: p(v | past) = (alpha + n_v) / (V alpha + n), exactly, from
   any window (exchangeability). Old tokens matter, and a sum of their embeddings keeps all they say.
-- **binding**: documents of key-value pairs and, past a 32-token window, one query for each key: the value is known
-  exactly from the pair, and a sum of the pairs' embeddings (every key and every value, whatever the pairing) says
-  nothing about which value goes with which key.
+- **binding**: documents of key-value facts and then one query for each key, most of them past a 32-token window of
+  their fact: the value is known exactly from the fact, and a sum of the facts' embeddings (every key and every
+  value, whatever the pairing) says nothing about which value goes with which key.
 
 The data folder is an ordinary character dataset (one character per symbol, so `softar sample` prints text) plus
 `KIND.json`: the spec, the parameters, and the sha256 of the token files they generated.
@@ -20,6 +20,7 @@ The data folder is an ordinary character dataset (one character per symbol, so `
 from __future__ import annotations
 
 import bisect
+import math
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -278,81 +279,114 @@ def _occurrences_before(keys: np.ndarray) -> np.ndarray:
 
 
 class Binding:
-    """Documents of key-value pairs (`--synthetic binding`): a start symbol, `pairs` keys each followed by its value
-    (the keys in a random order, the values a random permutation of as many value symbols), then one query per key
-    in a random order: the key, its value, and `filler` random filler symbols. The optimum of a query's value is
-    exact: certain given its pair; given a window that does not hold the pair, uniform over the values the window
-    does not show bound to other keys (the rest of a random permutation)."""
+    """Documents of key-value facts (`--synthetic binding`): a start symbol, `pairs` facts "key value ;" (distinct
+    keys drawn from `nodes` node symbols, each value any node, drawn independently), then every key asked once more
+    in a fresh order in the same form. The optimum of a query's value is exact: certain given its fact; given a
+    context that does not hold the fact, uniform over the nodes (values are independent of everything else, so no
+    other token of the document says anything about it): loss log(nodes), accuracy 1 / nodes.
 
-    FILLERS = 8
+    The form is the one a small model learns the lookup in (an induction head: find the key's earlier occurrence,
+    copy the token after it); keys and values sharing one alphabet and the ";" between facts are what make it quick
+    (docs/context.md has the measured recipes that stalled)."""
 
-    def __init__(self, pairs: int, filler: int):
-        self.pairs, self.filler = int(pairs), int(filler)
-        if not (2 <= self.pairs <= 26 and 0 <= self.filler <= 64):
-            raise SoftarError(f"not a binding language: pairs {pairs}, filler {filler}")
+    def __init__(self, pairs: int, nodes: int):
+        self.pairs, self.nodes = int(pairs), int(nodes)
+        if not (2 <= self.pairs <= self.nodes <= 26):
+            raise SoftarError(f"not a binding language: pairs {pairs}, nodes {nodes}")
 
     @property
     def vocab(self) -> int:
-        return 2 * self.pairs + self.FILLERS + 1  # keys, values, fillers, the start symbol
+        return self.nodes + 2  # nodes, ";", the start symbol
+
+    @property
+    def sep(self) -> int:
+        return self.nodes
 
     @property
     def start(self) -> int:
-        return self.vocab - 1
+        return self.nodes + 1
 
     @property
     def doc_length(self) -> int:
-        return 1 + 2 * self.pairs + self.pairs * (2 + self.filler)
+        return 1 + 6 * self.pairs
 
     def chars(self) -> list[str]:
-        P = self.pairs
-        return list(string.ascii_lowercase[:P] + string.ascii_uppercase[:P] + string.digits[: self.FILLERS] + ".")
+        return list(string.ascii_uppercase[: self.nodes] + ";.")
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """n tokens of documents [n] int64, the first starting a document."""
-        P, D = self.pairs, self.doc_length
-        docs = -(-n // D)
-        keys = rng.permuted(np.tile(np.arange(P), (docs, 1)), axis=1)  # [docs, P] the pairs' order
-        value_of = rng.permuted(np.tile(np.arange(P), (docs, 1)), axis=1)  # key k's value is P + value_of[:, k]
+        P, N = self.pairs, self.nodes
+        docs = -(-n // self.doc_length)
+        keys = rng.permuted(np.tile(np.arange(N), (docs, 1)), axis=1)[:, :P]  # [docs, P] distinct keys, in order
+        values = rng.integers(0, N, (docs, P))
         asked = rng.permuted(np.tile(np.arange(P), (docs, 1)), axis=1)  # the queries' order
-        rows = np.arange(docs)[:, None]
-        pairs = np.stack([keys, P + value_of[rows, keys]], 2).reshape(docs, 2 * P)
-        fill = 2 * P + rng.integers(0, self.FILLERS, (docs, P, self.filler))
-        queries = np.concatenate([np.stack([asked, P + value_of[rows, asked]], 2), fill], 2).reshape(docs, -1)
-        out = np.concatenate([np.full((docs, 1), self.start), pairs, queries], 1)
+        rows, sep = np.arange(docs)[:, None], np.full((docs, P), self.sep)
+        facts = np.stack([keys, values, sep], 2).reshape(docs, 3 * P)
+        queries = np.stack([keys[rows, asked], values[rows, asked], sep], 2).reshape(docs, 3 * P)
+        out = np.concatenate([np.full((docs, 1), self.start), facts, queries], 1)
         return out.reshape(-1)[:n].astype(np.int64)
 
+    def query_values(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For ids [N, L]: (is_query [N, L] bool: the token is a query's value whose document starts within ids,
+        doc_start [N, L] long: where that document starts, -1 where none does)."""
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        doc_start = torch.where(ids == self.start, pos, -1).cummax(1).values
+        offset = pos - doc_start - (3 * self.pairs + 2)  # 0 at the first query's value
+        is_query = (doc_start >= 0) & (offset >= 0) & (offset % 3 == 0) & (offset < 3 * self.pairs)
+        return is_query, doc_start
+
+    def fact_positions(self, data: np.ndarray) -> np.ndarray:
+        """For a split [n] that begins at a document's start: each query value's fact, as the position of that
+        fact's value [n] int64 (-1 for every other token and in a document cut short at the end)."""
+        P, D = self.pairs, self.doc_length
+        docs = len(data) // D
+        x = np.asarray(data[: docs * D], dtype=np.int64).reshape(docs, D)
+        if docs and (x[:, 0] != self.start).any():
+            raise SoftarError("binding data: a document does not begin where the documents' length says")
+        keys, asked = x[:, 1 : 3 * P + 1 : 3], x[:, 3 * P + 1 :: 3]  # [docs, P] each
+        j = (asked[:, :, None] == keys[:, None, :]).argmax(2)  # [docs, P] which fact each query asks
+        base = (np.arange(docs) * D)[:, None]
+        out = np.full(len(data), -1, dtype=np.int64)
+        out[base + 3 * P + 2 + 3 * np.arange(P)] = base + 2 + 3 * j
+        return out
+
     def query_targets(self, ids: torch.Tensor, prefix: int, window: int) -> dict[str, torch.Tensor]:
-        """The targets ids[:, prefix:] [N, K] that are queries' values whose pair lies before the last `window`
-        tokens: `mask` (bool), and there the optimum of a reader of those `window` tokens alone, `window_loss`
-        log(P - m) and `window_accuracy` 1 / (P - m), m the values the window shows bound to other keys (a reader
-        of the whole document: loss 0, accuracy 1)."""
-        x = ids.cpu().numpy()
-        N, L = x.shape
-        P, period, first = self.pairs, 2 + self.filler, 2 + 2 * self.pairs  # the first query's value
-        mask = np.zeros((N, L - prefix), dtype=bool)
-        loss = np.zeros((N, L - prefix))
-        for r in range(N):
-            starts = np.flatnonzero(x[r] == self.start)
-            for k, t in enumerate(range(prefix, L)):
-                i = np.searchsorted(starts, t, side="right") - 1
-                if i < 0 or (t - starts[i] - first) % period or not 0 <= (t - starts[i] - first) // period < P:
-                    continue
-                s = starts[i]
-                where = np.flatnonzero(x[r, s + 1 : s + 1 + 2 * P : 2] == x[r, t - 1])  # the key's pair
-                if len(where) != 1 or s + 2 + 2 * where[0] >= t - window:
-                    continue
-                seen = x[r, max(s, t - window) : t]
-                mask[r, k] = True
-                loss[r, k] = np.log(P - len(np.unique(seen[(seen >= P) & (seen < 2 * P)])))
-        return {"mask": torch.from_numpy(mask), "window_loss": torch.from_numpy(loss),
-                "window_accuracy": torch.from_numpy(np.where(mask, np.exp(-loss), 0.0))}
+        """The targets ids[:, prefix:] [N, K] that are queries' values whose fact lies before the last `window`
+        tokens: `mask` (bool), and there two optima. A reader of those `window` tokens alone: `window_loss`
+        log(nodes), `window_accuracy` 1 / nodes (a reader of the whole document: loss 0, accuracy 1). A reader that
+        also knows the document's values as a bag (which nodes, how often, not whose), the most an unordered memory
+        of the facts can hold: `bag_loss` -log((c - s) / (pairs - m)), c the value's count in the bag, s its count
+        among the m other keys' values the window shows with their key, and `bag_accuracy`, 1 / (the number of
+        values tied for the most likely) when the answer is one of them, else 0."""
+        is_query, doc_start = self.query_values(ids)
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        key_pos = doc_start[:, :, None] + 1 + 3 * torch.arange(self.pairs, device=ids.device)  # [N, L, P]
+        key = torch.gather(ids, 1, key_pos.clamp(0, ids.shape[1] - 1).flatten(1)).view(key_pos.shape)
+        asked = torch.roll(ids, 1, 1)[:, :, None]  # the key before each token
+        fact_value = ((key == asked).long().argmax(2) * 3 + doc_start + 2)  # [N, L] where the fact's value sits
+        mask = (is_query & (fact_value < pos - window))[:, prefix:].cpu()
+        x, starts = ids.cpu().numpy(), doc_start[:, prefix:].cpu().numpy()
+        bag_loss, bag_accuracy = np.zeros(mask.shape), np.zeros(mask.shape)
+        for r, k in zip(*np.nonzero(mask.numpy()), strict=True):
+            t, s = prefix + k, starts[r, k]
+            facts = x[r, s + 1 : s + 1 + 3 * self.pairs].reshape(self.pairs, 3)[:, :2]
+            bag = np.bincount(facts[:, 1], minlength=self.nodes)
+            seen = {(a, b) for a, b in zip(x[r, t - window : t - 1], x[r, t - window + 1 : t], strict=True)
+                    if (a, b) in {tuple(f) for f in facts} and a != x[r, t - 1]}  # other keys shown with their value
+            left = bag - np.bincount([b for _, b in seen], minlength=self.nodes)
+            bag_loss[r, k] = -math.log(left[x[r, t]] / (self.pairs - len(seen)))
+            best = np.flatnonzero(left == left.max())
+            bag_accuracy[r, k] = 1 / len(best) if x[r, t] in best else 0.0
+        return {"mask": mask, "window_loss": torch.where(mask, math.log(self.nodes), 0.0).double(),
+                "window_accuracy": torch.where(mask, 1 / self.nodes, 0.0).double(),
+                "bag_loss": torch.from_numpy(bag_loss), "bag_accuracy": torch.from_numpy(bag_accuracy)}
 
     def to_json(self) -> dict:
-        return {"pairs": self.pairs, "filler": self.filler}
+        return {"pairs": self.pairs, "nodes": self.nodes}
 
     @classmethod
     def from_json(cls, raw: dict) -> Binding:
-        return cls(_field(raw, "pairs", int), _field(raw, "filler", int))
+        return cls(_field(raw, "pairs", int), _field(raw, "nodes", int))
 
 
 def _field(raw: dict, key: str, kind: type):
@@ -396,26 +430,25 @@ class BagSpec:
 
 @dataclass(frozen=True)
 class BindingSpec:
-    """What `softar prepare --synthetic binding` draws: 16 pairs and 3 filler symbols after each query, documents of
-    113 tokens. Past a 32-token window most queries' pairs are out of sight, and the window shows too few other
-    queries for elimination to name the value (with 8 pairs and 2 fillers it shows up to 7 of the 8, and a reader of
-    the window alone answers 0.89 of the queries whose pair it cannot see)."""
+    """What `softar prepare --synthetic binding` draws: 14 facts over 26 nodes, documents of 85 tokens. Past a
+    32-token window about two thirds of the queries' facts are out of sight, and nothing else in sight says anything
+    about their values."""
 
     kind: ClassVar[str] = "binding"
-    pairs: int = 16
-    filler: int = 3
+    pairs: int = 14
+    nodes: int = 26
     tokens: int = 1_000_000
     seed: int = 0
 
     def problem(self) -> str | None:
         if not 2 <= self.pairs <= 26:
             return f"--pairs: expected 2..26, got {self.pairs}"
-        if not 0 <= self.filler <= 64:
-            return f"--filler: expected 0..64, got {self.filler}"
+        if not self.pairs <= self.nodes <= 26:
+            return f"--nodes: expected {self.pairs}..26 (at least --pairs), got {self.nodes}"
         return _common_problem(self)
 
     def language(self) -> Binding:
-        return Binding(self.pairs, self.filler)
+        return Binding(self.pairs, self.nodes)
 
     def chars(self) -> list[str]:
         return self.language().chars()

@@ -226,8 +226,9 @@ def known_answer(lang: Language, ids: torch.Tensor, prefix: int, contexts: tuple
                  logps: dict[str, torch.Tensor], hits: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Where the data's optimum is known (`softar.data.synthetic`), the retention targets against it -> (metrics,
     per-target arrays). Exact languages: the optimum's loss from the short context, the long one and the whole
-    stretch before each target (`bayes`). Binding: the queries whose pair lies outside the short context, each
-    model's accuracy and loss there beside a reader of the short context's optimum (`queries`)."""
+    stretch before each target (`bayes`). Binding: the queries whose fact lies outside the short context, each
+    model's accuracy and loss there beside the optimum of a reader of the short context and of one that also knows
+    the document's values as a bag (`queries`)."""
     if isinstance(lang, Binding):
         q = lang.query_targets(ids, prefix, contexts[0])
         m = q["mask"]
@@ -236,8 +237,11 @@ def known_answer(lang: Language, ids: torch.Tensor, prefix: int, contexts: tuple
         metrics = {"targets": int(m.sum()), "accuracy": {k: hits[k][m].float().mean().item() for k in hits},
                    "loss": {k: -logps[k][m].mean().item() for k in logps},
                    "window_optimum": {"loss": q["window_loss"][m].mean().item(),
-                                      "accuracy": q["window_accuracy"][m].mean().item()}}
+                                      "accuracy": q["window_accuracy"][m].mean().item()},
+                   "bag_optimum": {"loss": q["bag_loss"][m].mean().item(),
+                                   "accuracy": q["bag_accuracy"][m].mean().item()}}
         return {"queries": metrics}, {"query_mask": m.numpy(), "query_window_loss": q["window_loss"].numpy(),
+                                      "query_bag_loss": q["bag_loss"].numpy(),
                                       **{f"hit_{k}": v.numpy() for k, v in hits.items()}}
     spans = {"short": contexts[0], "long": contexts[1], "history": prefix}
     bayes = {k: bayes_logprobs(lang, ids, prefix, c) for k, c in spans.items()}
