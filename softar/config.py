@@ -409,6 +409,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.targets == "queries":  # the others' targets are embeddings, which a masked target has none of
         need(not (cfg.task.name or lc.mse or lc.cosine or lc.infonce or lc.vmf or lc.collapse), "data.targets",
              "'queries' trains a language model's cross-entropy alone (no task.name, no loss but loss.ce)")
+        need(cfg.context.fill_draw == 0, "data.targets", "'queries' keeps the targets whose fact is in the context, "
+             "which context.fill_draw cuts short")
     for key in ("ce", "mse", "cosine", "infonce", "vmf", "collapse"):
         need(getattr(lc, key) >= 0, f"loss.{key}", "must be >= 0")
     need(lc.ce + lc.mse + lc.cosine + lc.infonce + lc.vmf > 0, "loss.ce", "at least one of loss.ce, loss.mse, "

@@ -16,6 +16,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 import torch
 
+from softar import SoftarError
 from softar.config import Config, ConfigError
 from softar.data.dataset import WindowSampler, load_meta, load_split
 from softar.data.synthetic import Binding, load_language
@@ -101,6 +102,8 @@ class LanguageModeling(Workload):
             if layout.token_slots + layout.history < 4:  # the last fact's key, value, ";" and the first query's key
                 raise ConfigError(f"data.targets: a context of {layout.token_slots} tokens plus "
                                   f"{layout.history} of history never holds a query together with its fact")
+            if not (lang.fact_positions(self.train_data) >= 0).any():
+                raise ConfigError(f"data.targets: the train split of {self.dir} holds no whole document")
             self.queries = lang
 
     def sampler(self, cfg: Config, world: World, layout: Layout) -> WindowSampler:
@@ -136,22 +139,25 @@ class LanguageModeling(Workload):
 
 class QueryTargets:
     """A WindowSampler whose targets are -1 (not scored) except the binding queries' values whose fact (key and
-    value) lies in the window or its counted history: dense supervision of the lookup, on exactly what the context
-    can tell. A batch without one such target (possible only with short contexts) is drawn again."""
+    value) lies in the window or its counted history: dense supervision of the lookup. A global batch without one
+    such target (possible only with short contexts) is drawn again, the same way on every rank."""
+
+    REDRAWS = 1000
 
     def __init__(self, windows: WindowSampler, lang: Binding):
         self.windows, self.fact = windows, torch.from_numpy(lang.fact_positions(windows.data))
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        while True:
+        for _ in range(self.REDRAWS):
             starts, lens = self.windows.draw()
-            batch = self.windows.windows_at(starts, lens)
-            y = batch[1]
-            first = starts if lens is None else starts - lens  # the context's first token
-            fact = self.fact[starts[:, None] + 1 + torch.arange(y.shape[1])]  # [B, T] where each target's fact ends
+            first = starts if lens is None else starts - lens  # each context's first token
+            fact = self.fact[starts[:, None] + 1 + torch.arange(self.windows.length)]  # [B, T] each target's fact
             keep = fact - 1 >= first[:, None]  # the fact's key is in the context too
             if keep.any():
-                return (batch[0], torch.where(keep, y, -1), *batch[2:])
+                batch = self.windows.windows_at(*self.windows.mine(starts, lens))
+                rows = self.windows.mine(torch.arange(len(starts)), None)[0]
+                return (batch[0], torch.where(keep[rows], batch[1], -1), *batch[2:])
+        raise SoftarError(f"data.targets: {self.REDRAWS} batches of windows held no query together with its fact")
 
     def state(self) -> torch.Tensor:
         return self.windows.state()

@@ -352,3 +352,28 @@ def test_retention_flags_belong_to_their_language(tmp_path):
     assert_one_line_error(softar("prepare", "--synthetic", "bag", "--concentration", 0, "--out", tmp_path / "x"),
                           "--concentration")
     assert not (tmp_path / "x").exists()
+
+
+def test_query_targets_redraw_alike_on_every_rank_and_refuse_what_cannot_train(tmp_path):
+    """Short windows often hold no query with its fact: the redraw is decided on the global batch, so the ranks'
+    samplers stay in step and their slices together are one process's batch. Bad uses are one-line errors."""
+    from softar.config import ConfigError
+    from softar.data.dataset import WindowSampler
+    from softar.workloads import QueryTargets
+
+    lang = Binding(pairs=4, nodes=7)
+    data = lang.sample(5000, np.random.default_rng(1))
+    one = QueryTargets(WindowSampler(data, 5, 8, seed=3), lang)
+    ranks = [QueryTargets(WindowSampler(data, 5, 4, seed=3, rank=r, world=2), lang) for r in range(2)]
+    for _ in range(30):
+        whole, parts = one.next_batch(), [q.next_batch() for q in ranks]
+        assert all(torch.equal(torch.cat([p[i] for p in parts]), whole[i]) for i in range(2))
+    assert torch.equal(ranks[0].state(), ranks[1].state())
+    with pytest.raises(ConfigError, match="data.targets"):
+        config.load(None, ['data.targets="queries"', "context.fill_draw=0.5"])
+    prepare_synthetic(tmp_path / "b", BindingSpec(tokens=5000, pairs=4, nodes=7))
+    raw = json.loads((tmp_path / "b" / "binding.json").read_text())
+    raw["pairs"] = raw["spec"]["pairs"] = 5  # the same vocabulary and token files, other documents
+    (tmp_path / "b" / "binding.json").write_text(json.dumps(raw))
+    with pytest.raises(SoftarError, match="binding.json: train.bin does not hold documents of 5 facts"):
+        load_language(tmp_path / "b")

@@ -92,14 +92,19 @@ class WindowSampler:
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         """(inputs [B, T], targets [B, T]), plus (history ids [B, h] newest last, history lengths [B]) when
         `history` > 0. History ids beyond a window's length are real text but do not count."""
-        return self.windows_at(*self.draw())
+        return self.windows_at(*self.mine(*self.draw()))
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's next window starts [B] (offsets into the split) and counted history lengths [B] (or None)."""
+        """The global batch's window starts [B * world] (offsets into the split) and counted history lengths (or
+        None), the same on every rank."""
         n = self.batch_size * self.world
         starts = torch.randint(len(self.data) - self.length - self.history, (n,), generator=self.gen)
         starts = starts + self.history
         lens = torch.randint(0, self.history + 1, (n,), generator=self.gen) if self.history else None
+        return starts, lens
+
+    def mine(self, starts: torch.Tensor, lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's slice of a global batch."""
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         return starts[mine], None if lens is None else lens[mine]
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from softar import SoftarError
-from softar.data.dataset import META_FILE, SPLITS, load_meta
+from softar.data.dataset import META_FILE, SPLITS, load_meta, load_split
 from softar.disk import read_json, sha256_bytes, sha256_file, strict_json
 
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits  # symbol i is character i
@@ -354,8 +354,8 @@ class Binding:
         """The targets ids[:, prefix:] [N, K] that are queries' values whose fact lies before the last `window`
         tokens: `mask` (bool), and there two optima. A reader of those `window` tokens alone: `window_loss`
         log(nodes), `window_accuracy` 1 / nodes (a reader of the whole document: loss 0, accuracy 1). A reader that
-        also knows the document's values as a bag (which nodes, how often, not whose), the most an unordered memory
-        of the facts can hold: `bag_loss` -log((c - s) / (pairs - m)), c the value's count in the bag, s its count
+        also knows the document's values as a bag (which nodes, how often, not whose; a reference, not a bound on
+        what summaries can hold): `bag_loss` -log((c - s) / (pairs - m)), c the value's count in the bag, s its count
         among the m other keys' values the window shows with their key, and `bag_accuracy`, 1 / (the number of
         values tied for the most likely) when the answer is one of them, else 0."""
         is_query, doc_start = self.query_values(ids)
@@ -431,7 +431,7 @@ class BagSpec:
 @dataclass(frozen=True)
 class BindingSpec:
     """What `softar prepare --synthetic binding` draws: 14 facts over 26 nodes, documents of 85 tokens. Past a
-    32-token window about two thirds of the queries' facts are out of sight, and nothing else in sight says anything
+    32-token window most queries' facts are out of sight, and nothing else in sight says anything
     about their values."""
 
     kind: ClassVar[str] = "binding"
@@ -533,6 +533,10 @@ def load_language(data_dir: str | Path) -> Language | None:
     for split in SPLITS:
         if raw["token_sha256"].get(split) != sha256_file(data_dir / f"{split}.bin"):
             raise SoftarError(f"{path}: {split}.bin is not the data these parameters generated (sha256 differs)")
+        if isinstance(lang, Binding):  # parameters changed together with their spec: the documents must fit them
+            starts = load_split(data_dir, split)[:: lang.doc_length]
+            if (starts != lang.start).any():
+                raise SoftarError(f"{path}: {split}.bin does not hold documents of {lang.pairs} facts")
     return lang
 
 
