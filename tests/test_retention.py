@@ -327,11 +327,12 @@ def test_the_known_answer_verdict_reads_the_share_of_the_optimums_gap(kind):
     if kind == "binding":
         common = {k: v for k, v in common.items() if not k.startswith("bayes")}
         common.update(query_mask=np.ones((S, W, K), bool), query_window_loss=np.full((S, W, K), np.log(10)),
-                      query_bag_loss=np.full((S, W, K), 0.8 * np.log(10)))
+                      query_bag_loss=np.full((S, W, K), 0.8 * np.log(10)), query_in_sight=np.ones((S, W, K), bool),
+                      query_bag_accuracy=np.full((S, W, K), 0.25))
         summed = np.full((S, W, K), -0.7 * np.log(10))
     arrays = {"w128": {**common, "real": long, "hit_real": np.ones((S, W, K))},
               "w32": {**common, "real": w32, "hit_real": np.zeros((S, W, K))},
-              "sum": {**common, "real": summed, "hit_real": np.zeros((S, W, K))}}
+              "sum": {**common, "real": summed, "hit_real": np.ones((S, W, K))}}  # it looks up what it reads
     loaded = {"w128": Config(model=ModelConfig(block_size=128)), "w32": Config(model=ModelConfig(block_size=32)),
               "sum": Config(model=ModelConfig(block_size=35),
                             context=ContextConfig(aggregate=1, segments=2, segment_len=32, op="sum"))}
@@ -339,3 +340,8 @@ def test_the_known_answer_verdict_reads_the_share_of_the_optimums_gap(kind):
     assert "the apparatus sees the gap" in text.lower()
     assert "- sum (sum): +0.300 [+0.300, +0.300]: fails" + \
         ("; above the bag-of-values optimum (0.200)." if kind == "binding" else ".") in text
+    if kind == "binding":  # a layout that cannot look up what it reads is below its own floor
+        arrays["sum"]["hit_real"] = np.zeros((S, W, K))
+        text = "\n".join(known_answer_section(arrays, loaded, [("w128", 32), ("w128", 128)], 544, "w32"))
+        assert "- sum (sum): +0.300 [+0.300, +0.300]: **below the floor**: it answers 0.000 of the queries in " \
+            "sight" in text

@@ -266,6 +266,7 @@ def test_binding_queries_past_the_window_and_what_a_reader_of_the_window_can_kno
         value_pos = s + 2 + 3 * x[s + 1 : s + 13 : 3].index(x[t - 1]) if t % 25 in (14, 17, 20, 23) else None
         expect = value_pos is not None and value_pos < t - window
         assert bool(got["mask"][0, k]) == expect
+        assert bool(got["in_sight"][0, k]) == (value_pos is not None and value_pos - 1 >= t - window)
         if value_pos is not None:
             assert x[t] == x[value_pos]
         if expect:

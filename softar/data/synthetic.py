@@ -357,7 +357,8 @@ class Binding:
         also knows the document's values as a bag (which nodes, how often, not whose; a reference, not a bound on
         what summaries can hold): `bag_loss` -log((c - s) / (pairs - m)), c the value's count in the bag, s its count
         among the m other keys' values the window shows with their key, and `bag_accuracy`, 1 / (the number of
-        values tied for the most likely) when the answer is one of them, else 0."""
+        values tied for the most likely) when the answer is one of them, else 0. And `in_sight`: the queries
+        whose whole fact is among those `window` tokens, which any model that looks up what it reads answers."""
         is_query, doc_start = self.query_values(ids)
         pos = torch.arange(ids.shape[1], device=ids.device)
         key_pos = doc_start[:, :, None] + 1 + 3 * torch.arange(self.pairs, device=ids.device)  # [N, L, P]
@@ -365,6 +366,7 @@ class Binding:
         asked = torch.roll(ids, 1, 1)[:, :, None]  # the key before each token
         fact_value = ((key == asked).long().argmax(2) * 3 + doc_start + 2)  # [N, L] where the fact's value sits
         mask = (is_query & (fact_value < pos - window))[:, prefix:].cpu()
+        in_sight = (is_query & (fact_value - 1 >= pos - window))[:, prefix:].cpu()  # key and value in the window
         x, starts = ids.cpu().numpy(), doc_start[:, prefix:].cpu().numpy()
         bag_loss, bag_accuracy = np.zeros(mask.shape), np.zeros(mask.shape)
         for r, k in zip(*np.nonzero(mask.numpy()), strict=True):
@@ -379,7 +381,8 @@ class Binding:
             bag_accuracy[r, k] = 1 / len(best) if x[r, t] in best else 0.0
         return {"mask": mask, "window_loss": torch.where(mask, math.log(self.nodes), 0.0).double(),
                 "window_accuracy": torch.where(mask, 1 / self.nodes, 0.0).double(),
-                "bag_loss": torch.from_numpy(bag_loss), "bag_accuracy": torch.from_numpy(bag_accuracy)}
+                "bag_loss": torch.from_numpy(bag_loss), "bag_accuracy": torch.from_numpy(bag_accuracy),
+                "in_sight": in_sight}
 
     def to_json(self) -> dict:
         return {"pairs": self.pairs, "nodes": self.nodes}

@@ -228,7 +228,8 @@ def known_answer(lang: Language, ids: torch.Tensor, prefix: int, contexts: tuple
     per-target arrays). Exact languages: the optimum's loss from the short context, the long one and the whole
     stretch before each target (`bayes`). Binding: the queries whose fact lies outside the short context, each
     model's accuracy and loss there beside the optimum of a reader of the short context and of one that also knows
-    the document's values as a bag (`queries`)."""
+    the document's values as a bag, and each model's accuracy on the queries whose fact the short context holds
+    (`queries`)."""
     if isinstance(lang, Binding):
         q = lang.query_targets(ids, prefix, contexts[0])
         m = q["mask"]
@@ -239,9 +240,13 @@ def known_answer(lang: Language, ids: torch.Tensor, prefix: int, contexts: tuple
                    "window_optimum": {"loss": q["window_loss"][m].mean().item(),
                                       "accuracy": q["window_accuracy"][m].mean().item()},
                    "bag_optimum": {"loss": q["bag_loss"][m].mean().item(),
-                                   "accuracy": q["bag_accuracy"][m].mean().item()}}
+                                   "accuracy": q["bag_accuracy"][m].mean().item()},
+                   "in_sight": {"targets": int(q["in_sight"].sum()),
+                                "accuracy": {k: hits[k][q["in_sight"]].float().mean().item() for k in hits}}}
         return {"queries": metrics}, {"query_mask": m.numpy(), "query_window_loss": q["window_loss"].numpy(),
                                       "query_bag_loss": q["bag_loss"].numpy(),
+                                      "query_bag_accuracy": q["bag_accuracy"].numpy(),
+                                      "query_in_sight": q["in_sight"].numpy(),
                                       **{f"hit_{k}": v.numpy() for k, v in hits.items()}}
     spans = {"short": contexts[0], "long": contexts[1], "history": prefix}
     bayes = {k: bayes_logprobs(lang, ids, prefix, c) for k, c in spans.items()}

@@ -187,6 +187,7 @@ def known_answer_section(arrays: dict[str, dict[str, np.ndarray]], loaded: dict[
         acc_long, acc_short = float(first["hit_long"][mask].mean()), float(first["hit_short"][mask].mean())
         control = acc_long >= GATE_ACCURACY
         bag_share = 1 - first["query_bag_loss"][mask].mean() / first["query_window_loss"][mask].mean()
+        sight = first["query_in_sight"].astype(bool)
         lines = ["## Against the known optimum: binding", "",
                  f"The scored targets that are a query's value whose fact lies outside the {c_short} tokens before it: "
                  f"{int(mask[0].sum())} per seed. A reader of the whole document knows each exactly (accuracy 1, "
@@ -197,7 +198,9 @@ def known_answer_section(arrays: dict[str, dict[str, np.ndarray]], loaded: dict[
                  "every value, whatever the pairing (`softar.data.synthetic.Binding`). It can still tell something: "
                  "a reader that also knows the document's values as a bag (which nodes, how often, not whose) at best "
                  "reaches loss "
-                 f"{first['query_bag_loss'][mask].mean():.4f}, {bag_share:.3f} of the optimum's gap (below), without "
+                 f"{first['query_bag_loss'][mask].mean():.4f} (accuracy "
+                 f"{first['query_bag_accuracy'][mask].mean():.3f}), "
+                 f"{bag_share:.3f} of the optimum's gap (below), without "
                  "knowing whose value is whose: a share above 0.1 can come from the bag alone. It is a reference, "
                  "not a bound: segment sums also tell which facts shared a segment.", "",
                  f"**Positive control**: {long}, reading {c_long} tokens (whole documents), answers {acc_long:.3f} of "
@@ -208,8 +211,12 @@ def known_answer_section(arrays: dict[str, dict[str, np.ndarray]], loaded: dict[
                  *(["The sections after this one score every token, most of which these models never trained on "
                     "(data.targets = \"queries\"): only this section measures them.", ""]
                    if any(c.data.targets == "queries" for c in loaded.values()) else []),
+                 f"**Each model's own control**: `in sight` is its accuracy on the {int(sight[0].sum())} queries per "
+                 f"seed whose whole fact lies within the {c_short} tokens before them, which a config with at least "
+                 f"{c_short} hard tokens reads in plain tokens: one below the gate there has not learned the lookup, "
+                 "and what it does with its summaries says little about them.", "",
                  "On these queries alone:", ""]
-        head = "| config | accuracy | loss | vs short |"
+        head = "| config | accuracy | in sight | loss | vs short |"
     else:
         return []
     legend = ("`vs short`: log p gained over the short reference, nats per target. `gap closed`: (L_short - "
@@ -246,7 +253,8 @@ def known_answer_section(arrays: dict[str, dict[str, np.ndarray]], loaded: dict[
                 "history" if reads == prefix else None
             cells = [f"{-real.mean():.4f}", f"{-real.mean() - bayes[same]:+.4f}" if same else ""]
         else:
-            cells = [f"{arr['hit_real'][mask].mean():.3f}", f"{-real.mean():.4f}"]
+            cells = [f"{arr['hit_real'][mask].mean():.3f}", f"{arr['hit_real'][sight].mean():.3f}",
+                     f"{-real.mean():.4f}"]
         cells.append(_fmt(_ci(arr["real"], arr["short"], mask)))
         cells.append(_ratio(*_gap_closed_ci(arr, mask)) if control else "(below the floor)")
         if base:
@@ -274,6 +282,10 @@ def known_answer_section(arrays: dict[str, dict[str, np.ndarray]], loaded: dict[
             if kind == "binding":  # the bag of values informs without any binding: a share above 0.1 may come from it
                 verdict += (f"; {'above' if lo > bag_share else 'below' if hi < bag_share else 'not resolved against'}"
                             f" the bag-of-values optimum ({bag_share:.3f})")
+                in_sight = float(arrays[name]["hit_real"][sight].mean())
+                if in_sight < GATE_ACCURACY:  # it cannot look up a fact it reads: its summaries are not on trial
+                    verdict = (f"**below the floor**: it answers {in_sight:.3f} of the queries in sight (the gate: "
+                               f">= {GATE_ACCURACY}), so this says nothing of what sums can bind ({verdict})")
             lines.append(f"- {name} ({loaded[name].context.op}): {_ratio(f, [lo, hi])}: {verdict}.")
     return lines + [""]
 
