@@ -93,7 +93,7 @@ class LanguageModeling(Workload):
                               f"the train split ({len(self.train_data)} tokens)")
         # sampled evals: as much history as the (smaller) val split allows
         self.eval_history = min(layout.history, len(self.val_data) - layout.token_slots - 1)
-        self.queries = None
+        self.queries: torch.Tensor | None = None  # with data.targets = "queries": each train token's fact
         if cfg.data.targets == "queries":
             lang = load_language(self.dir)
             if not isinstance(lang, Binding):
@@ -102,9 +102,9 @@ class LanguageModeling(Workload):
             if layout.token_slots + layout.history < 4:  # the last fact's key, value, ";" and the first query's key
                 raise ConfigError(f"data.targets: a context of {layout.token_slots} tokens plus "
                                   f"{layout.history} of history never holds a query together with its fact")
-            if not (lang.fact_positions(self.train_data) >= 0).any():
+            self.queries = torch.from_numpy(lang.fact_positions(self.train_data))
+            if not (self.queries >= 0).any():
                 raise ConfigError(f"data.targets: the train split of {self.dir} holds no whole document")
-            self.queries = lang
 
     def sampler(self, cfg: Config, world: World, layout: Layout) -> WindowSampler:
         t = cfg.train
@@ -144,8 +144,8 @@ class QueryTargets:
 
     REDRAWS = 1000
 
-    def __init__(self, windows: WindowSampler, lang: Binding):
-        self.windows, self.fact = windows, torch.from_numpy(lang.fact_positions(windows.data))
+    def __init__(self, windows: WindowSampler, fact: torch.Tensor):
+        self.windows, self.fact = windows, fact  # `Binding.fact_positions` of the windows' split
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         for _ in range(self.REDRAWS):

@@ -292,10 +292,11 @@ def test_query_targets_train_only_the_values_whose_fact_the_context_holds():
 
     lang = Binding(pairs=4, nodes=7)  # documents of 25 tokens
     data = lang.sample(5000, np.random.default_rng(1))
+    fact = torch.from_numpy(lang.fact_positions(data))
     kept = 0
     for history in (0, 40):
         plain = WindowSampler(data, 30, 16, seed=5, history=history)
-        masked = QueryTargets(WindowSampler(data, 30, 16, seed=5, history=history), lang)
+        masked = QueryTargets(WindowSampler(data, 30, 16, seed=5, history=history), fact)
         for _ in range(5):
             want, got = plain.next_batch(), masked.next_batch()
             x, y = want[:2]
@@ -364,8 +365,9 @@ def test_query_targets_redraw_alike_on_every_rank_and_refuse_what_cannot_train(t
 
     lang = Binding(pairs=4, nodes=7)
     data = lang.sample(5000, np.random.default_rng(1))
-    one = QueryTargets(WindowSampler(data, 5, 8, seed=3), lang)
-    ranks = [QueryTargets(WindowSampler(data, 5, 4, seed=3, rank=r, world=2), lang) for r in range(2)]
+    fact = torch.from_numpy(lang.fact_positions(data))
+    one = QueryTargets(WindowSampler(data, 5, 8, seed=3), fact)
+    ranks = [QueryTargets(WindowSampler(data, 5, 4, seed=3, rank=r, world=2), fact) for r in range(2)]
     for _ in range(30):
         whole, parts = one.next_batch(), [q.next_batch() for q in ranks]
         assert all(torch.equal(torch.cat([p[i] for p in parts]), whole[i]) for i in range(2))

@@ -235,7 +235,8 @@ def known_answer_section(arrays: dict[str, dict[str, np.ndarray]], loaded: dict[
         legend += (f" `of the optimum's gap`: (L_opt - L_config) / L_opt, L_opt the optimum of a reader of the "
                    f"{c_short} tokens alone (a reader of the whole document has loss 0): what the config knows of "
                    "the values beyond that reader, with no trained model in the reference (the same-weights short "
-                   "reference is not a calibrated reader of 32 tokens, so a share over it can come from calibration "
+                   f"reference is not a calibrated reader of {c_short} tokens, so a share over it can come from "
+                   "calibration "
                    "alone); the prediction is judged on it.")
     optimum_column = kind == "binding" or bool(base)
     lines += [legend, "",
