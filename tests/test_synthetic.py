@@ -309,8 +309,8 @@ def test_query_targets_train_only_the_values_whose_fact_the_context_holds():
                     doc, offset = p - p % 25, p % 25
                     keep = False
                     if offset in (14, 17, 20, 23):  # a query's value: its fact is "key value ;" with that key
-                        fact = doc + 1 + 3 * [data[doc + 1 + 3 * i] for i in range(4)].index(data[p - 1])
-                        keep = fact >= first and data[fact + 1] == data[p]
+                        key_at = doc + 1 + 3 * [data[doc + 1 + 3 * i] for i in range(4)].index(data[p - 1])
+                        keep = key_at >= first and data[key_at + 1] == data[p]
                     assert int(got[1][r, t]) == (int(y[r, t]) if keep else -1)
                     kept += keep
     assert kept > 100
