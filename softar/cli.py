@@ -414,7 +414,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     _emit(sweep(a.configs, a.seeds, a.overrides, Path(a.out), a.windows, tuple(a.horizons),
                 report=Path(a.report) if a.report else None, command=command,
                 gap=tuple(a.gap) if a.gap else None, generation=tuple(a.generation) if a.generation else None,
-                analogies=a.analogies),
+                analogies=a.analogies, jobs=a.jobs),
           Path(a.out) / "sweep.json", owned=True)
 
 
@@ -628,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--windows", type=_int_at_least(2, 65536), default=256, help="windows for the sampled metrics")
     s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")
     s.add_argument("--report", help="also write a Markdown report (table, plots, claims) to this file")
+    s.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs trained at once, each in its own process (its config's train.threads each); a run "
+                        "that starts from another run of the sweep waits for it")
     s.add_argument("--gap", nargs=2, metavar=("SHORT", "LONG"),
                    help="retention study: two plain configs, each NAME or NAME:CONTEXT (the same weights may be "
                         "both: w128:32 w128:128); every run scored on identical targets against them")

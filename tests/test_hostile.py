@@ -462,6 +462,48 @@ def test_sigterm_during_a_sweep_keeps_what_finished(data, tmp_path):
     assert (run / "checkpoints/latest").is_file() and not (run / "eval.json").exists()
 
 
+def test_sigterm_during_a_parallel_sweep_saves_every_run_it_was_training(data, tmp_path):
+    """--jobs 2: SIGTERM to the sweep reaches both training processes, each saves its step and exits; the sweep
+    says how to continue and leaves no process behind."""
+    out = tmp_path / "sw"
+    args = ["sweep", CONFIG, *tiny_overrides(data, **{"train.max_iters": 100_000, "train.lr_decay_iters": 100_000,
+                                                       "train.ckpt_interval": 5}), "--seeds", "2", "--jobs", "2",
+            "--out", out]
+    proc = softar_proc(*args)
+    runs = [out / "runs" / f"shakespeare_char_s{s}" for s in (1337, 1338)]
+    deadline = time.monotonic() + 120
+    while not all((r / "checkpoints/latest").exists() for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = [int((r / ".softar.lock").read_text()) for r in runs]  # each run's trainer, not the sweep
+    assert proc.pid not in pids
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines()[-1].startswith("softar: stopped by SIGTERM; everything finished so far is saved; "
+                                                   "run the same softar sweep command again to continue"), err
+    for r, pid in zip(runs, pids, strict=True):
+        assert (r / "checkpoints/latest").is_file() and not (r / "eval.json").exists()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_parallel_sweep_stops_at_a_run_it_cannot_train(data, tmp_path, capsys):
+    """A run held by another process (a second sweep on the same folder): the sweep names it in one line and exits
+    2; the runs it finished before are kept."""
+    from softar.rundir import RunLock
+
+    out = tmp_path / "sw"
+    args = ["sweep", CONFIG, *tiny_overrides(data), "--windows", "2", "--horizons", "2", "--out", out]
+    ok([*args, "--seeds", "1"], capsys)
+    done = out / "runs" / "shakespeare_char_s1337" / "eval.json"
+    before = done.read_bytes()
+    held = out / "runs" / "shakespeare_char_s1338"
+    with RunLock(held):
+        refused([*args, "--seeds", "3", "--jobs", "2"], capsys, tmp_path / "data",
+                message=f"{held} is in use by another softar process")
+    assert done.read_bytes() == before
+
+
 # -- fuzzing every file a run or dataset folder holds ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fuzz_run(char_data, tmp_path_factory) -> Path:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from softar import SoftarError
+from softar.checkpoint import latest_checkpoint
 from softar.experiments.sweep import flatten, sweep
 
 from .conftest import tiny_overrides
@@ -179,6 +180,31 @@ def test_a_fine_tuning_config_needs_its_start_before_any_run(char_data, tmp_path
     with pytest.raises(SoftarError, match="neither a finished run nor a run of a config listed before it"):
         sweep([str(tmp_path / "ft.toml"), str(tmp_path / "base.toml")], 1, overrides, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_jobs_train_the_very_runs_one_process_trains(char_data, tmp_path):
+    """--jobs 2 trains each run in its own process, a fine-tuning run after the run it starts from: every run's
+    weights and scores equal those of the same sweep trained one run after another."""
+    (tmp_path / "base.toml").write_text("[model]\nblock_size = 8\n")
+    overrides = [o for o in tiny_overrides(char_data) if not o.startswith("model.block_size")]
+    weights = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"out{jobs}"
+        start = f"{out}/runs/base_s{{seed}}"
+        (tmp_path / "ft.toml").write_text(f'[model]\nblock_size = 8\n[train]\ninit_from = "{start}"\n')
+        sweep([str(tmp_path / "base.toml"), str(tmp_path / "ft.toml")], 2, overrides, out, windows=2, horizons=(2,),
+              jobs=jobs)
+        weights[jobs] = {}
+        for run in sorted((out / "runs").iterdir()):
+            scores = json.loads((run / "eval.json").read_text())
+            assert Path(scores.pop("run_dir")) == run
+            tensors = [f.read_bytes() for f in sorted(latest_checkpoint(run / "checkpoints").glob("*.safetensors"))]
+            assert len(tensors) >= 2  # the model's and the optimizer's
+            weights[jobs][run.name] = (tensors, scores)
+    assert sorted(weights[2]) == ["base_s1337", "base_s1338", "ft_s1337", "ft_s1338"]
+    assert weights[2] == weights[1]
+    start = json.loads((tmp_path / "out2" / "runs" / "ft_s1338" / "run.json").read_text())["init_from"]
+    assert "base_s1338" in json.dumps(start)
 
 
 def test_the_depth_report_applies_the_gate_the_control_and_the_preregistered_rule():

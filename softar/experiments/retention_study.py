@@ -162,7 +162,7 @@ def known_answer_section(arrays: dict[str, dict[str, np.ndarray]], loaded: dict[
     first = next(iter(arrays.values()))
     (short, c_short), (long, c_long) = refs
     sums = [n for n, c in loaded.items() if not c.context.plain and c.context.memory == "arithmetic"
-            and not c.context.soft and not c.context.project and not c.train.init_from]
+            and not c.context.soft and not c.context.project]  # trained from scratch or fine-tuned
     if "bayes_short" in first:
         kind, mask = "bag", None
         bayes = {k: -first[f"bayes_{k}"].mean() for k in ("short", "long", "history")}

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
+import multiprocessing
 import signal
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from softar import Preempted, SoftarError, config
@@ -80,20 +82,82 @@ def run_one(cfg_path: str, seed: int, overrides: list[str], study: Study, train_
     return result
 
 
+def init_run(cfg_path: str, s: int, overrides: list[str], options: SweepOptions) -> Path | None:
+    """The run that config x seed index `s` starts from (its `train.init_from`, seeded), if any."""
+    raw = config.load_raw(cfg_path, overrides).get("train") or {}
+    template = raw.get("init_from", "") if isinstance(raw, dict) else ""
+    return Path(config.seeded(template, options.base_seed + s)) if template else None
+
+
 def check_init_runs(configs: list[str], overrides: list[str], options: SweepOptions) -> None:
     """Before any run: every seed's `train.init_from` is a finished run, or a run of a config listed earlier in
     this sweep (which trains first)."""
     earlier: set[Path] = set()
     for c in configs:
-        raw = config.load_raw(c, overrides).get("train") or {}
-        template = raw.get("init_from", "") if isinstance(raw, dict) else ""
         for s in range(options.seeds):
-            if template:
-                init = Path(config.seeded(template, options.base_seed + s))
-                if init.resolve() not in earlier and not (init / RESULT_FILE).is_file():
-                    raise SoftarError(f"{c}: train.init_from {init} is neither a finished run nor a run of a config "
-                                      "listed before it in this sweep")
+            init = init_run(c, s, overrides, options)
+            if init is not None and init.resolve() not in earlier and not (init / RESULT_FILE).is_file():
+                raise SoftarError(f"{c}: train.init_from {init} is neither a finished run nor a run of a config "
+                                  "listed before it in this sweep")
             earlier.add(options.run_dir(Path(c).stem, s).resolve())
+
+
+def _train_worker(cfg_path: str, s: int, overrides: list[str], study: Study, conn: Connection) -> None:
+    """One run of `train_runs`, in its own process: trains it and tells the sweep how it ended."""
+    try:
+        run_one(cfg_path, s, overrides, study, train_only=True)
+        conn.send(None)
+    except Preempted as e:
+        conn.send(("preempted", int(e.signum)))
+    except SoftarError as e:
+        conn.send(("error", str(e)))
+
+
+def train_runs(configs: list[str], overrides: list[str], study: Study, jobs: int, stop: Preemption) -> None:
+    """Train every config x seed, up to `jobs` runs at once, each in its own process (with its config's
+    train.threads); a run that starts from another run of this sweep (train.init_from) waits for it. A signal
+    (`stop` notes it) or a failed run stops the others, which finish their step and save, to resume on the next
+    call."""
+    o = study.options
+    runs = {o.run_dir(Path(c).stem, s).resolve(): (c, s) for c in configs for s in range(o.seeds)}
+    needs = {key: init_run(c, s, overrides, o) for key, (c, s) in runs.items()}
+    needs = {key: init.resolve() if init is not None and init.resolve() in runs else None
+             for key, init in needs.items()}
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    waiting, running, done = dict(runs), {}, set()
+    stop.set_immediate(False)  # a signal is noted, and acted on between two waits: no child goes untracked
+    try:
+        while waiting or running:
+            for key in [k for k in waiting if needs[k] is None or needs[k] in done][:jobs - len(running)]:
+                c, s = waiting.pop(key)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_train_worker, args=(c, s, overrides, study, send))
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (key, proc, receive)
+            for sentinel in wait(list(running), timeout=0.2):
+                key, proc, receive = running.pop(sentinel)
+                proc.join()
+                try:
+                    ended = receive.recv()
+                except EOFError:  # it died before telling (killed, or a bug whose traceback it printed)
+                    ended = ("error", f"its process exited with code {proc.exitcode}")
+                if ended is None:
+                    done.add(key)
+                    continue
+                if ended[0] == "preempted":
+                    stop.signum = ended[1]
+                    break
+                run = o.run_dir(Path(runs[key][0]).stem, runs[key][1])
+                raise SoftarError(ended[1] if str(run) in ended[1] else f"{run}: {ended[1]}")
+            if stop.signum is not None:
+                raise Preempted(stop.signum, saved=True, how="run the same softar sweep command again to continue")
+    finally:  # SIGTERM: a training run finishes its step and saves its checkpoint
+        for _, proc, _ in running.values():
+            proc.terminate()
+        for _, proc, _ in running.values():
+            proc.join()
+    stop.set_immediate(True)
 
 
 def choose_study(loaded: dict[str, config.Config], options: SweepOptions) -> Study:
@@ -122,7 +186,7 @@ def choose_study(loaded: dict[str, config.Config], options: SweepOptions) -> Stu
 def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windows: int = 256,
           horizons: tuple[int, ...] = (8, 32), base_seed: int = 1337, report: Path | None = None, command: str = "",
           gap: tuple[str, str] | None = None, generation: tuple[str, str] | None = None,
-          analogies: str | None = None) -> dict:
+          analogies: str | None = None, jobs: int = 1) -> dict:
     """Run (or reuse) every config x seed, then tabulate, plot and report as the study the configs make
     (`choose_study`): `gap` = (SHORT, LONG), plain config names, each optionally NAME:CONTEXT, makes it the
     retention study; `generation` = (generator, reference) the layout study's coherence trade-off; `analogies` adds
@@ -144,7 +208,9 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     if report is not None:
         check_report(report, out)
     claim_out(out)
-    with Preemption():  # a signal outside training (evaluation, reports) stops at once; finished runs are kept
+    with Preemption() as stop:  # a signal outside training (evaluation, reports) stops at once; finished runs kept
+        if jobs > 1:
+            train_runs(configs, overrides, study, jobs, stop)
         for name in study.first():  # every seed's references train before anything is scored against them
             for s in range(seeds):
                 run_one(options.paths[name], s, overrides, study, train_only=True)
