@@ -53,6 +53,19 @@ class Checkpoint:
     meta: dict  # the contents of trainer.json
 
 
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU, each with memory of its own: safetensors refuses tensors that share it (a Hugging Face
+    model's LM head tied to its embeddings), so a second name of the same memory is saved as a copy, which loads
+    back into the same parameter."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    return out
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
                     keep_last: int) -> Path:
     """Write one checkpoint atomically, point `latest` at it, and prune to the newest `keep_last`."""
@@ -66,7 +79,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, dict[str, torc
     files = {}
     for stem, tdict in tensors.items():
         path = tmp / f"{stem}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tdict.items()}, str(path))
+        save_file(unshared(tdict), str(path))
         fsync_path(path)
         files[path.name] = sha256_file(path)
     path = tmp / TRAINER_JSON

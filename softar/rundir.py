@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -58,6 +59,35 @@ def check_data(run_dir: Path, data_dir: str | Path) -> None:
                           f"{data_dir} has {current['vocab_size']}")
     if recorded != current:
         raise SoftarError(f"data in {data_dir} differs from the data {run_dir} was trained on")
+
+
+def hf_source(cfg: Config) -> dict:
+    """For `model.hf`: the folder and its checksum (the run record keeps them), once the data is checked to be
+    tokenized with the folder's tokenizer."""
+    from softar.model.hf import check_folder, folder_sha256
+
+    folder = Path(cfg.model.hf)
+    check_folder(folder)
+    theirs = folder / TOKENIZER_FILE
+    if not theirs.is_file():
+        raise SoftarError(f"model.hf: {folder} has no {TOKENIZER_FILE} (save a fast tokenizer there with "
+                          "tokenizer.save_pretrained)")
+    if sha256_file(theirs) != data_fingerprint(cfg.data.dir)["tokenizer_sha256"]:
+        raise SoftarError(f"data.dir: {cfg.data.dir} was not tokenized with the tokenizer of model.hf {folder} "
+                          f"(prepare it with softar prepare --tokenizer hf --hf {folder})")
+    return {"path": str(folder), "sha256": folder_sha256(folder)}
+
+
+def check_hf(run_dir: Path, cfg: Config) -> None:
+    """A run of a Hugging Face model reads its folder again (the network's code and config): it must be the folder
+    the run trained from."""
+    if not cfg.model.hf:
+        return
+    recorded = read_json(run_dir / RUN_FILE, "run record").get("hf")
+    current = hf_source(cfg)
+    if not isinstance(recorded, dict) or recorded.get("sha256") != current["sha256"]:
+        raise SoftarError(f"model.hf: {cfg.model.hf} is not the folder {run_dir} trained from (its files changed "
+                          "since, or the run record lacks its checksum)")
 
 
 def load_model_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
@@ -119,6 +149,7 @@ def load_init_weights(model: SoftAR, cfg: Config) -> dict:
     if not (source / RESULT_FILE).is_file():
         raise SoftarError(f"train.init_from: {source} has not finished training (no {RESULT_FILE})")
     check_data(source, cfg.data.dir)
+    check_hf(source, read_config(source))
     ckpt = load_latest(source)
     got, own = ckpt.tensors.get("model", {}), model.state_dict()
     extra = sorted(set(got) - set(own))
@@ -146,6 +177,7 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     cfg = read_config(run_dir)
     data_dir = data_dir or cfg.data.dir
     check_data(run_dir, data_dir)
+    check_hf(run_dir, cfg)
     vocab = data_fingerprint(data_dir)["vocab_size"]
     if not cfg.model.vocab_size >= vocab:
         raise SoftarError(f"{run_dir / CONFIG_FILE}: model.vocab_size {cfg.model.vocab_size} does not cover the "
@@ -159,7 +191,13 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     model.eval()
     if model.regression_only:  # its LM head never trained: every reader goes through the cosine readout
         model.fit_cosine_readout(load_split(data_dir, "train"))
-    return LoadedRun(cfg, model, load_tokenizer(data_dir, vocab), ckpt.meta["step"])
+    if cfg.model.hf:  # the same vocabulary as the data's (hf_source checked it), with the model's BOS and EOS
+        from softar.model.hf import HFTokenizer
+
+        tokenizer = HFTokenizer(cfg.model.hf)
+    else:
+        tokenizer = load_tokenizer(data_dir, vocab)
+    return LoadedRun(cfg, model, tokenizer, ckpt.meta["step"])
 
 
 class RunLock:
@@ -214,20 +252,17 @@ def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -
     positions; `context.*`, `soft.*` and `model.block_size` overrides give it a layout and soft tokens. Kind
     embeddings are off unless asked for: an untrained slot encoder would only perturb a pretrained model."""
     from softar import config
-    from softar.model.hf import HFTokenizer, HFVectorLM
+    from softar.model.hf import HFTokenizer, hf_config, positions_of
 
-    lm = HFVectorLM.from_pretrained(path)
     for ov in overrides:
         if not ov.split("=", 1)[0].strip().startswith(("context.", "soft.", "model.block_size")):
             raise SoftarError(f"--hf: {ov!r}: only context.*, soft.* and model.block_size apply to a Hugging Face "
                               "model")
-    cfg = config.load(None, [f"model.block_size={lm.max_positions}", "context.kind_embeddings=false", *overrides])
-    if cfg.model.block_size > lm.max_positions:
-        raise SoftarError(f"model.block_size: {cfg.model.block_size} is more than the {lm.max_positions} positions "
-                          f"of the model in {path}")
-    model = build_model(cfg, lm).to(device).eval()
+    cfg = config.load(None, [f"model.hf={json.dumps(str(path))}", f"model.block_size={positions_of(hf_config(path))}",
+                             "context.kind_embeddings=false", *overrides])
+    model = build_model(cfg).to(device).eval()
     tokenizer = HFTokenizer(path)
-    if tokenizer.vocab_size > lm.E.shape[0]:
+    if tokenizer.vocab_size > model.E.shape[0]:
         raise SoftarError(f"--hf: the tokenizer in {path} has {tokenizer.vocab_size} tokens, the model's vocabulary "
-                          f"{lm.E.shape[0]}")
+                          f"{model.E.shape[0]}")
     return LoadedRun(cfg, model, tokenizer, 0)

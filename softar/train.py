@@ -42,7 +42,9 @@ from softar.rundir import (
     RUN_FILE,
     RunLock,
     check_data,
+    check_hf,
     data_fingerprint,
+    hf_source,
     load_embedding,
     load_init_weights,
     load_model_checkpoint,
@@ -143,6 +145,7 @@ def _check_run_dir(out: Path, cfg: Config, resume: bool, derived_decay: bool = F
         if changed:
             raise SoftarError(f"{out} holds a different run (differs in {', '.join(changed)})")
         check_data(out, cfg.data.dir)
+        check_hf(out, cfg)
     elif resume:
         raise SoftarError(f"nothing to resume in {out} (no {CONFIG_FILE})")
     elif out.exists() and any(p.name not in STARTUP_FILES and not p.name.startswith(".") for p in out.iterdir()):
@@ -263,6 +266,7 @@ class Trainer:
         """`stack` keeps the run directory's lock until the caller is done with the run."""
         self.out, self.quiet = Path(out), quiet
         self.workload = open_workload(cfg)  # a text corpus or a reasoning task: its data, batches and evaluations
+        self.hf = hf_source(cfg) if cfg.model.hf else None  # the pretrained folder, checked against the data
         derived_decay = cfg.train.lr_decay_iters == 0
         cfg = resolve(cfg, self.workload.vocab_size)
         self.world, self.device = init_world(cfg.train.device)
@@ -279,6 +283,9 @@ class Trainer:
             check_memory(cfg, self.device)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.net: SoftAR = build_model(cfg).to(self.device)  # the model; self.model may be its DDP/FSDP wrapper
+        self.net.train()  # a pretrained model loads in eval mode: its dropout is on from the first step, as after evals
+        if t.checkpointing:
+            self.net.lm.checkpoint_activations()
         self.part_names = part_names(cfg.loss)  # the loss parts logged beside the total
         if m.embedding in ("checkpoint", "pretrained"):
             load_embedding(self.net, cfg)
@@ -317,6 +324,7 @@ class Trainer:
             "params": self.params,
             "flops_per_token": self.flops_per_token,
             **({"init_from": self.init_source} if self.init_source else {}),
+            **({"hf": self.hf} if self.hf else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_text_atomic(self.out / RUN_FILE, json.dumps(info, indent=2))
@@ -525,8 +533,13 @@ def check_memory(cfg: Config, device: torch.device) -> None:
     activations a training step keeps for backward, and the logits of an evaluation batch, against the memory
     available now (MemAvailable on CPU, free device memory on CUDA). Rough by design: it catches sizes that are
     off by a large factor; `train.check_memory = false` skips it."""
-    with torch.device("meta"):
-        params = build_model(cfg).num_params()
+    with torch.device("meta"):  # shapes only: nothing is allocated, no weights are read
+        if cfg.model.hf:
+            from softar.model.hf import hf_param_count
+
+            params = hf_param_count(cfg.model.hf)
+        else:
+            params = build_model(cfg).num_params()
     m, t, lay = cfg.model, cfg.train, cfg.context
     B, T, d, L, V, H = t.batch_size, m.block_size, m.d_model, m.n_layer, m.vocab_size, m.n_head
     two_pass = 2 if lay.soft or cfg.loss.soft_inputs > 0 else 1

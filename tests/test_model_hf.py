@@ -3,6 +3,7 @@ save_pretrained (nothing is downloaded). Greedy hard decoding equals transformer
 generation equals uncached; `softar sample --hf` runs every mode and a context layout."""
 
 import json
+import math
 import os
 
 import pytest
@@ -139,3 +140,171 @@ def test_inspect_on_a_hugging_face_model(hf_dir, tmp_path, capsys):
     payload = json.loads(page.with_suffix(".json").read_text())
     assert len(payload["tokens"]) == 5 + 30 and payload["run"]["model"]["n_layer"] == 2
     assert payload["metrics"]["curves"] == {} and {"segment", "soft"} <= {t["tier"] for t in payload["tokens"]}
+
+
+
+# -- model.hf: a pretrained model trained, evaluated, resumed and exported like softAR's own -------------------------
+@pytest.fixture(scope="module")
+def hf_data(hf_dir, tmp_path_factory):
+    """Shakespeare's first 20,000 characters, lower-cased, tokenized with the folder's own tokenizer."""
+    from softar.data.corpus import shakespeare_text
+    from softar.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("hf_data")
+    (root / "corpus.txt").write_text(shakespeare_text()[:20_000].lower())
+    prepare(str(root / "corpus.txt"), root / "data", "hf", hf=hf_dir)
+    return root / "data"
+
+
+def hf_train(hf_dir, data, out, *extra) -> list[str]:
+    """`softar train` of the folder's model on `data`: 8 steps of 8 windows of 32 tokens."""
+    return ["train", "configs/shakespeare_char.toml", f'model.hf="{hf_dir}"', f'data.dir="{data}"',
+            "model.block_size=32", "train.batch_size=8", "train.max_iters=8", "train.lr_decay_iters=8",
+            "train.eval_interval=4", "train.eval_iters=2", "train.warmup_iters=2", "train.lr=3e-3", "train.threads=1",
+            *extra, "--quiet",
+            "--out", str(out)]
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_hugging_face_model_trains_resumes_and_exports(hf_dir, hf_data, tmp_path, capsys):
+    """model.hf: fine-tuning lowers the val loss; a run stopped at step 4 and resumed ends where the straight run
+    ends; the export loads with transformers, whose greedy `generate` equals softAR's greedy decoding of the run."""
+    straight = tmp_path / "straight"
+    assert cli.main(hf_train(hf_dir, hf_data, straight)) == 0
+    result = last_json(capsys)
+    import numpy as np
+
+    val = torch.from_numpy(np.fromfile(hf_data / "val.bin", dtype=np.uint16).astype(np.int64))
+    windows = val[: len(val) // 33 * 33].view(-1, 33)
+    with torch.no_grad():  # the pretrained model's own loss on the val split, by transformers
+        before = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)(windows, labels=windows).loss
+    assert result["val_loss"] < float(before) - 0.1
+    record = json.loads((straight / "run.json").read_text())["hf"]
+    assert record["path"] == str(hf_dir) and len(record["sha256"]) == 64
+    config = json.loads((straight / "config.json").read_text())["model"]
+    assert (config["n_layer"], config["d_model"], config["vocab_size"]) == (2, 32, len(CHARS))
+
+    halves = tmp_path / "halves"
+    assert cli.main(hf_train(hf_dir, hf_data, halves, "train.max_iters=4")) == 0
+    capsys.readouterr()
+    assert cli.main(hf_train(hf_dir, hf_data, halves) + ["--resume"]) == 0
+    assert last_json(capsys)["val_loss"] == result["val_loss"]
+
+    export = tmp_path / "export"
+    assert cli.main(["export", str(straight), "--hf", str(export)]) == 0
+    assert last_json(capsys)["step"] == 8
+    model = transformers.AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    prompt = torch.tensor([tokenizer.encode("to be or not", add_special_tokens=False)])
+    theirs = model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                            attention_mask=torch.ones_like(prompt))
+    from softar.rundir import load_run
+
+    run = load_run(straight, torch.device("cpu"))
+    assert torch.equal(decoding(temperature=0, max_new_tokens=20).run(run.model, prompt).full(), theirs)
+    assert cli.main(["export", str(straight), "--hf", str(export)]) == 2  # never over a folder
+    assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_a_hugging_face_run_fine_tunes_with_a_layout_and_evaluates(hf_dir, hf_data, tmp_path, capsys):
+    """train.init_from an HF run with summary slots and soft tokens added; `softar eval` and `sample` read it."""
+    base = tmp_path / "base"
+    assert cli.main(hf_train(hf_dir, hf_data, base, "train.max_iters=4")) == 0
+    tuned = tmp_path / "tuned"
+    assert cli.main(hf_train(hf_dir, hf_data, tuned, "train.max_iters=4", f'train.init_from="{base}"',
+                             "context.aggregate=1", "context.segments=1", "context.segment_len=8",
+                             "model.block_size=24")) == 0
+    capsys.readouterr()
+    assert json.loads((tuned / "run.json").read_text())["init_from"]["step"] == 4
+    assert cli.main(["eval", str(tuned), "--windows", "2", "--horizons", "2", "--device", "cpu"]) == 0
+    assert math.isfinite(last_json(capsys)["loss"])
+    assert cli.main(["sample", str(tuned), "--prompt", "to be", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("to be")
+
+
+def test_a_hugging_face_model_needs_its_own_tokens_and_folder(hf_dir, hf_data, char_data, tmp_path, capsys):
+    """Data tokenized otherwise, a hub id, and a folder changed after training: one line each, exit 2."""
+    import shutil
+
+    def refused(args, message):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("softar: error: ") and message in err[0], err
+
+    refused(hf_train(hf_dir, char_data, tmp_path / "a"), "was not tokenized with the tokenizer of model.hf")
+    refused(hf_train("gpt2", hf_data, tmp_path / "b"), "not a local folder")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(hf_dir, copy)
+    assert cli.main(hf_train(copy, hf_data, tmp_path / "run", "train.max_iters=2")) == 0
+    (copy / "generation_config.json").write_text("{}")
+    refused(["eval", str(tmp_path / "run"), "--windows", "2", "--device", "cpu"], "is not the folder")
+    refused(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "out")], "is not the folder")
+    refused(["prepare", "--tokenizer", "hf", "--out", str(tmp_path / "d")], "--tokenizer hf needs --hf DIR")
+
+
+def test_sampling_stops_at_the_tokenizers_eos_and_starts_with_its_bos(tmp_path, capsys):
+    """A tokenizer with BOS ('x', added before every prompt) and EOS (a token greedy decoding reaches after a few
+    steps): `softar sample --hf` reads the prompt as the tokenizer encodes it and stops where
+    `transformers.generate` stops, at EOS, before its token limit."""
+    from tokenizers import processors
+
+    model = tiny("llama")
+    bos = CHARS.index("x")
+    prompt = torch.tensor([[bos, *(CHARS.index(c) for c in "to be")]])
+    free = model.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None,
+                          attention_mask=torch.ones_like(prompt))[0, prompt.shape[1]:].tolist()
+    eos = next(t for i, t in enumerate(free) if i >= 4 and t not in free[:i] and CHARS[t] != "<unk>")
+    path = tmp_path / "eos"
+    model.generation_config.eos_token_id = model.config.eos_token_id = eos
+    model.save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="x $A", special_tokens=[("x", bos)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="x",
+                                                eos_token=CHARS[eos])
+    fast.save_pretrained(path)
+    assert fast("to be")["input_ids"] == prompt[0].tolist()
+    theirs = model.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                            attention_mask=torch.ones_like(prompt))[0].tolist()
+    assert theirs[-1] == eos and len(theirs) < prompt.shape[1] + 40
+    assert cli.main(["sample", "--hf", str(path), "--prompt", "to be", "--temperature", "0", "--max-new-tokens",
+                     "40", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == fast.decode(theirs)
+
+
+def block_calls(model, first_block, vectors) -> int:
+    """How many module calls inside the first block one training forward and backward make (transformers checkpoints
+    a block's `forward`, so what runs again in backward is inside it)."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in first_block.modules()
+             if m is not first_block]
+    model.train()
+    model.lm.hidden(vectors).last.sum().backward()
+    for hook in hooks:
+        hook.remove()
+    return len(calls)
+
+
+def test_activation_checkpointing_of_a_hugging_face_model(hf_dir, hf_data, tmp_path, capsys):
+    """train.checkpointing turns on the model's own checkpointing (its blocks run again in backward); a run ends
+    with the same weights as without."""
+    from safetensors.torch import load_file
+
+    run = load_hf(hf_dir, torch.device("cpu"))
+    first = next(m for m in run.model.lm.model.modules() if isinstance(m, torch.nn.ModuleList))[0]
+    vectors = run.model.E[torch.tensor([[1, 2, 3, 4]])].detach()
+    once = block_calls(run.model, first, vectors)
+    run.model.lm.checkpoint_activations()
+    assert block_calls(run.model, first, vectors) > once  # ran again in backward
+    weights = []
+    for on in ("false", "true"):
+        out = tmp_path / on
+        assert cli.main(hf_train(hf_dir, hf_data, out, "train.max_iters=3", f"train.checkpointing={on}")) == 0
+        name = (out / "checkpoints" / "latest").read_text().strip()
+        weights.append(load_file(str(out / "checkpoints" / name / "model.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

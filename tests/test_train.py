@@ -62,6 +62,26 @@ def test_resume_is_exact(tiny_cfg, tmp_path, extra):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_activation_checkpointing_recomputes_exactly(tiny_cfg, tmp_path):
+    """train.checkpointing keeps no activations inside the blocks and recomputes them in backward, dropout masks
+    included: the same loss at every step and the same weights as without."""
+    from softar.soft.model import build_model
+
+    extra = {"model.dropout": 0.2, "model.n_layer": 3}
+    model = build_model(config.resolve(tiny_cfg(**extra), 65))
+    calls = []
+    model.lm.backbone.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    model.lm.checkpoint_activations()
+    model.lm.hidden(torch.randn(2, 8, model.E.shape[1])).last.sum().backward()
+    assert len(calls) == 2  # the block ran again in backward
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    train(tiny_cfg(**extra), plain, quiet=True)
+    train(tiny_cfg(**extra, **{"train.checkpointing": "true"}), recomputed, quiet=True)
+    assert train_losses(plain) == train_losses(recomputed)
+    a, b = final_weights(plain), final_weights(recomputed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_run_directory_refusals(tiny_cfg, tmp_path, small_corpus):
     out = tmp_path / "run"
     with pytest.raises(SoftarError, match="nothing to resume"):

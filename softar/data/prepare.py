@@ -20,19 +20,25 @@ VAL_FRACTION = 0.1
 
 
 def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: int = 1024,
-            force: bool = False) -> dict:
+            force: bool = False, hf: str | Path | None = None) -> dict:
     """Convert, tokenize and write a dataset folder; returns its meta. Writes into a temp folder first so
     a failure leaves nothing half-written, and refuses to replace a different dataset unless `force`, and anything
-    softar did not write (its manifest, `softar.disk.check_owned`) even then."""
+    softar did not write (its manifest, `softar.disk.check_owned`) even then. `tokenizer="hf"`: the `tokenizer.json`
+    of the Hugging Face model folder `hf`, copied into the dataset byte for byte (`model.hf` trains on it)."""
     out = Path(out).absolute()
-    if tokenizer not in ("char", "bpe", "glove"):
-        raise SoftarError(f"--tokenizer: expected 'char', 'bpe' or 'glove', got {tokenizer!r}")
+    if tokenizer not in ("char", "bpe", "glove", "hf"):
+        raise SoftarError(f"--tokenizer: expected 'char', 'bpe', 'glove' or 'hf', got {tokenizer!r}")
+    if (tokenizer == "hf") != (hf is not None):
+        raise SoftarError("--hf DIR goes with --tokenizer hf, and --tokenizer hf needs --hf DIR")
+    pretrained = pretrained_tokenizer(hf) if hf is not None else None
     claim_out(out)
     text, source = read_corpus(corpus)
     text_sha = sha256_bytes(text.encode("utf-8"))
+    sized = tokenizer in ("bpe", "glove")
     old = existing_dataset(out, force, lambda old: old.get("text_sha256") == text_sha and old.get("tokenizer") ==
-                           tokenizer and (tokenizer == "char" or old.get("requested_vocab_size",
-                                                                         old.get("vocab_size")) == vocab_size))
+                           tokenizer and (not sized or old.get("requested_vocab_size",
+                                                               old.get("vocab_size")) == vocab_size)
+                           and (pretrained is None or old.get("tokenizer_sha256") == sha256_bytes(pretrained.source)))
     if old is not None:
         return old  # already prepared: nothing to do
 
@@ -45,6 +51,8 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
         tok = CharTokenizer.train(text)  # the whole text's alphabet, as nanoGPT does
     elif tokenizer == "bpe":
         tok = BPETokenizer.train(train_text, vocab_size)  # BPE merges are learned on train only
+    elif pretrained is not None:
+        tok = pretrained
     else:  # words that have GloVe vectors, by frequency in train; E is saved beside the tokens
         words, vectors = glove_vectors()
         tok = WordTokenizer.train(train_text, vocab_size, set(words))
@@ -52,7 +60,8 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     meta = {
         "source": source,
         "tokenizer": tokenizer,
-        "requested_vocab_size": None if tokenizer == "char" else vocab_size,
+        "requested_vocab_size": vocab_size if sized else None,
+        **({"tokenizer_sha256": sha256_bytes(pretrained.source), "hf": str(hf)} if pretrained is not None else {}),
         "characters": {"train": len(train_text), "val": len(val_text)},
         "text_sha256": text_sha,
         "val_fraction": VAL_FRACTION,
@@ -60,6 +69,18 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     files = {PRETRAINED_FILE: lambda path: save_file({"E": table}, str(path))} if table is not None else {}
     return write_dataset(out, force, tok, {"train": tok.encode_array(train_text), "val": tok.encode_array(val_text)},
                          meta, files)
+
+
+def pretrained_tokenizer(folder: str | Path) -> BPETokenizer:
+    """The fast tokenizer (`tokenizer.json`) of a Hugging Face model folder."""
+    from softar.model.hf import check_folder
+
+    check_folder(folder)
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.is_file():
+        raise SoftarError(f"--hf: {folder} has no {TOKENIZER_FILE} (save a fast tokenizer there with "
+                          "tokenizer.save_pretrained)")
+    return BPETokenizer.from_file(path)
 
 
 def claim_out(out: Path) -> None:

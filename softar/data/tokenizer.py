@@ -55,10 +55,23 @@ class CharTokenizer:
 
 
 class BPETokenizer:
+    """A `tokenizers` tokenizer: softAR's own byte-level BPE, or a pretrained model's `tokenizer.json`, kept byte
+    for byte (`source`) so that the data's file is the model's. Text is encoded without special tokens."""
+
     kind = "bpe"
 
-    def __init__(self, tok):  # tok: tokenizers.Tokenizer
-        self.tok = tok
+    def __init__(self, tok, source: bytes | None = None):  # tok: tokenizers.Tokenizer
+        self.tok, self.source = tok, source
+
+    @classmethod
+    def from_file(cls, path: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer
+
+        source = path.read_bytes()
+        try:
+            return cls(Tokenizer.from_str(source.decode("utf-8")), source)
+        except Exception as e:  # the Rust parser's errors: a malformed or unknown tokenizer file
+            raise SoftarError(f"tokenizer {path}: not a valid tokenizer ({str(e).splitlines()[0][:80]})") from None
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
@@ -80,18 +93,21 @@ class BPETokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_array(self, text: str) -> np.ndarray:
         lines = text.splitlines(keepends=True)
-        ids = [e.ids for e in self.tok.encode_batch(lines)]
+        ids = [e.ids for e in self.tok.encode_batch(lines, add_special_tokens=False)]
         return np.fromiter((i for line in ids for i in line), dtype=np.int64)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
     def save(self, path: Path) -> None:
-        self.tok.save(str(path))
+        if self.source is not None:
+            path.write_bytes(self.source)
+        else:
+            self.tok.save(str(path))
 
 
 class WordTokenizer:
@@ -192,12 +208,7 @@ def load_tokenizer(data_dir: str | Path, vocab_size: int | None = None) -> Token
     elif raw.get("type") == "task":
         tok = TaskTokenizer(_strings(raw, "words", path, None))
     else:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            tok = BPETokenizer(HFTokenizer.from_file(str(path)))
-        except Exception as e:  # the Rust parser's errors: a malformed or unknown tokenizer file
-            raise SoftarError(f"tokenizer {path}: not a valid tokenizer ({str(e).splitlines()[0][:80]})") from None
+        tok = BPETokenizer.from_file(path)
     if vocab_size is not None and tok.vocab_size != vocab_size:
         raise SoftarError(f"tokenizer {path} has {tok.vocab_size} tokens, but meta.json says {vocab_size}")
     return tok

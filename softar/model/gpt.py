@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from softar.config import ModelConfig
 from softar.model.embedding import TokenEmbedding, frozen_random_table
@@ -190,6 +191,7 @@ class Backbone(nn.Module):
         self.dropout = cfg.dropout
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.checkpointing = False  # train.checkpointing
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | RingCache | None = None,
@@ -212,8 +214,9 @@ class Backbone(nn.Module):
         if self.dropout:
             h = F.dropout(h, self.dropout, self.training)
         layers = [h] if keep_layers else []
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()  # a cache is written: not twice
         for block in self.blocks:
-            h = block(h, rope, cache)
+            h = checkpoint(block, h, rope, None, use_reentrant=False) if recompute else block(h, rope, cache)
             if keep_layers:
                 layers.append(h)
         if cache is not None:
@@ -296,6 +299,9 @@ class GPT(nn.Module):
 
     def shard_units(self) -> list[nn.Module]:
         return list(self.backbone.blocks)
+
+    def checkpoint_activations(self) -> None:
+        self.backbone.checkpointing = True
 
     def describe(self) -> dict:
         return {"n_layer": self.cfg.n_layer, "n_head": self.cfg.n_head, "d_model": self.cfg.d_model}

@@ -39,6 +39,48 @@ def check_folder(path: str | Path) -> None:
         raise SoftarError(f"--hf: {path / odd[0]} is neither a regular file nor a folder")
 
 
+def hf_config(path: str | Path):
+    """The folder's `config.json` as transformers reads it, or a one-line error."""
+    check_folder(path)
+    if not (Path(path) / "config.json").is_file():
+        raise SoftarError(f"--hf: {path} holds no Hugging Face model (no config.json; write it with save_pretrained)")
+    try:
+        return _transformers().AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # whatever transformers raises on a broken config
+        raise SoftarError(f"--hf: cannot read the model config in {path}: "
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+
+
+def positions_of(c) -> int:
+    """The positions a transformers config's model reads."""
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 1024)
+
+
+def hf_shape(path: str | Path) -> dict[str, int]:
+    """softAR's model.* fields for the folder's network, so that a run's config says what it trained."""
+    c = hf_config(path)
+    try:
+        shape = {"n_layer": c.num_hidden_layers, "n_head": c.num_attention_heads, "d_model": c.hidden_size,
+                 "vocab_size": c.vocab_size}
+    except AttributeError as e:
+        raise SoftarError(f"--hf: {path}/config.json lacks {e.name}; not a causal LM softAR knows") from None
+    return {**shape, "d_embed": shape["d_model"]}
+
+
+def hf_param_count(path: str | Path) -> int:
+    """The parameters of the folder's network, counted from its config (under a meta device, nothing is allocated)."""
+    model = _transformers().AutoModelForCausalLM.from_config(hf_config(path))
+    return sum(p.numel() for p in model.parameters())
+
+
+def folder_sha256(path: str | Path) -> str:
+    """One checksum of a model folder: every file's name and sha256, in name order (what a run trained from)."""
+    from softar.disk import sha256_bytes, sha256_file
+
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    return sha256_bytes("\n".join(f"{p.relative_to(path)} {sha256_file(p)}" for p in files).encode())
+
+
 class HFVectorLM(nn.Module):
     """`model`: a `transformers` model with a causal LM head. E is its input embedding table; h_m is its last hidden
     state (after the final norm), which lives in R^m when the hidden size equals the embedding width."""
@@ -57,10 +99,7 @@ class HFVectorLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> HFVectorLM:
-        check_folder(path)
-        if not (Path(path) / "config.json").is_file():
-            raise SoftarError(f"--hf: {path} holds no Hugging Face model (no config.json; write it with "
-                              "save_pretrained)")
+        hf_config(path)
         if not any(Path(path).glob("*.safetensors")):
             raise SoftarError(f"--hf: {path} has no *.safetensors weights; only safetensors are loaded (nothing is "
                               "unpickled)")
@@ -85,8 +124,7 @@ class HFVectorLM(nn.Module):
 
     @property
     def max_positions(self) -> int:
-        c = self.model.config
-        return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 1024)
+        return positions_of(self.model.config)
 
     def hidden(self, vectors: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> Hidden:
         B, T, _ = vectors.shape
@@ -114,6 +152,12 @@ class HFVectorLM(nn.Module):
 
     def shard_units(self) -> list[nn.Module]:
         return []
+
+    def checkpoint_activations(self) -> None:
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers 5 renamed it
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def describe(self) -> dict:
         c = self.model.config
@@ -151,5 +195,38 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as the model expects one: with the BOS token its tokenizer adds (Llama's; GPT-2 adds none)."""
+        return self.tok(text)["input_ids"]
+
+    @property
+    def eos_id(self) -> int | None:
+        """Where generation stops, as `transformers.generate` stops."""
+        return self.tok.eos_token_id
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
+
+
+def export_pretrained(run_dir: str | Path, out: str | Path) -> dict:
+    """`softar export RUN --hf OUT`: a run of `model.hf` as a Hugging Face folder (its trained weights, the source
+    folder's config and tokenizer) that `from_pretrained` loads; written whole into a new folder, never over one.
+    The network is all it holds: a context layout or soft-token spec of the run is softAR's, not the model's."""
+    from softar.device import pick_device
+    from softar.disk import claim, staged_folder
+    from softar.rundir import load_run
+
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SoftarError(f"--hf {out}: exists and is not an empty folder; choose a new one")
+    claim(out.parent, (), f"--hf {out}")
+    run = load_run(run_dir, pick_device("cpu"))
+    if not isinstance(run.model.lm, HFVectorLM):
+        raise SoftarError(f"{run_dir}: a run of softAR's own GPT; only runs of a Hugging Face model (model.hf) export "
+                          "to its format")
+    tokenizer = _transformers().AutoTokenizer.from_pretrained(run.cfg.model.hf, local_files_only=True)
+    with staged_folder(out, False, "model") as tmp:
+        run.model.lm.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return {"run_dir": str(run_dir), "hf": str(out), "step": run.step, "source": run.cfg.model.hf,
+            "layout_not_exported": not run.cfg.context.plain}

@@ -92,6 +92,10 @@ class VectorLM(Protocol):
     def shard_units(self) -> list[torch.nn.Module]:
         """The modules FSDP2 shards one by one (the transformer blocks), or [] to shard the network as one unit."""
 
+    def checkpoint_activations(self) -> None:
+        """From now on a forward without a cache keeps no activations inside its blocks; backward recomputes them
+        (train.checkpointing)."""
+
     def describe(self) -> dict[str, Any]:
         """The network's shape for run records and pages: n_layer, n_head, d_model, and what it is."""
 

@@ -56,6 +56,9 @@ class HMMOracle(nn.Module):
     def shard_units(self) -> list[nn.Module]:
         return []
 
+    def checkpoint_activations(self) -> None:
+        pass  # no activations to keep: it has no parameters
+
     def describe(self) -> dict[str, Any]:
         return {"n_layer": 0, "n_head": 0, "d_model": self.hmm.symbols, "kind": "hmm_oracle",
                 "states": self.hmm.states}

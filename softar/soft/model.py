@@ -203,7 +203,15 @@ def check_names(cfg: Config, heads: set[str] | None = None) -> None:
 def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
     """The one place a model is built from a resolved config: softAR's GPT with fresh weights (checkpoints load
     into it), or the given VectorLM (a pretrained Hugging Face model, say) with a fresh window builder. The GPT and
-    its window builder draw their initial weights in one fixed order, the one softAR has always used."""
+    its window builder draw their initial weights in one fixed order, the one softAR has always used. With
+    `model.hf` the network is that folder's pretrained model."""
+    if lm is None and cfg.model.hf:
+        from softar.model.hf import HFVectorLM
+
+        lm = HFVectorLM.from_pretrained(cfg.model.hf)
+        if cfg.model.block_size > lm.max_positions:
+            raise ConfigError(f"model.block_size: {cfg.model.block_size} is more than the {lm.max_positions} "
+                              f"positions of the model in {cfg.model.hf}")
     if lm is None:
         check_names(cfg)
         model = SoftAR(GPT(cfg.model, init=False), cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
