@@ -122,6 +122,33 @@ def hf_gpt2(cfg: Config, device: torch.device):
     return transformers.GPT2LMHeadModel(conf).eval().to(device)
 
 
+def bench_sample_hf(path: str, new_tokens: int = 500, threads: int = 0, repeats: int = 5) -> dict:
+    """Greedy batch-1 generation of a Hugging Face model through `softar.decode` (with its cache and without) and
+    through the same model's own `generate`, side by side, within one window (neither slides)."""
+    from softar.rundir import load_hf
+
+    set_threads(threads)
+    device = pick_device("cpu")
+    run = load_hf(path, device)
+    n = min(new_tokens, run.model.window_slots - 1)
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    dec = Decoding(HardFeed(Sampling(temperature=0.0)), max_new_tokens=n)
+    result = {"bench": "sample", "hf": str(path), "device": str(device), "threads": torch.get_num_threads(),
+              "new_tokens": n, "params": run.model.num_params()}
+    for key, kw in (("tokens_per_s_batch1", {}), ("tokens_per_s_no_cache", {"use_cache": False})):
+        replace(dec, max_new_tokens=min(n, 20)).run(run.model, prompt, **kw)  # warm up
+        result[key] = n / _median_time(lambda kw=kw: dec.run(run.model, prompt, **kw), device, repeats)
+    hf = run.model.lm.model
+    generate = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,  # noqa: E731
+                                   min_new_tokens=n, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        generate()
+        result["hf_tokens_per_s_batch1"] = n / _median_time(generate, device, repeats)
+    result["cache_speedup"] = result["tokens_per_s_batch1"] / result["tokens_per_s_no_cache"]
+    result["speedup_over_hf_batch1"] = result["tokens_per_s_batch1"] / result["hf_tokens_per_s_batch1"]
+    return result
+
+
 def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
     """Greedy generation through `softar.decode` from a randomly initialised model of the config's shape, at
     batch 1 and 64 (hard tokens for a plain model; soft tokens for a layout), next to Hugging Face `generate` on a

@@ -399,9 +399,18 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from softar.disk import claim
     from softar.soft.model import check_names
 
+    out = Path(a.out)
+    if a.hf:
+        if a.kind != "sample" or a.config:
+            raise SoftarError("--hf DIR goes with `softar bench sample` alone (no config: the model is the folder's)")
+        claim(out, ["bench_sample.json"], "--out")
+        from softar.bench import bench_sample_hf
+
+        return _emit(bench_sample_hf(a.hf, a.new_tokens, a.threads), out / "bench_sample.json", owned=True)
+    if not a.config:
+        raise SoftarError("give the TOML config of the model to measure (or --hf DIR with `bench sample`)")
     cfg = config.load(a.config, a.overrides)
     check_names(cfg)  # every registry name, before a folder is made
-    out = Path(a.out)
     claim(out, [f"bench_{a.kind}.json", *(("faults.md",) if a.kind == "faults" else ())], "--out")
     if a.kind == "faults":
         from softar.faults import fault_report
@@ -628,8 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="measure training throughput, sampling speed, or fault tolerance")
     s.add_argument("kind", choices=["train", "sample", "faults"])
-    s.add_argument("config", help="TOML config of the model to measure")
+    s.add_argument("config", nargs="?", help="TOML config of the model to measure")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    s.add_argument("--hf", metavar="DIR", help="sample: a Hugging Face model folder instead of a config, timed "
+                                               "through softAR beside its own generate")
+    s.add_argument("--threads", type=_int_at_least(0, 4096), default=0, help="with --hf: torch threads (0: "
+                                                                              "torch's default)")
     s.add_argument("--steps", type=_positive_int, default=30, help="timed training steps")
     s.add_argument("--new-tokens", type=_positive_int, default=500, help="tokens generated per timing")
     s.add_argument("--kills", type=_positive_int, default=10, help="faults: interruptions per kind of fault")

@@ -16,7 +16,8 @@ How it runs:
   at its end costs one position. A window that moved (a plain window sliding by half, a hierarchy shifting, a soft
   token collapsed in place by the budget) is recomputed whole and written back into the ring. With
   `context.shift_every = B` the hierarchy moves once per B tokens, so the cache serves B - 1 steps out of B.
-  `use_cache=False`, or a network without a ring cache (Hugging Face), recomputes every window at every step.
+  A Hugging Face network keeps its own KV cache the same way (`softar.model.hf.HFRingCache`: appended each step,
+  masked per row). `use_cache=False` recomputes every window at every step.
 - **Randomness.** Sequence i draws from its own stream, seeded `seed + i` (or `seed[i]`), so a sequence's text does
   not depend on its batch: alone or among others, it is the same. A `torch.Generator` instead is one stream for the
   whole batch (the open-loop metrics draw that way).

@@ -308,3 +308,31 @@ def test_activation_checkpointing_of_a_hugging_face_model(hf_dir, hf_data, tmp_p
         name = (out / "checkpoints" / "latest").read_text().strip()
         weights.append(load_file(str(out / "checkpoints" / name / "model.safetensors")))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("layout", [[], ["context.aggregate=1", "context.segments=1", "context.segment_len=8",
+                                         "context.soft=3", "model.block_size=24"]])
+def test_cached_decoding_equals_recomputing_every_window(hf_dir, layout):
+    """The decode loop's cache for a Hugging Face model (appended each step, a recomputed window written back when
+    the window slides or the hierarchy moves, rows of different prompt lengths masked apart) gives what recomputing
+    every window gives: greedy tokens for 150 steps, past the model's 64 positions, and soft feedback's vectors.
+    (Soft feedback is followed for 10 steps only: these random models have weights 15x GPT-2's, so a difference in
+    the last float bit doubles every step or two once it feeds back, cached or not.)"""
+    run = load_hf(hf_dir, torch.device("cpu"), layout)
+    prompts = [run.tokenizer.encode(t) for t in ("the king", "a queen and ", "to be or")]
+    for dec in (decoding(temperature=0, max_new_tokens=150),
+                decoding(mode="soft", temperature=1.0, collapse="lm_sample", max_new_tokens=10)):
+        cached = dec.run(run.model, prompts, seed=1, return_vectors=True, return_logits=True)
+        recomputed = dec.run(run.model, prompts, seed=1, return_vectors=True, return_logits=True, use_cache=False)
+        assert torch.equal(cached.tokens, recomputed.tokens)
+        torch.testing.assert_close(cached.vectors, recomputed.vectors, rtol=1e-3, atol=1e-4)  # sums reordered
+        torch.testing.assert_close(cached.logits, recomputed.logits, rtol=1e-3, atol=1e-3)
+
+
+def test_bench_sample_times_a_hugging_face_model_beside_its_generate(hf_dir, tmp_path, capsys):
+    assert cli.main(["bench", "sample", "--hf", str(hf_dir), "--new-tokens", "20", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_sample.json").read_text())
+    assert result["new_tokens"] == 20 and result["hf"] == str(hf_dir)
+    assert all(result[k] > 0 for k in ("tokens_per_s_batch1", "tokens_per_s_no_cache", "hf_tokens_per_s_batch1"))
+    assert cli.main(["bench", "train", "--hf", str(hf_dir), "--out", str(tmp_path)]) == 2
+    assert "goes with `softar bench sample` alone" in capsys.readouterr().err

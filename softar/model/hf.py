@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from softar import SoftarError
@@ -128,13 +129,19 @@ class HFVectorLM(nn.Module):
 
     def hidden(self, vectors: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> Hidden:
         B, T, _ = vectors.shape
+        ring = cache if isinstance(cache, HFRingCache) else None
+        if ring is not None:  # the decode loop's step: the slots each row attends to, then the new ones
+            cache, mask = ring.cache, ring.open(T)
         if positions is None:
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + T, device=vectors.device)
         if positions.dim() == 1:
             positions = positions[None].expand(B, T)
         out = self.model.base_model(inputs_embeds=vectors, position_ids=positions, use_cache=cache is not None,
+                                    **({"attention_mask": mask} if ring is not None and mask is not None else {}),
                                     **{self._cache_arg: cache})
+        if ring is not None:
+            ring.close()
         return Hidden(out.last_hidden_state)  # [B, T, d]
 
     def heads(self, h: Hidden) -> Outputs:
@@ -147,8 +154,8 @@ class HFVectorLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int):
         return _transformers().DynamicCache()
 
-    def new_ring_cache(self, batch_size: int, size: int) -> None:
-        return None  # decoding recomputes each window
+    def new_ring_cache(self, batch_size: int, size: int) -> HFRingCache:
+        return HFRingCache(batch_size, size, self.E.device)
 
     def shard_units(self) -> list[nn.Module]:
         return []
@@ -167,6 +174,71 @@ class HFVectorLM(nn.Module):
     def flops_per_position(self, context: int) -> float:
         c = self.model.config
         return 6 * sum(p.numel() for p in self.parameters()) + 12 * c.num_hidden_layers * c.hidden_size * context
+
+
+def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A transformers DynamicCache's keys and values [B, H, S, hd], per layer (4.x and 5.x keep them differently)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _dynamic_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    cache = _transformers().DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+class HFRingCache:
+    """The decode loop's cache for a Hugging Face model (`softar.decode`; softAR's GPT has `RingCache`): the model's
+    own DynamicCache, one slot appended per step for every row, and `valid` [B, S], the slots each row attends to
+    (an attention mask, with positions given). A row's valid slots are always the last ones: `write_rows` puts a
+    recomputed window at the end and masks out the rest of that row. The cache is cropped to its last `size` slots
+    (no row holds more) once it has grown to twice that."""
+
+    def __init__(self, batch_size: int, size: int, device: torch.device):
+        self.size = size
+        self.cache = _transformers().DynamicCache()
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+
+    def open(self, T: int) -> torch.Tensor | None:
+        """The attention mask [B, S + T] of a step that appends T slots to every row; None when every slot is valid
+        (the model's own causal path, as in `generate`)."""
+        self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], T)], 1)
+        return None if bool(self.valid.all()) else self.valid.long()
+
+    def close(self) -> None:
+        if self.valid.shape[1] >= 2 * self.size:
+            self._keep(slice(None), self.valid.shape[1] - self.size)
+
+    def write_rows(self, rows: torch.Tensor, window) -> None:
+        """Rows [R] now hold the L-slot windows a DynamicCache holds (the recomputation of their windows)."""
+        new = _layers(window)
+        L, S = new[0][0].shape[2], self.valid.shape[1]
+        if L > S:  # the first windows, or a longer one than the cache holds: invalid slots in front
+            pad = L - S
+            self.cache = _dynamic_cache([(F.pad(k, (0, 0, pad, 0)), F.pad(v, (0, 0, pad, 0)))
+                                         for k, v in _layers(self.cache)] if S else
+                                        [(k.new_zeros(len(self.valid), *k.shape[1:]),
+                                          v.new_zeros(len(self.valid), *v.shape[1:])) for k, v in new])
+            self.valid = F.pad(self.valid, (pad, 0))
+            S = L
+        for (k, v), (k_new, v_new) in zip(_layers(self.cache), new, strict=True):
+            k[rows, :, S - L:], v[rows, :, S - L:] = k_new, v_new
+        self.valid[rows] = False
+        self.valid[rows, S - L:] = True
+        lead = int((~self.valid).long().cummin(1).values.sum(1).min())  # slots no row attends to, in front
+        if lead:
+            self._keep(slice(None), lead)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (finished sequences leave)."""
+        self._keep(rows, 0)
+
+    def _keep(self, rows, start: int) -> None:
+        self.cache = _dynamic_cache([(k[rows, :, start:], v[rows, :, start:]) for k, v in _layers(self.cache)])
+        self.valid = self.valid[rows, start:]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
