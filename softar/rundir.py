@@ -67,7 +67,7 @@ def hf_source(cfg: Config) -> dict:
     from softar.model.hf import check_folder, folder_sha256
 
     folder = Path(cfg.model.hf)
-    check_folder(folder)
+    check_folder(folder, "model.hf")
     theirs = folder / TOKENIZER_FILE
     if not theirs.is_file():
         raise SoftarError(f"model.hf: {folder} has no {TOKENIZER_FILE} (save a fast tokenizer there with "

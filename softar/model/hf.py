@@ -28,27 +28,27 @@ def _transformers():
     return transformers
 
 
-def check_folder(path: str | Path) -> None:
+def check_folder(path: str | Path, what: str = "--hf") -> None:
     """A local folder (never a hub id: nothing is downloaded) whose every entry is a plain file or folder: a FIFO or
     a device there would hang whatever reads it."""
     path = Path(path)
     if not path.is_dir():
-        raise SoftarError(f"--hf: {path} is not a local folder (hub ids are not downloaded; save the model with "
+        raise SoftarError(f"{what}: {path} is not a local folder (hub ids are not downloaded; save the model with "
                           "save_pretrained and pass its folder)")
     odd = sorted(p.name for p in path.iterdir() if not (p.is_file() or p.is_dir()))
     if odd:
-        raise SoftarError(f"--hf: {path / odd[0]} is neither a regular file nor a folder")
+        raise SoftarError(f"{what}: {path / odd[0]} is neither a regular file nor a folder")
 
 
-def hf_config(path: str | Path):
-    """The folder's `config.json` as transformers reads it, or a one-line error."""
-    check_folder(path)
+def hf_config(path: str | Path, what: str = "--hf"):
+    """The folder's `config.json` as transformers reads it, or a one-line error naming `what` gave the folder."""
+    check_folder(path, what)
     if not (Path(path) / "config.json").is_file():
-        raise SoftarError(f"--hf: {path} holds no Hugging Face model (no config.json; write it with save_pretrained)")
+        raise SoftarError(f"{what}: {path} holds no Hugging Face model (no config.json; write it with save_pretrained)")
     try:
         return _transformers().AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # whatever transformers raises on a broken config
-        raise SoftarError(f"--hf: cannot read the model config in {path}: "
+        raise SoftarError(f"{what}: cannot read the model config in {path}: "
                           f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
 
@@ -59,18 +59,18 @@ def positions_of(c) -> int:
 
 def hf_shape(path: str | Path) -> dict[str, int]:
     """softAR's model.* fields for the folder's network, so that a run's config says what it trained."""
-    c = hf_config(path)
+    c = hf_config(path, "model.hf")
     try:
         shape = {"n_layer": c.num_hidden_layers, "n_head": c.num_attention_heads, "d_model": c.hidden_size,
                  "vocab_size": c.vocab_size}
     except AttributeError as e:
-        raise SoftarError(f"--hf: {path}/config.json lacks {e.name}; not a causal LM softAR knows") from None
+        raise SoftarError(f"model.hf: {path}/config.json lacks {e.name}; not a causal LM softAR knows") from None
     return {**shape, "d_embed": shape["d_model"]}
 
 
 def hf_param_count(path: str | Path) -> int:
     """The parameters of the folder's network, counted from its config (under a meta device, nothing is allocated)."""
-    model = _transformers().AutoModelForCausalLM.from_config(hf_config(path))
+    model = _transformers().AutoModelForCausalLM.from_config(hf_config(path, "model.hf"))
     return sum(p.numel() for p in model.parameters())
 
 
