@@ -48,6 +48,8 @@ class ModelConfig:
     # and its starting weights; n_layer, n_head, d_model and vocab_size are read from it (`resolve`), and the data
     # must be tokenized with its tokenizer (`softar prepare --tokenizer hf --hf DIR`)
     hf: str = ""
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on every linear layer of model.hf, not its weights
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
 
     @property
     def m(self) -> int:
@@ -412,6 +414,9 @@ def validate(cfg: Config) -> None:
         need((m.d_model // m.n_head) % 2 == 0, "model.pos_emb", "rope needs an even head dimension")
     need(m.embedding != "checkpoint" or bool(m.embedding_from), "model.embedding_from",
          "must name a run directory when model.embedding = 'checkpoint'")
+    need(0 <= m.lora_rank <= 65536, "model.lora_rank", "must be in [0, 65536] (0: no adapters)")
+    need(m.lora_rank == 0 or bool(m.hf), "model.lora_rank", "LoRA adapts a pretrained model: it needs model.hf")
+    need(m.lora_alpha > 0, "model.lora_alpha", "must be positive")
     if m.hf:
         need(m.embedding == "learned" and not (m.vector_head or m.collapse_head), "model.hf",
              "a Hugging Face model brings its own embeddings and has no vector or collapse head")

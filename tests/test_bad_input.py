@@ -23,7 +23,7 @@ OUT_OF_RANGE = {
     "loss.vmf": "1.0", "loss.collapse": "1.0", "loss.soft_inputs": "1.5",
     "soft.kind": '"regress"', "soft.top_k": "-1", "soft.args": "{gamma = 1.0}", "soft.noise": '"uniform"',
     "soft.noise_scale": "-1.0",
-    "model.hf": '"gpt2"', "train.checkpointing": None,
+    "model.hf": '"gpt2"', "model.lora_rank": "-1", "model.lora_alpha": "0.0", "train.checkpointing": None,
     "data.dir": '""', "data.targets": '"answers"',
     "train.max_iters": "0", "train.batch_size": "0", "train.grad_accum": "0", "train.lr": "-1e-3",
     "train.min_lr": "1.0", "train.warmup_iters": "-1", "train.lr_decay_iters": "-1", "train.weight_decay": "-0.1",

@@ -165,6 +165,16 @@ def hf_train(hf_dir, data, out, *extra) -> list[str]:
             "--out", str(out)]
 
 
+def pretrained_val_loss(hf_dir, data) -> float:
+    """The pretrained model's own loss on the val split (windows of 33 tokens), by transformers."""
+    import numpy as np
+
+    val = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64))
+    windows = val[: len(val) // 33 * 33].view(-1, 33)
+    with torch.no_grad():
+        return float(transformers.AutoModelForCausalLM.from_pretrained(hf_dir)(windows, labels=windows).loss)
+
+
 def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -175,13 +185,7 @@ def test_a_hugging_face_model_trains_resumes_and_exports(hf_dir, hf_data, tmp_pa
     straight = tmp_path / "straight"
     assert cli.main(hf_train(hf_dir, hf_data, straight)) == 0
     result = last_json(capsys)
-    import numpy as np
-
-    val = torch.from_numpy(np.fromfile(hf_data / "val.bin", dtype=np.uint16).astype(np.int64))
-    windows = val[: len(val) // 33 * 33].view(-1, 33)
-    with torch.no_grad():  # the pretrained model's own loss on the val split, by transformers
-        before = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)(windows, labels=windows).loss
-    assert result["val_loss"] < float(before) - 0.1
+    assert result["val_loss"] < pretrained_val_loss(hf_dir, hf_data) - 0.1
     record = json.loads((straight / "run.json").read_text())["hf"]
     assert record["path"] == str(hf_dir) and len(record["sha256"]) == 64
     config = json.loads((straight / "config.json").read_text())["model"]
@@ -336,3 +340,37 @@ def test_bench_sample_times_a_hugging_face_model_beside_its_generate(hf_dir, tmp
     assert all(result[k] > 0 for k in ("tokens_per_s_batch1", "tokens_per_s_no_cache", "hf_tokens_per_s_batch1"))
     assert cli.main(["bench", "train", "--hf", str(hf_dir), "--out", str(tmp_path)]) == 2
     assert "goes with `softar bench sample` alone" in capsys.readouterr().err
+
+
+def test_lora_trains_adapters_alone_and_exports_them_merged(hf_dir, hf_data, tmp_path, capsys):
+    """model.lora_rank: the pretrained weights stay as they were, the adapters move, the val loss falls; the export
+    folds the adapters in, and its greedy `generate` equals softAR's greedy decoding of the run."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    assert cli.main(hf_train(hf_dir, hf_data, out, "model.lora_rank=4", "train.lr=1e-2")) == 0
+    tuned = last_json(capsys)["val_loss"]
+    name = (out / "checkpoints" / "latest").read_text().strip()
+    trained = load_file(str(out / "checkpoints" / name / "model.safetensors"))
+    pretrained = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
+    base = {k: v for k, v in trained.items() if ".base_layer." in k}
+    adapters = {k: v for k, v in trained.items() if "lora_B" in k}
+    assert base and adapters
+    for key, value in base.items():  # lm.model.transformer.h.0.attn.c_attn.base_layer.weight -> its original name
+        assert torch.equal(value, pretrained[key.removeprefix("lm.model.").replace(".base_layer", "")])
+    assert all(v.abs().sum() > 0 for v in adapters.values())  # lora_B starts at zero
+    assert tuned < pretrained_val_loss(hf_dir, hf_data) - 0.05
+    export = tmp_path / "export"
+    assert cli.main(["export", str(out), "--hf", str(export)]) == 0
+    capsys.readouterr()
+    model = transformers.AutoModelForCausalLM.from_pretrained(export)
+    assert not any("lora" in k for k in model.state_dict())
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    theirs = model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                            attention_mask=torch.ones_like(prompt))
+    from softar.rundir import load_run
+
+    run = load_run(out, torch.device("cpu"))
+    ours = decoding(temperature=0, max_new_tokens=20).run(run.model, prompt).full()
+    assert torch.equal(ours, theirs)

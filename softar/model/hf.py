@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -118,6 +119,24 @@ class HFVectorLM(nn.Module):
             raise SoftarError(f"--hf: {path} lacks weights the model needs ({', '.join(fresh[:3])}"
                               f"{' ...' if len(fresh) > 3 else ''}); refusing to run with random ones")
         return cls(model.eval())
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """LoRA adapters (peft) on every linear layer but the LM head, put into the model in place; its own weights
+        freeze. `merged()` folds them back for export."""
+        try:
+            import peft
+        except ImportError:
+            raise SoftarError("model.lora_rank needs the optional extra: pip install 'softar[lora]'") from None
+        with warnings.catch_warnings():  # GPT-2's Conv1D layers: peft says it sets fan_in_fan_out itself
+            warnings.simplefilter("ignore")
+            wrapper = peft.get_peft_model(self.model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                                      target_modules="all-linear"))
+        self.__dict__["peft"] = wrapper  # outside the module tree: its parameters are self.model's own
+
+    def merged(self) -> nn.Module:
+        """The transformers model with any LoRA adapters folded into its weights (this model changes with it)."""
+        wrapper = self.__dict__.get("peft")
+        return wrapper.merge_and_unload() if wrapper is not None else self.model
 
     @property
     def E(self) -> torch.Tensor:
@@ -298,7 +317,7 @@ def export_pretrained(run_dir: str | Path, out: str | Path) -> dict:
                           "to its format")
     tokenizer = _transformers().AutoTokenizer.from_pretrained(run.cfg.model.hf, local_files_only=True)
     with staged_folder(out, False, "model") as tmp:
-        run.model.lm.model.save_pretrained(tmp, safe_serialization=True)
+        run.model.lm.merged().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return {"run_dir": str(run_dir), "hf": str(out), "step": run.step, "source": run.cfg.model.hf,
             "layout_not_exported": not run.cfg.context.plain}

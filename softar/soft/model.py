@@ -209,6 +209,8 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
         from softar.model.hf import HFVectorLM
 
         lm = HFVectorLM.from_pretrained(cfg.model.hf)
+        if cfg.model.lora_rank:
+            lm.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
         if cfg.model.block_size > lm.max_positions:
             raise ConfigError(f"model.block_size: {cfg.model.block_size} is more than the {lm.max_positions} "
                               f"positions of the model in {cfg.model.hf}")
