@@ -184,26 +184,27 @@ def test_a_fine_tuning_config_needs_its_start_before_any_run(char_data, tmp_path
 
 def test_jobs_train_the_very_runs_one_process_trains(char_data, tmp_path):
     """--jobs 2 trains each run in its own process, a fine-tuning run after the run it starts from: every run's
-    weights and scores equal those of the same sweep trained one run after another."""
+    weights equal those of `softar train` run by run in this process."""
+    from softar import config
+    from softar.train import train
+
+    out, alone = tmp_path / "out", tmp_path / "alone"
     (tmp_path / "base.toml").write_text("[model]\nblock_size = 8\n")
+    (tmp_path / "ft.toml").write_text(f'[model]\nblock_size = 8\n[train]\ninit_from = "{out}/runs/base_s{{seed}}"\n')
     overrides = [o for o in tiny_overrides(char_data) if not o.startswith("model.block_size")]
-    weights = {}
-    for jobs in (1, 2):
-        out = tmp_path / f"out{jobs}"
-        start = f"{out}/runs/base_s{{seed}}"
-        (tmp_path / "ft.toml").write_text(f'[model]\nblock_size = 8\n[train]\ninit_from = "{start}"\n')
-        sweep([str(tmp_path / "base.toml"), str(tmp_path / "ft.toml")], 2, overrides, out, windows=2, horizons=(2,),
-              jobs=jobs)
-        weights[jobs] = {}
-        for run in sorted((out / "runs").iterdir()):
-            scores = json.loads((run / "eval.json").read_text())
-            assert Path(scores.pop("run_dir")) == run
-            tensors = [f.read_bytes() for f in sorted(latest_checkpoint(run / "checkpoints").glob("*.safetensors"))]
+    sweep([str(tmp_path / "base.toml"), str(tmp_path / "ft.toml")], 2, overrides, out, windows=2, horizons=(2,),
+          jobs=2)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["base_s1337", "base_s1338", "ft_s1337", "ft_s1338"]
+    for seed in (1337, 1338):
+        for name, start in (("base", []), ("ft", [f'train.init_from="{alone}/base_s{{seed}}"'])):
+            cfg = config.load(str(tmp_path / f"{name}.toml"), [*overrides, f"train.seed={seed}", *start])
+            train(cfg, alone / f"{name}_s{seed}", quiet=True)
+            theirs, ours = (latest_checkpoint(d / f"{name}_s{seed}" / "checkpoints") for d in (alone, out / "runs"))
+            tensors = sorted(p.name for p in ours.glob("*.safetensors"))
             assert len(tensors) >= 2  # the model's and the optimizer's
-            weights[jobs][run.name] = (tensors, scores)
-    assert sorted(weights[2]) == ["base_s1337", "base_s1338", "ft_s1337", "ft_s1338"]
-    assert weights[2] == weights[1]
-    start = json.loads((tmp_path / "out2" / "runs" / "ft_s1338" / "run.json").read_text())["init_from"]
+            assert all((ours / t).read_bytes() == (theirs / t).read_bytes() for t in tensors)
+            assert (out / "runs" / f"{name}_s{seed}" / "eval.json").is_file()
+    start = json.loads((out / "runs" / "ft_s1338" / "run.json").read_text())["init_from"]
     assert "base_s1338" in json.dumps(start)
 
 
