@@ -130,7 +130,10 @@ def bench_sample_hf(path: str, new_tokens: int = 500, threads: int = 0, repeats:
     set_threads(threads)
     device = pick_device("cpu")
     run = load_hf(path, device)
-    n = min(new_tokens, run.model.window_slots - 1)
+    n = new_tokens
+    if n >= run.model.window_slots:  # both must run within one window: softAR's would slide, generate's cannot
+        raise SoftarError(f"--new-tokens: at most {run.model.window_slots - 1} for the model in {path} (its "
+                          f"{run.model.window_slots} positions hold the prompt token and every new one)")
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     dec = Decoding(HardFeed(Sampling(temperature=0.0)), max_new_tokens=n)
     result = {"bench": "sample", "hf": str(path), "device": str(device), "threads": torch.get_num_threads(),

@@ -403,6 +403,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
     if a.hf:
         if a.kind != "sample" or a.config:
             raise SoftarError("--hf DIR goes with `softar bench sample` alone (no config: the model is the folder's)")
+        if out.absolute().resolve().is_relative_to(Path(a.hf).absolute().resolve()):
+            raise SoftarError(f"--out {out}: inside the model folder {a.hf}, whose files runs are checked against")
         claim(out, ["bench_sample.json"], "--out")
         from softar.bench import bench_sample_hf
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 import types
 import typing
@@ -366,10 +367,15 @@ def resolve(cfg: Config, vocab_size: int) -> Config:
         model=dataclasses.replace(cfg.model),
         train=dataclasses.replace(cfg.train),
     )
-    if cfg.model.hf:  # the network's shape is the pretrained model's
+    if cfg.model.hf:  # the network's shape is the pretrained model's; the folder by its absolute path
         from softar.model.hf import hf_shape
 
+        cfg.model.hf = os.path.abspath(cfg.model.hf)
         for key, value in hf_shape(cfg.model.hf).items():
+            given = getattr(cfg.model, key)
+            if given not in (value, getattr(ModelConfig, key)):
+                raise ConfigError(f"model.{key}: {given} differs from the {value} of the model in {cfg.model.hf} "
+                                  f"(its shape is read from the folder; leave model.{key} out)")
             setattr(cfg.model, key, value)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = vocab_size

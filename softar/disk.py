@@ -98,7 +98,7 @@ def clean_stale_temps(folder: Path, stems: tuple[str, ...] | None = None) -> lis
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, replace: bool, what: str) -> Iterator[Path]:
+def staged_folder(out: Path, replace: bool, what: str, flag: str = "--out") -> Iterator[Path]:
     """A temp folder beside `out` to write a whole dataset into. Leaving the block without an error moves it into
     place: with `replace`, an existing `out` is replaced atomically (it moves aside, the new one moves in, then the
     old one goes); otherwise by a rename, which fails if `out` is a non-empty folder (another process may have
@@ -110,11 +110,11 @@ def staged_folder(out: Path, replace: bool, what: str) -> Iterator[Path]:
         tmp = temp_name(out)
         tmp.mkdir()
     except OSError as e:
-        raise SoftarError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        raise SoftarError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
         _write_manifest(tmp, {p.name: [""] if p.is_dir() else [sha256_file(p)] for p in tmp.iterdir()})
-        check_owned(out, f"--out {out}")
+        check_owned(out, f"{flag} {out}")
         if replace and out.exists():
             old = temp_name(out.with_name(out.name + ".old"))
             os.replace(out, old)
@@ -124,7 +124,7 @@ def staged_folder(out: Path, replace: bool, what: str) -> Iterator[Path]:
             os.rename(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SoftarError(f"--out {out}: cannot write the {what} ({e.strerror or e})") from None
+        raise SoftarError(f"{flag} {out}: cannot write the {what} ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

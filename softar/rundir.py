@@ -252,7 +252,7 @@ def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -
     positions; `context.*`, `soft.*` and `model.block_size` overrides give it a layout and soft tokens. Kind
     embeddings are off unless asked for: an untrained slot encoder would only perturb a pretrained model."""
     from softar import config
-    from softar.model.hf import HFTokenizer, hf_config, positions_of
+    from softar.model.hf import HFTokenizer, HFVectorLM, hf_config, positions_of
 
     for ov in overrides:
         if not ov.split("=", 1)[0].strip().startswith(("context.", "soft.", "model.block_size")):
@@ -260,7 +260,7 @@ def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -
                               "model")
     cfg = config.load(None, [f"model.hf={json.dumps(str(path))}", f"model.block_size={positions_of(hf_config(path))}",
                              "context.kind_embeddings=false", *overrides])
-    model = build_model(cfg).to(device).eval()
+    model = build_model(cfg, HFVectorLM.from_pretrained(path)).to(device).eval()
     tokenizer = HFTokenizer(path)
     if tokenizer.vocab_size > model.E.shape[0]:
         raise SoftarError(f"--hf: the tokenizer in {path} has {tokenizer.vocab_size} tokens, the model's vocabulary "

@@ -56,7 +56,8 @@ from softar.workloads import open_workload
 
 # keys a resumed run may change without changing its history (batch_size: per rank, when the world size changes
 # and the global batch stays the same, which _load checks)
-RESUMABLE_KEYS = {"train.max_iters", "train.batch_size", "train.check_memory"}
+RESUMABLE_KEYS = {"train.max_iters", "train.batch_size", "train.check_memory",
+                  "model.hf"}  # a moved folder: check_hf compares its files' checksum instead
 # trainer.json: the training state a checkpoint carries beside its tensors
 TRAINER_FIELDS = {"step": int, "wall_s": float, "train_s": float, "skipped_steps": int, "world_size": int,
                   "optimizer": dict, "config": {"train": {"batch_size": int}}}

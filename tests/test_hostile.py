@@ -504,6 +504,53 @@ def test_a_parallel_sweep_stops_at_a_run_it_cannot_train(data, tmp_path, capsys)
     assert done.read_bytes() == before
 
 
+def test_a_parallel_sweep_whose_run_starts_from_itself_ends_in_one_line(data, tmp_path):
+    """train.init_from naming the run's own (finished) folder: refused as the one-process sweep refuses it, never a
+    wait on a run that cannot train."""
+    out = tmp_path / "sw"
+    common = [*tiny_overrides(data), "--windows", "2", "--horizons", "2", "--out", out]
+    first = subprocess.run([sys.executable, "-m", "softar", "sweep", CONFIG, "--seeds", "1", *map(str, common)],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    mine = tmp_path / "shakespeare_char.toml"
+    start = f'[train]\ninit_from = "{out}/runs/shakespeare_char_s{{seed}}"'
+    mine.write_text(Path(CONFIG).read_text().replace("[train]", start, 1))
+    again = subprocess.run([sys.executable, "-m", "softar", "sweep", mine, "--seeds", "1", "--jobs", "2",
+                            *map(str, common)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert "made with other settings" in again.stderr
+
+
+def test_a_parallel_sweep_killed_takes_its_runs_with_it(data, tmp_path):
+    """kill -9 of a --jobs sweep: its training processes save and stop rather than train on as orphans holding the
+    runs' locks, and the same command continues."""
+    out = tmp_path / "sw"
+    args = ["sweep", CONFIG, *tiny_overrides(data, **{"train.max_iters": 100_000, "train.lr_decay_iters": 100_000,
+                                                       "train.ckpt_interval": 5}), "--seeds", "2", "--jobs", "2",
+            "--out", out]
+    proc = softar_proc(*args)
+    runs = [out / "runs" / f"shakespeare_char_s{s}" for s in (1337, 1338)]
+    deadline = time.monotonic() + 120
+    while not all((r / "checkpoints/latest").exists() for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = [int((r / ".softar.lock").read_text()) for r in runs]
+    proc.kill()
+    proc.communicate(timeout=60)
+
+    def alive(pid: int) -> bool:  # a zombie (exited, not yet reaped by whoever adopted it) is not
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(map(alive, pids)):
+        time.sleep(0.05)
+    assert not any(map(alive, pids))
+    for r in runs:
+        assert (r / "checkpoints/latest").is_file()
+
+
 # -- fuzzing every file a run or dataset folder holds ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fuzz_run(char_data, tmp_path_factory) -> Path:

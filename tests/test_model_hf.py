@@ -5,6 +5,7 @@ generation equals uncached; `softar sample --hf` runs every mode and a context l
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,7 +159,8 @@ def hf_data(hf_dir, tmp_path_factory):
 
 def hf_train(hf_dir, data, out, *extra) -> list[str]:
     """`softar train` of the folder's model on `data`: 8 steps of 8 windows of 32 tokens."""
-    return ["train", "configs/shakespeare_char.toml", f'model.hf="{hf_dir}"', f'data.dir="{data}"',
+    config = Path(__file__).parents[1] / "configs" / "shakespeare_char.toml"
+    return ["train", str(config), f'model.hf="{hf_dir}"', f'data.dir="{data}"',
             "model.block_size=32", "train.batch_size=8", "train.max_iters=8", "train.lr_decay_iters=8",
             "train.eval_interval=4", "train.eval_iters=2", "train.warmup_iters=2", "train.lr=3e-3", "train.threads=1",
             *extra, "--quiet",
@@ -374,3 +376,38 @@ def test_lora_trains_adapters_alone_and_exports_them_merged(hf_dir, hf_data, tmp
     run = load_run(out, torch.device("cpu"))
     ours = decoding(temperature=0, max_new_tokens=20).run(run.model, prompt).full()
     assert torch.equal(ours, theirs)
+
+
+def test_the_folder_is_one_however_it_is_spelled_and_its_shape_is_its_own(hf_dir, hf_data, tmp_path, capsys,
+                                                                           monkeypatch):
+    """model.hf is recorded as an absolute path (a run evaluates from any folder) and a resume names it any way;
+    a shape key that contradicts the folder, a bench --out inside it, more new tokens than its window, and an export
+    onto a link are refused in one line."""
+    import shutil
+
+    monkeypatch.chdir(hf_dir.parent)
+    out = tmp_path / "run"
+    assert cli.main(hf_train(hf_dir.name, hf_data, out, "train.max_iters=2")) == 0
+    capsys.readouterr()
+    assert json.loads((out / "config.json").read_text())["model"]["hf"] == str(hf_dir)
+    assert cli.main(hf_train(f"./{hf_dir.name}/../{hf_dir.name}", hf_data, out, "train.max_iters=3") +
+                    ["--resume"]) == 0
+    moved = tmp_path / "moved"  # the same files elsewhere: the checksum says it is the same model
+    shutil.copytree(hf_dir, moved)
+    assert cli.main(hf_train(moved, hf_data, out, "train.max_iters=4") + ["--resume"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", str(out), "--windows", "2", "--horizons", "2", "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    def refused(args, message):
+        assert cli.main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+    refused(hf_train(hf_dir, hf_data, tmp_path / "r2", "model.n_layer=7"), "model.n_layer: 7 differs from the 2")
+    refused(["bench", "sample", "--hf", hf_dir, "--out", hf_dir / "bench"], "inside the model folder")
+    refused(["bench", "sample", "--hf", hf_dir, "--new-tokens", "64", "--out", tmp_path / "b"], "at most 63")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    refused(["export", out, "--hf", tmp_path / "link"], "a symbolic link")
+    refused(["sample", "--hf", tmp_path / "gone" / "model", "--device", "cpu"], "it does not exist")
+    assert not (hf_dir / "bench").exists() and not (tmp_path / "nowhere").exists()

@@ -7,8 +7,10 @@ resumed, or split over several processes that share OUT and then be reported by 
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import multiprocessing
+import os
 import signal
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -102,15 +104,30 @@ def check_init_runs(configs: list[str], overrides: list[str], options: SweepOpti
             earlier.add(options.run_dir(Path(c).stem, s).resolve())
 
 
-def _train_worker(cfg_path: str, s: int, overrides: list[str], study: Study, conn: Connection) -> None:
-    """One run of `train_runs`, in its own process: trains it and tells the sweep how it ended."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process when the sweep that started it dies, however it dies (kill -9, out of memory), so
+    that the run saves and stops rather than training on, orphaned, holding its lock."""
     try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: an orphan finishes its run
+        return
+    if os.getppid() != parent:  # the sweep died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _train_worker(cfg_path: str, s: int, overrides: list[str], study: Study, conn: Connection, parent: int) -> None:
+    """One run of `train_runs`, in its own process: trains it and tells the sweep how it ended, in one line."""
+    try:
+        _die_with_parent(parent)
         run_one(cfg_path, s, overrides, study, train_only=True)
         conn.send(None)
     except Preempted as e:
         conn.send(("preempted", int(e.signum)))
     except SoftarError as e:
         conn.send(("error", str(e)))
+    except Exception as e:  # a bug: still one line for the sweep to report
+        conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 def train_runs(configs: list[str], overrides: list[str], study: Study, jobs: int, stop: Preemption) -> None:
@@ -121,17 +138,20 @@ def train_runs(configs: list[str], overrides: list[str], study: Study, jobs: int
     o = study.options
     runs = {o.run_dir(Path(c).stem, s).resolve(): (c, s) for c in configs for s in range(o.seeds)}
     needs = {key: init_run(c, s, overrides, o) for key, (c, s) in runs.items()}
-    needs = {key: init.resolve() if init is not None and init.resolve() in runs else None
-             for key, init in needs.items()}
+    needs = {key: init.resolve() if init is not None and init.resolve() in runs and init.resolve() != key
+             and not (init / RESULT_FILE).is_file() else None for key, init in needs.items()}  # finished: no wait
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     waiting, running, done = dict(runs), {}, set()
     stop.set_immediate(False)  # a signal is noted, and acted on between two waits: no child goes untracked
     try:
         while waiting or running:
-            for key in [k for k in waiting if needs[k] is None or needs[k] in done][:jobs - len(running)]:
+            ready = [k for k in waiting if needs[k] is None or needs[k] in done]
+            if not ready and not running:  # cannot happen after check_init_runs; never wait on nothing
+                raise SoftarError(f"sweep: {next(iter(waiting))} waits on a run that never trains")
+            for key in ready[:jobs - len(running)]:
                 c, s = waiting.pop(key)
                 receive, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_train_worker, args=(c, s, overrides, study, send))
+                proc = ctx.Process(target=_train_worker, args=(c, s, overrides, study, send, os.getpid()))
                 proc.start()
                 send.close()
                 running[proc.sentinel] = (key, proc, receive)

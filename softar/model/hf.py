@@ -33,9 +33,12 @@ def check_folder(path: str | Path, what: str = "--hf") -> None:
     """A local folder (never a hub id: nothing is downloaded) whose every entry is a plain file or folder: a FIFO or
     a device there would hang whatever reads it."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists() and not path.is_absolute() and len(path.parts) <= 2:  # "gpt2", "openai/gpt2"
         raise SoftarError(f"{what}: {path} is not a local folder (hub ids are not downloaded; save the model with "
                           "save_pretrained and pass its folder)")
+    if not path.is_dir():
+        raise SoftarError(f"{what}: {path} is not a folder ({'it does not exist' if not path.exists() else 'a file'}"
+                          "; a model folder written by save_pretrained)")
     odd = sorted(p.name for p in path.iterdir() if not (p.is_file() or p.is_dir()))
     if odd:
         raise SoftarError(f"{what}: {path / odd[0]} is neither a regular file nor a folder")
@@ -100,10 +103,11 @@ class HFVectorLM(nn.Module):
                               f"size {model.config.hidden_size}; soft tokens need them equal")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> HFVectorLM:
-        hf_config(path)
+    def from_pretrained(cls, path: str | Path, what: str = "--hf") -> HFVectorLM:
+        """The folder's model, in eval mode; errors name `what` gave the folder."""
+        hf_config(path, what)
         if not any(Path(path).glob("*.safetensors")):
-            raise SoftarError(f"--hf: {path} has no *.safetensors weights; only safetensors are loaded (nothing is "
+            raise SoftarError(f"{what}: {path} has no *.safetensors weights; only safetensors are loaded (nothing is "
                               "unpickled)")
         transformers = _transformers()
         try:
@@ -111,12 +115,12 @@ class HFVectorLM(nn.Module):
                 str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False,
                 output_loading_info=True)
         except Exception as e:  # whatever transformers or safetensors raise on a broken folder
-            raise SoftarError(f"--hf: cannot load a causal LM from {path}: "
+            raise SoftarError(f"{what}: cannot load a causal LM from {path}: "
                               f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
         fresh = sorted(set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
                                                              for k in info.get("mismatched_keys", ())})
         if fresh:  # transformers would fill them with random weights
-            raise SoftarError(f"--hf: {path} lacks weights the model needs ({', '.join(fresh[:3])}"
+            raise SoftarError(f"{what}: {path} lacks weights the model needs ({', '.join(fresh[:3])}"
                               f"{' ...' if len(fresh) > 3 else ''}); refusing to run with random ones")
         return cls(model.eval())
 
@@ -308,6 +312,8 @@ def export_pretrained(run_dir: str | Path, out: str | Path) -> dict:
     from softar.rundir import load_run
 
     out = Path(out).absolute()
+    if out.is_symlink():
+        raise SoftarError(f"--hf {out}: a symbolic link; choose a new folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SoftarError(f"--hf {out}: exists and is not an empty folder; choose a new one")
     claim(out.parent, (), f"--hf {out}")
@@ -316,7 +322,7 @@ def export_pretrained(run_dir: str | Path, out: str | Path) -> dict:
         raise SoftarError(f"{run_dir}: a run of softAR's own GPT; only runs of a Hugging Face model (model.hf) export "
                           "to its format")
     tokenizer = _transformers().AutoTokenizer.from_pretrained(run.cfg.model.hf, local_files_only=True)
-    with staged_folder(out, False, "model") as tmp:
+    with staged_folder(out, False, "model", flag="--hf") as tmp:
         run.model.lm.merged().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return {"run_dir": str(run_dir), "hf": str(out), "step": run.step, "source": run.cfg.model.hf,

@@ -208,12 +208,12 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
     if lm is None and cfg.model.hf:
         from softar.model.hf import HFVectorLM
 
-        lm = HFVectorLM.from_pretrained(cfg.model.hf)
+        lm = HFVectorLM.from_pretrained(cfg.model.hf, "model.hf")
         if cfg.model.lora_rank:
             lm.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
-        if cfg.model.block_size > lm.max_positions:
-            raise ConfigError(f"model.block_size: {cfg.model.block_size} is more than the {lm.max_positions} "
-                              f"positions of the model in {cfg.model.hf}")
+    if getattr(lm, "max_positions", cfg.model.block_size) < cfg.model.block_size:
+        raise ConfigError(f"model.block_size: {cfg.model.block_size} is more than the {lm.max_positions} "
+                          f"positions of the model in {cfg.model.hf}")
     if lm is None:
         check_names(cfg)
         model = SoftAR(GPT(cfg.model, init=False), cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
