@@ -110,10 +110,10 @@ BATCHES = (1, 64)
 def hf_gpt2(cfg: Config, device: torch.device):
     """A Hugging Face GPT-2 of the config's shape (layers, heads, width, window, vocabulary) with random weights:
     the yardstick a user would otherwise pick. None without the optional extra ('softar[hf]')."""
-    from softar.model.hf import _transformers
+    from softar.hf_folder import transformers_module
 
     try:
-        transformers = _transformers()
+        transformers = transformers_module()
     except SoftarError:  # the optional extra is not installed
         return None
     m = cfg.model

@@ -346,7 +346,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from softar.model.hf import export_pretrained
+    from softar.rundir import export_pretrained
 
     _emit(export_pretrained(a.run_dir, a.hf), None)
 

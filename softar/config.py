@@ -368,7 +368,7 @@ def resolve(cfg: Config, vocab_size: int) -> Config:
         train=dataclasses.replace(cfg.train),
     )
     if cfg.model.hf:  # the network's shape is the pretrained model's; the folder by its absolute path
-        from softar.model.hf import hf_shape
+        from softar.hf_folder import hf_shape
 
         cfg.model.hf = os.path.abspath(cfg.model.hf)
         for key, value in hf_shape(cfg.model.hf).items():

@@ -64,7 +64,7 @@ def check_data(run_dir: Path, data_dir: str | Path) -> None:
 def hf_source(cfg: Config) -> dict:
     """For `model.hf`: the folder and its checksum (the run record keeps them), once the data is checked to be
     tokenized with the folder's tokenizer."""
-    from softar.model.hf import check_folder, folder_sha256
+    from softar.hf_folder import check_folder, folder_sha256
 
     folder = Path(cfg.model.hf)
     check_folder(folder, "model.hf")
@@ -252,7 +252,8 @@ def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -
     positions; `context.*`, `soft.*` and `model.block_size` overrides give it a layout and soft tokens. Kind
     embeddings are off unless asked for: an untrained slot encoder would only perturb a pretrained model."""
     from softar import config
-    from softar.model.hf import HFTokenizer, HFVectorLM, hf_config, positions_of
+    from softar.hf_folder import hf_config, positions_of
+    from softar.model.hf import HFTokenizer, HFVectorLM
 
     for ov in overrides:
         if not ov.split("=", 1)[0].strip().startswith(("context.", "soft.", "model.block_size")):
@@ -266,3 +267,30 @@ def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -
         raise SoftarError(f"--hf: the tokenizer in {path} has {tokenizer.vocab_size} tokens, the model's vocabulary "
                           f"{model.E.shape[0]}")
     return LoadedRun(cfg, model, tokenizer, 0)
+
+
+def export_pretrained(run_dir: str | Path, out: str | Path) -> dict:
+    """`softar export RUN --hf OUT`: a run of `model.hf` as a Hugging Face folder (its trained weights, the source
+    folder's config and tokenizer) that `from_pretrained` loads; written whole into a new folder, never over one.
+    The network is all it holds: a context layout or soft-token spec of the run is softAR's, not the model's."""
+    from softar.device import pick_device
+    from softar.disk import claim, staged_folder
+    from softar.hf_folder import transformers_module
+    from softar.model.hf import HFVectorLM
+
+    out = Path(out).absolute()
+    if out.is_symlink():
+        raise SoftarError(f"--hf {out}: a symbolic link; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SoftarError(f"--hf {out}: exists and is not an empty folder; choose a new one")
+    claim(out.parent, (), f"--hf {out}")
+    run = load_run(run_dir, pick_device("cpu"))
+    if not isinstance(run.model.lm, HFVectorLM):
+        raise SoftarError(f"{run_dir}: a run of softAR's own GPT; only runs of a Hugging Face model (model.hf) export "
+                          "to its format")
+    tokenizer = transformers_module().AutoTokenizer.from_pretrained(run.cfg.model.hf, local_files_only=True)
+    with staged_folder(out, False, "model", flag="--hf") as tmp:
+        run.model.lm.merged().save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return {"run_dir": str(run_dir), "hf": str(out), "step": run.step, "source": run.cfg.model.hf,
+            "layout_not_exported": not run.cfg.context.plain}

@@ -536,7 +536,7 @@ def check_memory(cfg: Config, device: torch.device) -> None:
     off by a large factor; `train.check_memory = false` skips it."""
     with torch.device("meta"):  # shapes only: nothing is allocated, no weights are read
         if cfg.model.hf:
-            from softar.model.hf import hf_param_count
+            from softar.hf_folder import hf_param_count
 
             params = hf_param_count(cfg.model.hf)
         else:

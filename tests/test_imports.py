@@ -10,7 +10,8 @@ ROOT = Path(softar.__file__).parent
 # lowest first; a module may import from its own layer or any layer below
 LAYERS = [
     ["softar"],
-    ["softar.device", "softar.data", "softar.tasks", "softar.checkpoint", "softar.distributed", "softar.config"],
+    ["softar.device", "softar.data", "softar.tasks", "softar.checkpoint", "softar.distributed", "softar.config",
+     "softar.hf_folder"],
     ["softar.model"],
     ["softar.losses"],
     ["softar.soft"],

@@ -73,7 +73,7 @@ def prepare(corpus: str, out: str | Path, tokenizer: str = "char", vocab_size: i
 
 def pretrained_tokenizer(folder: str | Path) -> BPETokenizer:
     """The fast tokenizer (`tokenizer.json`) of a Hugging Face model folder."""
-    from softar.model.hf import check_folder
+    from softar.hf_folder import check_folder
 
     check_folder(folder)
     path = Path(folder) / TOKENIZER_FILE

@@ -5,7 +5,6 @@ the model's own `past_key_values` is the KV cache. Nothing is fetched from a hub
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from pathlib import Path
 
@@ -14,76 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from softar import SoftarError
+from softar.hf_folder import hf_config, positions_of, transformers_module
 from softar.model.interface import Hidden, Outputs
-
-
-def _transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched, ever
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import transformers
-    except ImportError:
-        raise SoftarError("--hf needs the optional extra: pip install 'softar[hf]'") from None
-    transformers.utils.logging.set_verbosity_error()  # softar speaks for itself: one line per error
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
-def check_folder(path: str | Path, what: str = "--hf") -> None:
-    """A local folder (never a hub id: nothing is downloaded) whose every entry is a plain file or folder: a FIFO or
-    a device there would hang whatever reads it."""
-    path = Path(path)
-    if not path.exists() and not path.is_absolute() and len(path.parts) <= 2:  # "gpt2", "openai/gpt2"
-        raise SoftarError(f"{what}: {path} is not a local folder (hub ids are not downloaded; save the model with "
-                          "save_pretrained and pass its folder)")
-    if not path.is_dir():
-        raise SoftarError(f"{what}: {path} is not a folder ({'it does not exist' if not path.exists() else 'a file'}"
-                          "; a model folder written by save_pretrained)")
-    odd = sorted(p.name for p in path.iterdir() if not (p.is_file() or p.is_dir()))
-    if odd:
-        raise SoftarError(f"{what}: {path / odd[0]} is neither a regular file nor a folder")
-
-
-def hf_config(path: str | Path, what: str = "--hf"):
-    """The folder's `config.json` as transformers reads it, or a one-line error naming `what` gave the folder."""
-    check_folder(path, what)
-    if not (Path(path) / "config.json").is_file():
-        raise SoftarError(f"{what}: {path} holds no Hugging Face model (no config.json; write it with save_pretrained)")
-    try:
-        return _transformers().AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # whatever transformers raises on a broken config
-        raise SoftarError(f"{what}: cannot read the model config in {path}: "
-                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
-
-
-def positions_of(c) -> int:
-    """The positions a transformers config's model reads."""
-    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 1024)
-
-
-def hf_shape(path: str | Path) -> dict[str, int]:
-    """softAR's model.* fields for the folder's network, so that a run's config says what it trained."""
-    c = hf_config(path, "model.hf")
-    try:
-        shape = {"n_layer": c.num_hidden_layers, "n_head": c.num_attention_heads, "d_model": c.hidden_size,
-                 "vocab_size": c.vocab_size}
-    except AttributeError as e:
-        raise SoftarError(f"model.hf: {path}/config.json lacks {e.name}; not a causal LM softAR knows") from None
-    return {**shape, "d_embed": shape["d_model"]}
-
-
-def hf_param_count(path: str | Path) -> int:
-    """The parameters of the folder's network, counted from its config (under a meta device, nothing is allocated)."""
-    model = _transformers().AutoModelForCausalLM.from_config(hf_config(path, "model.hf"))
-    return sum(p.numel() for p in model.parameters())
-
-
-def folder_sha256(path: str | Path) -> str:
-    """One checksum of a model folder: every file's name and sha256, in name order (what a run trained from)."""
-    from softar.disk import sha256_bytes, sha256_file
-
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
-    return sha256_bytes("\n".join(f"{p.relative_to(path)} {sha256_file(p)}" for p in files).encode())
 
 
 class HFVectorLM(nn.Module):
@@ -109,7 +40,7 @@ class HFVectorLM(nn.Module):
         if not any(Path(path).glob("*.safetensors")):
             raise SoftarError(f"{what}: {path} has no *.safetensors weights; only safetensors are loaded (nothing is "
                               "unpickled)")
-        transformers = _transformers()
+        transformers = transformers_module()
         try:
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False,
@@ -175,7 +106,7 @@ class HFVectorLM(nn.Module):
         return self.model.config.hidden_size
 
     def new_cache(self, batch_size: int, max_len: int):
-        return _transformers().DynamicCache()
+        return transformers_module().DynamicCache()
 
     def new_ring_cache(self, batch_size: int, size: int) -> HFRingCache:
         return HFRingCache(batch_size, size, self.E.device)
@@ -207,7 +138,7 @@ def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _dynamic_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    cache = _transformers().DynamicCache()
+    cache = transformers_module().DynamicCache()
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
     return cache
@@ -222,7 +153,7 @@ class HFRingCache:
 
     def __init__(self, batch_size: int, size: int, device: torch.device):
         self.size = size
-        self.cache = _transformers().DynamicCache()
+        self.cache = transformers_module().DynamicCache()
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
 
     def open(self, T: int) -> torch.Tensor | None:
@@ -276,7 +207,7 @@ class HFTokenizer:
             raise SoftarError(f"--hf: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it "
                               "beside the model with tokenizer.save_pretrained")
         try:
-            self.tok = _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.tok = transformers_module().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # whatever transformers raises on a missing or broken tokenizer
             raise SoftarError(f"--hf: no usable tokenizer in {path}: "
                               f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
@@ -301,29 +232,3 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
-
-
-def export_pretrained(run_dir: str | Path, out: str | Path) -> dict:
-    """`softar export RUN --hf OUT`: a run of `model.hf` as a Hugging Face folder (its trained weights, the source
-    folder's config and tokenizer) that `from_pretrained` loads; written whole into a new folder, never over one.
-    The network is all it holds: a context layout or soft-token spec of the run is softAR's, not the model's."""
-    from softar.device import pick_device
-    from softar.disk import claim, staged_folder
-    from softar.rundir import load_run
-
-    out = Path(out).absolute()
-    if out.is_symlink():
-        raise SoftarError(f"--hf {out}: a symbolic link; choose a new folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SoftarError(f"--hf {out}: exists and is not an empty folder; choose a new one")
-    claim(out.parent, (), f"--hf {out}")
-    run = load_run(run_dir, pick_device("cpu"))
-    if not isinstance(run.model.lm, HFVectorLM):
-        raise SoftarError(f"{run_dir}: a run of softAR's own GPT; only runs of a Hugging Face model (model.hf) export "
-                          "to its format")
-    tokenizer = _transformers().AutoTokenizer.from_pretrained(run.cfg.model.hf, local_files_only=True)
-    with staged_folder(out, False, "model", flag="--hf") as tmp:
-        run.model.lm.merged().save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return {"run_dir": str(run_dir), "hf": str(out), "step": run.step, "source": run.cfg.model.hf,
-            "layout_not_exported": not run.cfg.context.plain}
