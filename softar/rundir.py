@@ -78,13 +78,14 @@ def hf_source(cfg: Config) -> dict:
     return {"path": str(folder), "sha256": folder_sha256(folder)}
 
 
-def check_hf(run_dir: Path, cfg: Config) -> None:
+def check_hf(run_dir: Path, cfg: Config, current: dict | None = None) -> None:
     """A run of a Hugging Face model reads its folder again (the network's code and config): it must be the folder
-    the run trained from."""
+    the run trained from. `current`: `hf_source(cfg)` when the caller has it (a large folder takes a while to
+    hash)."""
     if not cfg.model.hf:
         return
     recorded = read_json(run_dir / RUN_FILE, "run record").get("hf")
-    current = hf_source(cfg)
+    current = current or hf_source(cfg)
     if not isinstance(recorded, dict) or recorded.get("sha256") != current["sha256"]:
         raise SoftarError(f"model.hf: {cfg.model.hf} is not the folder {run_dir} trained from (its files changed "
                           "since, or the run record lacks its checksum)")

@@ -126,10 +126,10 @@ def apply_update(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch
 STARTUP_FILES = {RUN_FILE}  # all a run directory holds if a start was killed before its config was saved
 
 
-def _check_run_dir(out: Path, cfg: Config, resume: bool, derived_decay: bool = False) -> None:
+def _check_run_dir(out: Path, cfg: Config, resume: bool, derived_decay: bool = False, hf: dict | None = None) -> None:
     """Refuse to mix runs: a fresh run needs an empty directory (or the leftovers of a killed start); a resume
     needs the same config and data (train.max_iters may change, and with it train.lr_decay_iters when that is
-    derived from it: `derived_decay`)."""
+    derived from it: `derived_decay`) and, for `model.hf`, the same folder (`hf`: its `hf_source`)."""
     if out.exists() and not out.is_dir() or out.is_symlink():
         raise SoftarError(f"--out {out} exists and is not a directory")
     for name, want_dir in ((CHECKPOINTS, True), ("tb", True), (METRICS_FILE, False), (CONFIG_FILE, False),
@@ -146,7 +146,7 @@ def _check_run_dir(out: Path, cfg: Config, resume: bool, derived_decay: bool = F
         if changed:
             raise SoftarError(f"{out} holds a different run (differs in {', '.join(changed)})")
         check_data(out, cfg.data.dir)
-        check_hf(out, cfg)
+        check_hf(out, cfg, hf)
     elif resume:
         raise SoftarError(f"nothing to resume in {out} (no {CONFIG_FILE})")
     elif out.exists() and any(p.name not in STARTUP_FILES and not p.name.startswith(".") for p in out.iterdir()):
@@ -271,7 +271,7 @@ class Trainer:
         derived_decay = cfg.train.lr_decay_iters == 0
         cfg = resolve(cfg, self.workload.vocab_size)
         self.world, self.device = init_world(cfg.train.device)
-        _check_run_dir(self.out, cfg, resume, derived_decay)  # every rank checks before any rank writes
+        _check_run_dir(self.out, cfg, resume, derived_decay, self.hf)  # every rank checks before any writes
         self.cfg, m, t = cfg, cfg.model, cfg.train
         self.layout = Layout.from_config(cfg.context, m.block_size)
         self.workload.check(cfg, self.layout)
@@ -303,7 +303,7 @@ class Trainer:
             read_jsonl(self.out / METRICS_FILE, "metrics")  # a damaged log fails now, before anything is written
         if self.world.is_main:  # the first write: from here on this process owns the run directory
             (stack or contextlib.ExitStack()).enter_context(RunLock(self.out))
-            _check_run_dir(self.out, cfg, asked_resume, derived_decay)  # again, under the lock
+            _check_run_dir(self.out, cfg, asked_resume, derived_decay, self.hf)  # again, under the lock
         if resume:
             self._load()
         elif self.world.is_main:

@@ -462,9 +462,9 @@ def test_sigterm_during_a_sweep_keeps_what_finished(data, tmp_path):
     assert (run / "checkpoints/latest").is_file() and not (run / "eval.json").exists()
 
 
-def test_sigterm_during_a_parallel_sweep_saves_every_run_it_was_training(data, tmp_path):
-    """--jobs 2: SIGTERM to the sweep reaches both training processes, each saves its step and exits; the sweep
-    says how to continue and leaves no process behind."""
+def parallel_sweep_training(data, tmp_path) -> tuple[subprocess.Popen, list[Path], list[int]]:
+    """A `--jobs 2` sweep of two long runs, once both have saved a checkpoint: the process, the runs, and the pid of
+    each run's trainer (from its lock)."""
     out = tmp_path / "sw"
     args = ["sweep", CONFIG, *tiny_overrides(data, **{"train.max_iters": 100_000, "train.lr_decay_iters": 100_000,
                                                        "train.ckpt_interval": 5}), "--seeds", "2", "--jobs", "2",
@@ -474,7 +474,13 @@ def test_sigterm_during_a_parallel_sweep_saves_every_run_it_was_training(data, t
     deadline = time.monotonic() + 120
     while not all((r / "checkpoints/latest").exists() for r in runs) and time.monotonic() < deadline:
         time.sleep(0.05)
-    pids = [int((r / ".softar.lock").read_text()) for r in runs]  # each run's trainer, not the sweep
+    return proc, runs, [int((r / ".softar.lock").read_text()) for r in runs]
+
+
+def test_sigterm_during_a_parallel_sweep_saves_every_run_it_was_training(data, tmp_path):
+    """--jobs 2: SIGTERM to the sweep reaches both training processes, each saves its step and exits; the sweep
+    says how to continue and leaves no process behind."""
+    proc, runs, pids = parallel_sweep_training(data, tmp_path)
     assert proc.pid not in pids
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -523,17 +529,8 @@ def test_a_parallel_sweep_whose_run_starts_from_itself_ends_in_one_line(data, tm
 
 def test_a_parallel_sweep_killed_takes_its_runs_with_it(data, tmp_path):
     """kill -9 of a --jobs sweep: its training processes save and stop rather than train on as orphans holding the
-    runs' locks, and the same command continues."""
-    out = tmp_path / "sw"
-    args = ["sweep", CONFIG, *tiny_overrides(data, **{"train.max_iters": 100_000, "train.lr_decay_iters": 100_000,
-                                                       "train.ckpt_interval": 5}), "--seeds", "2", "--jobs", "2",
-            "--out", out]
-    proc = softar_proc(*args)
-    runs = [out / "runs" / f"shakespeare_char_s{s}" for s in (1337, 1338)]
-    deadline = time.monotonic() + 120
-    while not all((r / "checkpoints/latest").exists() for r in runs) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pids = [int((r / ".softar.lock").read_text()) for r in runs]
+    runs' locks."""
+    proc, runs, pids = parallel_sweep_training(data, tmp_path)
     proc.kill()
     proc.communicate(timeout=60)
 

@@ -83,16 +83,16 @@ class HFVectorLM(nn.Module):
 
     def hidden(self, vectors: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> Hidden:
         B, T, _ = vectors.shape
-        ring = cache if isinstance(cache, HFRingCache) else None
-        if ring is not None:  # the decode loop's step: the slots each row attends to, then the new ones
-            cache, mask = ring.cache, ring.open(T)
+        ring, mask = None, None
+        if isinstance(cache, HFRingCache):  # the decode loop's step: the slots each row attends to, then the new ones
+            ring, cache, mask = cache, cache.cache, cache.open(T)
         if positions is None:
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + T, device=vectors.device)
         if positions.dim() == 1:
             positions = positions[None].expand(B, T)
         out = self.model.base_model(inputs_embeds=vectors, position_ids=positions, use_cache=cache is not None,
-                                    **({"attention_mask": mask} if ring is not None and mask is not None else {}),
+                                    **({"attention_mask": mask} if mask is not None else {}),
                                     **{self._cache_arg: cache})
         if ring is not None:
             ring.close()
