@@ -143,6 +143,18 @@ def cmd_task_prepare(a: argparse.Namespace) -> None:
 
     given = {split: n for split, n in (("train", a.train), ("valid", a.valid), ("test", a.test)) if n is not None}
     task, generator = get_task(a.task), None
+    files = {}
+    for item in a.files or ():
+        split, sep, file = item.partition("=")
+        if not sep or split not in SPLITS or split in files or not file:
+            raise SoftarError(f"--files {item!r}: expected SPLIT=FILE once per split, SPLIT one of "
+                              f"{', '.join(SPLITS)}")
+        files[split] = Path(file)
+    if files:  # free text (qa): the records are the user's, counted as read
+        if given or a.nodes or a.max_depth:
+            raise SoftarError("--files brings the records: --train/--valid/--test/--nodes/--max-depth do not apply")
+        meta = prepare_task(a.task, a.out, None, a.seed, force=a.force, files=files)
+        return _emit({"data_dir": str(a.out), **meta}, None)
     if getattr(task, "online", False):  # it generates its training questions from these parameters
         generator = task.generator(a.nodes, a.max_depth)
         counts = task.counts | given
@@ -536,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("task", help="reasoning tasks: `softar task prepare prosqa --out DIR`, `softar task audit DIR`")
     task_sub = s.add_subparsers(dest="task_command", required=True, parser_class=_Parser)
     t = task_sub.add_parser("prepare", help="generate a task's train/valid/test JSON (Coconut's ProsQA format); "
-                            "twins writes valid/test per depth (training questions are generated every batch)")
+                            "twins writes valid/test per depth (training questions are generated every batch); qa "
+                            "checks and stores your own free-text records (--files), for a model.hf run")
     t.add_argument("task", choices=list(TASK_NAMES))
     t.add_argument("--out", required=True, help="dataset folder to write")
     t.add_argument("--seed", type=_seed, default=0, help="the generator's seed (below 2**32)")
@@ -546,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"records (default {n}; twins: {twins[split]})")
     t.add_argument("--nodes", type=_int_at_least(2, 32), help="twins: nodes per twin (default 8)")
     t.add_argument("--max-depth", type=_int_at_least(1, 31), help="twins: depths 1..N (default 4; below --nodes)")
+    t.add_argument("--files", nargs="+", metavar="SPLIT=FILE",
+                   help="qa: the user's records, JSON lists of {question, steps, answer} (Coconut's GSM8k format): "
+                        "train=FILE valid=FILE [test=FILE]")
     t.add_argument("--force", action="store_true", help="replace a different task dataset already in --out")
     t.set_defaults(fn=cmd_task_prepare)
     t = task_sub.add_parser("audit", help="how often rules that read only local graph statistics of the two options "

@@ -46,11 +46,15 @@ class ModelConfig:
     collapse_layer: int = -1  # the collapse head's input: -1 the last layer; k in 0..n_layer the stream after k blocks
     collapse_mix: bool = False  # the collapse head reads a learned softmax mix of all layers instead
     # a Hugging Face causal LM, a local save_pretrained folder (never a hub id: nothing is downloaded): the network
-    # and its starting weights; n_layer, n_head, d_model and vocab_size are read from it (`resolve`), and the data
-    # must be tokenized with its tokenizer (`softar prepare --tokenizer hf --hf DIR`)
+    # and its starting weights; n_layer, n_head, d_model and vocab_size are read from it (`resolve`). A corpus must be
+    # tokenized with its tokenizer (`softar prepare --tokenizer hf --hf DIR`); a task's records are tokenized with it
+    # at load, the task's markers added as special tokens (the vocabulary grows by them)
     hf: str = ""
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on every linear layer of model.hf, not its weights
     lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
+    # model.hf's weights as stored in memory and checkpoints: bfloat16 halves them (the optimizer then steps in
+    # bfloat16; LoRA's adapters stay float32); softAR's own GPT computes in bfloat16 through train.dtype (autocast)
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     @property
     def m(self) -> int:
@@ -373,6 +377,8 @@ def resolve(cfg: Config, vocab_size: int) -> Config:
         cfg.model.hf = os.path.abspath(cfg.model.hf)
         for key, value in hf_shape(cfg.model.hf).items():
             given = getattr(cfg.model, key)
+            if key == "vocab_size" and cfg.task.name:  # a task's markers join its vocabulary
+                value = max(value, vocab_size)
             if given not in (value, getattr(ModelConfig, key)):
                 raise ConfigError(f"model.{key}: {given} differs from the {value} of the model in {cfg.model.hf} "
                                   f"(its shape is read from the folder; leave model.{key} out)")
@@ -423,11 +429,20 @@ def validate(cfg: Config) -> None:
     need(0 <= m.lora_rank <= 65536, "model.lora_rank", "must be in [0, 65536] (0: no adapters)")
     need(m.lora_rank == 0 or bool(m.hf), "model.lora_rank", "LoRA adapts a pretrained model: it needs model.hf")
     need(m.lora_alpha > 0, "model.lora_alpha", "must be positive")
+    need(m.dtype == "float32" or bool(m.hf), "model.dtype", "bfloat16 weights are for model.hf; softAR's GPT computes "
+         "in bfloat16 with train.dtype = 'bfloat16' (autocast over float32 weights)")
     if m.hf:
         need(m.embedding == "learned" and not (m.vector_head or m.collapse_head), "model.hf",
              "a Hugging Face model brings its own embeddings and has no vector or collapse head")
-        need(not cfg.task.name, "model.hf", "reasoning tasks are in softAR's own task vocabulary; a Hugging Face "
-             "model trains on text prepared with its tokenizer (task data in its tokenizer is not built yet)")
+        from softar.tasks.modes import MODES
+
+        cached = cfg.task.name and MODES.get(cfg.task.mode) and MODES[cfg.task.mode].slot == "<thought>" or \
+            cfg.context.soft and cfg.context.soft_fill == "rollout"
+        need(not (t.checkpointing and cached), "train.checkpointing", "transformers drops the KV cache under its "
+             "gradient checkpointing, and continuous thoughts (and a soft-region rollout) train through it: turn one "
+             "off")
+        need(not (cfg.task.recall_iters or cfg.task.recall_every), "task.recall_iters", "the recall warm-up is "
+             "written in softAR's task vocabulary; a pretrained model (model.hf) starts from its own pretraining")
     need(bool(cfg.data.dir), "data.dir", "must not be empty")
     lc = cfg.loss
     need(cfg.data.targets in ("all", "queries"), "data.targets", f"expected 'all' or 'queries', got "

@@ -17,10 +17,10 @@ from softar.checkpoint import Checkpoint, check_state, latest_checkpoint, load_c
 from softar.config import Config, from_dict, seeded
 from softar.data.dataset import load_meta, load_split
 from softar.data.glove import PRETRAINED_FILE
-from softar.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from softar.data.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer, load_tokenizer
 from softar.disk import read_json, sha256_file
 from softar.soft.model import SoftAR, build_model, upgrade_param_name
-from softar.tasks.data import TASK_FILE, is_task_dir, load_task_meta
+from softar.tasks.data import TASK_FILE, is_task_dir, load_task_meta, task_tokenizer
 
 CONFIG_FILE = "config.json"  # the resolved config
 RUN_FILE = "run.json"  # seed, versions, data fingerprint, command line
@@ -32,9 +32,10 @@ CHECKPOINTS = "checkpoints"
 def data_fingerprint(data_dir: str | Path) -> dict:
     if is_task_dir(data_dir):  # a reasoning task's JSON splits: task.json holds their checksums
         meta = load_task_meta(data_dir)
+        tokenizer = Path(data_dir) / TOKENIZER_FILE  # none for free text (qa): the model's reads it
         return {"text_sha256": sha256_file(Path(data_dir) / TASK_FILE),
-                "tokenizer_sha256": sha256_file(Path(data_dir) / TOKENIZER_FILE), "vocab_size": meta["vocab_size"],
-                "tokens": meta["counts"]}
+                "tokenizer_sha256": sha256_file(tokenizer) if meta["vocab_size"] else "",
+                "vocab_size": meta["vocab_size"], "tokens": meta["counts"]}
     meta = load_meta(data_dir)
     return {"text_sha256": meta["text_sha256"], "tokenizer_sha256": sha256_file(Path(data_dir) / TOKENIZER_FILE),
             "vocab_size": meta["vocab_size"], "tokens": meta["tokens"]}
@@ -62,8 +63,8 @@ def check_data(run_dir: Path, data_dir: str | Path) -> None:
 
 
 def hf_source(cfg: Config) -> dict:
-    """For `model.hf`: the folder and its checksum (the run record keeps them), once the data is checked to be
-    tokenized with the folder's tokenizer."""
+    """For `model.hf`: the folder and its checksum (the run record keeps them), once a corpus is checked to be
+    tokenized with the folder's tokenizer (a task's records are text, tokenized with it at load)."""
     from softar.hf_folder import check_folder, folder_sha256
 
     folder = Path(cfg.model.hf)
@@ -72,7 +73,7 @@ def hf_source(cfg: Config) -> dict:
     if not theirs.is_file():
         raise SoftarError(f"model.hf: {folder} has no {TOKENIZER_FILE} (save a fast tokenizer there with "
                           "tokenizer.save_pretrained)")
-    if sha256_file(theirs) != data_fingerprint(cfg.data.dir)["tokenizer_sha256"]:
+    if not cfg.task.name and sha256_file(theirs) != data_fingerprint(cfg.data.dir)["tokenizer_sha256"]:
         raise SoftarError(f"data.dir: {cfg.data.dir} was not tokenized with the tokenizer of model.hf {folder} "
                           f"(prepare it with softar prepare --tokenizer hf --hf {folder})")
     return {"path": str(folder), "sha256": folder_sha256(folder)}
@@ -192,9 +193,9 @@ def load_run(run_dir: str | Path, device: torch.device, data_dir: str | None = N
     model.eval()
     if model.regression_only:  # its LM head never trained: every reader goes through the cosine readout
         model.fit_cosine_readout(load_split(data_dir, "train"))
-    if cfg.model.hf:  # the same vocabulary as the data's (hf_source checked it), with the model's BOS and EOS
-        from softar.model.hf import HFTokenizer
-
+    if cfg.task.name:
+        tokenizer = task_tokenizer(cfg, data_dir)
+    elif cfg.model.hf:  # the same vocabulary as the data's (hf_source checked it), with the model's BOS and EOS
         tokenizer = HFTokenizer(cfg.model.hf)
     else:
         tokenizer = load_tokenizer(data_dir, vocab)
@@ -254,7 +255,7 @@ def load_hf(path: str | Path, device: torch.device, overrides: list[str] = ()) -
     embeddings are off unless asked for: an untrained slot encoder would only perturb a pretrained model."""
     from softar import config
     from softar.hf_folder import hf_config, positions_of
-    from softar.model.hf import HFTokenizer, HFVectorLM
+    from softar.model.hf import HFVectorLM
 
     for ov in overrides:
         if not ov.split("=", 1)[0].strip().startswith(("context.", "soft.", "model.block_size")):
@@ -276,7 +277,6 @@ def export_pretrained(run_dir: str | Path, out: str | Path) -> dict:
     The network is all it holds: a context layout or soft-token spec of the run is softAR's, not the model's."""
     from softar.device import pick_device
     from softar.disk import claim, staged_folder
-    from softar.hf_folder import transformers_module
     from softar.model.hf import HFVectorLM
 
     out = Path(out).absolute()
@@ -289,7 +289,7 @@ def export_pretrained(run_dir: str | Path, out: str | Path) -> dict:
     if not isinstance(run.model.lm, HFVectorLM):
         raise SoftarError(f"{run_dir}: a run of softAR's own GPT; only runs of a Hugging Face model (model.hf) export "
                           "to its format")
-    tokenizer = transformers_module().AutoTokenizer.from_pretrained(run.cfg.model.hf, local_files_only=True)
+    tokenizer = run.tokenizer.tok  # the folder's, with a task's markers added
     with staged_folder(out, False, "model", flag="--hf") as tmp:
         run.model.lm.merged().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -171,7 +171,7 @@ class ReasoningTask(Workload):
 
     def __init__(self, cfg: Config):
         self.data = TaskData.open(cfg)
-        self.vocab_size = self.data.meta["vocab_size"]
+        self.vocab_size = self.data.encoder.tok.vocab_size  # with model.hf, the model's own and the task's markers
 
     def check(self, cfg: Config, layout: Layout) -> None:
         for split in self.data.examples:  # valid holds every depth a generating task trains on

@@ -11,6 +11,7 @@ import numpy as np
 
 from softar import SoftarError
 from softar.disk import read_json
+from softar.hf_folder import transformers_module
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -173,6 +174,8 @@ class TaskTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
 
+    encode_prompt = encode  # a task's question starts without BOS
+
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.words[i] for i in ids).replace(" .", ".").replace(" ?", "?")
 
@@ -180,7 +183,65 @@ class TaskTokenizer:
         path.write_text(json.dumps({"type": "task", "words": self.words}), encoding="utf-8")
 
 
-Tokenizer = CharTokenizer | BPETokenizer | WordTokenizer | TaskTokenizer
+TASK_MARKERS = ["<bot>", "<eot>", "<thought>", "<pause>", "<ans>"]  # `softar.tasks.base.SPECIALS` but <eos>
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+
+
+class HFTokenizer:
+    """The folder's own tokenizer, behind softAR's encode / decode. Its files must be there: without them
+    transformers makes a stand-in tokenizer of one token, which would encode every prompt to nothing."""
+
+    def __init__(self, path: str | Path):
+        if not any((Path(path) / name).is_file() for name in HF_TOKENIZER_FILES):
+            raise SoftarError(f"--hf: {path} holds no tokenizer (none of {', '.join(HF_TOKENIZER_FILES)}); save it "
+                              "beside the model with tokenizer.save_pretrained")
+        try:
+            self.tok = transformers_module().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # whatever transformers raises on a missing or broken tokenizer
+            raise SoftarError(f"--hf: no usable tokenizer in {path}: "
+                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+        if len(self.tok) < 2:
+            raise SoftarError(f"--hf: the tokenizer in {path} has {len(self.tok)} token; it cannot encode text")
+        self.added: list[int] = []
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def add_task_tokens(self) -> HFTokenizer:
+        """A reasoning task's markers (<bot>, <eot>, <thought>, <pause>, <ans>) as special tokens after the folder's
+        own, in that fixed order (a run's ids are the same at every load); <eos> is the tokenizer's own EOS, or a
+        new special token where it has none. -> self."""
+        before = len(self.tok)
+        if self.tok.eos_token_id is None:
+            self.tok.add_special_tokens({"eos_token": "<eos>"})
+        self.tok.add_tokens(TASK_MARKERS, special_tokens=True)
+        self.added = list(range(before, len(self.tok)))  # the ids new to the folder's tokenizer
+        return self
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        """The ids of a task's special tokens (after `add_task_tokens`), as the task tokenizer's `stoi` has them."""
+        ids = dict(zip(TASK_MARKERS, self.tok.convert_tokens_to_ids(TASK_MARKERS), strict=True))
+        return {"<eos>": self.tok.eos_token_id, **ids}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as the model expects one: with the BOS token its tokenizer adds (Llama's; GPT-2 adds none)."""
+        return self.tok(text)["input_ids"]
+
+    @property
+    def eos_id(self) -> int | None:
+        """Where generation stops, as `transformers.generate` stops."""
+        return self.tok.eos_token_id
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+Tokenizer = CharTokenizer | BPETokenizer | WordTokenizer | TaskTokenizer | HFTokenizer
 
 
 def _strings(raw: dict, key: str, path: Path, length: int | None) -> list[str]:

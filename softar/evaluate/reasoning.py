@@ -13,14 +13,13 @@ import torch
 
 from softar import SoftarError
 from softar.config import Config
-from softar.data.tokenizer import load_tokenizer
 from softar.decode import decode
 from softar.evaluate.stats import mean_se
 from softar.soft.collapse import Sampling
 from softar.soft.feeds import HardFeed, SoftFeed
 from softar.soft.thoughts import task_loss
 from softar.tasks import Task, get_task
-from softar.tasks.data import Encoder, Example, load_records, load_task_meta
+from softar.tasks.data import Encoder, Example, load_records, load_task_meta, task_tokenizer
 from softar.tasks.graphs import frontiers
 
 
@@ -44,7 +43,7 @@ class TaskData:
         if meta["task"] != cfg.task.name:
             raise SoftarError(f"task.name: {cfg.task.name!r}, but {data_dir} holds the {meta['task']!r} task")
         task = get_task(cfg.task.name)
-        encoder = Encoder(task, load_tokenizer(data_dir, meta["vocab_size"]), cfg.task.render, cfg.task)
+        encoder = Encoder(task, task_tokenizer(cfg, data_dir), cfg.task.render, cfg.task)
         if getattr(task, "online", False):  # it generates its training questions: no train split to read
             splits = tuple(s for s in splits if s != "train")
         paths = {s: data_dir / f"{s}.json" for s in splits} | (files or {})
@@ -102,16 +101,6 @@ def solve(model, encoder: Encoder, examples: list[Example], stage: int, max_new:
     return results
 
 
-def split_answer(encoder: Encoder, ids: list[int]) -> tuple[list[str], int]:
-    """(the answer's words: what follows the last <ans>, the number of step tokens before it). Without <ans> the
-    answer is empty (malformed)."""
-    words = [encoder.tok.words[i] for i in ids]
-    if "<ans>" not in words:
-        return [], len(words)
-    at = len(words) - 1 - words[::-1].index("<ans>")
-    return words[at + 1 :], at
-
-
 def node_readout(model, encoder: Encoder, record: dict,
                  thoughts: torch.Tensor) -> tuple[list[str], torch.Tensor, list[set[int]]]:
     """How thoughts [n, m] read as this graph's nodes: (the node tokens, scores [n, nodes]: each thought's dot product
@@ -119,7 +108,7 @@ def node_readout(model, encoder: Encoder, record: dict,
     root, frontier d being the nodes at distance d). Thought t stands for step t // thoughts_per_step, so its
     frontier is at depth t // thoughts_per_step + 1."""
     names = encoder.task.node_tokens(record, encoder.rendering)
-    ids = torch.tensor([encoder.tok.stoi[w] for w in names])
+    ids = torch.tensor(encoder.probe_ids(record))
     scores = thoughts.float() @ model.E.detach().float().cpu()[ids].T  # [n_thoughts, n_nodes]
     return names, scores, frontiers(len(names), [tuple(e) for e in record["edges"]], record["root"])
 
@@ -157,14 +146,14 @@ def evaluate_task(model, data: TaskData, split: str, stages: list[int] | None = 
             res = solve(model, enc, examples, stage, cfg.max_answer_tokens, seed=seed)
             correct, by_steps, steps_tok, probe, named = [], {}, [], {}, []
             for r, out in zip(records, res, strict=True):
-                words, n_steps = split_answer(enc, out["ids"])
+                words = enc.split_answer(out["ids"])[1]
                 ok = float(enc.task.check(r, words, enc.rendering))
                 correct.append(ok)
                 if hasattr(enc.task, "options"):  # a choice between options: did it name one at all?
                     named.append(float(enc.task.answer_node(r, words, enc.rendering) in enc.task.options(r)))
                 by_steps.setdefault(len(r["steps"]), []).append(ok)
-                steps_tok.append(n_steps)
-                if out["thoughts"].shape[0]:
+                steps_tok.append(enc.answer_at(out["ids"]))
+                if out["thoughts"].shape[0] and enc.probe_ids(r) is not None:
                     for row in frontier_probe(model, enc, r, out["thoughts"]):
                         probe.setdefault(row["depth"], []).append(row)
             acc, acc_se = mean_se(correct)

@@ -201,7 +201,7 @@ def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int, se
     """Record `index` of a task file solved greedily at the run's final curriculum stage, as `softar eval --task`
     solves it: the question, each continuous thought (the nodes it reads as and the breadth-first frontier at its
     depth), and the answer with each step's distribution."""
-    from softar.evaluate.reasoning import TaskData, node_readout, solve, split_answer
+    from softar.evaluate.reasoning import TaskData, node_readout, solve
 
     data = TaskData.open(run.cfg, splits=(), files={"example": file})
     records = data.records["example"]
@@ -212,34 +212,35 @@ def task_payload(run: LoadedRun, run_dir: str | Path, file: Path, index: int, se
     enc, record, example = data.encoder, records[index], data.examples["example"][index]
     stage = enc.final_stage()
     solved = solve(run.model, enc, [example], stage, run.cfg.task.max_answer_tokens, seed=seed, top_k=TRACE_TOP_K)[0]
-    prompt, words = enc.prompt(example, stage), enc.tok.words
-    thoughts = solved["thoughts"]
-    names, scores, fronts = node_readout(run.model, enc, record, thoughts) if thoughts.shape[0] else ([], None, [])
+    prompt, thoughts = enc.prompt(example, stage), solved["thoughts"]
+    probed = thoughts.shape[0] and enc.probe_ids(record) is not None
+    names, scores, fronts = node_readout(run.model, enc, record, thoughts) if probed else ([], None, [])
     nearest = _nearest(thoughts, run.model.E.detach().cpu(), run.tokenizer) if thoughts.shape[0] else []
     c = enc.cfg.thoughts_per_step
     tokens, t = [], 0
     for i, token in enumerate(prompt):
-        entry = {"i": i, "text": words[token], "source": "prompt", "entered": "hard", "tier": "hard",
+        entry = {"i": i, "text": enc.tok.decode([token]), "source": "prompt", "entered": "hard", "tier": "hard",
                  "region": "tokens", "collapsed": False}
         if token == run.model.thought_id and enc.mode.slot == "<thought>":
             depth = t // c + 1
-            top = scores[t].topk(min(NODES, len(names)))
-            frontier = sorted(fronts[depth]) if depth < len(fronts) else []
             entry.update(source="thought", entered="soft", tier="soft", text=f"thought {t + 1}", nearest=nearest[t],
-                         norm=round(float(thoughts[t].norm()), 4), depth=depth,
-                         nodes=[[names[j], round(v, 4)] for v, j in zip(top.values.tolist(), top.indices.tolist(),
-                                                                         strict=True)],
-                         frontier=[names[j] for j in frontier])
+                         norm=round(float(thoughts[t].norm()), 4), depth=depth)
+            if probed:  # the graph's nodes it reads as, beside the frontier at its depth
+                top = scores[t].topk(min(NODES, len(names)))
+                frontier = sorted(fronts[depth]) if depth < len(fronts) else []
+                entry.update(nodes=[[names[j], round(v, 4)] for v, j in zip(top.values.tolist(),
+                                                                            top.indices.tolist(), strict=True)],
+                             frontier=[names[j] for j in frontier])
             t += 1
         tokens.append(entry)
     answer = solved["ids"] + ([enc.id["<eos>"]] if len(solved["entropy"]) > len(solved["ids"]) else [])
     top_ids, top_probs = (x.tolist() for x in solved["top"])
     for j, token in enumerate(answer):
-        tokens.append({"i": len(prompt) + j, "text": words[token], "source": "generated", "entered": "hard",
+        tokens.append({"i": len(prompt) + j, "text": enc.tok.decode([token]), "source": "generated", "entered": "hard",
                        "tier": "hard", "region": "tokens", "collapsed": False,
                        "entropy": round(float(solved["entropy"][j]), 5), "score": None,
                        "topk": _topk(run.tokenizer, top_ids[j], top_probs[j])})
-    answer_words, _ = split_answer(enc, solved["ids"])
+    answer_words = enc.split_answer(solved["ids"])[1]
     steps = [{"regions": [{"name": "tokens", "from": 0, "to": n, "slots": n}], "soft_collapsed": []}
              for n in range(len(prompt), len(prompt) + len(answer) + 1)]
     return {"softar_inspect": PAYLOAD_VERSION, "kind": "task", "run": _run_info(run, run_dir),

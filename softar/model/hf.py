@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softar import SoftarError
+from softar.data.tokenizer import HFTokenizer
 from softar.hf_folder import hf_config, positions_of, transformers_module
 from softar.model.interface import Hidden, Outputs
 
@@ -34,8 +35,8 @@ class HFVectorLM(nn.Module):
                               f"size {model.config.hidden_size}; soft tokens need them equal")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, what: str = "--hf") -> HFVectorLM:
-        """The folder's model, in eval mode; errors name `what` gave the folder."""
+    def from_pretrained(cls, path: str | Path, what: str = "--hf", dtype: torch.dtype = torch.float32) -> HFVectorLM:
+        """The folder's model with weights in `dtype`, in eval mode; errors name `what` gave the folder."""
         hf_config(path, what)
         if not any(Path(path).glob("*.safetensors")):
             raise SoftarError(f"{what}: {path} has no *.safetensors weights; only safetensors are loaded (nothing is "
@@ -44,7 +45,7 @@ class HFVectorLM(nn.Module):
         try:
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False,
-                output_loading_info=True)
+                output_loading_info=True, torch_dtype=dtype)
         except Exception as e:  # whatever transformers or safetensors raise on a broken folder
             raise SoftarError(f"{what}: cannot load a causal LM from {path}: "
                               f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
@@ -54,6 +55,22 @@ class HFVectorLM(nn.Module):
             raise SoftarError(f"{what}: {path} lacks weights the model needs ({', '.join(fresh[:3])}"
                               f"{' ...' if len(fresh) > 3 else ''}); refusing to run with random ones")
         return cls(model.eval())
+
+    def add_tokens(self, tokenizer: HFTokenizer, size: int) -> None:
+        """Rows for the tokens a reasoning task adds (`HFTokenizer.add_task_tokens`): the embedding and an untied LM
+        head grow to `size` rows, and each added token's row starts at the mean of the rows of its name's pieces
+        ("<thought>" from "thought"): deterministic, and the markers differ from the first step on (under LoRA they
+        stay so, frozen)."""
+        if size > self.E.shape[0]:
+            self.model.resize_token_embeddings(size, mean_resizing=False)
+        head = self.model.get_output_embeddings().weight
+        own = min(tokenizer.added, default=size)  # ids below it are the folder's own tokens
+        with torch.no_grad():
+            for i in tokenizer.added:
+                name = tokenizer.tok.convert_ids_to_tokens(i).strip("<>|")
+                pieces = [p for p in tokenizer.encode(name) if p < own] or [0]
+                for table in {id(t): t for t in (self.E, head)}.values():  # once when the head is tied
+                    table[i] = table[pieces].mean(0)
 
     def add_lora(self, rank: int, alpha: float) -> None:
         """LoRA adapters (peft) on every linear layer but the LM head, put into the model in place; its own weights
@@ -86,6 +103,9 @@ class HFVectorLM(nn.Module):
         ring, mask = None, None
         if isinstance(cache, HFRingCache):  # the decode loop's step: the slots each row attends to, then the new ones
             ring, cache, mask = cache, cache.cache, cache.open(T)
+        if cache is not None and self.model.is_gradient_checkpointing and self.training and torch.is_grad_enabled():
+            raise SoftarError("train.checkpointing: transformers drops the KV cache under its gradient checkpointing, "
+                              "and this step trains through the cache; turn checkpointing off")
         if positions is None:
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + T, device=vectors.device)
@@ -193,42 +213,3 @@ class HFRingCache:
     def _keep(self, rows, start: int) -> None:
         self.cache = _dynamic_cache([(k[rows, :, start:], v[rows, :, start:]) for k, v in _layers(self.cache)])
         self.valid = self.valid[rows, start:]
-
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
-
-
-class HFTokenizer:
-    """The folder's own tokenizer, behind softAR's encode / decode. Its files must be there: without them
-    transformers makes a stand-in tokenizer of one token, which would encode every prompt to nothing."""
-
-    def __init__(self, path: str | Path):
-        if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
-            raise SoftarError(f"--hf: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it "
-                              "beside the model with tokenizer.save_pretrained")
-        try:
-            self.tok = transformers_module().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception as e:  # whatever transformers raises on a missing or broken tokenizer
-            raise SoftarError(f"--hf: no usable tokenizer in {path}: "
-                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
-        if len(self.tok) < 2:
-            raise SoftarError(f"--hf: the tokenizer in {path} has {len(self.tok)} token; it cannot encode text")
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tok)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def encode_prompt(self, text: str) -> list[int]:
-        """A prompt as the model expects one: with the BOS token its tokenizer adds (Llama's; GPT-2 adds none)."""
-        return self.tok(text)["input_ids"]
-
-    @property
-    def eos_id(self) -> int | None:
-        """Where generation stops, as `transformers.generate` stops."""
-        return self.tok.eos_token_id
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)

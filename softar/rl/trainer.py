@@ -25,7 +25,7 @@ import torch
 from softar import SoftarError
 from softar.checkpoint import check_state
 from softar.config import Config, ConfigError, TrainConfig, from_dict, load_raw, resolve, seeded
-from softar.evaluate.reasoning import TaskData, evaluate_task, split_answer
+from softar.evaluate.reasoning import TaskData, evaluate_task
 from softar.rl.objective import (
     PASS_K,
     clipped_objective,
@@ -112,7 +112,7 @@ def check_policy(cfg: Config) -> None:
     # a generated question is as long as a valid one of its depth (valid holds every depth the dataset generates)
     longest = max(len(enc.prompt(ex, enc.final_stage())) for split in ("train", "valid") if split in data.examples
                   for ex in data.examples[split])
-    model = build_model(resolve(cfg, data.meta["vocab_size"])).eval()
+    model = build_model(resolve(cfg, data.encoder.tok.vocab_size)).eval()
     try:
         Policy(cfg.rl.policy, cfg.rl.sigma, cfg.rl.temperature, cfg.task.max_answer_tokens).check(model, longest)
     except ValueError as e:
@@ -247,8 +247,7 @@ def written(data: TaskData, answer: torch.Tensor) -> tuple[list[str], list[str]]
     steps, before its last <ans>; its answer, after it; empty without <ans>)."""
     enc = data.encoder
     ids = [a for a in answer.tolist() if a >= 0 and a != enc.id["<eos>"]]
-    words, at = split_answer(enc, ids)
-    return [enc.tok.words[i] for i in ids[:at]], words
+    return enc.split_answer(ids)
 
 
 def reward_of(data: TaskData, record: dict, answer: torch.Tensor, reward: str = "answer") -> float:

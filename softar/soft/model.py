@@ -21,7 +21,7 @@ from softar.soft.memory import MEMORIES, Memory, memory_problem
 from softar.soft.thoughts import fill_slots, forward_thoughts, task_loss
 from softar.soft.tokens import add_noise, heads_of, make_soft_token, spec_problem
 from softar.soft.window import SOFT, Layout, WindowBuilder, summary_slots
-from softar.tasks import VOCABULARY
+from softar.tasks.data import task_tokenizer
 
 READOUT_WINDOWS = 64  # teacher-forced train windows the cosine readout's temperature is fitted on
 History = tuple[torch.Tensor, torch.Tensor]  # ids [B, h] right-aligned (the newest last), lengths [B]
@@ -205,10 +205,13 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
     into it), or the given VectorLM (a pretrained Hugging Face model, say) with a fresh window builder. The GPT and
     its window builder draw their initial weights in one fixed order, the one softAR has always used. With
     `model.hf` the network is that folder's pretrained model."""
+    tokens = task_tokenizer(cfg) if cfg.task.name else None  # a task's ids of its markers (<thought>, ...)
     if lm is None and cfg.model.hf:
         from softar.model.hf import HFVectorLM
 
-        lm = HFVectorLM.from_pretrained(cfg.model.hf, "model.hf")
+        lm = HFVectorLM.from_pretrained(cfg.model.hf, "model.hf", getattr(torch, cfg.model.dtype))
+        if tokens is not None:  # the task's markers join its vocabulary
+            lm.add_tokens(tokens, cfg.model.vocab_size)
         if cfg.model.lora_rank:
             lm.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
     if getattr(lm, "max_positions", cfg.model.block_size) < cfg.model.block_size:
@@ -225,8 +228,8 @@ def build_model(cfg: Config, lm: nn.Module | None = None) -> SoftAR:
                               "model")
         model = SoftAR(lm, cfg.model.block_size, cfg.context, cfg.soft, cfg.loss)
         model.slots.apply(init_normal)
-    if cfg.task.name:
-        model.thought_id = VOCABULARY.index("<thought>")
+    if tokens is not None:
+        model.thought_id = tokens.stoi["<thought>"]
     if cfg.rl.init_from and cfg.rl.policy == "gated":  # an RL run of HRPO's policy: its learned gate
         model.add_module(GATE, ThoughtGate(model.E.shape[1]).to(model.E.device))
     return model

@@ -15,8 +15,17 @@ import numpy as np
 import torch
 
 from softar import SoftarError
-from softar.data.tokenizer import TOKENIZER_FILE, TaskTokenizer, load_tokenizer
-from softar.disk import check_fields, check_owned, claim, clean_stale_temps, read_json, sha256_file, staged_folder
+from softar.data.tokenizer import TOKENIZER_FILE, HFTokenizer, TaskTokenizer, load_tokenizer
+from softar.disk import (
+    check_fields,
+    check_owned,
+    claim,
+    clean_stale_temps,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    staged_folder,
+)
 from softar.tasks import get_task
 from softar.tasks.audit import audit
 from softar.tasks.base import MAX_NODES, VOCABULARY, Task
@@ -31,9 +40,14 @@ RECORD_FIELDS = {"question": str, "answer": str, "steps": list, "edges": list, "
 MAX_RECORDS = 10**7
 
 
-def check_record(r: dict, where: str) -> None:
-    """A record in Coconut's format with a consistent graph; anything else is a one-line error."""
-    check_fields(r, RECORD_FIELDS, where)
+def check_record(r: dict, where: str, fields: dict = RECORD_FIELDS) -> None:
+    """A record with `fields` (default a graph task's, Coconut's ProsQA format, with a consistent graph); anything
+    else is a one-line error."""
+    check_fields(r, fields, where)
+    if len(r["steps"]) > 1000 or not all(isinstance(s, str) for s in r["steps"]):
+        raise SoftarError(f"{where}: steps must be a list of at most 1000 strings")
+    if "edges" not in fields:
+        return
     sym = r["idx_to_symbol"]
     n = len(sym)
     if not 2 <= n <= MAX_NODES or not all(isinstance(s, str) and s for s in sym):
@@ -44,8 +58,6 @@ def check_record(r: dict, where: str) -> None:
     for key in ("root", "target", "neg_target"):
         if not 0 <= r[key] < n:
             raise SoftarError(f"{where}: {key} {r[key]} is not a node index in [0, {n})")
-    if len(r["steps"]) > 1000 or not all(isinstance(s, str) for s in r["steps"]):
-        raise SoftarError(f"{where}: steps must be a list of strings")
 
 
 def load_records(path: str | Path, task: Task) -> list[dict]:
@@ -59,7 +71,7 @@ def load_records(path: str | Path, task: Task) -> list[dict]:
         raise SoftarError(f"task data {path}: expected a non-empty JSON list of records")
     for i, r in enumerate(records):
         where = f"task data {path}: record {i}"
-        check_record(r, where)
+        check_record(r, where, getattr(task, "fields", RECORD_FIELDS))
         try:
             task.validate(r)
         except SoftarError as e:
@@ -67,14 +79,13 @@ def load_records(path: str | Path, task: Task) -> list[dict]:
     return records
 
 
-def graph_stats(records: list[dict]) -> dict:
-    """Nodes, edges and reasoning steps per record: min, mean, max."""
+def graph_stats(records: list[dict], keys: tuple[str, ...] = ("nodes", "edges", "steps")) -> dict:
+    """Nodes, edges and reasoning steps per record (those of `keys`): min, mean, max."""
     def summary(xs: list[int]) -> dict:
         return {"min": min(xs), "mean": statistics.fmean(xs), "max": max(xs)}
 
-    return {"nodes": summary([len(r["idx_to_symbol"]) for r in records]),
-            "edges": summary([len(r["edges"]) for r in records]),
-            "steps": summary([len(r["steps"]) for r in records])}
+    field = {"nodes": "idx_to_symbol", "edges": "edges", "steps": "steps"}
+    return {k: summary([len(r[field[k]]) for r in records]) for k in keys}
 
 
 def check_stats(stats: dict, records: int) -> None:
@@ -88,14 +99,27 @@ def check_stats(stats: dict, records: int) -> None:
 
 
 def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = None, seed: int = 0,
-                 force: bool = False, generator: dict | None = None) -> dict:
+                 force: bool = False, generator: dict | None = None, files: dict[str, Path] | None = None) -> dict:
     """Generate a task's splits into `out` (its split files, tokenizer.json, task.json), written into a temp folder
     first; an existing different dataset is replaced only with `force`, and only what softar wrote (its manifest,
     `softar.disk.check_owned`). A task that generates its training questions (`online`) writes valid and test only,
-    `counts` per depth, and records its `generator` parameters (default the task's) in task.json."""
+    `counts` per depth, and records its `generator` parameters (default the task's) in task.json. A free-text task
+    (qa) takes its splits from the user's `files` (train and valid, test optional), each record checked."""
     task = get_task(name)
     online = getattr(task, "online", False)
-    if online:
+    text = not getattr(task, "own_vocabulary", True)
+    if text != bool(files):
+        raise SoftarError(f"{name}: give its records as --files train=T.json valid=V.json [test=X.json]" if text else
+                          f"{name} generates its records; --files is for a free-text task (qa)")
+    if text:
+        if not {"train", "valid"} <= set(files) <= set(SPLITS):
+            raise SoftarError(f"--files: expected train=FILE and valid=FILE (test=FILE optional), got "
+                              f"{', '.join(sorted(files))}")
+        if counts or generator:
+            raise SoftarError(f"{name} reads the records of --files; nothing to count or generate")
+        loaded = {s: load_records(f, task) for s, f in files.items()}
+        counts = {s: len(rs) for s, rs in loaded.items()}
+    elif online:
         generator = generator or task.generator()
         task.check_generator(generator)
         counts = counts or dict(task.counts)
@@ -115,14 +139,18 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
         except SoftarError:
             old = None
         if old and old["task"] == name and old["seed"] == seed and old["counts"] == counts and \
-                old.get("generator") == generator and all((out / f"{s}.json").is_file() for s in counts):
+                old.get("generator") == generator and all((out / f"{s}.json").is_file() for s in counts) and \
+                (not text or old["sha256"] == {s: sha256_bytes(json.dumps(rs).encode()) for s, rs in loaded.items()}):
             return old  # already prepared, every file there and as recorded
         check_owned(out, "--out")  # never replace or delete what softar did not write
         if not force:
             raise SoftarError(f"{out} already holds a different or incomplete task dataset; choose another --out "
                               "or pass --force to replace it")
     rng = random.Random(seed)
-    if online:
+    if text:
+        splits = loaded
+        stats = graph_stats(splits["train"], ("steps",))
+    elif online:
         splits = task.splits(rng, counts, generator)
         stats = graph_stats([r for rs in splits.values() for r in rs])
     else:
@@ -131,13 +159,14 @@ def prepare_task(name: str, out: str | Path, counts: dict[str, int] | None = Non
         splits = {split: [make_record(rng) for _ in range(k)] for split, k in counts.items()}
         stats = graph_stats(splits["train"])
         check_stats(stats, len(splits["train"]))
-    leaks = audit(splits, question_task(name))
+    leaks = {} if text else audit(splits, question_task(name))
     with staged_folder(out, force, "task dataset") as tmp:
         for split, records in splits.items():
             (tmp / f"{split}.json").write_text(json.dumps(records), encoding="utf-8")
-        TaskTokenizer(VOCABULARY).save(tmp / TOKENIZER_FILE)
+        if not text:  # a free-text task's tokenizer is the model's (model.hf)
+            TaskTokenizer(VOCABULARY).save(tmp / TOKENIZER_FILE)
         meta = {"task": name, "seed": seed, "counts": counts, **({"generator": generator} if online else {}),
-                "vocab_size": len(VOCABULARY), "stats": stats, "audit": leaks,
+                "vocab_size": 0 if text else len(VOCABULARY), "stats": stats, "audit": leaks,
                 "sha256": {s: sha256_file(tmp / f"{s}.json") for s in splits}}
         (tmp / TASK_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
@@ -152,6 +181,8 @@ def question_task(name: str) -> Task:
 def audit_task_dir(data_dir: str | Path) -> dict:
     """The leak audit (`softar.tasks.audit`) of every split of a task dataset, each record checked as at load."""
     meta = load_task_meta(data_dir)
+    if not getattr(get_task(meta["task"]), "own_vocabulary", True):
+        raise SoftarError(f"{data_dir}: {meta['task']} questions have no options for the audit's rules to pick from")
     question = question_task(meta["task"])
     splits = {s: Path(data_dir) / f"{s}.json" for s in SPLITS}
     return audit({s: load_records(p, question) for s, p in splits.items() if p.exists()}, question)
@@ -193,10 +224,28 @@ def load_task_meta(data_dir: str | Path) -> dict:
         if file.exists() and sha256_file(file) != meta["sha256"].get(split):
             raise SoftarError(f"task dataset {data_dir}: {split}.json is not the file task.json records (changed "
                               "since `softar task prepare`?)")
-    tok = load_tokenizer(data_dir, meta["vocab_size"])
-    if getattr(tok, "words", None) != VOCABULARY:
-        raise SoftarError(f"task dataset {data_dir}: its tokenizer is not softar's task vocabulary")
+    if getattr(task, "own_vocabulary", True) != bool(meta["vocab_size"]):
+        raise SoftarError(f"task dataset {path}: vocab_size {meta['vocab_size']} is wrong for {meta['task']} (0 for "
+                          "free text, which the model's tokenizer reads)")
+    if meta["vocab_size"]:
+        tok = load_tokenizer(data_dir, meta["vocab_size"])
+        if getattr(tok, "words", None) != VOCABULARY:
+            raise SoftarError(f"task dataset {data_dir}: its tokenizer is not softar's task vocabulary")
     return meta
+
+
+def task_tokenizer(cfg, data_dir: str | Path | None = None):
+    """What a task run reads its records with: softAR's task vocabulary, or with model.hf the model's own tokenizer
+    with the task's markers added (`HFTokenizer.add_task_tokens`), the text tokenized as the model reads text."""
+    if cfg.model.hf:
+        return HFTokenizer(cfg.model.hf).add_task_tokens()
+    if data_dir is None:
+        return TaskTokenizer(VOCABULARY)
+    meta = load_task_meta(data_dir)
+    if not meta["vocab_size"]:
+        raise SoftarError(f"task dataset {data_dir}: {meta['task']} records are free text, which only a model's "
+                          "own tokenizer reads: set model.hf")
+    return load_tokenizer(data_dir, meta["vocab_size"])
 
 
 def training_depths(task, meta: dict) -> list[int]:
@@ -265,17 +314,40 @@ class Encoder:
         its text, is a one-line error naming the record."""
         try:
             r = self.task.render(record, self.rendering)
-            ex = Example(self.tok.encode(r.question) + [self.id["<bot>"]], [self.tok.encode(s) for s in r.steps],
+            ex = Example(self.tok.encode_prompt(r.question) + [self.id["<bot>"]],
+                         [self.tok.encode(s) for s in r.steps],
                          [self.id["<ans>"], *self.tok.encode(r.answer), self.id["<eos>"]])
-            for name in self.task.node_tokens(record, self.rendering):  # the probe reads every node's embedding
-                if len(self.tok.encode(name)) != 1:
-                    raise SoftarError(f"node name {name!r} is not one word of the task's vocabulary")
+            if self.probe_ids(record) is None and isinstance(self.tok, TaskTokenizer):  # the probe must work here
+                raise SoftarError("a node name is not one word of the task's vocabulary")
         except SoftarError as e:
             raise SoftarError(f"{where}: {e}") from None
         specials = set(self.id.values())
-        if any(i in specials for i in ex.question[:-1] + [i for s in ex.steps for i in s] + ex.answer[1:-1]):
+        question = ex.question[:-1][len(self.tok.encode_prompt("")):]  # a BOS the tokenizer adds is its own
+        if any(i in specials for i in question + [i for s in ex.steps for i in s] + ex.answer[1:-1]):
             raise SoftarError(f"{where}: its text holds a special token ({', '.join(self.id)})")
         return ex
+
+    def probe_ids(self, record: dict) -> list[int] | None:
+        """The token of each node 0..n-1 (the superposition probe reads their embeddings); None where a name is
+        not one token (a Hugging Face tokenizer splits most of them) or the task has no graph."""
+        names = self.task.node_tokens(record, self.rendering)
+        ids = [self.tok.encode(name) for name in names]
+        return [i[0] for i in ids] if names and all(len(i) == 1 for i in ids) else None
+
+    def answer_at(self, ids: list[int]) -> int:
+        """Where the answer's <ans> is among generated ids: the last one; len(ids) without one."""
+        ans = self.id["<ans>"]
+        return len(ids) - 1 - ids[::-1].index(ans) if ans in ids else len(ids)
+
+    def split_answer(self, ids: list[int]) -> tuple[list[str], list[str]]:
+        """Generated ids (without <eos>) as the task's words: (the steps, before `answer_at`; the answer, after
+        it, empty without <ans>: malformed). Words as the task tokenizer splits them, whatever tokenizer wrote
+        them."""
+        at = self.answer_at(ids)
+        return self.words(ids[:at]), self.words(ids[at + 1 :])
+
+    def words(self, ids: list[int]) -> list[str]:
+        return TaskTokenizer.PATTERN.findall(self.tok.decode(ids))
 
     @property
     def mode(self) -> Mode:
