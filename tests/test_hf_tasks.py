@@ -177,13 +177,15 @@ def test_free_text_records_train_a_pretrained_model(task_hf, tmp_path, capsys):
 
 def test_bfloat16_weights_and_what_a_pretrained_task_run_refuses(task_hf, tmp_path, capsys):
     """model.dtype = bfloat16 keeps the weights (and checkpoints) in bfloat16; the recall warm-up (softAR's own
-    vocabulary) and model.dtype without model.hf are refused."""
+    vocabulary), model.dtype without model.hf, and gradient checkpointing of thoughts (transformers drops the cache
+    they train through) are refused."""
     run_dir = tmp_path / "bf16"
     train(task_hf, run_dir, *task_config(task_hf, "cot", "prosqa", "model.dtype=bfloat16", "train.max_iters=2"))
     run = load_run(run_dir, torch.device("cpu"))
     assert {p.dtype for p in run.model.lm.parameters()} == {torch.bfloat16}
     for extra, message in ((["task.recall_iters=5"], "task.recall_iters"),
-                           (["model.hf=''", "model.dtype=bfloat16"], "model.dtype")):
+                           (["model.hf=''", "model.dtype=bfloat16"], "model.dtype"),
+                           (['task.mode="thoughts"', "train.checkpointing=true"], "drops the KV cache")):
         assert cli.main(["train", str(task_hf / "empty.toml"), *task_config(task_hf, "cot"), *extra, "--out",
                          str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()

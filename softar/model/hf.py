@@ -103,7 +103,7 @@ class HFVectorLM(nn.Module):
         ring, mask = None, None
         if isinstance(cache, HFRingCache):  # the decode loop's step: the slots each row attends to, then the new ones
             ring, cache, mask = cache, cache.cache, cache.open(T)
-        if cache is not None and self.model.is_gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if cache is not None and self.training and torch.is_grad_enabled() and self._checkpointing():
             raise SoftarError("train.checkpointing: transformers drops the KV cache under its gradient checkpointing, "
                               "and this step trains through the cache; turn checkpointing off")
         if positions is None:
@@ -139,6 +139,10 @@ class HFVectorLM(nn.Module):
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _checkpointing(self) -> bool:
+        on = getattr(self.model, "is_activation_checkpointing", None)  # transformers 5's name
+        return bool(self.model.is_gradient_checkpointing if on is None else on)
 
     def describe(self) -> dict:
         c = self.model.config
