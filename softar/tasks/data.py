@@ -308,6 +308,7 @@ class Encoder:
             raise SoftarError(f"task.render: {task.name} offers {', '.join(task.renders)}, not {rendering!r}")
         self.task, self.tok, self.rendering, self.cfg = task, tokenizer, rendering, cfg
         self.id = {w: tokenizer.stoi[w] for w in ("<eos>", "<bot>", "<eot>", "<thought>", "<pause>", "<ans>")}
+        self.bos = len(tokenizer.encode_prompt(""))  # tokens a prompt starts with (Llama's BOS), its own
 
     def example(self, record: dict, where: str = "") -> Example:
         """A record as ids; a word outside the vocabulary, or a special token (<thought>, <ans>, ...) written in
@@ -322,7 +323,7 @@ class Encoder:
         except SoftarError as e:
             raise SoftarError(f"{where}: {e}") from None
         specials = set(self.id.values())
-        question = ex.question[:-1][len(self.tok.encode_prompt("")):]  # a BOS the tokenizer adds is its own
+        question = ex.question[self.bos : -1]
         if any(i in specials for i in question + [i for s in ex.steps for i in s] + ex.answer[1:-1]):
             raise SoftarError(f"{where}: its text holds a special token ({', '.join(self.id)})")
         return ex
