@@ -3,17 +3,19 @@ generation speed with and without the KV cache. Figures are medians over repeate
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from softar import SoftarError
 from softar.config import Config, resolve
 from softar.data.dataset import WindowSampler, load_meta, load_split
 from softar.decode import Decoding
-from softar.device import autocast, pick_device, set_threads
+from softar.device import autocast, bf16_hardware, pick_device, set_threads
 from softar.soft.collapse import Sampling
 from softar.soft.feeds import HardFeed, SoftFeed
 from softar.soft.model import build_model
@@ -50,7 +52,25 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeat
     return best
 
 
-def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
+class _HFLoss(torch.nn.Module):
+    """A Hugging Face causal LM behind softAR's training-step interface: (loss, parts) from (x, targets)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor, history=None) -> tuple[torch.Tensor, dict]:
+        logits = self.lm(input_ids=x).logits  # [B, T, V]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), {}
+
+
+def bench_train(cfg: Config, steps: int = 30, warmup: int = 5, dtypes: list[str] | None = None) -> dict:
+    """Training steps per dtype the device computes in hardware (float32, and bfloat16 autocast where it has
+    bfloat16 units), each as a fraction of the matmul peak in its dtype, and, for a plain model, Hugging Face's
+    GPT2LMHeadModel of the same shape trained by the same step beside it. Every figure is timed in alternating rounds
+    so that all see the same machine load; each round takes medians, and the best round of each counts. `dtypes`
+    (default: train.dtype, then the others the device has) name what is timed; the first is the headline figure
+    and the dtype Hugging Face's model trains in."""
     meta = load_meta(cfg.data.dir)
     cfg = resolve(cfg, meta["vocab_size"])
     t = cfg.train
@@ -58,56 +78,67 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5) -> dict:
     set_threads(t.threads)
     torch.manual_seed(t.seed)
     model = build_model(cfg).to(device)
-    opt = make_optimizer(model, t, device)
-    fwd = torch.compile(model) if t.compile else model
-    amp = autocast(device, t.dtype)
     lay = model.layout
     sampler = WindowSampler(load_split(cfg.data.dir, "train"), lay.token_slots, t.batch_size, t.seed,
                             history=lay.history)
     batches = [tuple(v.to(device) for v in sampler.next_batch()) for _ in range(t.grad_accum)]
+    hardware = bf16_hardware(device)
+    dtypes = dtypes or [t.dtype, *(d for d in ("float32", "bfloat16") if d != t.dtype and (d == "float32" or hardware))]
 
-    def step() -> None:  # the training loop's own step
-        optimizer_step(model, fwd, opt, batches, t.grad_clip, amp)
+    def trainer(net: torch.nn.Module, dtype: str):
+        opt, fwd = make_optimizer(net, t, device), torch.compile(net) if t.compile else net
+        return lambda: optimizer_step(net, fwd, opt, batches, t.grad_clip, autocast(device, dtype))
 
-    for _ in range(warmup):
-        step()
-    peak_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-    size = matmul_peak(device, peak_dtype, repeats=3)["n"]
-    # Alternate peak and step timings in rounds so both see the same machine load. Each round takes medians; the
-    # fraction compares the best round of each (load only ever slows things down), and the medians are reported too.
+    steps_of = {dtype: trainer(model, dtype) for dtype in dtypes}
+    hf = hf_gpt2(cfg, device) if lay.plain else None
+    if hf is not None:
+        steps_of["hf"] = trainer(_HFLoss(hf.train()), dtypes[0])
+    first_step_s = _median_time(steps_of[dtypes[0]], device, 1)  # compiling, where train.compile is on
+    for step in steps_of.values():
+        for _ in range(warmup):
+            step()
+    peak_of = {dtype: torch.bfloat16 if dtype == "bfloat16" else torch.float32 for dtype in dtypes}
+    sizes = {dtype: matmul_peak(device, peak_of[dtype], repeats=3)["n"] for dtype in dtypes}
     rounds = 5
-    peaks, step_times = [], []
+    times: dict[str, list[float]] = {k: [] for k in [*steps_of, *(f"peak_{d}" for d in dtypes)]}
     for _ in range(rounds):
-        peaks.append(matmul_peak(device, peak_dtype, sizes=(size,))["flops"])
-        step_times.append(_median_time(step, device, max(1, steps // rounds)))
-    peak, step_s = max(peaks), min(step_times)
+        for dtype in dtypes:
+            times[f"peak_{dtype}"].append(matmul_peak(device, peak_of[dtype], sizes=(sizes[dtype],))["flops"])
+        for key, step in steps_of.items():
+            times[key].append(_median_time(step, device, max(1, steps // rounds)))
     tokens = t.batch_size * t.grad_accum * lay.token_slots
-    tok_s = tokens / step_s
-    flops = tok_s * model.flops_per_token()
-    median_flops = tokens / statistics.median(step_times) * model.flops_per_token()
-    return {
-        "bench": "train",
-        "device": str(device),
-        "dtype": t.dtype,
-        "threads": torch.get_num_threads(),
-        "params": model.num_params(),
-        "flops_per_token": model.flops_per_token(),
-        "step_ms": step_s * 1e3,
-        "tokens_per_s": tok_s,
-        "achieved_flops": flops,
-        "matmul_peak_flops": peak,
-        "matmul_size": size,
-        "fraction_of_peak": flops / peak,
-        "fraction_of_peak_medians": median_flops / statistics.median(peaks),
-        "rounds": rounds,
-    }
+    by_dtype = {}
+    for dtype in dtypes:
+        step_s, peak = min(times[dtype]), max(times[f"peak_{dtype}"])
+        by_dtype[dtype] = {
+            "step_ms": step_s * 1e3,
+            "tokens_per_s": tokens / step_s,
+            "achieved_flops": tokens / step_s * model.flops_per_token(),
+            "matmul_peak_flops": peak,
+            "matmul_size": sizes[dtype],
+            "fraction_of_peak": tokens / step_s * model.flops_per_token() / peak,
+            "fraction_of_peak_medians": tokens / statistics.median(times[dtype]) * model.flops_per_token()
+            / statistics.median(times[f"peak_{dtype}"]),
+        }
+    result = {"bench": "train", "device": str(device), "bf16_hardware": hardware, "dtype": dtypes[0],
+              "compile": t.compile, "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+              "threads": torch.get_num_threads(), "params": model.num_params(),
+              "flops_per_token": model.flops_per_token(), "first_step_s": first_step_s, **by_dtype[dtypes[0]],
+              "by_dtype": by_dtype, "rounds": rounds}
+    if {"float32", "bfloat16"} <= by_dtype.keys():
+        result["bf16_speedup"] = by_dtype["bfloat16"]["tokens_per_s"] / by_dtype["float32"]["tokens_per_s"]
+    if hf is not None:
+        result["hf_tokens_per_s"] = tokens / min(times["hf"])
+        result["hf_params"] = sum(p.numel() for p in hf.parameters())
+        result["speedup_over_hf"] = result["tokens_per_s"] / result["hf_tokens_per_s"]
+    return result
 
 
 HISTORY_LENGTHS = (1_000, 100_000)
 BATCHES = (1, 64)
 
 
-def hf_gpt2(cfg: Config, device: torch.device):
+def hf_gpt2(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32):
     """A Hugging Face GPT-2 of the config's shape (layers, heads, width, window, vocabulary) with random weights:
     the yardstick a user would otherwise pick. None without the optional extra ('softar[hf]')."""
     from softar.hf_folder import transformers_module
@@ -118,8 +149,9 @@ def hf_gpt2(cfg: Config, device: torch.device):
         return None
     m = cfg.model
     conf = transformers.GPT2Config(vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.d_model,
-                                   n_layer=m.n_layer, n_head=m.n_head, bos_token_id=None, eos_token_id=None)
-    return transformers.GPT2LMHeadModel(conf).eval().to(device)
+                                   n_layer=m.n_layer, n_head=m.n_head, bos_token_id=None, eos_token_id=None,
+                                   resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
+    return transformers.GPT2LMHeadModel(conf).eval().to(device, dtype)
 
 
 def bench_sample_hf(path: str, new_tokens: int = 500, threads: int = 0, repeats: int = 5) -> dict:
@@ -163,10 +195,12 @@ def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
     device = pick_device(cfg.train.device)
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(device).eval()
+    weights = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32  # decoding needs no float32 master
+    model = build_model(cfg).to(device, weights).eval()
     lay = model.layout
-    result = {"bench": "sample", "device": str(device), "threads": torch.get_num_threads(), "new_tokens": new_tokens,
-              "block_size": cfg.model.block_size, "vocab_size": vocab, "params": model.num_params()}
+    result = {"bench": "sample", "device": str(device), "dtype": cfg.train.dtype, "threads": torch.get_num_threads(),
+              "new_tokens": new_tokens, "block_size": cfg.model.block_size, "vocab_size": vocab,
+              "params": model.num_params()}
     greedy = Sampling(temperature=0.0)
     feed = HardFeed(greedy) if lay.plain else SoftFeed(noisy=False, sampling=greedy)
     shift = 1 if lay.plain else cfg.context.shift_every if cfg.context.shift_every > 1 else lay.soft or lay.hard
@@ -184,7 +218,7 @@ def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
     if lay.plain:
         result["tokens_per_s_no_cache"] = tokens_per_s(1, new_tokens, use_cache=False)
         result["cache_speedup"] = result["tokens_per_s_batch1"] / result["tokens_per_s_no_cache"]
-    hf = hf_gpt2(cfg, device)
+    hf = hf_gpt2(cfg, device, weights)
     if hf is not None:  # its window cannot slide: both run within one window
         n = min(new_tokens, cfg.model.block_size - 1)
         result["hf_new_tokens"] = n

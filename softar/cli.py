@@ -93,6 +93,13 @@ def _float_list(text: str) -> list[float]:
     return list(dict.fromkeys(_nonneg_float_or_inf(part) for part in text.split(",")))  # in order, no repeats
 
 
+def _dtype_list(text: str) -> list[str]:
+    dtypes = list(dict.fromkeys(text.split(",")))  # in order, no repeats
+    if bad := [d for d in dtypes if d not in ("float32", "bfloat16")]:
+        raise argparse.ArgumentTypeError(f"expected float32 and/or bfloat16, got {','.join(bad)!r}")
+    return dtypes
+
+
 def _listed(intro: str, entries: dict[str, str]) -> str:
     """A flag's help that lists a registry's entries and what each is (its choices)."""
     return (intro + ": " + "; ".join(f"{name}: {doc}" for name, doc in entries.items())).replace("%", "%%")
@@ -323,6 +330,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
     from softar.soft.collapse import nearest_k
 
     run = load_for_decoding(a)
+    if a.dtype:
+        import torch
+
+        run.model.to(getattr(torch, a.dtype))
     ids = encode_prompt(run, a.prompt)
     dec = decoding_from_flags(a, run)
     lay = run.model.layout
@@ -431,7 +442,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
         result = fault_report(a.config, a.overrides, cfg, out, a.kills)
     elif a.kind == "train":
-        result = bench_train(cfg, steps=a.steps)
+        result = bench_train(cfg, steps=a.steps, dtypes=a.dtypes)
     else:
         result = bench_sample(cfg, a.new_tokens)
     _emit(result, out / f"bench_{a.kind}.json", owned=True)
@@ -633,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-soft", action="store_true",
                    help="print each position's nearest tokens and distances (and, for layout models, where it "
                         "sits in the memory hierarchy)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="the weights' dtype while decoding (default: as saved); see docs/performance.md for when "
+                        "bfloat16 is faster")
     s.set_defaults(fn=cmd_sample, overrides=[])
 
     s = sub.add_parser("inspect", help="one generation as an interactive, self-contained HTML page (and its JSON)")
@@ -662,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=_int_at_least(0, 4096), default=0, help="with --hf: torch threads (0: "
                                                                               "torch's default)")
     s.add_argument("--steps", type=_positive_int, default=30, help="timed training steps")
+    s.add_argument("--dtypes", type=_dtype_list, default=None,
+                   help="train: the dtypes to time, e.g. bfloat16,float32 (default: train.dtype, then the others "
+                        "the device computes in hardware); the first is the headline and Hugging Face's")
     s.add_argument("--new-tokens", type=_positive_int, default=500, help="tokens generated per timing")
     s.add_argument("--kills", type=_positive_int, default=10, help="faults: interruptions per kind of fault")
     s.add_argument("--out", default="runs/bench", help="folder for bench_<kind>.json")

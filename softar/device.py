@@ -24,6 +24,19 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+def bf16_hardware(device: torch.device) -> str | None:
+    """Which bfloat16 matmul units this device has: 'amx' (Intel since Sapphire Rapids), 'avx512_bf16' (AMD Zen 4,
+    Intel Cooper Lake), 'cuda', or None where bfloat16 would be emulated (and slower than float32)."""
+    if device.type == "cuda":
+        return "cuda" if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    if device.type == "cpu":
+        if torch.cpu._is_amx_tile_supported():
+            return "amx"
+        if torch.cpu._is_avx512_bf16_supported():
+            return "avx512_bf16"
+    return None
+
+
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)

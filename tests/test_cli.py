@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from .conftest import tiny_overrides
 
@@ -83,6 +84,8 @@ def test_eval_and_sample(trained_run):
     rows = soft.stdout.strip().splitlines()[-5:]
     assert [int(r.split()[0]) for r in rows] == [2, 3, 4, 5, 6] and all("nearest:" in r for r in rows)
     # Mixture of Inputs, a registry entry only, is selectable with its parameter
+    bf16 = softar("sample", trained_run, "--prompt", "RO", "--max-new-tokens", 20, "--dtype", "bfloat16")
+    assert bf16.returncode == 0 and bf16.stdout.startswith("RO") and len(bf16.stdout) >= 22, bf16.stderr
     moi = softar("sample", trained_run, "--mode", "soft", "--soft", "moi", "--soft-arg", "beta=2", "--prompt", "RO",
                  "--max-new-tokens", 20, "--seed", 3)
     assert moi.returncode == 0 and moi.stdout.startswith("RO"), moi.stderr
@@ -98,6 +101,19 @@ def test_bench(char_data, tmp_path):
     train_r = json.loads((tmp_path / "bench_train.json").read_text())
     assert train_r["tokens_per_s"] > 0 and train_r["fraction_of_peak"] > 0
     assert train_r["achieved_flops"] == pytest.approx(train_r["tokens_per_s"] * train_r["flops_per_token"])
+    # float32 always, bfloat16 where the CPU has the units (tests/test_precision.py checks the detection against
+    # /proc/cpuinfo); Hugging Face's GPT-2 of the same shape beside them
+    from softar.device import bf16_hardware
+
+    assert train_r["bf16_hardware"] == bf16_hardware(torch.device("cpu"))
+    assert list(train_r["by_dtype"]) == ["float32", *(["bfloat16"] if train_r["bf16_hardware"] else [])]
+    assert train_r["by_dtype"]["float32"]["tokens_per_s"] == train_r["tokens_per_s"]
+    assert train_r["speedup_over_hf"] == pytest.approx(train_r["tokens_per_s"] / train_r["hf_tokens_per_s"])
+    one = softar("bench", "train", "configs/shakespeare_char.toml", *tiny_overrides(char_data), "--steps", 1,
+                 "--dtypes", "bfloat16", "--out", tmp_path / "bf16")
+    assert list(json.loads(one.stdout.splitlines()[-1])["by_dtype"]) == ["bfloat16"], one.stderr
+    bad = softar("bench", "train", "configs/shakespeare_char.toml", "--dtypes", "float16", "--out", tmp_path / "no")
+    assert bad.returncode == 2 and "float16" in bad.stderr and not (tmp_path / "no").exists()
     sample = json.loads((tmp_path / "bench_sample.json").read_text())
     keys = ("tokens_per_s_batch1", "tokens_per_s_batch64", "hf_tokens_per_s_batch1", "hf_tokens_per_s_batch64")
     assert all(sample[k] > 0 for k in keys)
