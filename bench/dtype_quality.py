@@ -1,6 +1,6 @@
 """Does bfloat16 autocast train as well as float32? Trains one config under both dtypes with the same seeds (the same
 initial weights and batches), then prints the final whole-val losses, their paired differences with a t interval
-over seeds, and each run's training tokens/s (docs/performance.md, "bfloat16 on CPU").
+over seeds (1337, 1338, ...), and each run's training tokens/s (docs/performance.md, "bfloat16 on CPU").
 
     python bench/dtype_quality.py softar/configs/shakespeare_char.toml --seeds 3 --out runs/dtype_char
 """
@@ -28,12 +28,14 @@ def main() -> None:
     p.add_argument("--out", required=True, help="a new folder: OUT/<dtype>_s<seed> per run")
     a = p.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=False)
+    if out.exists():
+        p.error(f"--out {out} exists; give a new folder")
+    out.mkdir(parents=True)
     runs: dict[str, list[dict]] = {"float32": [], "bfloat16": []}
     for i in range(a.seeds):
         for dtype, done in runs.items():
             cfg = config.load(a.config, [*a.overrides, f"train.dtype={dtype}", f"train.seed={1337 + i}"])
-            r = train(cfg, out / f"{dtype}_s{i}", quiet=True)
+            r = train(cfg, out / f"{dtype}_s{cfg.train.seed}", quiet=True)
             done.append({"seed": cfg.train.seed, "val_loss": r["val_loss"], "tokens_per_s": r["tokens_per_s"]})
     diffs = [b["val_loss"] - f["val_loss"] for f, b in zip(runs["float32"], runs["bfloat16"], strict=True)]
     mean, half = statistics.mean(diffs), T975[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5

@@ -23,7 +23,7 @@ torchrun --standalone --nproc-per-node 1 -m softar train "${gpt2[@]}" train.para
     train.max_iters=20 train.eval_interval=20 train.eval_iters=2 train.log_interval=10 --out "$out/ddp" \
     | tail -n 1 > "$out/ddp.json"
 python - "$out" <<'PY'
-import json, sys, torch
+import json, math, sys, torch
 out = sys.argv[1]
 train, sample, ddp = (json.load(open(f"{out}/{name}.json")) for name in ("train/bench_train", "sample/bench_sample", "ddp"))
 print(json.dumps({
@@ -35,6 +35,6 @@ print(json.dumps({
     "decode_tokens_per_s_batch1": sample["tokens_per_s_batch1"], "decode_tokens_per_s_batch64": sample["tokens_per_s_batch64"],
     "decode_speedup_over_hf_batch1": sample.get("speedup_over_hf_batch1"),
     "decode_speedup_over_hf_batch64": sample.get("speedup_over_hf_batch64"),
-    "ddp_world_size": ddp["world_size"], "ddp_val_loss": ddp["val_loss"], "ddp_finite": ddp["val_loss"] == ddp["val_loss"],
+    "ddp_world_size": ddp["world_size"], "ddp_val_loss": ddp["val_loss"], "ddp_finite": isinstance(ddp["val_loss"], float) and math.isfinite(ddp["val_loss"]),
 }))
 PY

@@ -5,12 +5,23 @@ import signal
 
 __version__ = "0.1.0"
 
-# Inductor's on-disk caches (compiled graphs, kernels) default to /tmp, which machines clear; softAR keeps them where
-# they outlast it, so a later run at the same shapes loads what an earlier one compiled (docs/performance.md). Set
-# before torch is imported: the first use of Inductor fixes the folder. TORCHINDUCTOR_CACHE_DIR, if set, wins.
-_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-if os.path.isabs(_cache):  # no home folder: torch's own default
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache, "softar", "inductor"))
+
+def use_compile_cache() -> None:
+    """Point Inductor's on-disk caches (compiled graphs, kernels) at $XDG_CACHE_HOME/softar/inductor (~/.cache/...)
+    instead of torch's /tmp default, which machines clear, so that a later run at the same shapes loads what an
+    earlier one compiled (docs/performance.md). The `softar` command calls it first thing: Inductor fixes its folder
+    the first time it asks for it. TORCHINDUCTOR_CACHE_DIR, if set, wins; a folder that cannot be made or written
+    leaves torch's default."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "softar", "inductor")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return
+    if os.path.isabs(folder) and os.access(folder, os.W_OK | os.X_OK):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
 
 
 class SoftarError(Exception):

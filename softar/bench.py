@@ -60,7 +60,7 @@ class _HFLoss(torch.nn.Module):
         self.lm = lm
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor, history=None) -> tuple[torch.Tensor, dict]:
-        logits = self.lm(input_ids=x).logits  # [B, T, V]
+        logits = self.lm(input_ids=x, use_cache=False).logits  # [B, T, V]; training keeps no KV cache
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), {}
 
 
@@ -100,12 +100,13 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5, dtypes: list[str]
     peak_of = {dtype: torch.bfloat16 if dtype == "bfloat16" else torch.float32 for dtype in dtypes}
     sizes = {dtype: matmul_peak(device, peak_of[dtype], repeats=3)["n"] for dtype in dtypes}
     rounds = 5
-    times: dict[str, list[float]] = {k: [] for k in [*steps_of, *(f"peak_{d}" for d in dtypes)]}
-    for _ in range(rounds):
-        for dtype in dtypes:
-            times[f"peak_{dtype}"].append(matmul_peak(device, peak_of[dtype], sizes=(sizes[dtype],))["flops"])
-        for key, step in steps_of.items():
-            times[key].append(_median_time(step, device, max(1, steps // rounds)))
+    per_round = max(1, steps // rounds)
+    timed = [(f"peak_{d}", lambda d=d: matmul_peak(device, peak_of[d], sizes=(sizes[d],))["flops"]) for d in dtypes]
+    timed += [(key, lambda step=step: _median_time(step, device, per_round)) for key, step in steps_of.items()]
+    times: dict[str, list[float]] = {key: [] for key, _ in timed}
+    for r in range(rounds):  # each round in another order, so that no figure always comes first or last
+        for key, measure in timed[r % len(timed):] + timed[: r % len(timed)]:
+            times[key].append(measure())
     tokens = t.batch_size * t.grad_accum * lay.token_slots
     by_dtype = {}
     for dtype in dtypes:
@@ -196,7 +197,9 @@ def bench_sample(cfg: Config, new_tokens: int = 500, repeats: int = 5) -> dict:
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     weights = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32  # decoding needs no float32 master
-    model = build_model(cfg).to(device, weights).eval()
+    model = build_model(cfg).to(device).eval()
+    if weights == torch.bfloat16:
+        model.to(weights)
     lay = model.layout
     result = {"bench": "sample", "device": str(device), "dtype": cfg.train.dtype, "threads": torch.get_num_threads(),
               "new_tokens": new_tokens, "block_size": cfg.model.block_size, "vocab_size": vocab,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from softar import Preempted, SoftarError
+from softar import Preempted, SoftarError, use_compile_cache
 
 if TYPE_CHECKING:
     from softar.decode import Decoding
@@ -423,6 +423,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from softar.soft.model import check_names
 
     out = Path(a.out)
+    if a.dtypes and a.kind != "train":
+        raise SoftarError(f"--dtypes goes with `softar bench train` (`bench {a.kind}` takes train.dtype)")
     if a.hf:
         if a.kind != "sample" or a.config:
             raise SoftarError("--hf DIR goes with `softar bench sample` alone (no config: the model is the folder's)")
@@ -723,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         raise Preempted(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    use_compile_cache()
     try:
         return _main(argv)
     except BaseException:

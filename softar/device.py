@@ -29,10 +29,10 @@ def bf16_hardware(device: torch.device) -> str | None:
     Intel Cooper Lake), 'cuda', or None where bfloat16 would be emulated (and slower than float32)."""
     if device.type == "cuda":
         return "cuda" if torch.cuda.is_bf16_supported(including_emulation=False) else None
-    if device.type == "cpu":
-        if torch.cpu._is_amx_tile_supported():
+    if device.type == "cpu":  # torch's private checks (CPUID and the OS's permission for AMX tiles)
+        if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
             return "amx"
-        if torch.cpu._is_avx512_bf16_supported():
+        if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
             return "avx512_bf16"
     return None
 

@@ -109,11 +109,14 @@ def test_bench(char_data, tmp_path):
     assert list(train_r["by_dtype"]) == ["float32", *(["bfloat16"] if train_r["bf16_hardware"] else [])]
     assert train_r["by_dtype"]["float32"]["tokens_per_s"] == train_r["tokens_per_s"]
     assert train_r["speedup_over_hf"] == pytest.approx(train_r["tokens_per_s"] / train_r["hf_tokens_per_s"])
+    # the same shape: HF's GPT-2 differs only by its biases and its learned positions' table
+    assert abs(train_r["hf_params"] - train_r["params"]) < 0.05 * train_r["params"]
     one = softar("bench", "train", "configs/shakespeare_char.toml", *tiny_overrides(char_data), "--steps", 1,
                  "--dtypes", "bfloat16", "--out", tmp_path / "bf16")
     assert list(json.loads(one.stdout.splitlines()[-1])["by_dtype"]) == ["bfloat16"], one.stderr
-    bad = softar("bench", "train", "configs/shakespeare_char.toml", "--dtypes", "float16", "--out", tmp_path / "no")
-    assert bad.returncode == 2 and "float16" in bad.stderr and not (tmp_path / "no").exists()
+    for kind, dtypes, message in (("train", "float16", "float16"), ("sample", "bfloat16", "bench train")):
+        bad = softar("bench", kind, "configs/shakespeare_char.toml", "--dtypes", dtypes, "--out", tmp_path / "no")
+        assert bad.returncode == 2 and message in bad.stderr and not (tmp_path / "no").exists()
     sample = json.loads((tmp_path / "bench_sample.json").read_text())
     keys = ("tokens_per_s_batch1", "tokens_per_s_batch64", "hf_tokens_per_s_batch1", "hf_tokens_per_s_batch64")
     assert all(sample[k] > 0 for k in keys)
