@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from softar import config
+from softar import SoftarError, config
 from softar.device import bf16_hardware, pick_device
 from softar.train import train
 
@@ -30,6 +30,10 @@ def main() -> None:
     out = Path(a.out)
     if out.exists():
         p.error(f"--out {out} exists; give a new folder")
+    try:  # a bad config or override: one line, before anything is written
+        config.load(a.config, a.overrides)
+    except SoftarError as e:
+        p.error(str(e))
     out.mkdir(parents=True)
     runs: dict[str, list[dict]] = {"float32": [], "bfloat16": []}
     for i in range(a.seeds):
@@ -40,8 +44,8 @@ def main() -> None:
     diffs = [b["val_loss"] - f["val_loss"] for f, b in zip(runs["float32"], runs["bfloat16"], strict=True)]
     mean, half = statistics.mean(diffs), T975[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5
     speed = [b["tokens_per_s"] / f["tokens_per_s"] for f, b in zip(runs["float32"], runs["bfloat16"], strict=True)]
-    device = pick_device(config.load(a.config, a.overrides).train.device)
-    result = {"config": a.config, "overrides": a.overrides, "bf16_hardware": bf16_hardware(device), "runs": runs,
+    result = {"config": a.config, "overrides": a.overrides, "runs": runs,
+              "bf16_hardware": bf16_hardware(pick_device(cfg.train.device)),
               "val_loss_bf16_minus_fp32": mean, "ci95": [mean - half, mean + half],
               "train_speedup_bf16_median": statistics.median(speed)}
     (out / "dtype_quality.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -83,9 +83,10 @@ def test_eval_and_sample(trained_run):
     assert soft.returncode == 0, soft.stderr
     rows = soft.stdout.strip().splitlines()[-5:]
     assert [int(r.split()[0]) for r in rows] == [2, 3, 4, 5, 6] and all("nearest:" in r for r in rows)
-    # Mixture of Inputs, a registry entry only, is selectable with its parameter
+    # bfloat16 weights for decoding (tests/test_precision.py checks what they decode against float32)
     bf16 = softar("sample", trained_run, "--prompt", "RO", "--max-new-tokens", 20, "--dtype", "bfloat16")
     assert bf16.returncode == 0 and bf16.stdout.startswith("RO") and len(bf16.stdout) >= 22, bf16.stderr
+    # Mixture of Inputs, a registry entry only, is selectable with its parameter
     moi = softar("sample", trained_run, "--mode", "soft", "--soft", "moi", "--soft-arg", "beta=2", "--prompt", "RO",
                  "--max-new-tokens", 20, "--seed", 3)
     assert moi.returncode == 0 and moi.stdout.startswith("RO"), moi.stderr
