@@ -222,22 +222,26 @@ def cmd_eval(a: argparse.Namespace) -> None:
             raise SoftarError("--task needs --data FILE.json, a file of the task's records")
         if a.gap or a.analogies or a.reference:
             raise SoftarError("--gap, --analogies and --reference are for language-model runs, not --task")
-        if not a.samples and (a.policy != "soft" or a.temperature != 1.0):
-            raise SoftarError("--policy and --temperature choose how --samples draws; give --samples N too")
+        if not a.samples and (a.policy != "soft" or a.temperature != 1.0 or a.reward or a.chain or a.depths):
+            raise SoftarError("--policy, --temperature, --reward, --chain and --depths choose how --samples draws "
+                              "and scores; give --samples N too")
         result = evaluate_task_run(a.run_dir, a.task, a.data, a.device, a.seed)
         name = f"eval_{a.task}_{Path(a.data).stem}"
         if a.samples:  # sampled answers under a thought policy: pass@k
             from softar.rl.trainer import sampled_eval
 
             result["sampled"] = sampled_eval(a.run_dir, a.data, a.policy, a.samples, a.temperature, a.device,
-                                             a.seed)
+                                             a.seed, reward=a.reward, chain=a.chain, depths=a.depths)
             name += f"_{a.policy}_n{a.samples}_t{a.temperature:g}_s{a.seed}"
+            name += "".join(f"_{k}{v}" for k, v in (("r", a.reward), ("c", a.chain)) if v)
+            name += f"_d{'-'.join(map(str, a.depths))}" if a.depths else ""
         _emit(result, Path(a.run_dir) / f"{name}.json")
         return
     if a.samples:
         raise SoftarError("--samples: pass@k is for a reasoning-task run (--task)")
-    if a.policy != "soft" or a.temperature != 1.0:
-        raise SoftarError("--policy and --temperature choose how --samples draws; give --task and --samples too")
+    if a.policy != "soft" or a.temperature != 1.0 or a.reward or a.chain or a.depths:
+        raise SoftarError("--policy, --temperature, --reward, --chain and --depths choose how --samples draws and "
+                          "scores; give --task and --samples too")
     horizons = tuple(a.horizons) if a.horizons else None
     result = evaluate_run(a.run_dir, a.split, a.data, a.windows, horizons, a.seed, a.device,
                           gap_runs=tuple(a.gap) if a.gap else None, reference=a.reference,
@@ -520,6 +524,7 @@ def _add_decoding_flags(s: argparse.ArgumentParser) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from softar.soft.feeds import FEEDS, thought_policies
     from softar.tasks import TASK_NAMES
+    from softar.tasks.rewards import REWARDS
 
     p = _Parser(prog="softar", description="Autoregressive language models that think in soft tokens.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -630,6 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 {n: FEEDS[n].doc for n in thought_policies()}))
     s.add_argument("--temperature", type=_temperature, default=1.0,
                    help="with --samples: of every sampled token (above 0)")
+    s.add_argument("--reward", choices=list(REWARDS), default=None,
+                   help="with --samples: the reward a sample must earn in full to pass (default: the run's "
+                        "rl.reward; answer for a supervised run)")
+    s.add_argument("--chain", choices=["written", "thoughts"], default=None,
+                   help="with --samples: where the policy acts (rl.chain; default the run's): written, the model "
+                        "writes its chain; thoughts, a cot run's chain is filled by the policy")
+    s.add_argument("--depths", type=_int_list, default=None,
+                   help="with --samples: only the file's questions whose chain has one of these lengths, e.g. 3,4")
     s.add_argument("--thresholds", type=_float_list, default=None,
                    help="collapse thresholds (entropy, nats) for the generation report "
                         "(default: 0,2,4,5,6,inf)")

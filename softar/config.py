@@ -223,6 +223,11 @@ class RLConfig:
     # "sequence": each rollout's actions averaged, then the rollouts (GRPO); "token": every action of the global
     # batch weighs the same, in the objective and the KL (DAPO), so long rollouts weigh more
     loss_average: Literal["sequence", "token"] = "sequence"
+    # where the policy acts: "written", the thought slots of the run's mode (a cot run writes its chain as sampled
+    # tokens); "thoughts", a cot run's chain becomes thought slots after <eot>, one per step token, then <ans> and
+    # the answer sampled: the chain fed back hard, soft or noisy (Soft Tokens, Hard Truths), each step read as its
+    # LM head's most likely token where the policy draws none
+    chain: Literal["written", "thoughts"] = "written"
 
 
 @dataclass

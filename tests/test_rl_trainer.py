@@ -154,15 +154,16 @@ def test_a_sweep_of_rl_configs_scores_every_policy_against_its_start(init_run, t
 
 
 def test_rl_sweeps_refuse_grids_they_cannot_score(init_run, tmp_path):
-    """One start per task: its configs must agree on what the start is scored with; gated runs are refused; every
-    seed's start must exist before anything trains."""
+    """One start per task: its configs must agree on what the start is scored with (the run, and how a sample
+    passes); every seed's start must exist before anything trains."""
     (tmp_path / "init_s1337").symlink_to(init_run)
     hard = rl_file(tmp_path, str(tmp_path / "init_s{seed}"), "hard")
-    gated = rl_file(tmp_path, str(tmp_path / "init_s{seed}"), "gated")
     (tmp_path / "x").mkdir()
     other = rl_file(tmp_path / "x", str(init_run), "soft")  # another start
-    for configs, seeds, message in [([hard, gated], 1, "trains the gated policy"),
-                                    ([hard, other], 1, "must share rl.init_from"),
+    (tmp_path / "y").mkdir()
+    scored = rl_file(tmp_path / "y", str(tmp_path / "init_s{seed}"), "soft", max_answer_tokens=3)  # scored apart
+    for configs, seeds, message in [([hard, other], 1, "must share rl.init_from"),
+                                    ([hard, scored], 1, "must share rl.init_from"),
                                     ([hard], 2, "init_s1338 is not a softar run")]:
         proc = softar("sweep", *configs, "--seeds", str(seeds), "--out", tmp_path / "grid")
         assert_one_line_error(proc, message)

@@ -275,3 +275,20 @@ def test_rl_findings_say_below_the_floor_when_the_start_solves_nothing():
     assert lines[0].startswith("- **Below the floor at this budget**: the supervised start solves under 0.05")
     lines = findings(["rl"], {"rl": runs([4, 4, 0, 0])}, runs([2, 2, 1, 1]), None, (1, 4), options=False)
     assert not any("Below the floor" in line for line in lines)  # a start at 0.375 has something to sharpen
+
+
+def test_rl_findings_state_the_positive_control_before_comparing_soft_with_hard():
+    from softar.experiments.rl_study import findings
+
+    def runs(right: list[int]) -> list[dict]:
+        sampled = {"samples": 4, "right": right}
+        return [{"sampled": {p: {**sampled, "pass@1": sum(right) / (4 * len(right))} for p in ("hard", "soft")}}
+                for _ in range(2)]
+
+    start = runs([1, 1, 0, 0] * 10)
+    better, same = runs([4, 4, 3, 3] * 10), runs([1, 1, 0, 0] * 10)
+    lines = findings(["hard", "soft"], {"hard": better, "soft": same}, start, "hard", (1, 4), options=False)
+    control = next(line for line in lines if "Positive control" in line)
+    assert control.endswith("holds.") and "+0.750" in control  # 0.875 - 0.125, every question paired
+    lines = findings(["hard", "soft"], {"hard": same, "soft": better}, start, "hard", (1, 4), options=False)
+    assert "does not hold" in next(line for line in lines if "Positive control" in line)

@@ -233,6 +233,76 @@ def test_a_twins_run_warms_up_trains_reports_accuracy_by_depth_and_starts_rl(twi
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_chain_of_thoughts_is_the_written_chain_under_the_hard_policy_and_reads_as_a_path(twins_data, tmp_path):
+    """rl.chain = "thoughts": a cot run's prompt gets one <thought> slot per step, then <ans>. Under the hard policy
+    the slots hold E[y] for sampled y, so every action's log-probability equals a plain forward over the token
+    sequence [question, y_1..y_D, <ans>, answer] that cot trains on; the soft policy shows each slot's LM-head
+    argmax; the path reward reads the shown tokens. Then `softar rl` and `softar eval` run it end to end."""
+    from softar.evaluate.reasoning import TaskData
+    from softar.rl.rollout import Policy, replay, rollout
+    from softar.rl.trainer import reward_of
+    from softar.rundir import load_run
+
+    run = tmp_path / "cot"
+    train(config.load(None, task_overrides(twins_data, **{"task.name": '"twins"', "task.mode": '"cot"',
+                                                          "task.recall_iters": 1, "train.max_iters": 3})), run,
+          quiet=True)
+    loaded = load_run(run, torch.device("cpu"))
+    model, data = loaded.model.eval(), TaskData.open(loaded.cfg)
+    enc, rec = data.encoder, next(r for r in data.records["valid"] if len(r["steps"]) == 3)
+    ex = enc.example(rec)
+    prompt = enc.prompt(ex, 0, chain_slots=True)
+    ids = enc.id
+    assert prompt == ex.question + [ids["<eot>"]] + [ids["<thought>"]] * 3 + [ids["<ans>"]]
+    assert enc.prompt(ex, 0) == ex.question + [ids["<eot>"]]
+
+    policy = Policy("hard", temperature=1.0, max_answer=4)
+    acts = rollout(model, [prompt], 6, policy, ids["<eos>"], list(range(6)))
+    logp, mask = replay(model, prompt, acts, policy, ids["<eos>"])
+    for g in range(6):
+        ys, answer = acts.thought_ids[g].tolist(), [a for a in acts.answers[g].tolist() if a >= 0]
+        seq = torch.tensor([enc.prompt(ex, 0) + ys + [ids["<ans>"]] + answer[:-1]])
+        ref = model.read(model.E[seq]).logits[0].log_softmax(-1)  # position t predicts token t + 1
+        start = len(enc.prompt(ex, 0)) - 1  # <eot> predicts the first step
+        want = [ref[start + t, y] for t, y in enumerate(ys)] + [ref[start + 4 + i, a] for i, a in enumerate(answer)]
+        torch.testing.assert_close(logp[g][mask[g]], torch.stack(want), atol=1e-4, rtol=1e-4)
+
+    soft = rollout(model, [prompt], 2, Policy("soft", max_answer=3), ids["<eos>"], [0, 1])
+    logits = model.read(model.E[torch.tensor([prompt[:-4]])]).logits[0, -1]
+    assert int(soft.thought_ids[0, 0]) == int(logits.argmax())  # the first slot shows the LM head's argmax
+    steps = torch.tensor(enc.tok.encode(" ".join(rec["steps"])))
+    right = torch.tensor([*enc.tok.encode(rec["answer"]), ids["<eos>"], -1])
+    wrong = steps.flip(0)
+    assert reward_of(data, rec, right, "path", steps) == 1.0 and reward_of(data, rec, right, "path", wrong) == 0.0
+    assert reward_of(data, rec, right, "path") == 0.0  # without the chain's tokens there is no path
+    padded = torch.cat([steps, torch.tensor([-1])])  # in a batch with a deeper question: one slot more, unfilled
+    assert reward_of(data, rec, right, "path", padded) == 1.0
+
+    rl = tmp_path / "rl.toml"
+    rl.write_text(f'[rl]\ninit_from = "{run}"\npolicy = "noisy_soft"\ngroup_size = 2\neval_samples = 2\n'
+                  'reward = "path_partial"\nchain = "thoughts"\n[train]\nmax_iters = 2\nbatch_size = 2\n'
+                  'eval_interval = 2\nwarmup_iters = 0\nthreads = 1\n[task]\ndepths = [3]\neval_examples = 2\n')
+    proc = softar("rl", rl, "--out", tmp_path / "rl", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "rl" / "config.json").read_text())["rl"]["chain"] == "thoughts"
+    proc = softar("eval", run, "--task", "twins", "--data", twins_data / "test.json", "--samples", "2", "--policy",
+                  "soft", "--chain", "thoughts", "--reward", "path", "--depths", "3,4")
+    assert proc.returncode == 0, proc.stderr
+    sampled = json.loads(proc.stdout.strip().splitlines()[-1])["sampled"]
+    assert len(sampled["right"]) == 10 and sampled["chain"] == "thoughts" and sampled["reward_name"] == "path"
+    coconut = tmp_path / "coconut"
+    train(config.load(None, task_overrides(twins_data, **{"task.name": '"twins"', "train.max_iters": 1})), coconut,
+          quiet=True)
+    for args, message in (([f'rl.init_from="{coconut}"', 'rl.reward="answer"'], 'rl.chain: "thoughts" puts a slot'),
+                          (["rl.chain=\"sideways\""], "rl.chain: expected one of")):
+        assert_one_line_error(softar("rl", rl, *args, "--out", tmp_path / "bad"), message)
+    assert_one_line_error(softar("eval", run, "--task", "twins", "--data", twins_data / "test.json", "--depths", "3"),
+                          "give --samples N too")
+    assert_one_line_error(softar("eval", run, "--task", "twins", "--data", twins_data / "test.json", "--samples", "2",
+                                 "--depths", "9"), "--depths: ")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_the_rewards_of_written_paths_by_hand():
     from softar.tasks.rewards import REWARDS
 

@@ -52,6 +52,14 @@ class TaskData:
                     for s, rs in records.items()}
         return cls(task, encoder, meta, records, examples)
 
+    def keep_depths(self, split: str, depths: list[int], where: str) -> None:
+        """Keep only a split's questions whose chain has one of `depths` steps; none left is a one-line error."""
+        keep = [i for i, r in enumerate(self.records[split]) if len(r["steps"]) in depths]
+        if not keep:
+            raise SoftarError(f"{where}: no question of depth {', '.join(map(str, depths))} in the {split} split")
+        self.records[split] = [self.records[split][i] for i in keep]
+        self.examples[split] = [self.examples[split][i] for i in keep]
+
     def longest(self, split: str) -> int:
         """Slots the longest sequence of a split needs, at any curriculum stage."""
         enc = self.encoder

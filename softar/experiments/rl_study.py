@@ -51,28 +51,31 @@ def test_file(cfg: Config) -> Path:
     return Path(cfg.data.dir) / "test.json"
 
 
+SHARED = ("rl.init_from", "data.dir", "rl.eval_samples", "task.max_answer_tokens", "rl.reward", "rl.chain",
+          "task.depths")  # what the configs of one task share: their start is scored once, as they are
+
+
 def check_grid(cfgs: dict[str, Config]) -> None:
     """Before any run: the configs of one task score against one start, so they must share what the start is scored
-    with; and the study scores hard and soft inference, which a gated run's thoughts are not."""
+    with. A gated run is scored under hard and soft inference like the others (its gate unused there)."""
     by_task: dict[str, tuple] = {}
     for name, cfg in cfgs.items():
-        if cfg.rl.policy == "gated":
-            raise SoftarError(f"sweep: {name} trains the gated policy, whose thoughts neither hard nor soft inference "
-                              "fills as it does; run it with softar rl")
-        shared = (cfg.rl.init_from, str(cfg.data.dir), cfg.rl.eval_samples, cfg.task.max_answer_tokens)
+        shared = tuple(str(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])) for k in SHARED)
         first = by_task.setdefault(cfg.task.name, shared)
         if shared != first:
-            raise SoftarError(f"sweep: the {cfg.task.name} configs must share rl.init_from, data.dir, rl.eval_samples "
-                              f"and task.max_answer_tokens (they are scored against one start); {name} differs")
+            raise SoftarError(f"sweep: the {cfg.task.name} configs must share {', '.join(SHARED)} (they are scored "
+                              f"against one start); {name} differs")
 
 
 def sampled_results(run_dir: Path, cfg: Config) -> dict:
-    """pass@k of a run on the test split under each inference policy: cfg.rl.eval_samples samples at temperature 1,
-    answers of at most cfg.task.max_answer_tokens tokens: {policy: `sampled_eval`'s result}."""
+    """pass@k of a run on the test split (its questions at task.depths, where set) under each inference policy:
+    cfg.rl.eval_samples samples at temperature 1, answers of at most cfg.task.max_answer_tokens tokens, a pass
+    earning rl.reward in full, the policy acting where rl.chain says: {policy: `sampled_eval`'s result}."""
     from softar.rl.trainer import sampled_eval
 
     return {p: sampled_eval(run_dir, test_file(cfg), p, cfg.rl.eval_samples, 1.0, cfg.train.device, 0,
-                            cfg.task.max_answer_tokens, cfg.rl.sigma) for p in INFERENCE}
+                            cfg.task.max_answer_tokens, cfg.rl.sigma, cfg.rl.reward, cfg.rl.chain,
+                            cfg.task.depths or None) for p in INFERENCE}
 
 
 def scored_as_now(result: dict) -> bool:
@@ -80,7 +83,7 @@ def scored_as_now(result: dict) -> bool:
     answer limit they were scored with, and the options count of the guessing null)."""
     sampled = result.get("sampled")
     return isinstance(sampled, dict) and all(
-        isinstance(sampled.get(p), dict) and "max_answer" in sampled[p] and ("named" not in sampled[p]
+        isinstance(sampled.get(p), dict) and "chain" in sampled[p] and ("named" not in sampled[p]
                                                                              or "options" in sampled[p])
         for p in INFERENCE)
 
@@ -96,7 +99,8 @@ def start_results(inits: list[Path], cfg: Config, out: Path) -> list[dict]:
             raise SoftarError(f"rl.init_from: {init} has no checkpoint")
         key = {"run": str(init.resolve()), "weights_sha256": sha256_file(ckpt / "model.safetensors"),
                "data_sha256": sha256_file(test_file(cfg)), "samples": cfg.rl.eval_samples,
-               "max_answer": cfg.task.max_answer_tokens, "sigma": cfg.rl.sigma}
+               "max_answer": cfg.task.max_answer_tokens, "sigma": cfg.rl.sigma, "reward": cfg.rl.reward,
+               "chain": cfg.rl.chain, "depths": cfg.task.depths}
         path = make_folder(out, STARTS, "--out") / f"{init.name}.json"
         kept = read_json(path, "start scores", {"key": dict, "sampled": dict}) if path.is_file() else None
         if kept is None or kept["key"] != key or not scored_as_now(kept):
@@ -143,7 +147,9 @@ def report_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config], starts:
         names = [n for n, c in cfgs.items() if c.task.name == task]
         start = starts[task]
         first = start[0]["sampled"]["hard"]
-        options = "option_guess" in first
+        # the option-guessing null is what a right answer alone could be; a path reward's pass is not a guess
+        options = "option_guess" in first and cfgs[names[0]].rl.reward == "answer"
+        formed = "well_formed" in first
         top = max(k for k in PASS_K if k <= first["samples"])  # pass@1 and pass@N
         r, t = cfgs[names[0]].rl, cfgs[names[0]].train
         out += [f"## {task}", "",
@@ -155,10 +161,11 @@ def report_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config], starts:
                 f"The starts: {', '.join('`' + x['run_dir'] + '`' for x in start)}." +
                 (" Guessing null: the pass@k of the same samples if each answer that names one of the "
                  f"{first['options']} options named one at random; pass@k above it is more than guessing."
-                 if options else ""), "",
+                 if options else "") + _scoring(cfgs[names[0]], formed), "",
                 f"| trained | policy | inference | pass@1 | Δ pass@1 vs start [95% CI] | pass@{top} | Δ pass@{top} vs "
-                "start [95% CI] |" + (f" guessing null pass@1 | guessing null pass@{top} |" if options else ""),
-                "|---" * (9 if options else 7) + "|"]
+                "start [95% CI] |" + (f" guessing null pass@1 | guessing null pass@{top} |" if options else "")
+                + (" well-formed, wrong |" if formed else ""),
+                "|---" * (7 + 2 * options + formed) + "|"]
         for name, runs in [("start", start), *((n, raw[n]) for n in names)]:
             for p in INFERENCE:
                 s = [run["sampled"][p] for run in runs]
@@ -170,6 +177,8 @@ def report_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config], starts:
                          "-" if is_start else _delta_cell(delta(runs, start, p, top))]
                 if options:
                     cells += [_mean_std_cell([x["option_guess"][f"pass@{k}"] for x in s]) for k in (1, top)]
+                if formed:  # the format-only null: samples well formed and not passing
+                    cells.append(_mean_std_cell([x["well_formed"] - x["pass@1"] for x in s]))
                 out.append("| " + " | ".join(cells) + " |")
         hard = next((n for n in names if cfgs[n].rl.policy == "hard"), None)
         others = [n for n in names if n != hard]
@@ -184,10 +193,23 @@ def report_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config], starts:
     return out
 
 
+def _scoring(cfg: Config, formed: bool) -> str:
+    """How a sample passes, for a section's header."""
+    depths = f" The questions: those of depth {', '.join(map(str, cfg.task.depths))}." if cfg.task.depths else ""
+    chain = (" The chain is filled by the policy, one thought slot per step (`rl.chain = \"thoughts\"`); a soft "
+             "step reads as its LM head's most likely token." if cfg.rl.chain == "thoughts" else "")
+    fmt = (" *Well-formed, wrong*: the share of samples whose output is well formed (every step a node, one node as "
+           "the answer) but does not pass, the format-only null that a learned format must not be taken for."
+           if formed else "")
+    return f" A sample passes when it earns the `{cfg.rl.reward}` reward in full.{depths}{chain}{fmt}"
+
+
 def findings(names: list[str], raw: dict, start: list[dict], hard: str | None, ks: tuple[int, int],
              options: bool) -> list[str]:
     """What the grid says, read off its tables. Each family of comparisons is tested at a Bonferroni-corrected level
-    (95% over the family), so picking the best of several cells does not manufacture a win."""
+    (95% over the family), so picking the best of several cells does not manufacture a win. The soft policies are
+    compared with hard RL only where the positive control holds: hard RL above its start at pass@1 under hard
+    inference."""
     lines = []
     floor = any(over_guessing(start, p, 1)["lo"] > 0.01 for p in INFERENCE) if options else max(
         statistics.fmean(r["sampled"][p]["pass@1"] for r in start) for p in INFERENCE) >= FLOOR_PASS
@@ -207,6 +229,13 @@ def findings(names: list[str], raw: dict, start: list[dict], hard: str | None, k
     lines.append("- Test pass@1 above the supervised start, in every seed and with a corrected interval above 0: "
                  + (", ".join(up) if up else f"none; the largest gain is `{best}` with {bp} inference, "
                     f"{_delta_cell(d)} (corrected).") + ("." if up else ""))
+    control = delta(raw[hard], start, "hard", 1) if hard else None
+    if control is not None:
+        holds = control["lo"] > 0
+        lines.append(f"- **Positive control** (hard RL, `{hard}`, raises pass@1 under hard inference; uncorrected, it "
+                     f"is one pre-stated test): {_delta_cell(control)}, "
+                     + ("holds." if holds else "does not hold, so the comparisons with hard RL below say nothing "
+                        "about soft thoughts."))
     for k in ks:
         if not hard:
             break
@@ -229,19 +258,23 @@ def findings(names: list[str], raw: dict, start: list[dict], hard: str | None, k
 
 
 def plot_curves(run_dirs: dict[str, list[Path]], cfgs: dict[str, Config], out: Path, window: int = 10) -> None:
-    """reward_curves.png: per task, the training reward (a moving average over `window` steps) and the valid pass@1
-    at each evaluation, mean over seeds, one line per config."""
+    """reward_curves.png: per task, the training reward, the KL to the start and the entropy of each group's
+    outputs (moving averages over `window` logged steps), and the valid pass@1 at each evaluation, mean over seeds,
+    one line per config."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(c.task.name for c in cfgs.values()))
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 6.5), squeeze=False)
+    rows_of = (("train", "reward", "training reward"), ("eval", "val_pass@1", "valid pass@1 at evaluations"),
+               ("train", "kl", "KL to the start"), ("train", "answer_entropy", "output entropy per group (nats)"))
+    fig, axes = plt.subplots(len(rows_of), len(tasks), figsize=(5.5 * len(tasks), 3.2 * len(rows_of)),
+                             squeeze=False)
     for col, task in enumerate(tasks):
         for name in (n for n, c in cfgs.items() if c.task.name == task):
             rows = [read_jsonl(d / METRICS_FILE, "metrics")[0] for d in run_dirs[name]]
-            for row, (kind, key) in enumerate((("train", "reward"), ("eval", "val_pass@1"))):
+            for row, (kind, key, _) in enumerate(rows_of):
                 curves = [{r["step"]: r[key] for r in rs if r.get("kind") == kind and isinstance(r.get(key), float)}
                           for rs in rows]
                 steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -250,8 +283,9 @@ def plot_curves(run_dirs: dict[str, list[Path]], cfgs: dict[str, Config], out: P
                     ys = list(np.convolve(ys, np.ones(window) / window, mode="valid"))
                     steps = steps[window - 1:]
                 axes[row][col].plot(steps, ys, label=name, marker="o" if kind == "eval" else None)
-        axes[0][col].set(title=f"{task}: training reward ({window}-step mean)", xlabel="step", ylabel="reward")
-        axes[1][col].set(title=f"{task}: valid pass@1 at evaluations", xlabel="step", ylabel="pass@1")
+        for row, (kind, key, title) in enumerate(rows_of):
+            mean = f" ({window}-step mean)" if kind == "train" else ""
+            axes[row][col].set(title=f"{task}: {title}{mean}", xlabel="step", ylabel=key)
         axes[0][col].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "reward_curves.png")

@@ -106,12 +106,13 @@ def check_policy(cfg: Config) -> None:
     if cfg.rl.reward in PATH_REWARDS and not getattr(data.task, "node_steps", False):
         raise ConfigError(f"rl.reward: {cfg.rl.reward!r} reads each written step as one node; {cfg.task.name}'s "
                           "steps are not (twins' are)")
-    if cfg.rl.reward in ("path", "path_partial") and (mode.curriculum or mode.reversed_steps or not mode.writes_steps):
-        raise ConfigError(f"rl.reward: {cfg.rl.reward!r} scores the whole chain written in order; the "
-                          f"{cfg.task.mode!r} run does not write it (a cot run does)")
+    if (cfg.rl.reward in ("path", "path_partial") or cfg.rl.chain == "thoughts") and not writes_chain(mode):
+        what = f"rl.reward: {cfg.rl.reward!r} scores the whole chain written in order" \
+            if cfg.rl.chain == "written" else "rl.chain: \"thoughts\" puts a slot where each step is written"
+        raise ConfigError(f"{what}; the {cfg.task.mode!r} run does not write it (a cot run does)")
     # a generated question is as long as a valid one of its depth (valid holds every depth the dataset generates)
-    longest = max(len(enc.prompt(ex, enc.final_stage())) for split in ("train", "valid") if split in data.examples
-                  for ex in data.examples[split])
+    longest = max(len(enc.prompt(ex, enc.final_stage(), cfg.rl.chain == "thoughts")) for split in ("train", "valid")
+                  if split in data.examples for ex in data.examples[split])
     model = build_model(resolve(cfg, data.encoder.tok.vocab_size)).eval()
     try:
         Policy(cfg.rl.policy, cfg.rl.sigma, cfg.rl.temperature, cfg.task.max_answer_tokens).check(model, longest)
@@ -122,8 +123,14 @@ def check_policy(cfg: Config) -> None:
     check_state(model.state_dict(), weights, f"rl.init_from: checkpoint {init.path}")
 
 
+def writes_chain(mode) -> bool:
+    """Whether a mode's sequences write the whole chain in order after <eot> (cot's)."""
+    return mode.writes_steps and not (mode.curriculum or mode.reversed_steps)
+
+
 def answer_entropy(answers: list[tuple[int, ...]]) -> float:
-    """Nats of the empirical distribution of a group's answers: 0 when all agree, log G when all differ."""
+    """Nats of the empirical distribution of a group's outputs (answers, or whole paths): 0 when all agree, log G
+    when all differ."""
     counts = Counter(answers).values()
     n = sum(counts)
     return -sum(c / n * math.log(c / n) for c in counts)
@@ -137,6 +144,8 @@ class RLTrainer(Trainer):
         super().__init__(cfg, out, resume, quiet, stack)
         r, task = self.cfg.rl, self.cfg.task
         self.task = self.workload.data
+        if task.depths:  # every evaluation asks the questions RL trains on
+            self.task.keep_depths("valid", task.depths, "task.depths")
         self.enc = self.task.encoder
         self.stage, self.eos = self.enc.final_stage(), self.enc.id["<eos>"]
         self.policy = Policy(r.policy, r.sigma, r.temperature, task.max_answer_tokens)
@@ -158,7 +167,8 @@ class RLTrainer(Trainer):
         self.schedule()
         t0 = time.perf_counter()
         records, examples = self.next_questions()
-        prompts = [self.enc.prompt(ex, self.stage) for ex in examples]
+        chain = r.chain == "thoughts"
+        prompts = [self.enc.prompt(ex, self.stage, chain) for ex in examples]
         G = r.group_size
         # rollout j of the prompt in slot s of the global batch draws from its own stream: R ranks of B prompts roll
         # out what one process of R x B does
@@ -166,7 +176,8 @@ class RLTrainer(Trainer):
         drawn = rollout(self.net, prompts, G, self.policy, self.eos,
                         rollout_seeds(self._seed(self.step), first, len(prompts) * G))
         groups: list[tuple[list[int], Actions]] = [(p, drawn.rows(k * G, (k + 1) * G)) for k, p in enumerate(prompts)]
-        rewards = [[reward_of(self.task, rec, a, r.reward) for a in acts.answers]
+        rewards = [[reward_of(self.task, rec, a, r.reward, t if chain else None)
+                    for a, t in zip(acts.answers, acts.thought_ids, strict=True)]
                    for rec, (_, acts) in zip(records, groups, strict=True)]
         seconds = time.perf_counter() - t0
         tokens = int((drawn.answers >= 0).sum()) + drawn.thought_ids.numel()
@@ -203,7 +214,9 @@ class RLTrainer(Trainer):
                 break  # later inner steps stop at a non-finite one; the updates before it stand
         self.step += 1
         norms = drawn.thought_vectors.norm(dim=-1).flatten()
-        entropy = sum(answer_entropy([tuple(x.tolist()) for x in a.answers]) for _, a in groups) / len(groups)
+        entropy = sum(answer_entropy([tuple(t.tolist()) * chain + tuple(x.tolist())
+                                      for t, x in zip(a.thought_ids, a.answers, strict=True)])
+                      for _, a in groups) / len(groups)
         parts = torch.tensor([rewards.mean().item(), rewards.std(-1, correction=0).mean().item(), kl, clipped,
                               entropy, norms.mean().item() if norms.numel() else 0.0, tokens / max(seconds, 1e-9)],
                              device=self.device)
@@ -226,7 +239,7 @@ class RLTrainer(Trainer):
         policy on the whole valid split."""
         final = super().final_evaluation()  # evaluate_task leaves the model in eval mode, as it found it
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, None,
-                             self._seed(-(2**40)), self.cfg.rl.reward)
+                             self._seed(-(2**40)), self.cfg.rl.reward, self.cfg.rl.chain)
         final["sampled"] = {k: v for k, v in sampled.items() if k not in ("right", "named")}  # no per-question lists
         return final
 
@@ -236,28 +249,34 @@ class RLTrainer(Trainer):
         limit = self.cfg.task.eval_examples
         greedy = evaluate_task(self.net, self.task, "valid", [self.stage], limit)[f"stage_{self.stage}"]
         sampled = pass_rates(self.net, self.task, "valid", self.policy, self.cfg.rl.eval_samples, limit,
-                             self._seed(-1 - self.step), self.cfg.rl.reward)
+                             self._seed(-1 - self.step), self.cfg.rl.reward, self.cfg.rl.chain)
         return {"kind": "eval", "step": self.step, "val_accuracy_greedy_soft": greedy["accuracy"],
                 **{f"val_{k}": v for k, v in sampled.items() if isinstance(v, float)},
                 **{f"val_option_guess_{k}": v for k, v in sampled.get("option_guess", {}).items()}}
 
 
-def written(data: TaskData, answer: torch.Tensor) -> tuple[list[str], list[str]]:
+def written(data: TaskData, answer: torch.Tensor, chain: torch.Tensor | None = None) -> tuple[list[str], list[str]]:
     """What a rollout wrote after its prompt, [A] ids (<eos> and -1 padding included), as the task's words: (its
-    steps, before its last <ans>; its answer, after it; empty without <ans>)."""
+    steps, before its last <ans>; its answer, after it; empty without <ans>). With `chain` [n], the tokens its
+    chain's thought slots showed (rl.chain = "thoughts"; -1 pads a prompt with fewer slots than its batch's longest)
+    come first, as if written, then the prompt's <ans>. Every thought policy shows a token at every slot."""
     enc = data.encoder
     ids = [a for a in answer.tolist() if a >= 0 and a != enc.id["<eos>"]]
+    if chain is not None:
+        ids = [t for t in chain.tolist() if t >= 0] + [enc.id["<ans>"]] + ids
     return enc.split_answer(ids)
 
 
-def reward_of(data: TaskData, record: dict, answer: torch.Tensor, reward: str = "answer") -> float:
-    """A rollout's reward (`softar.tasks.rewards.REWARDS[reward]`) from what it wrote, `answer` [A] ids."""
-    steps, words = written(data, answer)
+def reward_of(data: TaskData, record: dict, answer: torch.Tensor, reward: str = "answer",
+              chain: torch.Tensor | None = None) -> float:
+    """A rollout's reward (`softar.tasks.rewards.REWARDS[reward]`) from what it wrote, `answer` [A] ids (and its
+    chain's shown tokens, `written`)."""
+    steps, words = written(data, answer, chain)
     return REWARDS[reward](data.encoder.task, record, steps, words, data.encoder.rendering)
 
 
 def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, limit: int | None, seed: int,
-               reward: str = "answer") -> dict:
+               reward: str = "answer", chain: str = "written") -> dict:
     """`samples` rollouts of each of the first `limit` questions of a split under `policy`, at the final curriculum
     stage, all as one batch (rollout j of question q draws from a stream of its own, from `seed`): pass@k for k in
     1, 4, 16, 32 up to `samples` (a rollout passes when its `reward` is 1; the unbiased estimator, averaged over
@@ -268,12 +287,13 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
     For a choice between options (ProsQA) it also gives `named` (per question, the rollouts whose answer names one
     of the options), `options` (how many a question offers) and `option_guess`: the pass@k the same rollouts would
     get if each one that names an option named one at random, which is what pass@k must beat to show more than
-    guessing."""
+    guessing. `chain`: rl.chain, where the policy acts."""
     enc = data.encoder
     stage, eos = enc.final_stage(), enc.id["<eos>"]
     ks = [k for k in PASS_K if k <= samples]
     examples, records = data.examples[split][:limit], data.records[split][:limit]
-    actions = rollout(model, [enc.prompt(ex, stage) for ex in examples], samples, policy, eos,
+    slots = chain == "thoughts"
+    actions = rollout(model, [enc.prompt(ex, stage, slots) for ex in examples], samples, policy, eos,
                       rollout_seeds(seed, 0, len(examples) * samples))
     rewards: list[float] = []
     right: list[int] = []
@@ -282,7 +302,9 @@ def pass_rates(model, data: TaskData, split: str, policy: Policy, samples: int, 
     formed, node_steps = 0.0, getattr(enc.task, "node_steps", False)
     score, well_formed = REWARDS[reward], REWARDS["format"]
     for q, rec in enumerate(records):
-        outputs = [written(data, a) for a in actions.answers[q * samples : (q + 1) * samples]]
+        rows = slice(q * samples, (q + 1) * samples)
+        outputs = [written(data, a, t if slots else None)
+                   for a, t in zip(actions.answers[rows], actions.thought_ids[rows], strict=True)]
         scores = [score(enc.task, rec, steps, words, enc.rendering) for steps, words in outputs]
         answers = [words for _, words in outputs]
         if node_steps:
@@ -311,22 +333,34 @@ def option_guess(sampled: dict, k: int, per_question: bool = False) -> float | l
 
 def sampled_eval(run_dir: str | Path, data_file: str | Path, policy: str, samples: int, temperature: float,
                  device_name: str = "auto", seed: int = 0, max_answer: int | None = None,
-                 sigma: float | None = None) -> dict:
+                 sigma: float | None = None, reward: str | None = None, chain: str | None = None,
+                 depths: list[int] | None = None) -> dict:
     """`softar eval RUN --task NAME --data FILE --samples N --policy P`: pass@k of a task run (supervised or RL) on
-    every question of a file, with thoughts filled by the policy P (inference hard or soft, whatever it was
-    trained with). The answer's length limit and noisy-soft's sigma are the run's unless given."""
+    every question of a file (or those whose chain has one of `depths` steps), with thoughts filled by the policy P
+    (inference hard or soft, whatever it was trained with). The answer's length limit, noisy-soft's sigma, the
+    reward a pass needs and where the policy acts (rl.chain) are the run's unless given."""
     from softar.device import pick_device
     from softar.rundir import load_run
 
     if temperature <= 0:
         raise SoftarError("--temperature: sampling needs a temperature above 0")
     run = load_run(run_dir, pick_device(device_name))
+    reward, chain = reward or run.cfg.rl.reward, chain or run.cfg.rl.chain
     data = TaskData.open(run.cfg, splits=(), files={"eval": Path(data_file)})
+    if depths is not None:
+        data.keep_depths("eval", depths, f"--depths: {data_file}")
+    mode = MODES[run.cfg.task.mode]
+    if (reward in ("path", "path_partial") or chain == "thoughts") and not writes_chain(mode):
+        raise SoftarError(f"--reward/--chain: a {reward} reward with chain {chain!r} needs a run that writes its "
+                          f"chain in order (cot), not {run.cfg.task.mode!r}")
+    if reward in PATH_REWARDS and not getattr(data.task, "node_steps", False):
+        raise SoftarError(f"--reward: {reward!r} reads each step as one node; {run.cfg.task.name}'s steps are not")
     pol = Policy(policy, sigma or run.cfg.rl.sigma, temperature, max_answer or run.cfg.task.max_answer_tokens)
     try:
-        pol.check(run.model, max(len(data.encoder.prompt(ex, data.encoder.final_stage()))
+        pol.check(run.model, max(len(data.encoder.prompt(ex, data.encoder.final_stage(), chain == "thoughts"))
                                  for ex in data.examples["eval"]))
     except ValueError as e:
         raise SoftarError(f"--policy: {e}") from None
     return {"policy": policy, "temperature": temperature, "max_answer": pol.max_answer, "step": run.step,
-            **pass_rates(run.model, data, "eval", pol, samples, None, seed)}
+            "reward_name": reward, "chain": chain, "depths": depths,
+            **pass_rates(run.model, data, "eval", pol, samples, None, seed, reward, chain)}

@@ -177,7 +177,7 @@ class SoftFeed(Feed):
 
     @classmethod
     def as_policy(cls, spec: SoftConfig, temperature: float, sigma: float, group: int) -> SoftFeed:
-        return cls(spec, noisy=False, collapse=None)
+        return cls(spec, noisy=False, collapse="lm_argmax")  # shows the step it stands for (a path reward reads it)
 
     @classmethod
     def thoughts(cls, model) -> SoftFeed:
@@ -209,7 +209,7 @@ class NoisySoftFeed(Feed):
     """The soft token plus Gaussian noise, x = mu + s * eps, s = sigma times the root-mean-square coordinate of
     the soft tokens of the row's group (`group` consecutive rows; so sigma means the same for Coconut's large hidden
     states and for expected embeddings); x is an action with log-density log N(x; mu, s^2 I) (Soft Tokens, Hard
-    Truths)."""
+    Truths). It shows the LM head's most likely token, the step the soft token stands for."""
 
     spec: SoftConfig = field(default_factory=SoftConfig)
     sigma: float = 0.5
@@ -235,7 +235,7 @@ class NoisySoftFeed(Feed):
             std = self.sigma * (total / count.clamp_min(1)).sqrt()[groups]  # [R]
             x = mu + std[:, None].to(mu.dtype) * normal(mu.shape, draw.generator, mu.device).to(mu.dtype)
         logp = gaussian_log_density(x.float(), mu.float(), std) if draw.score else None
-        return Choice(x, _no_token(out), False, logp, std)
+        return Choice(x, out.logits.argmax(-1), False, logp, std)
 
 
 @register("gated")

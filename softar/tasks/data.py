@@ -359,9 +359,15 @@ class Encoder:
         m = self.mode
         return [self.id[m.slot]] * m.slots(self.cfg, stage) if m.slot else [], m.replaced(stage)
 
-    def prompt(self, ex: Example, stage: int) -> list[int]:
-        """What generation starts from: question, <bot>, the thought or pause slots, <eot>."""
-        return ex.question + self.middle(stage)[0] + [self.id["<eot>"]]
+    def prompt(self, ex: Example, stage: int, chain_slots: bool = False) -> list[int]:
+        """What generation starts from: question, <bot>, the thought or pause slots, <eot>; with `chain_slots`,
+        then one <thought> slot where each token of the chain would be written, and <ans> (RL's rl.chain =
+        "thoughts": the policy fills the chain's slots, the model writes the answer; the chain's length and its end
+        are given, so what is learned is the chain's content)."""
+        prompt = ex.question + self.middle(stage)[0] + [self.id["<eot>"]]
+        if chain_slots:
+            prompt += [self.id["<thought>"]] * sum(len(s) for s in ex.steps) + [self.id["<ans>"]]
+        return prompt
 
     def sequence(self, ex: Example, stage: int) -> tuple[list[int], int]:
         """The whole training sequence and the index of its <eot> (the loss covers what follows it)."""
