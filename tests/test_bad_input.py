@@ -44,7 +44,7 @@ OUT_OF_RANGE = {
     "task.depths": "[2, 2]", "task.recall_every": "1",
     "rl.init_from": None, "rl.policy": '"greedy"', "rl.group_size": "1", "rl.inner_steps": "0", "rl.clip": "1.0",
     "rl.kl_coef": "-1.0", "rl.sigma": "0.0", "rl.temperature": "0.0", "rl.eval_samples": "0",
-    "rl.reward": '"beauty"', "rl.scale_advantages": None, "rl.loss_average": '"mean"',
+    "rl.reward": '"beauty"', "rl.scale_advantages": None, "rl.loss_average": '"mean"', "rl.chain": '"sideways"',
 }
 FIELDS = {f"{s}.{k}": type(v) for s, sec in Config().to_dict().items() for k, v in sec.items()}
 
