@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -522,6 +523,7 @@ def _add_decoding_flags(s: argparse.ArgumentParser) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from softar.config import RLConfig
     from softar.soft.feeds import FEEDS, thought_policies
     from softar.tasks import TASK_NAMES
     from softar.tasks.rewards import REWARDS
@@ -638,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reward", choices=list(REWARDS), default=None,
                    help="with --samples: the reward a sample must earn in full to pass (default: the run's "
                         "rl.reward; answer for a supervised run)")
-    s.add_argument("--chain", choices=["written", "thoughts"], default=None,
+    s.add_argument("--chain", choices=typing.get_args(typing.get_type_hints(RLConfig)["chain"]), default=None,
                    help="with --samples: where the policy acts (rl.chain; default the run's): written, the model "
                         "writes its chain; thoughts, a cot run's chain is filled by the policy")
     s.add_argument("--depths", type=_int_list, default=None,

@@ -102,14 +102,10 @@ def check_policy(cfg: Config) -> None:
         training_depths(cfg.task, data.meta)
     except SoftarError as e:
         raise ConfigError(str(e)) from None
-    enc, mode = data.encoder, MODES[cfg.task.mode]
-    if cfg.rl.reward in PATH_REWARDS and not getattr(data.task, "node_steps", False):
-        raise ConfigError(f"rl.reward: {cfg.rl.reward!r} reads each written step as one node; {cfg.task.name}'s "
-                          "steps are not (twins' are)")
-    if (cfg.rl.reward in ("path", "path_partial") or cfg.rl.chain == "thoughts") and not writes_chain(mode):
-        what = f"rl.reward: {cfg.rl.reward!r} scores the whole chain written in order" \
-            if cfg.rl.chain == "written" else "rl.chain: \"thoughts\" puts a slot where each step is written"
-        raise ConfigError(f"{what}; the {cfg.task.mode!r} run does not write it (a cot run does)")
+    enc = data.encoder
+    problem = scoring_problem(data.task, cfg.task.mode, cfg.rl.reward, cfg.rl.chain)
+    if problem:
+        raise ConfigError(problem)
     # a generated question is as long as a valid one of its depth (valid holds every depth the dataset generates)
     longest = max(len(enc.prompt(ex, enc.final_stage(), cfg.rl.chain == "thoughts")) for split in ("train", "valid")
                   if split in data.examples for ex in data.examples[split])
@@ -123,9 +119,20 @@ def check_policy(cfg: Config) -> None:
     check_state(model.state_dict(), weights, f"rl.init_from: checkpoint {init.path}")
 
 
-def writes_chain(mode) -> bool:
-    """Whether a mode's sequences write the whole chain in order after <eot> (cot's)."""
-    return mode.writes_steps and not (mode.curriculum or mode.reversed_steps)
+def scoring_problem(task, mode: str, reward: str, chain: str, flags: tuple[str, str] = ("rl.reward", "rl.chain")
+                    ) -> str | None:
+    """Why a run of `mode` on `task` cannot be scored with `reward` with the policy acting where `chain` says, or
+    None: the path rewards read each step as one node, and path / path_partial and chain "thoughts" need the whole
+    chain written in order (a cot run). `flags` name the two settings in the message."""
+    m = MODES[mode]
+    if reward in PATH_REWARDS and not getattr(task, "node_steps", False):
+        return f"{flags[0]}: {reward!r} reads each written step as one node; {task.name}'s steps are not (twins' are)"
+    if (reward in ("path", "path_partial") or chain == "thoughts") and (m.curriculum or m.reversed_steps
+                                                                      or not m.writes_steps):
+        what = f"{flags[0]}: {reward!r} scores the whole chain written in order" if chain == "written" \
+            else f"{flags[1]}: \"thoughts\" puts a slot where each step is written"
+        return f"{what}; the {mode!r} run does not write it (a cot run does)"
+    return None
 
 
 def answer_entropy(answers: list[tuple[int, ...]]) -> float:
@@ -349,12 +356,9 @@ def sampled_eval(run_dir: str | Path, data_file: str | Path, policy: str, sample
     data = TaskData.open(run.cfg, splits=(), files={"eval": Path(data_file)})
     if depths is not None:
         data.keep_depths("eval", depths, f"--depths: {data_file}")
-    mode = MODES[run.cfg.task.mode]
-    if (reward in ("path", "path_partial") or chain == "thoughts") and not writes_chain(mode):
-        raise SoftarError(f"--reward/--chain: a {reward} reward with chain {chain!r} needs a run that writes its "
-                          f"chain in order (cot), not {run.cfg.task.mode!r}")
-    if reward in PATH_REWARDS and not getattr(data.task, "node_steps", False):
-        raise SoftarError(f"--reward: {reward!r} reads each step as one node; {run.cfg.task.name}'s steps are not")
+    problem = scoring_problem(data.task, run.cfg.task.mode, reward, chain, ("--reward", "--chain"))
+    if problem:
+        raise SoftarError(problem)
     pol = Policy(policy, sigma or run.cfg.rl.sigma, temperature, max_answer or run.cfg.task.max_answer_tokens)
     try:
         pol.check(run.model, max(len(data.encoder.prompt(ex, data.encoder.final_stage(), chain == "thoughts"))
