@@ -28,6 +28,13 @@ class SoftarError(Exception):
     """An error caused by the user's input: the CLI prints it on one line and exits with code 2."""
 
 
+# SIGTERM/SIGINT taken by the `softar` command's first handler (`softar.cli.main`), in order. Its `Preempted` can be
+# lost: CPython drops an exception raised in a signal handler while it compiles an imported module's source, and the
+# command then runs on. So a phase with its own handling (`softar.train.Preemption`) stops at once if a signal is
+# here, and `main` reports one that no phase acted on.
+RECEIVED: list[int] = []
+
+
 class Preempted(BaseException):  # noqa: N818 - a stop, not an error; like KeyboardInterrupt, never an Exception
     """SIGTERM or SIGINT arrived in a phase that stops at once (start-up, evaluation, the final evaluation)."""
 

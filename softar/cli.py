@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from softar import Preempted, SoftarError, use_compile_cache
+from softar import RECEIVED, Preempted, SoftarError, use_compile_cache
 
 if TYPE_CHECKING:
     from softar.decode import Decoding
@@ -733,23 +733,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The CLI. SIGTERM and SIGINT stop every command from its first instruction with a message (`Preempted`);
     training, sweeps and evaluations install their own handling (finish the step, save) on top."""
-    stopped: list[int] = []
+    RECEIVED.clear()
 
     def on_signal(signum, frame) -> None:
-        stopped.append(signum)
+        RECEIVED.append(signum)
         raise Preempted(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    use_compile_cache()
     try:
-        return _main(argv)
+        use_compile_cache()
+        code = _main(argv)
     except BaseException:
         # a signal while the parser's imports (torch, numpy) load: the interrupted import can surface as any error
-        if not stopped:
+        if not RECEIVED:
             raise
-        name = signal.Signals(stopped[0]).name
+        name = signal.Signals(RECEIVED[0]).name
         print(f"softar: stopped by {name} before anything was saved; run the command again", file=sys.stderr)
-        return 128 + stopped[0]
+        return 128 + RECEIVED[0]
+    else:
+        if RECEIVED and code == 0:  # its Preempted was lost (see RECEIVED) and no phase acted on the signal
+            print(f"softar: {signal.Signals(RECEIVED[0]).name} arrived at start-up and was lost; the command ran "
+                  "to its end", file=sys.stderr)
+            return 128 + RECEIVED[0]
+        return code
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

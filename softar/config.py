@@ -186,6 +186,9 @@ class TaskConfig:
     # optimizer steps per curriculum stage before the last; 0: max_iters // (max_stage + 1), resolved into the saved
     # config so a resumed run keeps its curriculum
     stage_iters: int = 0
+    # clear AdamW's moments at the first step of every curriculum stage after the first (Coconut resets its
+    # optimizer when a stage changes)
+    stage_reset: bool = False
     pauses: int = 6  # pause mode: <pause> slots between question and answer
     eval_examples: int = 100  # periodic evals: greedy accuracy on this many valid examples (the final eval: all)
     max_answer_tokens: int = 64  # greedy decoding stops after this many tokens without <eos>
@@ -537,6 +540,8 @@ def validate(cfg: Config) -> None:
     need(k.recall_every != 1, "task.recall_every", "1 would train recall only: 0 (never) or 2 and up")
     need(not k.recall_every or k.name, "task.recall_every", "is a reasoning task's replay: set task.name too")
     need(not k.depth_iters or k.name, "task.depth_iters", "is a reasoning task's curriculum: set task.name too")
+    need(not k.stage_reset or k.name and MODES[k.mode].curriculum, "task.stage_reset", "resets the optimizer at "
+         "each stage of a curriculum mode's task (thoughts, pause_curriculum)")
     need(not k.depths or k.name, "task.depths", "are a reasoning task's: set task.name too")
     need(len(set(k.depths)) == len(k.depths) and all(1 <= d <= 64 for d in k.depths), "task.depths",
          f"must be distinct depths in [1, 64], got {k.depths}")

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import softar
-from softar import Preempted, SoftarError
+from softar import RECEIVED, Preempted, SoftarError
 from softar.checkpoint import (
     TRAINER_JSON,
     check_optimizer_state,
@@ -242,6 +242,9 @@ class Preemption:
     def __enter__(self) -> Preemption:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
+        if RECEIVED:  # the command took a signal whose Preempted was lost: stop now, as it would have
+            self.__exit__()
+            raise Preempted(RECEIVED[0])
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -391,9 +394,11 @@ class Trainer:
     def schedule(self) -> None:
         """This step's learning rate (`lr_at`) on every parameter group. The first step after a recall warm-up
         starts the task as a fine-tuning run would: AdamW's moments cleared, the schedule begun again (carried over,
-        the warm-up's state and a learning rate already high wiped the lookup it had learned)."""
-        restart = self.cfg.task.recall_iters
-        if restart and self.step == restart:
+        the warm-up's state and a learning rate already high wiped the lookup it had learned). With
+        task.stage_reset the moments are cleared again as each later curriculum stage begins."""
+        k, restart = self.cfg.task, self.cfg.task.recall_iters
+        new_stage = k.stage_reset and self.sampler.stage_begins(self.step)
+        if restart and self.step == restart or new_stage:
             self.opt.state.clear()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, self.cfg.train, restart)

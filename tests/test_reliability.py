@@ -1,5 +1,6 @@
 """Faults injected into real `softar train` subprocesses: SIGTERM, kill -9 at random moments, non-finite steps."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -75,3 +76,33 @@ def test_injected_non_finite_steps_in_a_real_process(char_data, tmp_path):
     `softar train` process."""
     rep = inject_nan(CONFIG, tiny_overrides(char_data, **{"train.ckpt_interval": 2}), tmp_path, [3])
     assert rep["returncode"] == 0 and rep["skipped_steps"] == 1 and rep["checkpoint_step"] == 8
+
+
+@pytest.mark.parametrize("command", ["train", "prepare"])
+def test_a_signal_whose_stop_a_library_swallows_still_stops_or_is_reported(command, char_data, tmp_path,
+                                                                           monkeypatch, capsys):
+    """CPython can lose the exception a signal handler raises (one raised while an import compiles its source):
+    SIGTERM at start-up must still stop training before it writes anything, and a command with no phase of its
+    own that finishes anyway must not exit 0 in silence."""
+    from softar import cli
+
+    real = cli.build_parser
+
+    def swallowing_build_parser():
+        with contextlib.suppress(BaseException):  # a catch-all drops what the CLI's handler raises here
+            signal.raise_signal(signal.SIGTERM)
+        return real()
+
+    monkeypatch.setattr(cli, "build_parser", swallowing_build_parser)
+    out = tmp_path / "out"
+    args = ["train", CONFIG, *tiny_overrides(char_data), "--quiet", "--out", out] if command == "train" else \
+        ["prepare", "--synthetic", "binding", "--out", out]
+    code = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 128 + signal.SIGTERM
+    if command == "train":
+        assert err == ["softar: stopped by SIGTERM before anything was saved; run the command again"]
+        assert not out.exists()
+    else:
+        assert err[-1] == "softar: SIGTERM arrived at start-up and was lost; the command ran to its end"
+        assert any(out.iterdir())

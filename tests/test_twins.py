@@ -369,6 +369,25 @@ def test_a_run_with_a_warm_up_resumes_exactly_across_its_two_phases(twins_data, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("stage_reset, adam_steps", [(False, 7), (True, 3)])
+def test_stage_reset_clears_the_optimizer_as_each_later_stage_begins(twins_data, tmp_path, stage_reset, adam_steps):
+    """Recall for steps 0-1, then stages of 2 steps from step 2 (stage 2, the last, from step 6 to 8): AdamW's step
+    count in the final checkpoint counts from the task's start, or with task.stage_reset from the last stage's."""
+    from softar.checkpoint import latest_checkpoint, load_checkpoint
+
+    cfg = config.load(None, task_overrides(twins_data, **{
+        "task.name": '"twins"', "task.mode": '"thoughts"', "task.recall_iters": 2, "task.recall_pairs": 6,
+        "task.max_stage": 2, "task.stage_iters": 2, "task.stage_reset": str(stage_reset).lower(),
+        "train.max_iters": 9}))
+    train(cfg, tmp_path / "run", quiet=True)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    steps = {float(v) for k, v in ckpt.tensors["optimizer"].items() if k.endswith("/step")}
+    assert steps == {adam_steps}
+    with pytest.raises(SoftarError, match="task.stage_reset"):  # cot has no stages
+        config.load(None, task_overrides(twins_data, **{"task.name": '"twins"', "task.mode": '"cot"',
+                                                        "task.stage_reset": "true"}))
+
+
 def test_the_pause_curriculum_replaces_steps_by_pauses_as_coconut_replaces_them_by_thoughts():
     r = make_record(random.Random(4), 8, 3)
     modes = ("thoughts", "pause_curriculum")

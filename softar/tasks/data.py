@@ -427,6 +427,10 @@ class TaskSampler:
     def stage(self) -> int:
         return self.enc.stage_at(self.drawn // self.grad_accum, self.max_iters)
 
+    def stage_begins(self, step: int) -> bool:
+        """Whether a curriculum stage other than the first begins at this optimizer step."""
+        return step > 0 and self.enc.stage_at(step, self.max_iters) != self.enc.stage_at(step - 1, self.max_iters)
+
     def next_indices(self) -> list[int]:
         """This rank's examples of the next batch, as indices into `examples`."""
         n = self.batch_size * self.world
