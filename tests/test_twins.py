@@ -375,14 +375,22 @@ def test_stage_reset_clears_the_optimizer_as_each_later_stage_begins(twins_data,
     count in the final checkpoint counts from the task's start, or with task.stage_reset from the last stage's."""
     from softar.checkpoint import latest_checkpoint, load_checkpoint
 
-    cfg = config.load(None, task_overrides(twins_data, **{
-        "task.name": '"twins"', "task.mode": '"thoughts"', "task.recall_iters": 2, "task.recall_pairs": 6,
-        "task.max_stage": 2, "task.stage_iters": 2, "task.stage_reset": str(stage_reset).lower(),
-        "train.max_iters": 9}))
-    train(cfg, tmp_path / "run", quiet=True)
+    from .test_train import final_weights
+
+    def cfg(**kw):
+        return config.load(None, task_overrides(twins_data, **{
+            "task.name": '"twins"', "task.mode": '"thoughts"', "task.recall_iters": 2, "task.recall_pairs": 6,
+            "task.max_stage": 2, "task.stage_iters": 2, "task.stage_reset": str(stage_reset).lower(),
+            "train.max_iters": 9, "train.lr_decay_iters": 9, **kw}))
+
+    train(cfg(), tmp_path / "run", quiet=True)
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
     steps = {float(v) for k, v in ckpt.tensors["optimizer"].items() if k.endswith("/step")}
     assert steps == {adam_steps}
+    train(cfg(**{"train.max_iters": 6}), tmp_path / "split", quiet=True)  # stopped as the last stage begins
+    train(cfg(), tmp_path / "split", resume=True, quiet=True)
+    a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SoftarError, match="task.stage_reset"):  # cot has no stages
         config.load(None, task_overrides(twins_data, **{"task.name": '"twins"', "task.mode": '"cot"',
                                                         "task.stage_reset": "true"}))
