@@ -35,6 +35,13 @@ def test_regress_and_hidden_pass_their_vector_through():
     assert torch.equal(soft("hidden", outs(torch.zeros(2, 4), h_m=h)), h)
 
 
+def test_hidden_rescaled_keeps_its_direction_at_a_multiple_of_the_mean_embedding_norm():
+    h = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
+    mean_norm = (1 + 1 + 1 + math.sqrt(18)) / 4  # E's rows by hand
+    want = torch.tensor([[0.6, 0.8], [0.0, -1.0]]) * 2 * mean_norm
+    torch.testing.assert_close(soft("hidden", outs(torch.zeros(2, 4), h_m=h), args={"rescale": 2.0}), want)
+
+
 def test_gated_mix_follows_entropy():
     g = torch.Generator().manual_seed(0)
     torch.testing.assert_close(soft("gated", outs(torch.tensor([[50.0, 0.0, 0.0, 0.0]])), g), E[:1], atol=1e-4,

@@ -158,10 +158,17 @@ def regress(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor
     return out.y
 
 
-@soft_token("hidden")
+@soft_token("hidden", params={"rescale": 0.0})
 def hidden(out: Outputs, E: torch.Tensor, spec, generator=None) -> torch.Tensor:
-    """The last hidden state mapped to R^m, fed back as it is (Coconut's continuous thought)."""
-    return out.h_m
+    """The last hidden state mapped to R^m, fed back as it is (Coconut's continuous thought); with rescale r > 0,
+    at r times the embeddings' mean norm instead.
+
+    As it is, a thought can be many times a token's norm (about 16x in the twins runs), so it dominates the
+    residual stream at its slot; rescaled, it enters at a token's scale, its direction kept."""
+    r = spec.args["rescale"]
+    if not r:
+        return out.h_m
+    return out.h_m * (r * E.norm(dim=-1).mean() / out.h_m.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 @soft_token("collapse", needs_head="collapse_head")
