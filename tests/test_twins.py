@@ -408,3 +408,29 @@ def test_the_pause_curriculum_replaces_steps_by_pauses_as_coconut_replaces_them_
         assert slots == [TOK.stoi["<pause>"]] * k
         assert [t for t, u in zip(a, b, strict=True) if t != u] == [TOK.stoi["<thought>"]] * k  # only the slot token
         assert b[eb + 1 :] == [TOK.stoi[s] for s in r["steps"][k:]] + encoders["pause_curriculum"].example(r).answer
+
+
+def test_the_reasoning_configs_differ_only_where_their_headers_say():
+    """Amendments 4 and 5 change one thing each against amendment 3's Coconut; the GPU twins configs and the ProsQA
+    configs differ only in the mode (and its thoughts)."""
+    import dataclasses
+    from pathlib import Path
+
+    folder = Path(config.__file__).parent / "configs" / "reasoning"
+
+    def load(name):
+        return config.load(folder / f"{name}.toml")
+
+    mixed = load("twins_coconut_mixed")
+    reset, rescale = load("twins_coconut_reset"), load("twins_coconut_rescale")
+    assert reset.task == dataclasses.replace(mixed.task, stage_reset=True) and reset.soft == mixed.soft
+    assert rescale.task == mixed.task and rescale.soft == dataclasses.replace(mixed.soft, args={"rescale": 1.0})
+    assert reset.model == rescale.model == mixed.model and reset.train == rescale.train == mixed.train
+    for group in (["gpu_twins_gate", "gpu_twins_cot", "gpu_twins_coconut"],
+                  ["prosqa_no_cot", "prosqa_cot", "prosqa_coconut", "prosqa_pause", "prosqa_soft"]):
+        cfgs = [load(n) for n in group]
+        assert all(c.model == cfgs[0].model and c.train == cfgs[0].train for c in cfgs), group
+        assert all(dataclasses.replace(c.task, mode="cot", max_stage=6, thoughts_per_step=1, depth_iters=0, pauses=6)
+                   == dataclasses.replace(cfgs[0].task, mode="cot", max_stage=6, thoughts_per_step=1,
+                                          depth_iters=0, pauses=6) for c in cfgs), group
+    assert load("gpu_twins_coconut").soft == rescale.soft and load("prosqa_coconut").task.recall_every == 2
