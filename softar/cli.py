@@ -759,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        RECEIVED.clear()  # a caller in the same process (a test, a notebook) starts its next run clean
 
 
 def _main(argv: list[str] | None) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softar import SoftarError
+from softar import SoftarError, config
 from softar.faults import inject, inject_nan, interrupt, logged_losses, nan_steps, train_command
 from softar.train import train
 
@@ -100,6 +100,7 @@ def test_a_signal_whose_stop_a_library_swallows_still_stops_or_is_reported(comma
     code = cli.main([str(a) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 128 + signal.SIGTERM
+    train(config.load(CONFIG, tiny_overrides(char_data, **{"train.max_iters": 1})), tmp_path / "next", quiet=True)
     if command == "train":
         assert err == ["softar: stopped by SIGTERM before anything was saved; run the command again"]
         assert not out.exists()
