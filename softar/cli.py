@@ -459,7 +459,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     from softar.experiments.sweep import sweep
 
     command = "softar " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("softar") else ""
-    _emit(sweep(a.configs, a.seeds, a.overrides, Path(a.out), a.windows, tuple(a.horizons),
+    _emit(sweep(a.configs, a.seeds, a.overrides, Path(a.out), a.windows, tuple(a.horizons), a.first_seed,
                 report=Path(a.report) if a.report else None, command=command,
                 gap=tuple(a.gap) if a.gap else None, generation=tuple(a.generation) if a.generation else None,
                 analogies=a.analogies, jobs=a.jobs),
@@ -703,7 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="configs x seeds at equal budget -> results table and plots")
     s.add_argument("configs", nargs="+", help="TOML configs (and section.key=value overrides for all of them)")
-    s.add_argument("--seeds", type=_positive_int, default=3, help="runs per config: train.seed = 1337, 1338, ...")
+    s.add_argument("--seeds", type=_positive_int, default=3,
+                   help="runs per config: train.seed = FIRST_SEED, FIRST_SEED + 1, ...")
+    s.add_argument("--first-seed", type=_seed, default=1337,
+                   help="train.seed of each config's first run (default 1337): fresh seeds for a confirmatory sweep")
     s.add_argument("--out", default="runs/sweep", help="the sweep's folder: OUT/runs/<config>_s<seed>, tables, plots")
     s.add_argument("--windows", type=_int_at_least(2, 65536), default=256, help="windows for the sampled metrics")
     s.add_argument("--horizons", type=_int_list, default=[8, 32], help="open-loop horizons")

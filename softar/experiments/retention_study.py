@@ -39,7 +39,7 @@ COLUMNS = ["loss", "retention.loss.real", "retention.gap", "retention.loss_minus
              for kind in ("segment", "aggregate") for m in ("recall_at_k", "prior_recall_at_k")]]
 BAR_METRICS = ["retention.loss.real", "retention.loss_minus_short", "retention.ablation.swapped.diff"]
 
-def setup(loaded: dict[str, Config], raw: dict[str, list[dict]], seeds: int) -> str:
+def setup(loaded: dict[str, Config], raw: dict[str, list[dict]], seeds: str) -> str:
     """The report's setup paragraph, read off the configs and the runs' retention metrics."""
     cfg = next(iter(loaded.values()))
     m, t = cfg.model, cfg.train
@@ -47,7 +47,7 @@ def setup(loaded: dict[str, Config], raw: dict[str, list[dict]], seeds: int) -> 
     length = ret["window"] + ret["history"] + ret["targets"] // ret["stretches"]
     return (f"Every run: {m.n_layer} layers, d_model {m.d_model}, {m.pos_emb} positions, {t.max_iters} steps (the "
             "first config's; window, batch and steps as in each config's header), "
-            f"{seeds} seed{'s' if seeds > 1 else ''} (train.seed = 1337, 1338, ...). Every retention figure scores the "
+            f"{seeds}. Every retention figure scores the "
             f"same targets: the last {ret['targets'] // ret['stretches']} tokens of {ret['stretches']} random val "
             f"stretches of {length} tokens, each target predicted from exactly its own context (a plain model: the N "
             "tokens before it; a layout model: its hard region's tokens just before it and its history before those "
@@ -548,7 +548,7 @@ class RetentionStudy(Study):
         return pngs + ([self.layouts.plot_tradeoff()] if self.layouts else [])
 
     def setup(self, results: Results) -> str:
-        return setup(results.configs, results.raw, self.options.seeds)
+        return setup(results.configs, results.raw, self.options.seed_phrase())
 
     def sections(self, results: Results) -> list[str]:
         lines = report_sections(results.table, results.raw, results.configs, results.dirs, self.refs)

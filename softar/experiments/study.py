@@ -32,6 +32,11 @@ class SweepOptions:
     paths: dict[str, str] | None = None  # config name -> its file
     overrides: tuple[str, ...] = ()  # section.key=value for every config
 
+    def seed_phrase(self) -> str:
+        """"3 seeds (train.seed = 1337, 1338, ...)", as a report's setup says it."""
+        b = self.base_seed
+        return f"{self.seeds} seed{'s' if self.seeds > 1 else ''} (train.seed = {b}{f', {b + 1}, ...' if self.seeds > 1 else ''})"
+
     def run_dir(self, name: str, s: int) -> Path:
         """The run of config `name` and seed index `s`."""
         return self.out / "runs" / f"{name}_s{self.base_seed + s}"
@@ -94,7 +99,7 @@ class Study:
         return (f"Every run: {m.n_layer} layers, d_model {m.d_model}, {t.max_iters} steps; window size and batch as "
                 f"in each config (the first: block {m.block_size}, batch {t.batch_size}), with the same number of "
                 "predicted tokens per step for every config unless its header says otherwise; "
-                f"{self.options.seeds} seeds (train.seed = 1337, 1338, ...). Metrics on the val split; sampled ones "
+                f"{self.options.seed_phrase()}. Metrics on the val split; sampled ones "
                 "on the same random windows for every run. Every metric of every config, mean and standard deviation "
                 "over seeds: [results.csv]({assets}/results.csv).")
 
