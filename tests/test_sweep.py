@@ -40,6 +40,21 @@ def test_sweep_tables_are_the_mean_and_std_of_its_runs(char_data, tmp_path):
     assert (out / "runs" / "a_s1337" / "eval.json").stat().st_mtime == before
 
 
+def test_first_seed_names_the_runs_seeds_them_and_is_what_the_report_says(char_data, tmp_path):
+    """`softar sweep --first-seed 42 --seeds 2`: runs a_s42 and a_s43, trained with train.seed 42 and 43."""
+    from softar.cli import main
+
+    (tmp_path / "a.toml").write_text("")
+    out, report = tmp_path / "sweep", tmp_path / "docs" / "soft.md"
+    assert main(["sweep", str(tmp_path / "a.toml"), *tiny_overrides(char_data, **{"train.max_iters": 2}),
+                 "--seeds", "2", "--first-seed", "42", "--windows", "2", "--horizons", "2", "--out", str(out),
+                 "--report", str(report)]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["a_s42", "a_s43"]
+    for seed in (42, 43):
+        assert json.loads((out / "runs" / f"a_s{seed}" / "config.json").read_text())["train"]["seed"] == seed
+    assert "2 seeds (train.seed = 42, 43)" in report.read_text()
+
+
 def test_claims_need_paired_wins_over_averaged_rollouts_and_constants():
     """The seed's claim holds for a config only when its soft feedback beats sampled_avg_2 and every constant
     vector at every horizon with paired intervals below 0, and its val loss is within 2% of the baseline's."""

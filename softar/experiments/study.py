@@ -33,9 +33,10 @@ class SweepOptions:
     overrides: tuple[str, ...] = ()  # section.key=value for every config
 
     def seed_phrase(self) -> str:
-        """"3 seeds (train.seed = 1337, 1338, ...)", as a report's setup says it."""
-        b = self.base_seed
-        return f"{self.seeds} seed{'s' if self.seeds > 1 else ''} (train.seed = {b}{f', {b + 1}, ...' if self.seeds > 1 else ''})"
+        """"3 seeds (train.seed = 1337, 1338, 1339)", as a report's setup says it."""
+        b, n = self.base_seed, self.seeds
+        listed = ", ".join(map(str, range(b, b + n))) if n <= 5 else f"{b}, {b + 1}, ..., {b + n - 1}"
+        return f"{n} seed{'s' if n > 1 else ''} (train.seed = {listed})"
 
     def run_dir(self, name: str, s: int) -> Path:
         """The run of config `name` and seed index `s`."""
