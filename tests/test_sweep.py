@@ -267,6 +267,35 @@ def test_the_depth_report_applies_the_gate_the_control_and_the_preregistered_rul
     assert "| cot | CoT | no per-question results | below the floor |" in "\n".join(depth_sections(raw, cfgs))
 
 
+def test_the_gate_shows_each_seeds_warm_up_read_from_its_metrics(tmp_path):
+    """The recall accuracy at step task.recall_iters, from each run's metrics.jsonl: a seed whose warm-up did not
+    take shows as such; a run without that eval shows '-'; a config without a warm-up has no row."""
+    import dataclasses
+
+    from softar.config import Config
+    from softar.experiments.reasoning_study import depth_sections
+
+    def run(name: str, evals: dict[int, float]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"kind": "train", "step": 300, "loss": 1.0}]
+        rows += [{"kind": "eval", "step": k, "val_accuracy": 0.0, "recall_accuracy": v} for k, v in evals.items()]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    c = Config()
+    warm = dataclasses.replace(c, task=dataclasses.replace(c.task, mode="cot", recall_iters=300))
+    cold = dataclasses.replace(c, task=dataclasses.replace(c.task, mode="no_cot"))
+    steps = [1] * 4
+    raw = {"cot": [{"question_steps": steps, "correct": [1] * 4}] * 3,
+           "nc": [{"question_steps": steps, "correct": [1] * 4}] * 3}
+    dirs = {"cot": [run("a", {150: 0.2, 300: 1.0, 600: 0.3}), run("b", {300: 0.2486}), run("c", {600: 0.9})],
+            "nc": [run("d", {300: 0.5})] * 3}
+    text = "\n".join(depth_sections(raw, {"cot": warm, "nc": cold}, dirs))
+    assert "| cot | 1.00, 0.25, - |" in text and "| nc |" not in text.split("each seed |")[-1]
+    assert "warm-up" not in "\n".join(depth_sections(raw, {"cot": warm, "nc": cold}))  # no folders, no rows
+
+
 def test_the_budget_counts_question_steps_apart_from_recall():
     from softar import config
     from softar.experiments.reasoning_study import task_steps

@@ -255,14 +255,40 @@ def gate_passes(raw: dict[str, list[dict]]) -> dict[str, bool] | None:
             for n in names}
 
 
+def warm_up_recall(run_dir: Path, cfg: Config) -> float | None:
+    """The run's recall accuracy as its warm-up ended (its periodic eval at step task.recall_iters), or None without
+    a warm-up or such an eval. Below about 1 the warm-up did not take, and the task phase starts without the lookup."""
+    k = cfg.task.recall_iters
+    path = run_dir / "metrics.jsonl"
+    if not k or not path.is_file():
+        return None
+    rows = read_jsonl(path, "metrics")[0]
+    return next((float(r["recall_accuracy"]) for r in rows if r.get("kind") == "eval" and r.get("step") == k
+                 and isinstance(r.get("recall_accuracy"), int | float)), None)
+
+
+def warm_up_lines(dirs: dict[str, list[Path]], cfgs: dict[str, Config]) -> list[str]:
+    """The gate's companion: each seed's recall accuracy at the end of the warm-up, where a config has one."""
+    rows = {n: [warm_up_recall(d, cfgs[n]) for d in dirs[n]] for n in dirs if cfgs[n].task.recall_iters}
+    rows = {n: v for n, v in rows.items() if any(x is not None for x in v)}
+    if not rows:
+        return []
+    return ["", "The warm-up, each seed: recall accuracy at its last step (the role pretraining plays; a seed whose "
+                "warm-up did not reach about 1.00 starts the task without the lookup every question is made of).", "",
+            "| config | recall accuracy at the warm-up's end, each seed |", "|---|---|",
+            *(f"| {n} | {', '.join('-' if x is None else f'{x:.2f}' for x in v)} |" for n, v in rows.items())]
+
+
 def task_steps(cfg: Config) -> int:
     """Optimizer steps that train on the task's questions: those that are not recall (warm-up or replay)."""
     return sum(not recall_at(cfg.task, step) for step in range(cfg.train.max_iters))
 
 
-def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[str]:
-    """For a task with depth-1 questions (twins): the gate, the positive control (CoT against no-CoT where no-CoT
-    fails, and against the reversed chain), and the pre-registered comparison with its decision rule."""
+def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config],
+                   dirs: dict[str, list[Path]] | None = None) -> list[str]:
+    """For a task with depth-1 questions (twins): the gate (with each seed's warm-up, given the run folders), the
+    positive control (CoT against no-CoT where no-CoT fails, and against the reversed chain), and the pre-registered
+    comparison with its decision rule."""
     names = list(raw)
     depths = sorted({k for n in names for k in (raw[n][0].get("question_steps") or [])})
     if GATE_DEPTH not in depths:
@@ -277,6 +303,7 @@ def depth_sections(raw: dict[str, list[dict]], cfgs: dict[str, Config]) -> list[
            f"| config | mode | depth-{GATE_DEPTH} accuracy, each seed | gate |", "|---|---|---|---|"]
     out += [f"| {n} | {_label(cfgs[n])} | {', '.join(f'{a:.3f}' for a in gate[n]) or 'no per-question results'} | "
             f"{'passes' if passes[n] else 'below the floor'} |" for n in names]
+    out += warm_up_lines(dirs, cfgs) if dirs else []
     role = by_role({n: cfgs[n] for n in names})
     out += ["", "## Positive control", ""]
     control = False
@@ -362,5 +389,5 @@ class ReasoningStudy(Study):
         return SETUP
 
     def sections(self, results: Results) -> list[str]:
-        return depth_sections(results.raw, results.configs) + \
+        return depth_sections(results.raw, results.configs, results.dirs) + \
             report_sections(results.table, results.raw, results.configs)
