@@ -196,6 +196,9 @@ class TaskConfig:
     # for a pretrained model), then the task; 0: no warm-up
     recall_iters: int = 0
     recall_pairs: int = 14  # facts per recall sequence (over recall_pairs + 2 nodes)
+    # the warm-up's peak learning rate (its own warmup and cosine decay to train.min_lr); 0: train.lr. The lookup
+    # forms abruptly, and at 1e-3 the 4-layer twins model formed it in 300 steps on some seeds only
+    recall_lr: float = 0.0
     # after the warm-up, every recall_every-th step trains recall again (replay, so that the task does not wipe the
     # lookup the warm-up taught); 0: never
     recall_every: int = 0
@@ -537,6 +540,8 @@ def validate(cfg: Config) -> None:
     need(0 <= k.recall_iters < max(t.max_iters, 1), "task.recall_iters", f"must be in [0, train.max_iters) "
          f"(leaving steps for the task), got {k.recall_iters}")
     need(not k.recall_iters or k.name, "task.recall_iters", "is a reasoning task's warm-up: set task.name too")
+    need(k.recall_lr == 0 or k.recall_iters and t.min_lr <= k.recall_lr <= 1, "task.recall_lr",
+         f"is the warm-up's peak: 0 (train.lr), or in [train.min_lr, 1] with task.recall_iters, got {k.recall_lr}")
     need(k.recall_every != 1, "task.recall_every", "1 would train recall only: 0 (never) or 2 and up")
     need(not k.recall_every or k.name, "task.recall_every", "is a reasoning task's replay: set task.name too")
     need(not k.depth_iters or k.name, "task.depth_iters", "is a reasoning task's curriculum: set task.name too")

@@ -63,14 +63,15 @@ TRAINER_FIELDS = {"step": int, "wall_s": float, "train_s": float, "skipped_steps
                   "optimizer": dict, "config": {"train": {"batch_size": int}}}
 
 
-def lr_at(step: int, t, restart: int = 0) -> float:
+def lr_at(step: int, t, restart: int = 0, first_lr: float = 0.0) -> float:
     """Linear warmup, then cosine decay from lr to min_lr over lr_decay_iters (nanoGPT's schedule). With `restart`
     (the end of a recall warm-up) the run has two phases, each on its own schedule, warm-up included: the first
-    decays over `restart` steps, the second over the steps left, as a fine-tuning run would start afresh."""
+    decays over `restart` steps (from `first_lr` if set, else lr), the second over the steps left, as a fine-tuning
+    run would start afresh."""
     if restart:
         first = step < restart
         step, decay = (step, restart) if first else (step - restart, max(1, t.lr_decay_iters - restart))
-        t = dataclasses.replace(t, lr_decay_iters=decay)
+        t = dataclasses.replace(t, lr_decay_iters=decay, lr=first_lr if first and first_lr else t.lr)
     if step < t.warmup_iters:
         return t.lr * (step + 1) / (t.warmup_iters + 1)
     if step >= t.lr_decay_iters:
@@ -401,7 +402,7 @@ class Trainer:
         if restart and self.step == restart or new_stage:
             self.opt.state.clear()
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, self.cfg.train, restart)
+            g["lr"] = lr_at(self.step, self.cfg.train, restart, k.recall_lr)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step over grad_accum micro-batches at this step's learning rate: (mean loss over ranks,

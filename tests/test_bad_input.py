@@ -41,7 +41,7 @@ OUT_OF_RANGE = {
     "task.name": '"chess"', "task.render": '"latex"', "task.mode": '"tree"', "task.thoughts_per_step": "0",
     "task.max_stage": "-1", "task.stage_iters": "-1", "task.pauses": "-1", "task.eval_examples": "0",
     "task.max_answer_tokens": "0", "task.recall_iters": "-1", "task.recall_pairs": "63", "task.depth_iters": "-1",
-    "task.depths": "[2, 2]", "task.recall_every": "1", "task.stage_reset": "true",
+    "task.depths": "[2, 2]", "task.recall_every": "1", "task.recall_lr": "2.0", "task.stage_reset": "true",
     "rl.init_from": None, "rl.policy": '"greedy"', "rl.group_size": "1", "rl.inner_steps": "0", "rl.clip": "1.0",
     "rl.kl_coef": "-1.0", "rl.sigma": "0.0", "rl.temperature": "0.0", "rl.eval_samples": "0",
     "rl.reward": '"beauty"', "rl.scale_advantages": None, "rl.loss_average": '"mean"', "rl.chain": '"sideways"',

@@ -35,6 +35,10 @@ def test_lr_schedule():
     assert lr_at(49, t, 50) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 39 / 40)))
     assert lr_at(50, t, 50) == pytest.approx(1 / 11) and lr_at(60, t, 50) == pytest.approx(1.0)
     assert lr_at(85, t, 50) == pytest.approx(0.55) and lr_at(110, t, 50) == pytest.approx(0.1)
+    # the warm-up at its own peak (task.recall_lr): its phase scaled to it, the task's phase as before
+    assert lr_at(0, t, 50, 2.0) == pytest.approx(2 / 11) and lr_at(10, t, 50, 2.0) == pytest.approx(2.0)
+    assert lr_at(30, t, 50, 2.0) == pytest.approx(0.1 + 0.5 * 1.9) and lr_at(49, t, 50, 2.0) > 0.1
+    assert [lr_at(s, t, 50, 2.0) for s in (50, 60, 85, 110)] == [lr_at(s, t, 50) for s in (50, 60, 85, 110)]
 
 
 def test_train_writes_a_complete_run(tiny_cfg, tmp_path):

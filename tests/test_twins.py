@@ -396,6 +396,24 @@ def test_stage_reset_clears_the_optimizer_as_each_later_stage_begins(twins_data,
                                                         "task.stage_reset": "true"}))
 
 
+def test_the_warm_up_runs_at_its_own_peak_learning_rate_and_the_task_as_before(twins_data, tmp_path):
+    """task.recall_lr = 3 x train.lr: the warm-up's logged learning rates (inside its linear warmup) are 3 times
+    those of the same run without it; from the task's start on they are the same."""
+    def logged(name: str, recall_lr: float) -> dict[int, float]:
+        cfg = config.load(None, task_overrides(twins_data, **{
+            "task.name": '"twins"', "task.mode": '"cot"', "task.recall_iters": 3, "task.recall_pairs": 6,
+            "task.recall_lr": recall_lr, "train.lr": 1e-3, "train.min_lr": 1e-4, "train.warmup_iters": 2,
+            "train.max_iters": 7, "train.lr_decay_iters": 7}))
+        train(cfg, tmp_path / name, quiet=True)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["lr"] for r in rows if r.get("kind") == "train"}
+
+    plain, hot = logged("plain", 0.0), logged("hot", 3e-3)
+    assert set(plain) == set(hot) == set(range(1, 8))
+    assert all(hot[s] == pytest.approx(3 * plain[s]) for s in (1, 2))
+    assert all(hot[s] == plain[s] for s in (4, 5, 6, 7)) and plain[1] == pytest.approx(1e-3 / 3)
+
+
 def test_the_pause_curriculum_replaces_steps_by_pauses_as_coconut_replaces_them_by_thoughts():
     r = make_record(random.Random(4), 8, 3)
     modes = ("thoughts", "pause_curriculum")
