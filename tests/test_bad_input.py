@@ -139,6 +139,7 @@ CASES = [
     (["sample", "{run}", "--noise-scale", "-1"], "--noise-scale"),
     (["sweep", "configs/soft/char_ce.toml", "--seeds", "0"], "--seeds"),
     (["sweep", "configs/soft/char_ce.toml", "--first-seed", "4294967296"], "--first-seed"),
+    (["sweep", "configs/soft/char_ce.toml", "--first-seed", "4294967295", "--seeds", "2"], "runs past train.seed"),
     (["sweep", "{tmp}/missing.toml"], "config file not found"),
     (["eval", "{run}", "--horizons", "8,x"], "--horizons"),
     (["eval", "{run}", "--horizons", "100"], "--horizons: 100 must be in"),

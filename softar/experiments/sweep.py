@@ -212,6 +212,8 @@ def sweep(configs: list[str], seeds: int, overrides: list[str], out: Path, windo
     retention study; `generation` = (generator, reference) the layout study's coherence trade-off; `analogies` adds
     the analogy section."""
     stems = [Path(c).stem for c in configs]
+    if base_seed + seeds > 2**32:  # torch's CPU generator keeps 32 bits: a larger seed would alias a smaller one
+        raise SoftarError(f"sweep: --first-seed {base_seed} with --seeds {seeds} runs past train.seed 2**32 - 1")
     if len(set(stems)) != len(stems):
         raise SoftarError(f"sweep: config names must differ (runs are named after them): {', '.join(stems)}")
     # fail on a bad config before any run (as the first seed's run will load it)
