@@ -39,16 +39,17 @@ COLUMNS = ["loss", "retention.loss.real", "retention.gap", "retention.loss_minus
              for kind in ("segment", "aggregate") for m in ("recall_at_k", "prior_recall_at_k")]]
 BAR_METRICS = ["retention.loss.real", "retention.loss_minus_short", "retention.ablation.swapped.diff"]
 
-def setup(loaded: dict[str, Config], raw: dict[str, list[dict]], seeds: str) -> str:
-    """The report's setup paragraph, read off the configs and the runs' retention metrics."""
+def setup(loaded: dict[str, Config], raw: dict[str, list[dict]], seed_phrase: str) -> str:
+    """The report's setup paragraph, read off the configs and the runs' retention metrics (`seed_phrase`: which
+    seeds ran, as `SweepOptions.seed_phrase` says it)."""
     cfg = next(iter(loaded.values()))
     m, t = cfg.model, cfg.train
     ret = next(iter(raw.values()))[0]["retention"]
     length = ret["window"] + ret["history"] + ret["targets"] // ret["stretches"]
     return (f"Every run: {m.n_layer} layers, d_model {m.d_model}, {m.pos_emb} positions, {t.max_iters} steps (the "
             "first config's; window, batch and steps as in each config's header), "
-            f"{seeds}. Every retention figure scores the "
-            f"same targets: the last {ret['targets'] // ret['stretches']} tokens of {ret['stretches']} random val "
+            f"{seed_phrase}. Every retention figure scores the same targets: the last "
+            f"{ret['targets'] // ret['stretches']} tokens of {ret['stretches']} random val "
             f"stretches of {length} tokens, each target predicted from exactly its own context (a plain model: the N "
             "tokens before it; a layout model: its hard region's tokens just before it and its history before those "
             "in its summary slots), never from a cold-started window. Intervals are 95% paired bootstraps over seeds "
