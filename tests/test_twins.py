@@ -429,8 +429,8 @@ def test_the_pause_curriculum_replaces_steps_by_pauses_as_coconut_replaces_them_
 
 
 def test_the_reasoning_configs_differ_only_where_their_headers_say():
-    """Amendments 4 and 5 change one thing each against amendment 3's Coconut; the GPU twins configs and the ProsQA
-    configs differ only in the mode (and its thoughts)."""
+    """Amendments 4 and 5 change one thing each against amendment 3's Coconut, amendment 7 the warm-up alone; the GPU
+    twins configs and the ProsQA configs differ only in the mode (and its thoughts)."""
     import dataclasses
     from pathlib import Path
 
@@ -452,3 +452,12 @@ def test_the_reasoning_configs_differ_only_where_their_headers_say():
                    == dataclasses.replace(cfgs[0].task, mode="cot", max_stage=6, thoughts_per_step=1,
                                           depth_iters=0, pauses=6) for c in cfgs), group
     assert load("gpu_twins_coconut").soft == rescale.soft and load("prosqa_coconut").task.recall_every == 2
+    # Amendment 7: the warm-up alone differs, 600 steps at a peak of 2e-3, and the task phase keeps its steps
+    from softar.tasks.data import stage_iters
+
+    for name in ("twins_gate", "twins_cot", "twins_coconut_rescale"):
+        base, long = load(name), load(f"{name}_long_warmup")
+        assert long.task == dataclasses.replace(base.task, recall_iters=600, recall_lr=2e-3), name
+        assert long.train == dataclasses.replace(base.train, max_iters=base.train.max_iters + 300), name
+        assert (long.model, long.soft, long.data) == (base.model, base.soft, base.data), name
+    assert stage_iters(load("twins_coconut_rescale_long_warmup").task, 2100) == stage_iters(rescale.task, 1800) == 300
