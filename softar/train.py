@@ -80,6 +80,18 @@ def lr_at(step: int, t, restart: int = 0, first_lr: float = 0.0) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.lr - t.min_lr)
 
 
+def warn_if_warm_up_failed(row: dict) -> None:
+    """One stderr line if the eval at the recall warm-up's end shows it did not take: the task phase would start
+    without the lookup its questions are made of, and no comparison of that run would be above the floor."""
+    from softar.tasks.recall import WARM_UP_TOOK
+
+    acc = row.get("recall_accuracy")
+    if acc is not None and acc < WARM_UP_TOOK:
+        print(f"softar: warning: step {row['step']}: the recall warm-up ended at recall accuracy {acc:.2f}, below "
+              f"{WARM_UP_TOOK}: it did not take, and the task starts without the lookup (docs/reasoning.md)",
+              file=sys.stderr)
+
+
 def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.AdamW:
     """Weight decay on matrices (linear weights, embeddings); none on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -467,7 +479,8 @@ class Trainer:
                 bad_run = 0
             stop = self.world.any(preempt.signum is not None, self.device)
             is_last = self.step == t.max_iters
-            do_eval = self.step % t.eval_interval == 0 or is_last
+            # an eval as the recall warm-up ends, whatever eval_interval: did it take before the task starts?
+            do_eval = self.step % t.eval_interval == 0 or is_last or self.step == self.cfg.task.recall_iters
             # no periodic save inside a run of skipped steps: the latest checkpoint stays the last good one
             do_save = ((self.step % t.ckpt_interval == 0 or is_last) and bad_run == 0) or stop
             if self.step % t.log_interval == 0 or do_eval or do_save:
@@ -481,6 +494,8 @@ class Trainer:
                     bar.write(f"step {self.step}: " + ", ".join(
                         f"{k.replace('_', ' ')} {last_eval[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy")
                         if k in last_eval))
+            if main and do_eval and not stop and self.step == self.cfg.task.recall_iters:
+                warn_if_warm_up_failed(last_eval)
             if do_save:
                 self.save(self.wall_before + time.perf_counter() - t0)
             clock["other"] += time.perf_counter() - e0

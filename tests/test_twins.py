@@ -414,6 +414,26 @@ def test_the_warm_up_runs_at_its_own_peak_learning_rate_and_the_task_as_before(t
     assert all(hot[s] == plain[s] for s in (4, 5, 6, 7)) and plain[1] == pytest.approx(1e-3 / 3)
 
 
+def test_a_warm_up_that_did_not_take_is_flagged_as_the_task_starts(twins_data, tmp_path, capsys, monkeypatch):
+    """The warm-up's last step is evaluated whatever train.eval_interval, and a recall accuracy there below
+    WARM_UP_TOOK gives one warning line with it (3 steps cannot teach the lookup); at or above it, none."""
+    from softar.tasks import recall
+
+    cfg = config.load(None, task_overrides(twins_data, **{
+        "task.name": '"twins"', "task.mode": '"cot"', "task.recall_iters": 3, "task.recall_pairs": 6,
+        "train.max_iters": 5, "train.eval_interval": 4}))
+    train(cfg, tmp_path / "a", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if r.get("kind") == "eval"}
+    assert sorted(evals) == [3, 4, 5]
+    acc, err = evals[3]["recall_accuracy"], capsys.readouterr().err
+    assert acc < recall.WARM_UP_TOOK and err.count("softar: warning:") == 1
+    assert f"step 3: the recall warm-up ended at recall accuracy {acc:.2f}" in err
+    monkeypatch.setattr(recall, "WARM_UP_TOOK", acc)
+    train(cfg, tmp_path / "b", quiet=True)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_the_pause_curriculum_replaces_steps_by_pauses_as_coconut_replaces_them_by_thoughts():
     r = make_record(random.Random(4), 8, 3)
     modes = ("thoughts", "pause_curriculum")
