@@ -479,8 +479,8 @@ class Trainer:
                 bad_run = 0
             stop = self.world.any(preempt.signum is not None, self.device)
             is_last = self.step == t.max_iters
-            # an eval as the recall warm-up ends, whatever eval_interval: did it take before the task starts?
-            do_eval = self.step % t.eval_interval == 0 or is_last or self.step == self.cfg.task.recall_iters
+            warm_up_ends = self.step == self.cfg.task.recall_iters  # evaluated whatever eval_interval: did it take?
+            do_eval = self.step % t.eval_interval == 0 or is_last or warm_up_ends
             # no periodic save inside a run of skipped steps: the latest checkpoint stays the last good one
             do_save = ((self.step % t.ckpt_interval == 0 or is_last) and bad_run == 0) or stop
             if self.step % t.log_interval == 0 or do_eval or do_save:
@@ -494,7 +494,7 @@ class Trainer:
                     bar.write(f"step {self.step}: " + ", ".join(
                         f"{k.replace('_', ' ')} {last_eval[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy")
                         if k in last_eval))
-            if main and do_eval and not stop and self.step == self.cfg.task.recall_iters:
+            if main and warm_up_ends and not stop:
                 warn_if_warm_up_failed(last_eval)
             if do_save:
                 self.save(self.wall_before + time.perf_counter() - t0)
